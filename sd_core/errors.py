@@ -45,3 +45,7 @@ class OutOfMemory(SDError):
 
 class WorkerUnhealthy(SDError):
     """The worker cannot serve any more (unrecoverable CUDA error, corrupted pipeline): replace it."""
+
+
+class Cancelled(SDError):
+    """The caller cancelled the generation (between two denoising steps)."""

@@ -8,4 +8,5 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 pytest_plugins = [
     "tests.fixtures.tiny_models",
+    "tests.fixtures.engine",
 ]

@@ -1,0 +1,166 @@
+"""Model manifests (models/*.yaml): what to fetch, from where, with which checksum and default parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ManifestError, ModelNotFound
+from .schedulers import SCHEDULER_NAMES, canonical_name
+from .settings import Settings
+
+Architecture = Literal["sd15", "sd2", "sdxl"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+ARCHITECTURE_DEFAULTS = {
+    "sd15": {"width": 512, "height": 512, "num_inference_steps": 30, "guidance_scale": 7.5},
+    "sd2": {"width": 768, "height": 768, "num_inference_steps": 30, "guidance_scale": 7.5},
+    "sdxl": {"width": 1024, "height": 1024, "num_inference_steps": 30, "guidance_scale": 7.0},
+}
+
+
+class ModelDefaults(BaseModel):
+    """Parameters a request gets when it leaves them empty."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
+    num_inference_steps: int | None = Field(None, ge=1, le=150)
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    scheduler: str = "DPM++ 2M Karras"
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        try:
+            return canonical_name(value)
+        except Exception:
+            raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULER_NAMES)}") from None
+
+
+class LoraEntry(BaseModel):
+    """A LoRA that belongs to a model: requests name it instead of giving a URI."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    uri: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    size: int | None = Field(None, ge=0)
+    scale: float = 1.0
+    trigger: str | None = None  # a word the LoRA was trained on, for documentation
+
+
+class ModelManifest(BaseModel):
+    """One model: a diffusers folder, or a single-file checkpoint plus the config folder it needs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    architecture: Architecture
+    format: Literal["diffusers", "single_file"]
+    uri: str = Field(min_length=1, description="diffusers: folder prefix ending in '/'; single_file: the file")
+    config_uri: str | None = Field(None, description="single_file only: diffusers config folder (no weights)")
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN, description="single_file checksum")
+    files: dict[str, str] = Field(default_factory=dict, description="diffusers: {relative path: sha256}")
+    size: int | None = Field(None, ge=0, description="total bytes, for progress and cache planning")
+    defaults: ModelDefaults = Field(default_factory=ModelDefaults)
+    loras: list[LoraEntry] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.format == "single_file" and not self.config_uri:
+            raise ValueError("config_uri: required for format single_file (loading never asks the hub for configs)")
+        if self.format == "diffusers" and self.sha256:
+            raise ValueError("sha256: a diffusers folder pins per-file checksums under `files`")
+        base = ARCHITECTURE_DEFAULTS[self.architecture]
+        for key, value in base.items():
+            if getattr(self.defaults, key) is None:
+                setattr(self.defaults, key, value)
+        return self
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A manifest's files, fetched: ``weights`` is the diffusers folder or the single checkpoint file."""
+
+    manifest: ModelManifest
+    weights: Path
+    config: Path | None
+
+
+def resolve_uri(uri: str, settings: Settings) -> str:
+    """Absolute URIs and paths stay; a relative one is joined onto SD_WEIGHTS_URI."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    return settings.weights_uri.rstrip("/") + "/" + uri
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    try:
+        data = yaml.safe_load(path.read_text())
+        return ModelManifest.model_validate(data)
+    except ValidationError as exc:
+        from .schema import describe_validation_error
+
+        raise ManifestError(f"invalid manifest {path}: {describe_validation_error(exc)}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+
+
+class ModelCatalog:
+    """All manifests of a worker, by name, loaded (and validated) once at startup."""
+
+    def __init__(self, manifests: dict[str, ModelManifest]):
+        self.manifests = manifests
+
+    @classmethod
+    def from_dir(cls, directory: Path) -> ModelCatalog:
+        manifests: dict[str, ModelManifest] = {}
+        for path in sorted(directory.glob("*.y*ml")):
+            manifest = load_manifest(path)
+            if manifest.name in manifests:
+                raise ManifestError(f"model name {manifest.name!r} is defined twice (second time in {path})")
+            manifests[manifest.name] = manifest
+        return cls(manifests)
+
+    def get(self, name: str) -> ModelManifest:
+        try:
+            return self.manifests[name]
+        except KeyError:
+            known = ", ".join(sorted(self.manifests)) or "none"
+            raise ModelNotFound(f"unknown model {name!r}; available: {known}", field="model") from None
+
+    def find_lora(self, name: str, model: ModelManifest) -> LoraEntry | None:
+        """A LoRA by name: the model's own first, then any manifest's of the same architecture."""
+        candidates = [model] + [m for m in self.manifests.values() if m is not model]
+        for manifest in candidates:
+            if manifest.architecture != model.architecture:
+                continue
+            for lora in manifest.loras:
+                if lora.name == name:
+                    return lora
+        return None
+
+
+def fetch_model(manifest: ModelManifest, settings: Settings) -> LocalModel:
+    """Fetch (or find in the cache) everything the manifest names; verified against its checksums."""
+    from . import storage
+
+    weights = storage.fetch(
+        resolve_uri(manifest.uri, settings),
+        settings,
+        sha256=manifest.sha256,
+        files=manifest.files or None,
+    )
+    config = None
+    if manifest.config_uri:
+        config = storage.fetch(resolve_uri(manifest.config_uri, settings), settings)
+    return LocalModel(manifest=manifest, weights=weights, config=config)

@@ -1,0 +1,154 @@
+"""Loading diffusers pipelines (folder or single file, never the hub) and keeping them in a memory-bounded LRU."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .device import Placement, free_memory, optimize, total_memory_bytes
+from .errors import UnsafeCheckpoint
+from .models import LocalModel
+from .schedulers import build_scheduler
+from .settings import Settings
+
+log = logging.getLogger("sd_core.pipelines")
+
+# architecture -> diffusers pipeline class per mode
+PIPELINE_CLASSES = {
+    "sd15": {
+        "txt2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline",
+    },
+    "sdxl": {
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+}
+PIPELINE_CLASSES["sd2"] = PIPELINE_CLASSES["sd15"]
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+
+
+def _pipeline_class(architecture: str, mode: str):
+    import diffusers
+
+    return getattr(diffusers, PIPELINE_CLASSES[architecture][mode])
+
+
+def refuse_pickle(path: Path, settings: Settings) -> None:
+    """Pickle checkpoints can run arbitrary code when loaded: refuse them unless SD_ALLOW_PICKLE is on."""
+    if path.suffix.lower() in PICKLE_SUFFIXES and not settings.allow_pickle:
+        raise UnsafeCheckpoint(
+            f"{path.name}: pickle checkpoints ({', '.join(sorted(PICKLE_SUFFIXES))}) can execute code when loaded "
+            "and are refused; convert it to .safetensors (or set SD_ALLOW_PICKLE=1 if you trust the file)",
+            field="model",
+        )
+
+
+class LoadedModel:
+    """One model in memory: the txt2img pipeline, img2img/inpaint views sharing its weights, built schedulers."""
+
+    def __init__(self, local: LocalModel, pipe, placement: Placement):
+        self.manifest = local.manifest
+        self.name = local.manifest.name
+        self.placement = placement
+        self.pipes = {"txt2img": pipe}
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self._schedulers: dict[str, object] = {}
+        self.nbytes = sum(
+            sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+            for module in pipe.components.values()
+            if isinstance(module, torch.nn.Module)
+        )
+
+    def pipeline(self, mode: str):
+        """The pipeline for ``mode``; img2img/inpaint are made once with from_pipe (no second copy of weights)."""
+        if mode not in self.pipes:
+            self.pipes[mode] = _pipeline_class(self.manifest.architecture, mode).from_pipe(self.pipes["txt2img"])
+        return self.pipes[mode]
+
+    def scheduler(self, name: str):
+        """The scheduler ``name`` built once from this model's own scheduler config, then reused."""
+        if name not in self._schedulers:
+            self._schedulers[name] = build_scheduler(name, self.base_scheduler_config)
+        return self._schedulers[name]
+
+
+def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -> LoadedModel:
+    """Load a fetched model onto the device. Single files use the manifest's local config folder, never the hub."""
+    manifest = local.manifest
+    cls = _pipeline_class(manifest.architecture, "txt2img")
+    started = time.perf_counter()
+    common = {"dtype": placement.dtype, "local_files_only": True}
+    if manifest.format == "single_file":
+        refuse_pickle(local.weights, settings)
+        pipe = cls.from_single_file(str(local.weights), config=str(local.config), **common)
+    else:
+        if not settings.allow_pickle:
+            for path in local.weights.rglob("*"):
+                refuse_pickle(path, settings)
+        pipe = cls.from_pretrained(str(local.weights), use_safetensors=not settings.allow_pickle, **common)
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # Models served here do not ship one; see README "Safety checker".
+    pipe.to(placement.device)
+    pipe.set_progress_bar_config(disable=True)
+    optimize(pipe, settings, placement)
+    model = LoadedModel(local, pipe, placement)
+    log.info("loaded %s (%s, %.0f MB) in %.2fs", model.name, manifest.format, model.nbytes / 2**20,
+             time.perf_counter() - started)
+    return model
+
+
+class PipelinePool:
+    """Loaded models by name, least-recently-used first out when their total size passes the memory budget."""
+
+    def __init__(self, settings: Settings, placement: Placement, loader: Callable[[str], LoadedModel]):
+        self.placement = placement
+        self.budget = settings.pipeline_memory_mb * 2**20 or int(total_memory_bytes(placement) * (
+            0.8 if placement.is_cuda else 0.5))
+        self._loader = loader
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._models)
+
+    def get(self, name: str, expected_bytes: int = 0) -> LoadedModel:
+        """The loaded model ``name``, loading it (after making room) if needed."""
+        with self._lock:
+            if name in self._models:
+                self._models.move_to_end(name)
+                return self._models[name]
+            self._evict(keep=None, incoming=expected_bytes)
+            model = self._loader(name)
+            self._models[name] = model
+            self._evict(keep=name, incoming=0)
+            return model
+
+    def _evict(self, keep: str | None, incoming: int) -> None:
+        def used() -> int:
+            return sum(m.nbytes for m in self._models.values()) + incoming
+
+        while used() > self.budget:
+            victim = next((n for n in self._models if n != keep), None)
+            if victim is None:
+                break
+            log.info("evicting %s to stay within the %.0f MB model budget", victim, self.budget / 2**20)
+            del self._models[victim]
+            free_memory(self.placement)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._models.clear()
+            free_memory(self.placement)

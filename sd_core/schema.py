@@ -1,0 +1,159 @@
+"""The request and result types: GenerationRequest is the single source of truth for every parameter."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidRequest
+from .schedulers import SCHEDULER_NAMES, canonical_name
+
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_IMAGE_PIXELS = 1536 * 1536  # width * height of one image
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_OUTPUTS = 8
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 10_000
+MAX_LORAS = 8
+MAX_LORA_SCALE = 5.0
+OUTPUT_FORMATS = ("png", "webp", "jpeg")
+
+SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+
+
+class LoraSpec(BaseModel):
+    """One LoRA to apply: a manifest LoRA name or a URI (s3://, https://), with its scales."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(
+        min_length=1, max_length=2048, description="LoRA name from a manifest, or an s3:// / https:// URI"
+    )
+    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False, description="UNet scale")
+    text_encoder_scale: float | None = Field(
+        None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
+        description="Text-encoder scale (defaults to `scale`)",
+    )
+
+
+class GenerationRequest(BaseModel):
+    """Everything one generation needs. ``None`` means "the model's default" (from its manifest)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Text prompt; A1111 <lora:name:scale> tags work")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the image should not contain")
+    model: str | None = Field(None, max_length=200, description="Model name from models/*.yaml; default: the worker's")
+    width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, description="Width in pixels, multiple of 8")
+    height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, description="Height in pixels, multiple of 8")
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Denoising steps")
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale"
+    )
+    scheduler: SchedulerName | None = Field(None, description="A1111 sampler name")  # type: ignore[valid-type]
+    seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Random seed; empty or -1 for a random one")
+    num_outputs: int = Field(1, ge=1, le=MAX_OUTPUTS, description="Number of images")
+    image: str | None = Field(None, description="Init image for img2img/inpaint: base64, data URI or https URL")
+    mask: str | None = Field(None, description="Inpaint mask (white = repaint): base64, data URI or https URL")
+    strength: float = Field(
+        0.8, gt=0.0, le=1.0, allow_inf_nan=False, description="How much img2img/inpaint changes the init image"
+    )
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS, description="LoRAs to apply")
+    output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
+    output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
+    disable_safety_checker: bool = Field(
+        False, description="Skip the safety checker (only models whose manifest ships one have it)"
+    )
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _canonical_scheduler(cls, value):
+        if isinstance(value, str):
+            try:
+                return canonical_name(value)
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value):
+        if value is not None and value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self):
+        if self.width and self.height and self.width * self.height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"width x height: {self.width}x{self.height} = {self.width * self.height} pixels"
+                f" exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
+            )
+        if self.mask is not None and self.image is None:
+            raise ValueError("mask: needs an image too (inpainting repaints the masked part of `image`)")
+        return self
+
+    @property
+    def mode(self) -> str:
+        """txt2img, img2img or inpaint, from which images are given."""
+        if self.image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+
+def resolve_seed(seed: int | None) -> int:
+    """None or -1 -> a fresh random 32-bit seed (reported back), else the seed itself."""
+    return random.randint(0, MAX_SEED) if seed is None or seed == -1 else seed
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """Turn pydantic's error into ``"field: reason; field: reason"`` (no pydantic boilerplate, no input echo)."""
+    parts = []
+    for item in error.errors(include_url=False):
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        # Cross-field checks (no location) already start their message with the field names.
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_request(data: dict) -> GenerationRequest:
+    """Validate a plain dict into a GenerationRequest; raise InvalidRequest naming the field(s) otherwise."""
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"expected a JSON object, got {type(data).__name__}", field="input")
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+
+
+@dataclass
+class GeneratedImage:
+    """One encoded output image."""
+
+    data: bytes
+    mime_type: str
+    extension: str
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass
+class GenerationResult:
+    """What Engine.generate returns: encoded images, the seeds used, the A1111 infotext and timings (seconds)."""
+
+    images: list[GeneratedImage]
+    seeds: list[int]
+    model: str
+    parameters: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def seed(self) -> int:
+        return self.seeds[0]
+

@@ -1,0 +1,76 @@
+"""GenerationRequest validation: every bad value is refused with the field and the limit named."""
+
+import pytest
+
+from sd_core.errors import InvalidRequest
+from sd_core.schedulers import SCHEDULER_NAMES
+from sd_core.schema import GenerationRequest, parse_request, resolve_seed
+
+BAD_INPUTS = [
+    ({"width": 65}, "width", "multiple of 8"),
+    ({"width": 4096}, "width", "2048"),
+    ({"height": 32}, "height", "64"),
+    ({"width": 2048, "height": 2048}, "width x height", "2359296"),
+    ({"num_inference_steps": 0}, "num_inference_steps", "1"),
+    ({"num_inference_steps": 151}, "num_inference_steps", "150"),
+    ({"guidance_scale": -1}, "guidance_scale", "0"),
+    ({"guidance_scale": float("nan")}, "guidance_scale", "finite"),
+    ({"guidance_scale": float("inf")}, "guidance_scale", "finite"),
+    ({"seed": -2}, "seed", "-1"),
+    ({"seed": 2**32}, "seed", "4294967295"),
+    ({"seed": "abc"}, "seed", "integer"),
+    ({"num_outputs": 0}, "num_outputs", "1"),
+    ({"num_outputs": 9}, "num_outputs", "8"),
+    ({"scheduler": "Euler b"}, "scheduler", "DPM++ 2M Karras"),
+    ({"strength": 0}, "strength", "0"),
+    ({"strength": 1.5}, "strength", "1"),
+    ({"output_format": "gif"}, "output_format", "png"),
+    ({"output_quality": 101}, "output_quality", "100"),
+    ({"prompt": "x" * 10_001}, "prompt", "10000"),
+    ({"prompt": 5}, "prompt", "string"),
+    ({"steps": 20}, "steps", "unknown field"),
+    ({"mask": "aGVsbG8="}, "mask", "image"),
+    ({"loras": [{"source": "x", "scale": 9}]}, "loras.0.scale", "5"),
+    ({"loras": [{"source": ""}]}, "loras.0.source", "1 character"),
+    ({"loras": [{"source": "a"}] * 9}, "loras", "8"),
+]
+
+
+@pytest.mark.parametrize(("data", "field", "limit"), BAD_INPUTS, ids=[str(d)[:40] for d, _, _ in BAD_INPUTS])
+def test_bad_values_name_field_and_limit(data, field, limit):
+    with pytest.raises(InvalidRequest) as info:
+        parse_request(data)
+    message = str(info.value)
+    assert message.startswith(f"{field}:"), message
+    assert limit in message, message
+    assert "Traceback" not in message and "pydantic" not in message
+
+
+def test_not_an_object_is_refused():
+    with pytest.raises(InvalidRequest, match="input: expected a JSON object"):
+        parse_request(["prompt"])
+
+
+def test_defaults_mean_model_defaults():
+    request = parse_request({"prompt": "a cat"})
+    assert (request.width, request.height, request.num_inference_steps, request.scheduler) == (None,) * 4
+    assert request.num_outputs == 1 and request.output_format == "png" and request.mode == "txt2img"
+
+
+def test_scheduler_aliases_are_canonicalised():
+    assert parse_request({"scheduler": "euler a"}).scheduler == "Euler a"
+    assert parse_request({"scheduler": "k_dpmpp_2m_karras"}).scheduler == "DPM++ 2M Karras"
+    assert set(GenerationRequest.model_json_schema()["properties"]["scheduler"]["anyOf"][0]["enum"]) == set(
+        SCHEDULER_NAMES
+    )
+
+
+def test_modes_follow_images():
+    assert parse_request({"image": "aGk="}).mode == "img2img"
+    assert parse_request({"image": "aGk=", "mask": "aGk="}).mode == "inpaint"
+
+
+def test_seed_resolution():
+    assert resolve_seed(7) == 7
+    random_seeds = {resolve_seed(None) for _ in range(5)} | {resolve_seed(-1) for _ in range(5)}
+    assert len(random_seeds) > 1 and all(0 <= s < 2**32 for s in random_seeds)
