@@ -6,7 +6,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
+from .batching import MicroBatcher
 from .device import choose_placement, free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy
 from .images import prepare_init_images
@@ -22,6 +25,31 @@ StepCallback = Callable[[int, int], None]  # (steps done, steps total)
 CancelCheck = Callable[[], bool]
 
 
+@dataclass
+class Job:
+    """A validated request ready for the GPU: defaults filled, input images decoded, seeds chosen."""
+
+    request: GenerationRequest
+    manifest: ModelManifest
+    width: int
+    height: int
+    seeds: list[int]
+    image: Any = None
+    mask: Any = None
+    on_step: StepCallback | None = None
+    should_cancel: CancelCheck | None = None
+    started: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def batch_key(self) -> tuple | None:
+        """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) never batch."""
+        r = self.request
+        if r.mode != "txt2img":
+            return None
+        return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale)
+
+
 class Engine:
     """Holds the model catalog and loaded pipelines of one worker; thread-safe, one generation at a time."""
 
@@ -31,6 +59,7 @@ class Engine:
         self.placement = choose_placement(self.settings)
         self.pool = PipelinePool(self.settings, self.placement, self._load)
         self._gpu_lock = threading.Lock()
+        self.batcher = MicroBatcher(self.execute, self.settings) if self.settings.max_batch_images > 1 else None
 
     # --- models ---------------------------------------------------------------------------------------------
     def _load(self, name: str) -> LoadedModel:
@@ -71,11 +100,11 @@ class Engine:
                 field="num_outputs",
             )
 
-    def generate(
+    def prepare(
         self, request: GenerationRequest, *, on_step: StepCallback | None = None,
         should_cancel: CancelCheck | None = None,
-    ) -> GenerationResult:
-        """Run one request end to end: defaults, input images, model, scheduler, denoising, encoding."""
+    ) -> Job:
+        """Everything that needs no GPU: defaults, input images, pixel budget, seeds. Bad input fails here."""
         started = time.perf_counter()
         manifest, req = self.resolve(request)
         if req.loras:
@@ -89,63 +118,88 @@ class Engine:
         self._check_pixel_budget(width, height, req.num_outputs)
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
-        timings: dict[str, float] = {}
+        return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
+                   on_step=on_step, should_cancel=should_cancel, started=started)
 
+    def generate(
+        self, request: GenerationRequest, *, on_step: StepCallback | None = None,
+        should_cancel: CancelCheck | None = None,
+    ) -> GenerationResult:
+        """Run one request end to end (micro-batched with concurrent compatible requests when enabled)."""
+        job = self.prepare(request, on_step=on_step, should_cancel=should_cancel)
+        images = self.batcher.run(job) if self.batcher else self.execute([job])[0]
+        if job.should_cancel is not None and job.should_cancel():
+            raise Cancelled("generation cancelled")
+        return self.finish(job, images)
+
+    def execute(self, jobs: list[Job]) -> list[list]:
+        """Denoise one batch of compatible jobs (same model, mode, size, steps, scheduler, guidance) in one call."""
+        first = jobs[0].request
         with self._gpu_lock:
             t = time.perf_counter()
-            model = self.pool.get(manifest.name, expected_bytes=manifest.size or 0)
-            timings["load_s"] = time.perf_counter() - t
-            pipe = model.pipeline(req.mode)
-            pipe.scheduler = model.scheduler(req.scheduler)
+            model = self.pool.get(first.model, expected_bytes=jobs[0].manifest.size or 0)
+            load_s = time.perf_counter() - t
+            pipe = model.pipeline(first.mode)
+            pipe.scheduler = model.scheduler(first.scheduler)
             t = time.perf_counter()
-            pil_images = self._run(pipe, req, seeds, width, height, image, mask, on_step, should_cancel)
-            timings["inference_s"] = time.perf_counter() - t
+            images = self._run(pipe, jobs)
+            inference_s = time.perf_counter() - t
+        results, offset = [], 0
+        for job in jobs:
+            job.timings.update(load_s=load_s, inference_s=inference_s, batch_size=len(jobs))
+            results.append(images[offset:offset + len(job.seeds)])
+            offset += len(job.seeds)
+        return results
 
-        t = time.perf_counter()
+    def finish(self, job: Job, images: list) -> GenerationResult:
+        """Encode a job's images with their infotext and assemble its result."""
+        req, t = job.request, time.perf_counter()
         strength = req.strength if req.image is not None else None
 
         def parameters(seed: int) -> str:
             return infotext(
                 prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.num_inference_steps,
-                sampler=req.scheduler, cfg_scale=req.guidance_scale, seed=seed, width=width, height=height,
-                model=manifest.name, strength=strength,
+                sampler=req.scheduler, cfg_scale=req.guidance_scale, seed=seed, width=job.width, height=job.height,
+                model=req.model, strength=strength,
             )
 
         encoded = [
             encode_image(pil, fmt=req.output_format, quality=req.output_quality, parameters=parameters(seed), seed=seed)
-            for seed, pil in zip(seeds, pil_images, strict=True)
+            for seed, pil in zip(job.seeds, images, strict=True)
         ]
-        timings["encode_s"] = time.perf_counter() - t
-        timings["total_s"] = time.perf_counter() - started
-        return GenerationResult(images=encoded, seeds=seeds, model=manifest.name, parameters=parameters(seeds[0]),
-                                timings=timings)
+        job.timings["encode_s"] = time.perf_counter() - t
+        job.timings["total_s"] = time.perf_counter() - job.started
+        return GenerationResult(images=encoded, seeds=job.seeds, model=req.model,
+                                parameters=parameters(job.seeds[0]), timings=job.timings)
 
-    def _run(self, pipe, req, seeds, width, height, image, mask, on_step, should_cancel):
+    def _run(self, pipe, jobs: list[Job]) -> list:
         import torch
 
-        count = len(seeds)
+        req, first = jobs[0].request, jobs[0]
         kwargs = {
-            "prompt": [req.prompt] * count,
-            "negative_prompt": [req.negative_prompt] * count,
+            "prompt": [j.request.prompt for j in jobs for _ in j.seeds],
+            "negative_prompt": [j.request.negative_prompt for j in jobs for _ in j.seeds],
             "num_inference_steps": req.num_inference_steps,
             "guidance_scale": req.guidance_scale,
-            # CPU generators: the same seed gives the same image on every device.
-            "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+            # One CPU generator per image: the same seed gives the same image alone, batched, and on every device.
+            "generator": [torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.seeds],
             "output_type": "pil",
         }
         if req.mode == "txt2img":
-            kwargs.update(width=width, height=height)
+            kwargs.update(width=first.width, height=first.height)
         else:
-            kwargs.update(image=image, strength=req.strength)
+            kwargs.update(image=first.image, strength=req.strength)
         if req.mode == "inpaint":
-            kwargs.update(mask_image=mask, width=width, height=height)
+            kwargs.update(mask_image=first.mask, width=first.width, height=first.height)
         total = _steps_run(req)
 
         def step_end(pipeline, step, timestep, callback_kwargs):
-            if should_cancel is not None and should_cancel():
+            cancels = [j.should_cancel() if j.should_cancel else False for j in jobs]
+            if all(cancels):
                 raise Cancelled("generation cancelled")
-            if on_step is not None:
-                on_step(step + 1, total)
+            for job in jobs:
+                if job.on_step is not None:
+                    job.on_step(step + 1, total)
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = step_end

@@ -52,6 +52,15 @@ def refuse_pickle(path: Path, settings: Settings) -> None:
         )
 
 
+def _quiet_loaders() -> None:
+    """Our own log lines report loading; the libraries' per-component progress bars only clutter worker logs."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 class LoadedModel:
     """One model in memory: the txt2img pipeline, img2img/inpaint views sharing its weights, built schedulers."""
 
@@ -85,6 +94,7 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -
     """Load a fetched model onto the device. Single files use the manifest's local config folder, never the hub."""
     manifest = local.manifest
     cls = _pipeline_class(manifest.architecture, "txt2img")
+    _quiet_loaders()
     started = time.perf_counter()
     common = {"dtype": placement.dtype, "local_files_only": True}
     if manifest.format == "single_file":

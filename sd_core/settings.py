@@ -46,6 +46,10 @@ class Settings:
     torch_compile: bool = False  # SD_TORCH_COMPILE: torch.compile the UNet
     pipeline_memory_mb: int = 0  # SD_PIPELINE_MEMORY_MB: budget for loaded models, 0 = automatic
 
+    # --- throughput ---
+    max_batch_images: int = 8  # SD_MAX_BATCH_IMAGES: micro-batch size limit in images; 1 turns batching off
+    batch_wait_ms: float = 5.0  # SD_BATCH_WAIT_MS: how long a batch waits for compatible requests to join
+
     # --- request limits ---
     max_pixels: int = 4 * 1024 * 1024  # SD_MAX_PIXELS: width * height * num_outputs per request
 
