@@ -78,7 +78,11 @@ def free_memory(placement: Placement) -> None:
 def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    # CUDA: "CUDA out of memory"; CPU: "DefaultCPUAllocator: can't allocate memory ... Error code 12".
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(
+        marker in text for marker in ("out of memory", "can't allocate memory", "cannot allocate memory")
+    )
 
 
 def total_memory_bytes(placement: Placement) -> int:

@@ -13,6 +13,7 @@ from .batching import MicroBatcher
 from .device import choose_placement, free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy
 from .images import prepare_init_images
+from .lora import LoraManager, ResolvedLora
 from .models import ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext
 from .pipelines import LoadedModel, PipelinePool, load_pipeline
@@ -40,6 +41,7 @@ class Job:
     should_cancel: CancelCheck | None = None
     started: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
+    loras: tuple[ResolvedLora, ...] = ()  # fetched LoRAs with their scales (request field + prompt tags)
 
     @property
     def batch_key(self) -> tuple | None:
@@ -47,7 +49,8 @@ class Job:
         r = self.request
         if r.mode != "txt2img":
             return None
-        return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale)
+        return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
+                tuple(lora.key for lora in self.loras))
 
 
 class Engine:
@@ -58,6 +61,7 @@ class Engine:
         self.catalog = catalog or ModelCatalog.from_dir(self.settings.models_dir)
         self.placement = choose_placement(self.settings)
         self.pool = PipelinePool(self.settings, self.placement, self._load)
+        self.loras = LoraManager(self.settings, self.catalog)
         self._gpu_lock = threading.Lock()
         self.batcher = MicroBatcher(self.execute, self.settings) if self.settings.max_batch_images > 1 else None
 
@@ -107,19 +111,18 @@ class Engine:
         """Everything that needs no GPU: defaults, input images, pixel budget, seeds. Bad input fails here."""
         started = time.perf_counter()
         manifest, req = self.resolve(request)
-        if req.loras:
-            raise InvalidRequest("LoRAs are not supported by this engine build", field="loras")
         image = mask = None
         width, height = req.width, req.height
         if req.image is not None:
             image, mask, width, height = prepare_init_images(
-                req.image, req.mask, width, height, self.settings.max_pixels
+                req.image, req.mask, width, height, self.settings.max_pixels, self.settings
             )
         self._check_pixel_budget(width, height, req.num_outputs)
+        req, loras = self.loras.prepare(req, manifest)  # strips <lora:...> tags; fetches outside the GPU lock
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
-                   on_step=on_step, should_cancel=should_cancel, started=started)
+                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras)
 
     def generate(
         self, request: GenerationRequest, *, on_step: StepCallback | None = None,
@@ -142,11 +145,16 @@ class Engine:
             pipe = model.pipeline(first.mode)
             pipe.scheduler = model.scheduler(first.scheduler)
             t = time.perf_counter()
+            # Exactly this batch's LoRA set (all jobs of a batch share it), or none: inside the lock, so no
+            # request ever runs with another's adapters.
+            self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
+            lora_s = time.perf_counter() - t
+            t = time.perf_counter()
             images = self._run(pipe, jobs)
             inference_s = time.perf_counter() - t
         results, offset = [], 0
         for job in jobs:
-            job.timings.update(load_s=load_s, inference_s=inference_s, batch_size=len(jobs))
+            job.timings.update(load_s=load_s, lora_s=lora_s, inference_s=inference_s, batch_size=len(jobs))
             results.append(images[offset:offset + len(job.seeds)])
             offset += len(job.seeds)
         return results
@@ -160,7 +168,7 @@ class Engine:
             return infotext(
                 prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.num_inference_steps,
                 sampler=req.scheduler, cfg_scale=req.guidance_scale, seed=seed, width=job.width, height=job.height,
-                model=req.model, strength=strength,
+                model=req.model, strength=strength, loras={lora.label: lora.unet_scale for lora in job.loras},
             )
 
         encoded = [

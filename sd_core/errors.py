@@ -49,3 +49,7 @@ class WorkerUnhealthy(SDError):
 
 class Cancelled(SDError):
     """The caller cancelled the generation (between two denoising steps)."""
+
+
+class UploadError(SDError):
+    """Result images could not be uploaded to the output bucket (bad configuration, credentials, store down)."""

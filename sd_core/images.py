@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import re
 import warnings
 
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidRequest
+from .settings import Settings
 
 MAX_INPUT_BYTES = 25 * 1024 * 1024  # encoded size of one input image
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded size: anything larger is refused before decoding (decompression bombs)
@@ -25,12 +27,12 @@ def _decode_base64(value: str, field: str) -> bytes:
         raise InvalidRequest("not valid base64 image data (or an https:// URL)", field=field) from None
 
 
-def read_image_bytes(value: str, field: str) -> bytes:
-    """The raw bytes behind an image input: a data URI, bare base64, or an http(s) URL."""
-    if value.startswith(("https://", "http://")):
+def read_image_bytes(value: str, field: str, settings: Settings | None = None) -> bytes:
+    """The raw bytes behind an image input: a data URI, bare base64, or a URL (under the user-URL policy)."""
+    if re.match(r"^\s*[A-Za-z][A-Za-z0-9+.-]*://", value):
         from .user_urls import download_user_url
 
-        return download_user_url(value, field=field, max_bytes=MAX_INPUT_BYTES)
+        return download_user_url(value.strip(), field=field, max_bytes=MAX_INPUT_BYTES, settings=settings)
     return _decode_base64(value.strip(), field)
 
 
@@ -57,9 +59,9 @@ def open_image(data: bytes, field: str) -> Image.Image:
     return image
 
 
-def load_image(value: str, field: str) -> Image.Image:
+def load_image(value: str, field: str, settings: Settings | None = None) -> Image.Image:
     """An image input value -> PIL image."""
-    return open_image(read_image_bytes(value, field), field)
+    return open_image(read_image_bytes(value, field, settings), field)
 
 
 def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
@@ -69,13 +71,14 @@ def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 
 def prepare_init_images(
-    image_value: str, mask_value: str | None, width: int | None, height: int | None, max_pixels: int
+    image_value: str, mask_value: str | None, width: int | None, height: int | None, max_pixels: int,
+    settings: Settings | None = None,
 ) -> tuple[Image.Image, Image.Image | None, int, int]:
     """Decode init image (+ mask), pick the output size, and resize both to it. The mask must match the image."""
-    image = load_image(image_value, "image").convert("RGB")
+    image = load_image(image_value, "image", settings).convert("RGB")
     mask = None
     if mask_value is not None:
-        mask = load_image(mask_value, "mask").convert("L")
+        mask = load_image(mask_value, "mask", settings).convert("L")
         if mask.size != image.size:
             raise InvalidRequest(
                 f"mask is {mask.width}x{mask.height} but image is {image.width}x{image.height}; they must match",

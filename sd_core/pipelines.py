@@ -104,7 +104,9 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -
         if not settings.allow_pickle:
             for path in local.weights.rglob("*"):
                 refuse_pickle(path, settings)
-        pipe = cls.from_pretrained(str(local.weights), use_safetensors=not settings.allow_pickle, **common)
+        # True: safetensors only. None (SD_ALLOW_PICKLE): safetensors first, pickle files where there are no others.
+        safetensors_only = None if settings.allow_pickle else True
+        pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, **common)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # Models served here do not ship one; see README "Safety checker".
     pipe.to(placement.device)

@@ -25,6 +25,15 @@ def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+# Settings also read under a name that is not SD_<FIELD>: RunPod's convention for an output bucket (the same variables
+# its rp_upload helper reads). The SD_<FIELD> name still works and wins when both are set.
+ENV_ALIASES = {
+    "bucket_endpoint_url": "BUCKET_ENDPOINT_URL",
+    "bucket_access_key_id": "BUCKET_ACCESS_KEY_ID",
+    "bucket_secret_access_key": "BUCKET_SECRET_ACCESS_KEY",
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """One worker's configuration. ``Settings.from_env()`` reads it; everything else receives it explicitly."""
@@ -37,6 +46,13 @@ class Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)  # SD_CACHE_DIR
     cache_max_gb: float = 200.0  # SD_CACHE_MAX_GB: LRU eviction budget of the weights cache
     s3_endpoint_url: str | None = None  # SD_S3_ENDPOINT_URL (else boto3's own AWS_ENDPOINT_URL / config)
+    fetch_concurrency: int = 16  # SD_FETCH_CONCURRENCY: parallel ranged GETs (connections) per fetch
+    fetch_part_mb: float = 16.0  # SD_FETCH_PART_MB: bytes per ranged GET, in MiB (fractions allowed)
+    fetch_retries: int = 4  # SD_FETCH_RETRIES: retries (with backoff) per request / part before a FetchError
+    fetch_timeout_s: float = 30.0  # SD_FETCH_TIMEOUT_S: read timeout per request (connect: min(10, this))
+    fetch_fsync: bool = False  # SD_FETCH_FSYNC: fsync data before recording it (resume survives host crashes)
+    fetch_progress_s: float = 5.0  # SD_FETCH_PROGRESS_S: seconds between fetch progress log lines
+    cache_head_on_hit: bool = False  # SD_CACHE_HEAD_ON_HIT: re-check a cache hit not pinned by sha256 (HEAD/LIST)
     allow_pickle: bool = False  # SD_ALLOW_PICKLE: UNSAFE, lets .ckpt/.pt/.bin checkpoints load
 
     # --- device and speed ---
@@ -50,8 +66,27 @@ class Settings:
     max_batch_images: int = 8  # SD_MAX_BATCH_IMAGES: micro-batch size limit in images; 1 turns batching off
     batch_wait_ms: float = 5.0  # SD_BATCH_WAIT_MS: how long a batch waits for compatible requests to join
 
+    # --- LoRAs (sd_core/lora.py) ---
+    lora_max_loaded: int = 16  # SD_LORA_MAX_LOADED: adapters kept loaded per model (LRU); more are unloaded
+    lora_fuse_after: int = 0  # SD_LORA_FUSE_AFTER: fuse a LoRA set into the weights after N uses in a row; 0 = never
+
     # --- request limits ---
     max_pixels: int = 4 * 1024 * 1024  # SD_MAX_PIXELS: width * height * num_outputs per request
+
+    # --- user-supplied URLs (init images, LoRA links): see sd_core/user_urls.py ---
+    url_allowed_hosts: tuple[str, ...] = ()  # SD_URL_ALLOWED_HOSTS: hosts/addresses/CIDRs allowed although private
+    url_max_bytes: int = 1024 * 1024 * 1024  # SD_URL_MAX_BYTES: size limit of any one user-URL download
+    url_timeout_s: float = 300.0  # SD_URL_TIMEOUT_S: time limit of any one user-URL download
+
+    # --- result delivery and the RunPod worker (sd_core/uploads.py, handler.py) ---
+    output_uri: str | None = None  # SD_OUTPUT_URI: s3://bucket/prefix for result images (presigned URLs); else base64
+    output_url_ttl_s: int = 7 * 24 * 3600  # SD_OUTPUT_URL_TTL_S: lifetime of presigned output URLs (max 7 days)
+    bucket_endpoint_url: str | None = None  # BUCKET_ENDPOINT_URL (RunPod's name, see ENV_ALIASES): output bucket
+    bucket_access_key_id: str | None = field(default=None, repr=False)  # BUCKET_ACCESS_KEY_ID
+    bucket_secret_access_key: str | None = field(default=None, repr=False)  # BUCKET_SECRET_ACCESS_KEY
+    max_response_mb: float = 9.0  # SD_MAX_RESPONSE_MB: largest inline (base64) result; RunPod: /run ~10, /runsync ~20
+    concurrency: int = 1  # SD_CONCURRENCY: jobs one RunPod worker takes at once (its concurrency_modifier)
+    progress_interval_s: float = 1.0  # SD_PROGRESS_INTERVAL_S: least seconds between two progress updates of a job
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -61,6 +96,8 @@ class Settings:
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = env.get("SD_" + f.name.upper(), "")
+            if raw == "" and f.name in ENV_ALIASES:
+                raw = env.get(ENV_ALIASES[f.name], "")
             if raw != "":
                 values[f.name] = parsers.get(str(f.type), str)(raw)
         return cls(**values)

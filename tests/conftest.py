@@ -9,4 +9,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures.tiny_models",
     "tests.fixtures.engine",
+    "tests.fixtures.cog_server",
+    "tests.fixtures.s3",
+    "tests.fixtures.fault_proxy",
+    "tests.fixtures.runpod_server",
 ]

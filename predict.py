@@ -1,0 +1,200 @@
+"""Replicate / Cog adapter: Cog inputs -> GenerationRequest -> sd_core Engine -> image files (no generation logic)."""
+
+# Every Input() below is written out literally (numbers, strings, lists; no imported constants): `cog build` reads
+# this signature statically from the source to make the model's OpenAPI schema, and silently drops bounds it cannot
+# resolve. tests/test_cog_schema.py checks that names, defaults, bounds and choices equal GenerationRequest's, and
+# scripts/write_cog_schema.py writes .cog/openapi_schema.json (what `cog build` would) for the local Cog server.
+
+import asyncio
+import base64
+import contextvars
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any
+
+import cog
+from cog import BaseRunner, CancelationException, Input, Path
+
+from sd_core.errors import Cancelled, SDError, WorkerUnhealthy
+from sd_core.schema import parse_request, resolve_seed
+from sd_core.settings import Settings
+
+log = logging.getLogger("predict")
+
+# A1111 sampler names, in sd_core.schedulers order (a test keeps this list equal to SCHEDULER_NAMES).
+SCHEDULERS = [
+    "Euler",
+    "Euler a",
+    "Heun",
+    "LMS",
+    "LMS Karras",
+    "DPM2",
+    "DPM2 Karras",
+    "DPM2 a",
+    "DPM2 a Karras",
+    "DPM++ 2M",
+    "DPM++ 2M Karras",
+    "DPM++ 2M SDE",
+    "DPM++ 2M SDE Karras",
+    "DPM++ 2S",
+    "DPM++ 2S Karras",
+    "DPM++ SDE",
+    "DPM++ SDE Karras",
+    "DEIS",
+    "DDIM",
+    "PLMS",
+    "UniPC",
+    "LCM",
+]
+OUTPUT_FORMATS = ["png", "webp", "jpeg"]
+# Output files are kept this long: Cog reads (and uploads) them after run() returns, then they are removed.
+OUTPUT_KEEP_S = 600
+
+
+class Runner(BaseRunner):
+    """setup() is the cold start (fetch, verify and load the preloaded models); run() is one generation."""
+
+    def setup(self) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        from sd_core.engine import Engine  # torch + diffusers: seconds of import, so only here
+
+        settings = Settings.from_env()
+        log.info("cold start: preloading %s", ", ".join(settings.models_to_preload))
+        self.engine = Engine(settings)
+        self.engine.preload()
+        self.unhealthy: str | None = None
+        log.info("ready")
+
+    def healthcheck(self) -> bool:
+        """Cog asks this on GET /health-check: False (UNHEALTHY) after an unrecoverable device error."""
+        return getattr(self, "unhealthy", None) is None
+
+    @cog.concurrent(max=4)
+    async def run(
+        self,
+        prompt: str = Input(default="", max_length=10000, description="Text prompt; A1111 <lora:name:scale> tags work"),
+        negative_prompt: str = Input(default="", max_length=10000, description="What the image should not contain"),
+        model: str | None = Input(default=None, max_length=200, description="Model name; empty: the worker's default"),
+        width: int | None = Input(
+            default=None, ge=64, le=2048, description="Width in pixels, multiple of 8; empty: the model's default"
+        ),
+        height: int | None = Input(
+            default=None, ge=64, le=2048, description="Height in pixels, multiple of 8; empty: the model's default"
+        ),
+        num_inference_steps: int | None = Input(
+            default=None, ge=1, le=150, description="Denoising steps; empty: the model's default"
+        ),
+        guidance_scale: float | None = Input(
+            default=None, ge=0.0, le=30.0, description="Classifier-free guidance scale; empty: the model's default"
+        ),
+        scheduler: str | None = Input(
+            default=None, choices=SCHEDULERS, description="A1111 sampler name; empty: the model's default"
+        ),
+        seed: int | None = Input(
+            default=None, ge=-1, le=4294967295, description="Random seed; empty or -1: random (printed in the logs)"
+        ),
+        num_outputs: int = Input(default=1, ge=1, le=8, description="Number of images; image i uses seed + i"),
+        image: Path | None = Input(default=None, description="Init image for img2img, or the image to inpaint"),
+        mask: Path | None = Input(default=None, description="Inpainting mask for `image`: white is repainted"),
+        strength: float = Input(
+            default=0.8, ge=0.0, le=1.0, description="How much img2img/inpaint changes the image (above 0)"
+        ),
+        lora_weights: str | None = Input(
+            default=None, min_length=1, max_length=2048, description="LoRA: a model's LoRA name, s3:// or https:// URL"
+        ),
+        lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of lora_weights"),
+        output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
+        output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
+        disable_safety_checker: bool = Input(
+            default=False, description="Skip the safety checker (only models whose manifest ships one have it)"
+        ),
+    ) -> list[Path]:
+        if self.unhealthy is not None:
+            raise WorkerUnhealthy(f"this worker must be replaced: {self.unhealthy}")
+        seed = resolve_seed(seed)
+        print(f"Using seed: {seed}")
+        fields: dict[str, Any] = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "width": width, "height": height,
+            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
+            "seed": seed, "num_outputs": num_outputs, "strength": strength, "output_format": output_format,
+            "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
+            "image": _base64_file(image), "mask": _base64_file(mask),
+            "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
+        }
+        request = parse_request(fields)
+        result = await self._generate(request)
+        self.record_metric("seed", result.seed)
+        timings = {key: round(value, 4) if isinstance(value, float) else value for key, value in result.timings.items()}
+        self.record_metric("timings", timings)
+        folder = _new_output_folder()
+        outputs = []
+        for index, item in enumerate(result.images):
+            path = folder / f"out-{index}-{item.seed}.{item.extension}"
+            path.write_bytes(item.data)
+            outputs.append(path)
+        return outputs
+
+    async def _generate(self, request):
+        """engine.generate in a thread; when Cog cancels the prediction, the engine stops after its current step."""
+        cancel = threading.Event()
+        progress = {"done": 0, "total": 0}
+
+        # The engine may call on_step from its batching thread: print in this prediction's context, so that Cog
+        # files the progress lines under this prediction's logs.
+        context = contextvars.copy_context()
+
+        def on_step(done: int, total: int) -> None:
+            progress.update(done=done, total=total)
+            context.run(print, _progress_bar(done, total))
+
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self.engine.generate, request, on_step=on_step, should_cancel=cancel.is_set)
+        )
+        try:
+            return await asyncio.shield(work)
+        except (asyncio.CancelledError, CancelationException):
+            cancel.set()
+            try:
+                await work  # the thread ends at the next step boundary; only then is this prediction over
+            except Cancelled:
+                pass
+            except BaseException:  # the prediction is cancelled either way; keep the reason in the logs
+                log.exception("error while cancelling")
+            log.info("cancelled: generation stopped after step %d of %d", progress["done"], progress["total"])
+            raise
+        except WorkerUnhealthy as exc:
+            self.unhealthy = str(exc)
+            raise
+        except SDError:
+            raise  # str(error) is "field: reason": Cog reports it as the prediction's error
+        except Exception as exc:
+            log.exception("unexpected error")  # full traceback to the logs, a short message as the error
+            raise RuntimeError(f"internal error ({type(exc).__name__}); see the logs") from None
+
+
+def _new_output_folder() -> Path:
+    """A fresh folder for one prediction's images; folders older than OUTPUT_KEEP_S are removed on the way."""
+    root = Path(tempfile.gettempdir()) / "sd-cog-outputs"
+    root.mkdir(exist_ok=True)
+    cutoff = time.time() - OUTPUT_KEEP_S
+    for old in root.iterdir():
+        try:
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # removed by a concurrent prediction
+            pass
+    return Path(tempfile.mkdtemp(dir=root))
+
+
+def _base64_file(path: Path | None) -> str | None:
+    """A Cog file input (downloaded by Cog from a URL or data URI) as the base64 text GenerationRequest takes."""
+    return None if path is None else base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _progress_bar(done: int, total: int, width: int = 20) -> str:
+    """A tqdm-style line ("  50%|#####     | 2/4"), the form Replicate reads progress from."""
+    filled = width * done // max(total, 1)
+    return f"{100 * done // max(total, 1):3d}%|{'#' * filled}{' ' * (width - filled)}| {done}/{total}"

@@ -1,0 +1,31 @@
+#!/bin/sh
+# Entrypoint of the RunPod image (Dockerfile.runpod): run the worker as the unprivileged user `sd`, with a
+# writable weights cache.
+#
+# RunPod mounts the network volume at /runpod-volume owned by root, and the worker caches weights there
+# (SD_CACHE_DIR; sd_core.settings picks /runpod-volume/sd-cache when the volume exists). Started as root (the
+# image default), this script creates the cache folder, gives it to `sd`, and runs the command as `sd`. When the
+# folder still is not writable for `sd` (a volume that refuses chown), the worker runs as root and says so: a
+# worker that cannot cache its weights cannot start. Started as any other user (`docker run --user ...`), it only
+# runs the command.
+set -eu
+
+if [ "$(id -u)" != 0 ]; then
+    exec "$@"
+fi
+
+# The cache path comes from the worker's own settings, the one place that reads the environment.
+cache_dir=$(python -c 'from sd_core.settings import Settings; print(Settings.from_env().cache_dir)')
+
+mkdir -p "$cache_dir" 2>/dev/null || true
+# Only entries not yet owned by `sd` (a warm volume is mostly right already; chown on it is metadata only).
+find "$cache_dir" ! -user sd -exec chown sd:sd {} + 2>/dev/null || true
+
+if setpriv --reuid=sd --regid=sd --init-groups test -w "$cache_dir" -a -x "$cache_dir"; then
+    HOME=$(getent passwd sd | cut -d: -f6)
+    export HOME
+    exec setpriv --reuid=sd --regid=sd --init-groups -- "$@"
+fi
+
+echo "runpod-entrypoint: weights cache $cache_dir is not writable by user sd; running the worker as root" >&2
+exec "$@"

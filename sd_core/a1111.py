@@ -1,0 +1,252 @@
+"""Automatic1111 API payloads (/sdapi/v1/txt2img, /img2img): to GenerationRequest, and results back to A1111's shape."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+
+from pydantic import ValidationError
+
+from .errors import InvalidRequest
+from .outputs import read_parameters
+from .schema import GenerationRequest, GenerationResult
+from .schedulers import SCHEDULER_NAMES, canonical_name
+
+TXT2IMG, IMG2IMG = "txt2img", "img2img"
+
+# Keys of A1111's request bodies, by endpoint (A1111 1.10 and its common forks).
+_COMMON = frozenset({
+    "prompt", "negative_prompt", "styles", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+    "seed_resize_from_w", "sampler_name", "sampler_index", "scheduler", "batch_size", "n_iter", "steps", "cfg_scale",
+    "width", "height", "restore_faces", "tiling", "do_not_save_samples", "do_not_save_grid", "eta",
+    "denoising_strength", "s_min_uncond", "s_churn", "s_tmax", "s_tmin", "s_noise", "override_settings",
+    "override_settings_restore_afterwards", "refiner_checkpoint", "refiner_switch_at", "disable_extra_networks",
+    "firstpass_image", "comments", "script_name", "script_args", "send_images", "save_images", "alwayson_scripts",
+    "force_task_id", "infotext",
+})
+_TXT2IMG_ONLY = frozenset({
+    "enable_hr", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
+    "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt",
+    "hr_negative_prompt", "hr_cfg", "hr_distilled_cfg",
+})
+_IMG2IMG_ONLY = frozenset({
+    "init_images", "resize_mode", "image_cfg_scale", "mask", "mask_blur_x", "mask_blur_y", "mask_blur", "mask_round",
+    "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
+    "initial_noise_multiplier", "latent_mask", "include_init_images",
+})
+KNOWN_KEYS = {TXT2IMG: _COMMON | _TXT2IMG_ONLY, IMG2IMG: _COMMON | _IMG2IMG_ONLY}
+
+# A flat payload with any of these keys is read as A1111's (none of them is a GenerationRequest field).
+A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequest.model_fields)
+
+# Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
+UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
+               "alwayson_scripts", "subseed_strength", "inpainting_mask_invert", "include_init_images")
+# Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
+# subseed details, sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint).
+
+A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
+# GenerationRequest field -> the A1111 key it comes from, to name A1111's keys in error messages.
+FIELD_NAMES = {
+    "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "scheduler": "sampler_name",
+    "num_outputs": "batch_size x n_iter", "strength": "denoising_strength", "image": "init_images",
+    "model": "override_settings.sd_model_checkpoint",
+}
+_CHECKPOINT_SUFFIX = re.compile(r"(\s*\[[0-9a-fA-F]+\])?$")
+_CHECKPOINT_EXT = re.compile(r"\.(safetensors|ckpt|pt|pth|bin)$", re.IGNORECASE)
+
+
+@dataclass
+class A1111Call:
+    """One A1111 API call: which endpoint, its body, and why the input was read as A1111 (for error hints)."""
+
+    endpoint: str  # txt2img | img2img
+    payload: dict
+    marker: str | None = None  # the A1111-only key that gave a flat payload away; None when named explicitly
+
+
+def parse_call(data) -> A1111Call | None:
+    """Recognise an A1111 payload in a job input; None for a native (GenerationRequest) input.
+
+    Three forms: ``{"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {...}}`` (the convention
+    of RunPod's A1111 workers), ``{"api": "txt2img" | "img2img", ...A1111 keys}``, or a flat A1111 body, recognised
+    by any key only A1111 has (``sampler_name``, ``cfg_scale``, ``steps``, ``batch_size``, ``init_images``, ...).
+    """
+    if not isinstance(data, dict):
+        return None
+    api = data.get("api")
+    if isinstance(api, dict):
+        method = str(api.get("method", "POST")).upper()
+        if method != "POST":
+            raise InvalidRequest(f"only POST is served (got {method!r})", field="api.method")
+        endpoint = _endpoint(api.get("endpoint"), "api.endpoint")
+        extra = sorted(set(data) - {"api", "payload"})
+        if extra:
+            raise InvalidRequest(f"unknown field next to api/payload: {', '.join(extra)}", field="input")
+        payload = data.get("payload", {})
+        if not isinstance(payload, dict):
+            raise InvalidRequest(f"expected a JSON object, got {type(payload).__name__}", field="payload")
+        return A1111Call(endpoint, dict(payload))
+    if api is not None:
+        return A1111Call(_endpoint(api, "api"), {k: v for k, v in data.items() if k != "api"})
+    markers = sorted(A1111_ONLY_KEYS & data.keys())
+    if markers:
+        return A1111Call(IMG2IMG if "init_images" in data else TXT2IMG, dict(data), marker=markers[0])
+    return None
+
+
+def _endpoint(value, field: str) -> str:
+    name = value.strip().rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) else ""
+    if name not in (TXT2IMG, IMG2IMG):
+        raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), got {value!r}",
+                             field=field)
+    return name
+
+
+def _is_off(value) -> bool:
+    return value is None or value is False or value in (0, "", "None") or value == [] or value == {}
+
+
+def _whole(payload: dict, key: str, errors: list[str]) -> int:
+    value = payload.get(key)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        errors.append(f"{key}: must be a whole number of at least 1 (got {value!r})")
+        return 1
+    return value
+
+
+def _sampler(payload: dict, errors: list[str]) -> str | None:
+    """sampler_name (or the older sampler_index) combined with A1111's separate `scheduler` (noise schedule)."""
+    name = payload.get("sampler_name") or payload.get("sampler_index")
+    schedule = payload.get("scheduler")
+    if _is_off(schedule) or str(schedule).lower() == "automatic":
+        return name
+    if str(schedule).lower() != "karras":
+        errors.append(f"scheduler: {schedule!r} is not supported; use Automatic or Karras (the sampler name picks "
+                      "the rest, e.g. 'DPM++ 2M Karras')")
+        return name
+    if not name:
+        errors.append("scheduler: Karras needs a sampler_name to apply to")
+        return None
+    try:
+        canonical = canonical_name(str(name))
+    except InvalidRequest:
+        return name  # the schema names the unknown sampler
+    if canonical.endswith("Karras"):
+        return canonical
+    if canonical + " Karras" in SCHEDULER_NAMES:
+        return canonical + " Karras"
+    errors.append(f"scheduler: {canonical!r} has no Karras variant here")
+    return canonical
+
+
+def _checkpoint_name(value) -> str | None:
+    """A1111's sd_model_checkpoint ("my-model.safetensors [3f1c2a]") -> the manifest name ("my-model")."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    return _CHECKPOINT_EXT.sub("", _CHECKPOINT_SUFFIX.sub("", value.strip()))
+
+
+def to_request(call: A1111Call) -> GenerationRequest:
+    """Translate an A1111 body into a GenerationRequest; InvalidRequest names A1111's keys (``steps: ...``)."""
+    p = {k: v for k, v in call.payload.items() if v is not None}
+    errors: list[str] = []
+    hint = f" (the input was read as an A1111 {call.endpoint} payload because of {call.marker!r})" if call.marker else ""
+    for key in sorted(set(p) - KNOWN_KEYS[call.endpoint]):
+        if call.endpoint == TXT2IMG and key in ("init_images", "mask"):
+            errors.append(f"{key}: only for /sdapi/v1/img2img")
+        else:
+            errors.append(f"{key}: unknown field for /sdapi/v1/{call.endpoint}{hint}")
+    for key in UNSUPPORTED:
+        if not _is_off(p.get(key)):
+            errors.append(f"{key}: not supported by this worker")
+    fields: dict = {}
+    for source, target in (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("seed", "seed"),
+                           ("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),
+                           ("cfg_scale", "guidance_scale")):
+        if source in p:
+            fields[target] = p[source]
+    sampler = _sampler(p, errors)
+    if sampler is not None:
+        fields["scheduler"] = sampler
+    fields["num_outputs"] = _whole(p, "batch_size", errors) * _whole(p, "n_iter", errors)
+    overrides = p.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        errors.append("override_settings: expected a JSON object")
+    elif (model := _checkpoint_name(overrides.get("sd_model_checkpoint"))) is not None:
+        fields["model"] = model
+    if call.endpoint == IMG2IMG:
+        images = p.get("init_images")
+        if not isinstance(images, list) or len(images) != 1:
+            count = len(images) if isinstance(images, list) else "no list"
+            errors.append(f"init_images: expected a list with exactly one image (base64, data URI or URL), "
+                          f"got {count}")
+        else:
+            fields["image"] = images[0]
+        if "mask" in p:
+            fields["mask"] = p["mask"]
+        fields["strength"] = p.get("denoising_strength", A1111_DEFAULT_DENOISING_STRENGTH)
+    if errors:
+        raise InvalidRequest("; ".join(errors))
+    try:
+        return GenerationRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise InvalidRequest(_describe(exc)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors(include_url=False):
+        loc = [str(p) for p in item["loc"]]
+        if loc:
+            loc[0] = FIELD_NAMES.get(loc[0], loc[0])
+        msg = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def rename_fields(message: str) -> str:
+    """An sd_core error message (``"num_inference_steps: ..."``) with A1111's key names (``"steps: ..."``)."""
+    parts = []
+    for part in message.split("; "):
+        name, sep, rest = part.partition(": ")
+        parts.append(f"{FIELD_NAMES[name]}{sep}{rest}" if sep and name in FIELD_NAMES else part)
+    return "; ".join(parts)
+
+
+def to_response(call: A1111Call, effective: GenerationRequest, result: GenerationResult, images: list[str]) -> dict:
+    """A1111's response body: ``images`` (base64 PNGs, or URLs when the worker uploads to a bucket), ``parameters``
+    (the request with the values used filled in) and ``info`` (a JSON string: seeds, sizes, infotexts, ...).
+
+    `effective` is the request with the model's defaults filled in (Engine.resolve).
+    """
+    first = result.images[0]
+    batch_size = call.payload.get("batch_size") or 1
+    n_iter = call.payload.get("n_iter") or 1
+    strength = effective.strength if call.endpoint == IMG2IMG else None
+    parameters = dict(call.payload)
+    parameters.update(
+        prompt=effective.prompt, negative_prompt=effective.negative_prompt, seed=call.payload.get("seed", -1),
+        steps=effective.num_inference_steps, cfg_scale=effective.guidance_scale, sampler_name=effective.scheduler,
+        width=first.width, height=first.height, batch_size=batch_size, n_iter=n_iter,
+    )
+    if call.endpoint == IMG2IMG:
+        parameters.update(init_images=None, mask=None, denoising_strength=strength)  # as A1111: no echo of images
+    infotexts = [read_parameters(image.data) or result.parameters for image in result.images]
+    count = len(result.images)
+    info = {
+        "prompt": effective.prompt, "all_prompts": [effective.prompt] * count,
+        "negative_prompt": effective.negative_prompt, "all_negative_prompts": [effective.negative_prompt] * count,
+        "seed": result.seed, "all_seeds": result.seeds, "subseed": -1, "all_subseeds": [-1] * count,
+        "width": first.width, "height": first.height, "sampler_name": effective.scheduler,
+        "cfg_scale": effective.guidance_scale, "steps": effective.num_inference_steps, "batch_size": batch_size,
+        "n_iter": n_iter, "denoising_strength": strength, "sd_model_name": result.model, "infotexts": infotexts,
+        "index_of_first_image": 0, "styles": [], "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-serverless",
+    }
+    send = call.payload.get("send_images", True)
+    return {"images": images if send is not False else [], "parameters": parameters, "info": json.dumps(info)}

@@ -1,0 +1,227 @@
+"""The RunPod worker on the SDK's local API server (/runsync, /run + /status), tiny model fetched from local S3.
+
+One server for the module: inline base64 outputs with a low result limit (SD_MAX_RESPONSE_MB=0.3, so that an
+over-limit result is cheap to make), and progress updates sent to a local receiver.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from sd_core.outputs import read_parameters
+from tests.fixtures.runpod_server import start_runpod_server
+
+FAST = {"prompt": "a red fox in the snow", "num_inference_steps": 2, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def server(runpod_weights_env, progress_receiver, tmp_path_factory):
+    env = {**runpod_weights_env, **progress_receiver.env, "SD_MAX_RESPONSE_MB": "0.3",
+           "SD_PROGRESS_INTERVAL_S": "60", "SD_CONCURRENCY": "2"}
+    with start_runpod_server(env, log_dir=tmp_path_factory.mktemp("runpod")) as server:
+        yield server
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64, validate=True)))
+    image.load()
+    return image
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def completed(job: dict) -> dict:
+    assert job["status"] == "COMPLETED", job.get("error", job)
+    return job["output"]
+
+
+# --- lifecycle -----------------------------------------------------------------------------------------------------
+def test_cold_start_fetched_the_model_from_s3_and_logged_progress(server, runpod_weights_env):
+    log = server.log_text()
+    assert "cold start: preloading tiny-sd15" in log
+    assert f"{runpod_weights_env['SD_WEIGHTS_URI']}/tiny-sd15/" in log  # fetched from the local S3 server
+    assert "ready in" in log and "outputs: inline base64" in log
+
+
+# --- native requests -----------------------------------------------------------------------------------------------
+def test_runsync_returns_images_of_the_requested_size_count_and_seed(server):
+    started = time.perf_counter()
+    output = completed(server.runsync({**FAST, "width": 64, "height": 80, "num_outputs": 2, "seed": 1234}))
+    latency = time.perf_counter() - started
+    assert [entry["seed"] for entry in output["images"]] == [1234, 1235] == output["seeds"]
+    assert output["seed"] == 1234 and output["model"] == "tiny-sd15"
+    for entry in output["images"]:
+        image = decode(entry["image"])
+        assert image.format == "PNG" and image.size == (64, 80) == (entry["width"], entry["height"])
+        assert entry["mime_type"] == "image/png"
+    assert "Steps: 2, Sampler: Euler a" in output["parameters"] and "Seed: 1234" in output["parameters"]
+    assert output["timings"]["total_s"] > 0
+    print(f"/runsync, tiny model, 2 images 64x80, 2 steps: {latency:.3f}s")
+
+
+@pytest.mark.parametrize(("fmt", "pil"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_output_formats(server, fmt, pil):
+    output = completed(server.runsync({**FAST, "output_format": fmt, "seed": 3}))
+    entry = output["images"][0]
+    assert entry["mime_type"] == f"image/{fmt}" and decode(entry["image"]).format == pil
+    assert "Seed: 3" in read_parameters(base64.b64decode(entry["image"]))
+
+
+def test_run_then_status(server):
+    job_id = server.run({**FAST, "seed": 99})
+    job = server.status(job_id)
+    assert job["id"] == job_id
+    output = completed(job)
+    assert output["seed"] == 99 and decode(output["images"][0]["image"]).size == (64, 64)
+
+
+def test_random_seed_is_reported_and_reproduces_the_image(server):
+    first = completed(server.runsync(FAST))
+    again = completed(server.runsync({**FAST, "seed": first["seed"]}))
+    assert decode(again["images"][0]["image"]).tobytes() == decode(first["images"][0]["image"]).tobytes()
+
+
+def test_img2img_keeps_the_init_image_size(server):
+    init = png_b64(Image.new("RGB", (72, 64), (200, 40, 40)))
+    output = completed(server.runsync({**FAST, "image": init, "strength": 0.5, "num_inference_steps": 4,
+                                       "width": None, "height": None}))
+    assert decode(output["images"][0]["image"]).size == (72, 64)
+
+
+def test_progress_updates_carry_step_counts_and_are_throttled(server, progress_receiver):
+    job = server.runsync({**FAST, "num_inference_steps": 6, "seed": 5})
+    completed(job)
+    updates = progress_receiver.updates(job["id"], at_least=2)
+    # SD_PROGRESS_INTERVAL_S=60: the first step, then only the last one (not one update per step).
+    assert sorted((u["step"], u["steps"]) for u in updates) == [(1, 6), (6, 6)]
+    assert {u["percent"] for u in updates} == {16, 100}
+
+
+def test_the_event_loop_stays_free_while_a_job_runs(server):
+    """The handler is async: a second job is answered while a long one is still denoising."""
+    slow: dict = {}
+    thread = threading.Thread(target=lambda: slow.update(job=server.runsync(
+        {**FAST, "num_inference_steps": 40, "width": 256, "height": 256})))
+    thread.start()
+    try:
+        time.sleep(1.0)
+        assert thread.is_alive(), "the slow job finished too early to tell"
+        bad = server.runsync({**FAST, "num_inference_steps": 0}, timeout=30)
+        assert bad["status"] == "FAILED"
+        assert thread.is_alive(), "the second job was answered only after the first"
+    finally:
+        thread.join(timeout=300)
+    completed(slow["job"])
+
+
+# --- A1111 payloads ------------------------------------------------------------------------------------------------
+def test_a1111_txt2img_answers_in_a1111_shape_with_the_native_image(server):
+    payload = {"prompt": "a lighthouse", "negative_prompt": "fog", "steps": 2, "cfg_scale": 5, "width": 64,
+               "height": 72, "sampler_name": "Euler a", "batch_size": 2, "n_iter": 1, "seed": 77,
+               "send_images": True, "save_images": False}
+    output = completed(server.runsync(payload))
+    assert set(output) == {"images", "parameters", "info"}
+    assert len(output["images"]) == 2 and all(decode(b64).size == (64, 72) for b64 in output["images"])
+    params = output["parameters"]
+    assert (params["steps"], params["cfg_scale"], params["sampler_name"], params["seed"]) == (2, 5, "Euler a", 77)
+    info = json.loads(output["info"])
+    assert info["all_seeds"] == [77, 78] and info["seed"] == 77 and info["sd_model_name"] == "tiny-sd15"
+    assert len(info["infotexts"]) == 2 and "Seed: 78" in info["infotexts"][1]
+    # The same generation asked natively gives the same pixels: the translation lost nothing.
+    native = completed(server.runsync({"prompt": "a lighthouse", "negative_prompt": "fog", "num_inference_steps": 2,
+                                       "guidance_scale": 5, "width": 64, "height": 72, "scheduler": "Euler a",
+                                       "num_outputs": 2, "seed": 77}))
+    assert decode(native["images"][1]["image"]).tobytes() == decode(output["images"][1]).tobytes()
+
+
+def test_a1111_img2img_in_runpods_api_wrapper(server):
+    init = png_b64(Image.new("RGB", (72, 64), (20, 90, 200)))
+    job = {"api": {"method": "POST", "endpoint": "/sdapi/v1/img2img"},
+           "payload": {"prompt": "a boat", "init_images": [init], "denoising_strength": 0.5, "steps": 4,
+                       "sampler_name": "DPM++ 2M", "scheduler": "Karras", "seed": 11, "mask_blur": 4}}
+    output = completed(server.runsync(job))
+    assert decode(output["images"][0]).size == (72, 64)
+    params = output["parameters"]
+    assert params["init_images"] is None and params["denoising_strength"] == 0.5
+    assert params["sampler_name"] == "DPM++ 2M Karras"
+    info = json.loads(output["info"])
+    assert info["denoising_strength"] == 0.5 and "Denoising strength: 0.5" in info["infotexts"][0]
+
+
+def test_a1111_send_images_false_returns_no_images(server):
+    output = completed(server.runsync({"api": "txt2img", "prompt": "x", "steps": 2, "send_images": False}))
+    assert output["images"] == [] and json.loads(output["info"])["all_seeds"]
+
+
+# --- bad inputs ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("job_input", "expected"),
+    [
+        ({**FAST, "num_inference_steps": 999}, "num_inference_steps: Input should be less than or equal to 150"),
+        ({**FAST, "width": 30}, "width: "),
+        ({**FAST, "width": 100}, "width: Value error, must be a multiple of 8"),
+        ({**FAST, "scheduler": "Nope"}, "scheduler: unknown scheduler 'Nope'"),
+        ({**FAST, "bogus": 1}, "bogus: unknown field"),
+        ({**FAST, "model": "missing"}, "model: unknown model 'missing'"),
+        ({**FAST, "image": "not base64!"}, "image: not valid base64"),
+        ({**FAST, "loras": [{"source": "no-such-lora"}]}, "no-such-lora"),
+        ("just a string", "input: expected a JSON object"),
+        ({"prompt": "x", "steps": 999}, "steps: Input should be less than or equal to 150"),
+        ({"prompt": "x", "steps": 2, "sampler_name": "Nope"}, "sampler_name: unknown scheduler 'Nope'"),
+        ({"prompt": "x", "steps": 2, "batch_size": 9}, "batch_size x n_iter: Input should be less than or equal to 8"),
+        ({"api": "img2img", "steps": 2, "init_images": ["@@@"]}, "init_images: not valid base64"),
+    ],
+)
+def test_bad_input_fails_with_the_field_named(server, job_input, expected):
+    job = server.runsync(job_input, timeout=60)
+    assert job["status"] == "FAILED", job
+    assert expected in job["error"]
+    assert "Traceback" not in job["error"]
+
+
+def test_the_worker_serves_normally_right_after_a_bad_input(server):
+    assert server.runsync({**FAST, "num_outputs": 99})["status"] == "FAILED"
+    assert server.runsync({"api": {"endpoint": "/sdapi/v1/upscale"}})["status"] == "FAILED"
+    completed(server.runsync({**FAST, "seed": 1}))
+    job_id = server.run({**FAST, "steps": 3})
+    assert server.status(job_id)["status"] == "FAILED"
+    completed(server.runsync(FAST))
+
+
+def test_an_over_limit_base64_result_fails_clearly(server):
+    job = server.runsync({**FAST, "num_outputs": 4, "width": 256, "height": 256})
+    assert job["status"] == "FAILED", "4 noisy 256x256 PNGs should exceed SD_MAX_RESPONSE_MB=0.3"
+    assert "over this worker's limit of 0.3 MB (SD_MAX_RESPONSE_MB" in job["error"]
+    assert "Configure an output bucket (BUCKET_ENDPOINT_URL" in job["error"]
+
+
+# --- LoRAs ---------------------------------------------------------------------------------------------------------
+def test_loras_reach_the_engine_from_native_and_a1111_payloads(server):
+    base = {**FAST, "prompt": "a fox", "seed": 21}
+
+    def pixels(output: dict) -> bytes:
+        entry = output["images"][0]
+        return decode(entry if isinstance(entry, str) else entry["image"]).tobytes()
+
+    plain = pixels(completed(server.runsync(base)))
+    listed = completed(server.runsync({**base, "loras": [{"source": "tiny-style", "scale": 1.0}]}))
+    assert pixels(listed) != plain
+    assert 'Lora weights: "tiny-style: 1"' in listed["parameters"]
+    tagged = pixels(completed(server.runsync({**base, "prompt": "a fox <lora:tiny-style:1>"})))
+    assert tagged == pixels(listed)
+    a1111 = completed(server.runsync({"prompt": "a fox <lora:tiny-style:1>", "steps": 2, "width": 64, "height": 64,
+                                      "seed": 21}))
+    assert pixels(a1111) == pixels(listed)
+    # Back to no LoRA: the base output again.
+    assert pixels(completed(server.runsync(base))) == plain

@@ -1,0 +1,88 @@
+"""A1111 payloads (sd_core/a1111.py): recognising them, translating them, naming A1111's keys in errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from sd_core import a1111
+from sd_core.errors import InvalidRequest
+
+INIT = "iVBORw0KGgo="  # any string: images are decoded later, by the engine
+
+
+@pytest.mark.parametrize(
+    ("data", "endpoint"),
+    [
+        ({"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {"prompt": "x"}}, "txt2img"),
+        ({"api": {"method": "POST", "endpoint": "/sdapi/v1/img2img"}, "payload": {"init_images": [INIT]}}, "img2img"),
+        ({"api": "txt2img", "prompt": "x"}, "txt2img"),
+        ({"api": "/sdapi/v1/img2img", "init_images": [INIT]}, "img2img"),
+        ({"prompt": "x", "steps": 20}, "txt2img"),
+        ({"prompt": "x", "cfg_scale": 7}, "txt2img"),
+        ({"prompt": "x", "init_images": [INIT], "denoising_strength": 0.5}, "img2img"),
+    ],
+)
+def test_a1111_payloads_are_recognised(data, endpoint):
+    call = a1111.parse_call(data)
+    assert call is not None and call.endpoint == endpoint
+    assert "api" not in call.payload
+
+
+@pytest.mark.parametrize("data", [{"prompt": "x", "num_inference_steps": 4, "seed": 1}, {}, "text", None, [1]])
+def test_native_inputs_are_not_a1111(data):
+    assert a1111.parse_call(data) is None
+
+
+def test_txt2img_translation():
+    call = a1111.parse_call({
+        "prompt": "a fox <lora:tiny-style:0.5>", "negative_prompt": "blur", "steps": 12, "cfg_scale": 5.5,
+        "sampler_name": "DPM++ 2M", "scheduler": "Karras", "width": 96, "height": 64, "batch_size": 2, "n_iter": 3,
+        "seed": -1, "override_settings": {"sd_model_checkpoint": "tiny-sdxl.safetensors [0123abcd]"},
+        "send_images": True, "save_images": False, "restore_faces": False, "enable_hr": False, "styles": [],
+    })
+    request = a1111.to_request(call)
+    assert request.prompt == "a fox <lora:tiny-style:0.5>"  # tags reach the engine, which resolves them
+    assert (request.num_inference_steps, request.guidance_scale, request.scheduler) == (12, 5.5, "DPM++ 2M Karras")
+    assert (request.width, request.height, request.num_outputs, request.seed) == (96, 64, 6, -1)
+    assert request.model == "tiny-sdxl" and request.image is None
+
+
+def test_img2img_translation_uses_a1111_default_strength():
+    call = a1111.parse_call({"api": "img2img", "init_images": [INIT], "mask": INIT, "mask_blur": 4})
+    request = a1111.to_request(call)
+    assert request.image == INIT and request.mask == INIT and request.strength == 0.75
+    assert request.mode == "inpaint"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"steps": 999}, "steps: Input should be less than or equal to 150"),
+        ({"cfg_scale": -1}, "cfg_scale: "),
+        ({"sampler_name": "Nope"}, "sampler_name: unknown scheduler 'Nope'"),
+        ({"batch_size": 4, "n_iter": 3}, "batch_size x n_iter: Input should be less than or equal to 8"),
+        ({"batch_size": 0}, "batch_size: must be a whole number of at least 1"),
+        ({"steps": 4, "init_images": [INIT], "api": "txt2img"}, "init_images: only for /sdapi/v1/img2img"),
+        ({"api": "img2img", "init_images": []}, "init_images: expected a list with exactly one image"),
+        ({"api": "img2img", "init_images": [INIT], "denoising_strength": 0}, "denoising_strength: "),
+        ({"steps": 4, "restore_faces": True}, "restore_faces: not supported by this worker"),
+        ({"steps": 4, "enable_hr": True}, "enable_hr: not supported by this worker"),
+        ({"steps": 4, "scheduler": "Exponential"}, "scheduler: 'Exponential' is not supported"),
+        ({"steps": 4, "num_inference_steps": 4}, "num_inference_steps: unknown field for /sdapi/v1/txt2img (the "
+                                                 "input was read as an A1111 txt2img payload because of 'steps')"),
+        ({"api": "upscale"}, "api: expected /sdapi/v1/txt2img or /sdapi/v1/img2img"),
+        ({"api": {"method": "GET", "endpoint": "/sdapi/v1/txt2img"}}, "api.method: only POST"),
+        ({"api": {"endpoint": "/sdapi/v1/txt2img"}, "payload": []}, "payload: expected a JSON object"),
+    ],
+)
+def test_errors_name_a1111_keys(data, expected):
+    with pytest.raises(InvalidRequest) as caught:
+        a1111.to_request(a1111.parse_call(data))
+    assert expected in str(caught.value)
+
+
+def test_engine_error_messages_get_a1111_names():
+    message = "num_inference_steps: too many; num_outputs: 9 x 64x64 exceeds the budget; prompt: bad tag"
+    assert a1111.rename_fields(message) == (
+        "steps: too many; batch_size x n_iter: 9 x 64x64 exceeds the budget; prompt: bad tag"
+    )
