@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,9 +17,9 @@ from .device import choose_placement, free_memory, is_fatal_device_error, is_out
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy
 from .images import prepare_init_images
 from .lora import LoraManager, ResolvedLora
-from .models import ModelCatalog, ModelManifest, fetch_model
+from .models import LocalModel, ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext
-from .pipelines import LoadedModel, PipelinePool, load_pipeline
+from .pipelines import LoadedModel, PipelinePool, import_pipeline, load_pipeline
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
 from .settings import Settings
 
@@ -64,21 +67,39 @@ class Engine:
         self.loras = LoraManager(self.settings, self.catalog)
         self._gpu_lock = threading.Lock()
         self.batcher = MicroBatcher(self.execute, self.settings) if self.settings.max_batch_images > 1 else None
+        self._fetched: dict[str, LocalModel] = {}  # fetched by preload's background thread, not loaded yet
+        self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
 
     # --- models ---------------------------------------------------------------------------------------------
     def _load(self, name: str) -> LoadedModel:
-        local = fetch_model(self.catalog.get(name), self.settings)
+        local = self._fetched.pop(name, None) or fetch_model(self.catalog.get(name), self.settings)
         return load_pipeline(local, self.settings, self.placement)
 
     def preload(self) -> dict[str, float]:
-        """Cold start: fetch and load every model named by SD_PRELOAD_MODELS. Returns seconds per model."""
+        """Cold start: fetch and load every model named by SD_PRELOAD_MODELS. Returns seconds per model.
+
+        The downloads run in a background thread (in order) while diffusers is imported and earlier models load,
+        so a cold start pays max(fetch, import) rather than their sum.
+        """
+        manifests = [self.catalog.get(name) for name in self.settings.models_to_preload]
         timings = {}
-        for name in self.settings.models_to_preload:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-prefetch")
+        try:
+            fetches = [None if m.name in self.pool else executor.submit(fetch_model, m, self.settings)
+                       for m in manifests]
             started = time.perf_counter()
-            manifest = self.catalog.get(name)
-            self.pool.get(name, expected_bytes=manifest.size or 0)
-            timings[name] = time.perf_counter() - started
-            log.info("ready: %s in %.2fs", name, timings[name])
+            for architecture in dict.fromkeys(m.architecture for m in manifests):
+                import_pipeline(architecture)  # seconds of imports, overlapping the downloads
+            for manifest, fetching in zip(manifests, fetches, strict=True):
+                if fetching is not None:
+                    self._fetched[manifest.name] = fetching.result()
+                self.pool.get(manifest.name, expected_bytes=manifest.size or 0)
+                self._fetched.pop(manifest.name, None)  # unused if the model was loaded already
+                timings[manifest.name] = time.perf_counter() - started
+                started = time.perf_counter()
+                log.info("ready: %s in %.2fs", manifest.name, timings[manifest.name])
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
         return timings
 
     # --- generation -----------------------------------------------------------------------------------------
@@ -122,14 +143,17 @@ class Engine:
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
-                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras)
+                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras,
+                   timings={"prepare_s": time.perf_counter() - started})
 
     def generate(
         self, request: GenerationRequest, *, on_step: StepCallback | None = None,
         should_cancel: CancelCheck | None = None,
     ) -> GenerationResult:
         """Run one request end to end (micro-batched with concurrent compatible requests when enabled)."""
-        job = self.prepare(request, on_step=on_step, should_cancel=should_cancel)
+        # While this request is being prepared, a batch being formed waits for it (a lone request never waits).
+        with self.batcher.arriving() if self.batcher else contextlib.nullcontext():
+            job = self.prepare(request, on_step=on_step, should_cancel=should_cancel)
         images = self.batcher.run(job) if self.batcher else self.execute([job])[0]
         if job.should_cancel is not None and job.should_cancel():
             raise Cancelled("generation cancelled")
@@ -140,6 +164,8 @@ class Engine:
         first = jobs[0].request
         with self._gpu_lock:
             t = time.perf_counter()
+            for job in jobs:  # waiting for the GPU: behind other requests, or for batch-mates
+                job.timings["queue_s"] = t - job.started - job.timings.get("prepare_s", 0.0)
             model = self.pool.get(first.model, expected_bytes=jobs[0].manifest.size or 0)
             load_s = time.perf_counter() - t
             pipe = model.pipeline(first.mode)
@@ -171,10 +197,14 @@ class Engine:
                 model=req.model, strength=strength, loras={lora.label: lora.unet_scale for lora in job.loras},
             )
 
-        encoded = [
-            encode_image(pil, fmt=req.output_format, quality=req.output_quality, parameters=parameters(seed), seed=seed)
-            for seed, pil in zip(job.seeds, images, strict=True)
-        ]
+        def encode(item):
+            seed, pil = item
+            return encode_image(pil, fmt=req.output_format, quality=req.output_quality, parameters=parameters(seed),
+                                seed=seed)
+
+        items = list(zip(job.seeds, images, strict=True))
+        # Pillow encodes without the GIL: several images of one request are encoded in parallel.
+        encoded = list(self._encoders.map(encode, items)) if len(items) > 1 else [encode(i) for i in items]
         job.timings["encode_s"] = time.perf_counter() - t
         job.timings["total_s"] = time.perf_counter() - job.started
         return GenerationResult(images=encoded, seeds=job.seeds, model=req.model,

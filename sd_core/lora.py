@@ -135,6 +135,7 @@ class _AdapterState:
 
     loaded: OrderedDict[str, ResolvedLora] = field(default_factory=OrderedDict)
     active: tuple[tuple[str, float, float], ...] = ()
+    enabled: bool = True  # LoRA layers switched on (disable_lora() after a request without LoRAs)
     fused: bool = False
     fused_backup: dict[tuple[str, str], dict[str, object]] = field(default_factory=dict)
     streak: int = 0  # consecutive activations of `active`
@@ -325,7 +326,7 @@ class LoraManager:
             return
         if state.fused:
             self._unfuse(pipe, state)
-        previous = state.active
+        previous, loaded_any = state.active, False
         try:
             with _quiet_libraries():
                 for lora in loras:
@@ -333,14 +334,21 @@ class LoraManager:
                         state.loaded.move_to_end(lora.adapter)
                         continue
                     self._make_room(pipe, state, keep={item.adapter for item in loras})
+                    # Loading changes which adapters are active and wraps new layers enabled: re-apply after it.
+                    loaded_any, state.enabled = True, False
                     self._load(pipe, model.manifest, lora)
                     state.loaded[lora.adapter] = lora
                     if should_cancel is not None and should_cancel():
                         raise Cancelled("generation cancelled")
-                self._apply(pipe, state, wanted)
+                if loaded_any or wanted != state.active:
+                    self._apply(pipe, state, wanted)
         except BaseException as exc:
-            with _quiet_libraries():
-                self._apply(pipe, state, tuple(k for k in previous if k[0] in state.loaded))
+            try:
+                with _quiet_libraries():
+                    self._apply(pipe, state, tuple(k for k in previous if k[0] in state.loaded))
+            except Exception:  # keep the original error; the next request applies its own set anyway
+                log.exception("could not restore the previous LoRA set of %s", model.name)
+                state.active, state.enabled = ("unknown",), False
             if _is_oom(exc):
                 from .device import free_memory
 
@@ -402,9 +410,12 @@ class LoraManager:
                 weights.append({component: unet if component == "unet" else te
                                 for component, adapters in by_component.items() if adapter in adapters})
             pipe.set_adapters(names, weights)
-            pipe.enable_lora()
+            if not state.enabled:  # enable_lora walks every module: as costly as set_adapters, so only when needed
+                pipe.enable_lora()
+                state.enabled = True
         elif any(_adapters_by_component(pipe).values()):
             pipe.disable_lora()
+            state.enabled = False
         state.active = wanted
 
     # --- fusing ---------------------------------------------------------------------------------------------
@@ -428,7 +439,7 @@ class LoraManager:
     def _unfuse(self, pipe, state: _AdapterState) -> None:
         with _quiet_libraries():
             pipe.unfuse_lora(components=[name for name, _ in _components(pipe)])
-        layers = {}; state.fused_backup = {}
+        layers = dict(_tuner_layers(pipe))
         for key, saved in state.fused_backup.items():
             base = layers[key].get_base_layer()
             for name, tensor in saved.items():

@@ -31,6 +31,7 @@ ENV_ALIASES = {
     "bucket_endpoint_url": "BUCKET_ENDPOINT_URL",
     "bucket_access_key_id": "BUCKET_ACCESS_KEY_ID",
     "bucket_secret_access_key": "BUCKET_SECRET_ACCESS_KEY",
+    "runpod_log_level": "RUNPOD_LOG_LEVEL",
 }
 
 
@@ -87,6 +88,9 @@ class Settings:
     max_response_mb: float = 9.0  # SD_MAX_RESPONSE_MB: largest inline (base64) result; RunPod: /run ~10, /runsync ~20
     concurrency: int = 1  # SD_CONCURRENCY: jobs one RunPod worker takes at once (its concurrency_modifier)
     progress_interval_s: float = 1.0  # SD_PROGRESS_INTERVAL_S: least seconds between two progress updates of a job
+    # RUNPOD_LOG_LEVEL: the runpod SDK's log level. Its own default, DEBUG, logs every job's input and output
+    # (base64 images, presigned URLs); the worker sets INFO unless this says otherwise.
+    runpod_log_level: str = "INFO"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
