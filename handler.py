@@ -13,6 +13,7 @@ import time
 
 import runpod
 from runpod.serverless.modules import rp_http
+from runpod.serverless.modules.rp_logger import RunPodLogger
 
 from sd_core import a1111
 from sd_core.errors import Cancelled, SDError, WorkerUnhealthy
@@ -159,7 +160,9 @@ def _native_output(result, images: list[str], *, inline: bool, upload_s: float) 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    worker = Worker(Settings.from_env())
+    settings = Settings.from_env()
+    RunPodLogger().set_level(settings.runpod_log_level)
+    worker = Worker(settings)
     runpod.serverless.start({"handler": worker.handler, "concurrency_modifier": worker.concurrency})
 
 

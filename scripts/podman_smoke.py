@@ -43,8 +43,10 @@ SIZE = 64
 TEST_INPUT = {
     "input": {"prompt": "a lighthouse at dawn", "seed": 7, "width": SIZE, "height": SIZE, "num_inference_steps": 2}
 }
-# Printed by the RunPod SDK once handler.py has been imported (cold start done) and the worker loop begins.
-READY_MARK = "Starting Serverless Worker"
+# handler.py logs "ready in N s" when its cold start (engine import, model fetch and load) is done; the RunPod SDK
+# then prints its banner as the worker loop begins.
+READY_RE = re.compile(r"\bready in ([0-9.]+) ?s")
+LOOP_MARK = "Starting Serverless Worker"
 DONE_MARK = "completed successfully"
 PNG_B64_MAGIC = "iVBORw0KGgo"  # base64 of the PNG signature
 
@@ -190,8 +192,12 @@ def run_handler(args: argparse.Namespace, bucket: Path, volume: Path, label: str
         now = round(time.monotonic() - started, 2)
         lines.append(line)
         marks.setdefault("first_output_s", now)
-        if READY_MARK in line:
-            marks.setdefault("ready_s", now)
+        ready = READY_RE.search(line)
+        if ready and "ready_s" not in marks:
+            marks["ready_s"] = now
+            marks["cold_start_in_process_s"] = float(ready.group(1))
+        if LOOP_MARK in line:
+            marks.setdefault("worker_loop_s", now)
         if DONE_MARK in line:
             marks.setdefault("job_done_s", now)
     returncode = proc.wait()
@@ -202,6 +208,8 @@ def run_handler(args: argparse.Namespace, bucket: Path, volume: Path, label: str
     problems = []
     if returncode != 0:
         problems.append(f"exit status {returncode}")
+    if "ready_s" not in marks:
+        problems.append("no 'ready in N s' line from handler.py")
     if "job_done_s" not in marks:
         problems.append(f"no '{DONE_MARK}' line")
     if result["png_size"] != (SIZE, SIZE):
@@ -209,8 +217,19 @@ def run_handler(args: argparse.Namespace, bucket: Path, volume: Path, label: str
     if problems:
         tail = "".join(lines[-30:])
         raise SmokeError(f"{label} handler run: {'; '.join(problems)}; log {workdir}/handler-{label}.log:\n{tail}")
-    log(f"{label}: ready {marks.get('ready_s')} s, job done {marks['job_done_s']} s, exit {marks['exit_s']} s")
+    log(f"{label}: ready {marks['ready_s']} s after podman run (cold start in the worker "
+        f"{marks['cold_start_in_process_s']} s), job done {marks['job_done_s']} s, exit {marks['exit_s']} s")
     return result
+
+
+def check_worker_user(args: argparse.Namespace) -> dict:
+    """Without a network volume the worker must run as the unprivileged user, its cache in that user's home."""
+    probe = "import os; from sd_core.settings import Settings; print(os.getuid(), Settings.from_env().cache_dir)"
+    out = run(podman_run_cmd(args, [args.image, "python", "-c", probe]), capture=True).strip().splitlines()
+    uid, cache_dir = out[-1].split(" ", 1) if out else ("?", "?")
+    if uid != str(WORKER_UID):
+        raise SmokeError(f"the worker runs as uid {uid}, not {WORKER_UID} (cache {cache_dir}): {out}")
+    return {"worker_uid": int(uid), "worker_cache_dir": cache_dir}
 
 
 def check_volume(args: argparse.Namespace, volume: Path) -> dict:
@@ -254,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         run(podman_run_cmd(args, [args.image, "true"]))
         report["container_start_s"] = round(time.monotonic() - started, 2)
+        report.update(check_worker_user(args))
         bucket = ensure_tiny_model(args.workdir)
         with tempfile.TemporaryDirectory(dir=args.workdir, prefix="runpod-volume-") as volume:
             os.chmod(volume, 0o755)  # as RunPod's: root-owned, not writable for others

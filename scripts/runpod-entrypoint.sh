@@ -14,16 +14,19 @@ if [ "$(id -u)" != 0 ]; then
     exec "$@"
 fi
 
-# The cache path comes from the worker's own settings, the one place that reads the environment.
-cache_dir=$(python -c 'from sd_core.settings import Settings; print(Settings.from_env().cache_dir)')
+sd_home=$(getent passwd sd | cut -d: -f6)
+as_sd() { HOME=$sd_home setpriv --reuid=sd --regid=sd --init-groups -- "$@"; }
 
-mkdir -p "$cache_dir" 2>/dev/null || true
-# Only entries not yet owned by `sd` (a warm volume is mostly right already; chown on it is metadata only).
+# The cache path comes from the worker's own settings (the one place that reads the environment), as `sd` sees it.
+cache_dir=$(HOME=$sd_home python -c 'from sd_core.settings import Settings; print(Settings.from_env().cache_dir)')
+
+# Made by `sd` where it can (its home); else by root, then handed over: only entries not yet owned by `sd` (a warm
+# volume is mostly right already; chown there is metadata only).
+as_sd mkdir -p "$cache_dir" 2>/dev/null || mkdir -p "$cache_dir" 2>/dev/null || true
 find "$cache_dir" ! -user sd -exec chown sd:sd {} + 2>/dev/null || true
 
-if setpriv --reuid=sd --regid=sd --init-groups test -w "$cache_dir" -a -x "$cache_dir"; then
-    HOME=$(getent passwd sd | cut -d: -f6)
-    export HOME
+if as_sd test -w "$cache_dir" -a -x "$cache_dir"; then
+    export HOME="$sd_home"
     exec setpriv --reuid=sd --regid=sd --init-groups -- "$@"
 fi
 

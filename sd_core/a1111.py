@@ -11,8 +11,8 @@ from pydantic import ValidationError
 
 from .errors import InvalidRequest
 from .outputs import read_parameters
-from .schema import GenerationRequest, GenerationResult
 from .schedulers import SCHEDULER_NAMES, canonical_name
+from .schema import GenerationRequest, GenerationResult
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 
@@ -155,7 +155,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
     """Translate an A1111 body into a GenerationRequest; InvalidRequest names A1111's keys (``steps: ...``)."""
     p = {k: v for k, v in call.payload.items() if v is not None}
     errors: list[str] = []
-    hint = f" (the input was read as an A1111 {call.endpoint} payload because of {call.marker!r})" if call.marker else ""
+    hint = f" (the input was read as an A1111 {call.endpoint} payload because of {call.marker!r})"
+    hint = hint if call.marker else ""
     for key in sorted(set(p) - KNOWN_KEYS[call.endpoint]):
         if call.endpoint == TXT2IMG and key in ("init_images", "mask"):
             errors.append(f"{key}: only for /sdapi/v1/img2img")
@@ -214,7 +215,9 @@ def rename_fields(message: str) -> str:
     parts = []
     for part in message.split("; "):
         name, sep, rest = part.partition(": ")
-        parts.append(f"{FIELD_NAMES[name]}{sep}{rest}" if sep and name in FIELD_NAMES else part)
+        # `scheduler` is also A1111's own key (the noise schedule): a message about it is already in A1111's terms.
+        rename = sep and name in FIELD_NAMES and name != "scheduler"
+        parts.append(f"{FIELD_NAMES[name]}{sep}{rest}" if rename else part)
     return "; ".join(parts)
 
 

@@ -42,6 +42,12 @@ def _pipeline_class(architecture: str, mode: str):
     return getattr(diffusers, PIPELINE_CLASSES[architecture][mode])
 
 
+def import_pipeline(architecture: str) -> None:
+    """Import diffusers' txt2img pipeline class for ``architecture`` now (seconds of imports; preload overlaps them
+    with the downloads)."""
+    _pipeline_class(architecture, "txt2img")
+
+
 def refuse_pickle(path: Path, settings: Settings) -> None:
     """Pickle checkpoints can run arbitrary code when loaded: refuse them unless SD_ALLOW_PICKLE is on."""
     if path.suffix.lower() in PICKLE_SUFFIXES and not settings.allow_pickle:

@@ -114,7 +114,7 @@ def describe_validation_error(error: ValidationError) -> str:
     """Turn pydantic's error into ``"field: reason; field: reason"`` (no pydantic boilerplate, no input echo)."""
     parts = []
     for item in error.errors(include_url=False):
-        loc = ".".join(str(p) for p in item["loc"])
+        loc = ".".join(str(p) or "''" for p in item["loc"])  # an empty key is named '' too
         msg = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         # Cross-field checks (no location) already start their message with the field names.
         parts.append(f"{loc}: {msg}" if loc else msg)

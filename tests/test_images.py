@@ -119,4 +119,5 @@ def test_runpod_image_builds_and_runs_the_handler(tmp_path):
     for run in ("cold", "warm"):
         assert report[run]["returncode"] == 0
         assert report[run]["png_size"] == [64, 64]
-    assert report["volume_cache_owner_uid"] == 1000  # the entrypoint handed the volume's cache to the worker user
+    assert report["worker_uid"] == 1000  # the worker does not run as root...
+    assert report["volume_cache_owner_uid"] == 1000  # ...and the entrypoint handed the volume's cache to it
