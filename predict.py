@@ -9,6 +9,7 @@ import asyncio
 import base64
 import contextvars
 import logging
+import os
 import shutil
 import tempfile
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 import cog
 from cog import BaseRunner, CancelationException, Input, Path
 
-from sd_core.errors import Cancelled, SDError, WorkerUnhealthy
+from sd_core.errors import Cancelled, InvalidRequest, SDError, WorkerUnhealthy
 from sd_core.schema import parse_request, resolve_seed
 from sd_core.settings import Settings
 
@@ -121,7 +122,7 @@ class Runner(BaseRunner):
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
             "seed": seed, "num_outputs": num_outputs, "strength": strength, "output_format": output_format,
             "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-            "image": _base64_file(image), "mask": _base64_file(mask),
+            "image": _base64_file(image, "image"), "mask": _base64_file(mask, "mask"),
             "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
         }
         request = parse_request(fields)
@@ -189,8 +190,11 @@ def _new_output_folder() -> Path:
     return Path(tempfile.mkdtemp(dir=root))
 
 
-def _base64_file(path: Path | None) -> str | None:
+def _base64_file(path: Path | None, field: str) -> str | None:
     """A Cog file input (downloaded by Cog from a URL or data URI) as the base64 text GenerationRequest takes."""
+    if path is not None and not isinstance(path, os.PathLike):
+        # Cog hands over as text what it did not download itself (file:// and other schemes): never read it.
+        raise InvalidRequest("expected an image file, a data: URI or an https:// URL", field=field)
     return None if path is None else base64.b64encode(path.read_bytes()).decode("ascii")
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Benchmark suite: one entry point; every figure is a ratio of two things measured side by side in one run.
 
+    python scripts/bench.py imports     # python -X importtime: sd_core, the engine, the Cog and RunPod adapters
     python scripts/bench.py overhead    # warm request: Engine.generate (and the Cog / RunPod servers) vs bare diffusers
     python scripts/bench.py batch       # micro-batching: images/s at 1/2/4/8 concurrent requests vs sequential
     python scripts/bench.py coldstart   # process start -> ready (python, import, fetch, load): warm cache vs S3
@@ -19,6 +20,7 @@ Timings are printed, never asserted: tests/test_bench_smoke.py only checks that 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import io
@@ -33,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Before anything imports huggingface_hub / diffusers: a hidden hub call must fail, never download.
@@ -186,7 +189,17 @@ def build_full_size(kind: str, out: Path) -> None:
     vae = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                latent_channels=4)
-    with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]):
+    @contextlib.contextmanager
+    def default_dtype(dtype):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(previous)
+
+    # Built (and saved) in fp16: half the memory, so SDXL fits in ~6 GB.
+    with tempfile.TemporaryDirectory() as scratch, torch.random.fork_rng(devices=[]), default_dtype(torch.float16):
         torch.manual_seed(0)
         tokenizers = Path(scratch)
         tiny.write_tokenizer(tokenizers / "tokenizer", pad_token=tiny.EOS)
@@ -284,12 +297,20 @@ def bench_overhead(args, work: Path) -> dict:
     pipe = loaded.pipeline("txt2img")  # the very object the engine runs
     scheduler = loaded.scheduler(args.scheduler)  # the engine's cached scheduler for this name
 
-    def bare(seed: int):
+    # Every call is made from one long-lived worker thread (as an async server's worker thread would): the main
+    # thread measured a few % slower than a worker thread here. With batching on, the engine hands the denoising
+    # to its batching thread; with batching off it runs in the calling thread, exactly where the bare call runs.
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bench-caller")
+
+    def bare(seed: int, steps: int | None = None):
+        return worker.submit(bare_call, seed, steps).result()
+
+    def bare_call(seed: int, steps: int | None):
         """What a hand-written worker would do with the same pipeline: one diffusers call, PIL out."""
         pipe.scheduler = scheduler
         with torch.inference_mode():
             return pipe(
-                prompt=[PROMPT], negative_prompt=[NEGATIVE], num_inference_steps=args.steps,
+                prompt=[PROMPT], negative_prompt=[NEGATIVE], num_inference_steps=steps or args.steps,
                 guidance_scale=args.guidance, width=args.size, height=args.size,
                 generator=[torch.Generator("cpu").manual_seed(seed)], output_type="pil",
             ).images
@@ -299,56 +320,78 @@ def bench_overhead(args, work: Path) -> dict:
         image.save(buffer, format="PNG")
         return buffer.getvalue()
 
-    def ours(seed: int):
-        return engine.generate(GenerationRequest(**request_fields(args, model, seed)))
+    def ours(seed: int, batching: bool = True):
+        def call():
+            batcher = engine.batcher
+            if not batching:
+                engine.batcher = None  # what SD_MAX_BATCH_IMAGES=1 builds: the same engine, no batching thread
+            try:
+                return engine.generate(GenerationRequest(**request_fields(args, model, seed)))
+            finally:
+                engine.batcher = batcher
 
-    # Warm-up (first calls allocate, build the scheduler's tables), then choose the steps if --steps auto.
+        return worker.submit(call).result()
+
+    # Warm-up (first calls allocate, build the scheduler's tables), then choose the steps if --steps auto:
+    # a call costs fixed + steps * per_step; two timed points give both, and the steps for >= --min-seconds.
     if args.steps is None:
-        args.steps = 20
-        seconds, _ = seconds_of(lambda: bare(0))
-        seconds, _ = seconds_of(lambda: bare(0))
-        if seconds < args.min_seconds:
-            args.steps = min(150, math.ceil(args.steps * 1.25 * args.min_seconds / max(seconds, 1e-3)))
-        log(f"steps: {args.steps} (auto: a bare call took {seconds * 1000:.0f} ms at 20 steps; "
+        bare(0, steps=2)
+        t2 = min(seconds_of(lambda: bare(0, steps=2))[0] for _ in range(2))
+        t4 = min(seconds_of(lambda: bare(0, steps=4))[0] for _ in range(2))
+        per_step = max((t4 - t2) / 2, 1e-4)
+        fixed = max(t2 - 2 * per_step, 0.0)
+        args.steps = max(2, min(150, math.ceil((1.2 * args.min_seconds - fixed) / per_step)))
+        log(f"steps: {args.steps} (auto: {fixed * 1000:.0f} ms fixed + {per_step * 1000:.0f} ms per step; "
             f"want >= {args.min_seconds:g} s)")
-    for _ in range(2):
+    for _ in range(1 if args.quick or args.smoke else 2):
         bare(0)
         ours(0)
+        ours(0, batching=False)
     log(f"setting: {model.name} {args.size}x{args.size}, {args.steps} steps, {args.scheduler}, cfg {args.guidance}, "
         f"{args.device}/{args.dtype}, batching {'on' if engine.batcher else 'off'}; {args.rounds} rounds")
 
-    times: dict[str, list[float]] = {"bare": [], "bare+png": [], "engine": []}
+    times: dict[str, list[float]] = {"bare": [], "bare+png": [], "engine": [], "engine_unbatched": []}
+    cpu: dict[str, list[float]] = {"bare": [], "engine": [], "engine_unbatched": []}  # CPU time, all threads
     parts: dict[str, list[float]] = {}
     diffs = []
+    variants = ["bare", "engine", "engine_unbatched"]
     for r in range(args.rounds):
         seed = 1000 + r
-        order = ("bare", "engine") if r % 2 == 0 else ("engine", "bare")  # ABBA: spread drift evenly
-        for what in order:
+        pixels = {}
+        for what in variants[r % 3:] + variants[:r % 3]:  # rotate the order: spread drift evenly
+            c = time.process_time()
             if what == "bare":
                 t, images = seconds_of(lambda seed=seed: bare(seed))
+                cpu["bare"].append(time.process_time() - c)
                 t_png, _ = seconds_of(lambda images=images: png(images[0]))
                 times["bare"].append(t)
                 times["bare+png"].append(t + t_png)
-                bare_pixels = np.asarray(images[0].convert("RGB"), dtype=np.int16)
+                pixels[what] = np.asarray(images[0].convert("RGB"), dtype=np.int16)
             else:
-                t, result = seconds_of(lambda seed=seed: ours(seed))
-                times["engine"].append(t)
-                for key, value in result.timings.items():
-                    if key.endswith("_s"):
-                        parts.setdefault(key, []).append(value)
-                engine_pixels = decode(result.images[0].data)
-        diffs.append(int(np.abs(bare_pixels - engine_pixels).max()))
-        log(f"  round {r + 1}/{args.rounds}: bare {times['bare'][-1] * 1000:.0f} ms, "
-            f"engine {times['engine'][-1] * 1000:.0f} ms")
+                t, result = seconds_of(lambda seed=seed, what=what: ours(seed, batching=what == "engine"))
+                cpu[what].append(time.process_time() - c)
+                times[what].append(t)
+                if what == "engine":
+                    for key, value in result.timings.items():
+                        if key.endswith("_s"):
+                            parts.setdefault(key, []).append(value)
+                pixels[what] = decode(result.images[0].data)
+        diffs.append(max(int(np.abs(pixels["bare"] - pixels[k]).max()) for k in ("engine", "engine_unbatched")))
+        log(f"  round {r + 1}/{args.rounds}: bare {times['bare'][-1] * 1000:.0f} ms, engine "
+            f"{times['engine'][-1] * 1000:.0f} ms, engine unbatched {times['engine_unbatched'][-1] * 1000:.0f} ms")
 
     out = {"model": model.name, "size": args.size, "steps": args.steps, "scheduler": args.scheduler,
            "rounds": args.rounds, "max_pixel_diff": max(diffs),
            "median_ms": {k: round(med(v) * 1000, 2) for k, v in times.items()},
            "engine_parts_ms": {k: round(med(v) * 1000, 2) for k, v in parts.items()}}
-    bare_s, engine_s = med(times["bare"]), med(times["engine"])
+    bare_s, engine_s, unbatched_s = med(times["bare"]), med(times["engine"]), med(times["engine_unbatched"])
     out["engine_vs_bare"] = round(engine_s / bare_s, 4)
     out["engine_vs_bare_png"] = round(engine_s / med(times["bare+png"]), 4)
     out["engine_extra_ms"] = round((engine_s - bare_s) * 1000, 2)
+    out["unbatched_vs_bare"] = round(unbatched_s / bare_s, 4)
+    out["unbatched_extra_ms"] = round((unbatched_s - bare_s) * 1000, 2)
+    out["cpu_median_ms"] = {k: round(med(v) * 1000, 2) for k, v in cpu.items()}
+    out["engine_vs_bare_cpu"] = round(med(cpu["engine"]) / med(cpu["bare"]), 4)
 
     if args.adapters:
         out["adapters"] = {}
@@ -365,6 +408,7 @@ def bench_overhead(args, work: Path) -> dict:
     log(f"  {'sd_core Engine.generate (PNG + infotext)':<44} {ms(engine_s)}")
     for key, value in out["engine_parts_ms"].items():
         log(f"  {'    of which ' + key:<44} {value:8.1f}")
+    log(f"  {'sd_core Engine.generate, batching off':<44} {ms(unbatched_s)}")
     for figures in out.get("adapters", {}).values():
         log(f"  {figures['label']:<44} {figures['median_ms']:8.1f}   (sd_core direct alongside: "
             f"{figures['engine_median_ms']:.1f} ms)")
@@ -372,9 +416,16 @@ def bench_overhead(args, work: Path) -> dict:
     log(f"ratio engine / bare diffusers: {out['engine_vs_bare']:.4f} ({pct(out['engine_vs_bare'])}, "
         f"{out['engine_extra_ms']:+.1f} ms); target <= +3 %")
     log(f"ratio engine / (bare + PNG save): {out['engine_vs_bare_png']:.4f} ({pct(out['engine_vs_bare_png'])})")
+    log(f"ratio engine with batching off / bare (same thread): {out['unbatched_vs_bare']:.4f} "
+        f"({pct(out['unbatched_vs_bare'])}, {out['unbatched_extra_ms']:+.1f} ms)")
+    cpu_ms = out["cpu_median_ms"]
+    log(f"ratio engine / bare in CPU time (steadier on a busy machine): {out['engine_vs_bare_cpu']:.4f} "
+        f"({pct(out['engine_vs_bare_cpu'])}; {cpu_ms['engine']:.0f} vs {cpu_ms['bare']:.0f} ms)")
     for adapter, figures in out.get("adapters", {}).items():
         log(f"ratio {adapter} server / sd_core direct: {figures['vs_engine']:.4f} ({pct(figures['vs_engine'])}, "
-            f"{figures['extra_ms']:+.1f} ms); vs bare diffusers: {figures['vs_engine'] * out['engine_vs_bare']:.4f}")
+            f"{figures['extra_ms']:+.1f} ms); vs bare diffusers: {figures['vs_engine'] * out['engine_vs_bare']:.4f}; "
+            f"the adapter's own share (round trip - engine time inside the server): "
+            f"{figures['around_engine_ms']:.1f} ms = {figures['around_engine_ms'] / figures['median_ms'] * 100:.2f} %")
     if bare_s < 1.0:
         log(f"note: the bare call took {bare_s * 1000:.0f} ms, under the 1 s the overhead target is defined at "
             "(raise --steps or --size)")
@@ -403,33 +454,42 @@ def adapter_overhead(adapter: str, args, model: BenchModel, work: Path, ours) ->
             if adapter == "cog":
                 server.wait_for_status("READY", timeout=600)
 
-                def call(seed: int) -> bytes:
+                def idle() -> None:
+                    # Cog answers a sync prediction slightly before it frees the slot: a request sent at once can
+                    # get 409 Conflict. Wait (untimed) until the server says READY again.
+                    server.wait_for_status("READY", timeout=60)
+
+                def call(seed: int) -> tuple[bytes, float]:
                     body = server.predict(request_fields(args, model, seed))
                     if body.get("status") != "succeeded":
                         raise RuntimeError(f"cog prediction {body.get('status')}: {body.get('error')}")
-                    import base64
-
-                    return base64.b64decode(body["output"][0].split(",", 1)[1])
+                    data = base64.b64decode(body["output"][0].split(",", 1)[1])
+                    return data, body["metrics"]["timings"]["total_s"]
             else:
 
-                def call(seed: int) -> bytes:
+                def idle() -> None:
+                    pass
+
+                def call(seed: int) -> tuple[bytes, float]:
                     body = server.runsync(request_fields(args, model, seed))
                     if body.get("status") != "COMPLETED":
                         raise RuntimeError(f"runpod job {body.get('status')}: {str(body.get('error'))[:500]}")
-                    import base64
-
-                    return base64.b64decode(body["output"]["images"][0]["image"])
+                    data = base64.b64decode(body["output"]["images"][0]["image"])
+                    return data, body["output"]["timings"]["total_s"]
 
             ready_s = time.perf_counter() - started
             for _ in range(3):  # warm-up: a fresh process's first calls are slow (allocations, kernel selection)
+                idle()
                 call(0)
-            times, direct, diffs = [], [], []
+            times, direct, diffs, around = [], [], [], []
             for r in range(args.rounds):
                 seed = 2000 + r
                 for what in (("server", "direct") if r % 2 == 0 else ("direct", "server")):
                     if what == "server":
-                        t, data = seconds_of(lambda seed=seed: call(seed))
+                        idle()
+                        t, (data, inside) = seconds_of(lambda seed=seed: call(seed))
                         times.append(t)
+                        around.append(t - inside)  # the adapter's own share: HTTP, JSON, base64, the platform SDK
                     else:
                         t, result = seconds_of(lambda seed=seed: ours(seed))
                         direct.append(t)
@@ -441,7 +501,8 @@ def adapter_overhead(adapter: str, args, model: BenchModel, work: Path, ours) ->
     server_s, direct_s = med(times), med(direct)
     figures = {"label": label, "median_ms": round(server_s * 1000, 2), "engine_median_ms": round(direct_s * 1000, 2),
                "vs_engine": round(server_s / direct_s, 4), "extra_ms": round((server_s - direct_s) * 1000, 2),
-               "max_pixel_diff": max(diffs), "server_ready_s": round(ready_s, 2)}
+               "max_pixel_diff": max(diffs), "server_ready_s": round(ready_s, 2),
+               "around_engine_ms": round(med(around) * 1000, 2)}
     log(f"  {adapter}: server ready in {ready_s:.1f} s; median {figures['median_ms']:.0f} ms vs sd_core direct "
         f"{figures['engine_median_ms']:.0f} ms; same pixels: max difference {max(diffs)}")
     return figures
@@ -663,6 +724,51 @@ def run_child(args, model: BenchModel, mode: str, env: dict) -> dict:
 
 
 # ==============================================================================================================
+# Import costs (python -X importtime)
+# ==============================================================================================================
+IMPORTS = {
+    "sd_core": "import sd_core",
+    "sd_core.engine": "import sd_core.engine",
+    "sd_core.engine + diffusers pipeline": "import sd_core.engine, diffusers; diffusers.StableDiffusionPipeline",
+    "predict.py (Cog adapter)": "import predict",
+    "handler.py (RunPod adapter)": "import handler",
+}
+
+
+def importtime(code: str) -> tuple[float, dict[str, float]]:
+    """One fresh `python -X importtime -c code`: (total import seconds, {top-level package: seconds of its own})."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{code!r} failed:\n{proc.stderr[-2000:]}")
+    by_package: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) != 3 or not parts[0].strip().isdigit():
+            continue  # not a timing line, or the header
+        package = parts[2].strip().split(".")[0]
+        by_package[package] = by_package.get(package, 0.0) + int(parts[0]) / 1e6  # self time: no double counting
+    return sum(by_package.values()), by_package
+
+
+def bench_imports(args, work: Path) -> dict:
+    out = {}
+    rounds = 1 if args.smoke else 3
+    log(f"python -X importtime, fresh process each, median of {rounds}; the packages that cost most (own time):")
+    for label, code in IMPORTS.items():
+        if label.startswith(("predict", "handler")) and not (ROOT / label.split()[0]).exists():
+            continue
+        if args.smoke and "engine" in label:
+            continue  # seconds each: the smoke run only proves the command works
+        runs = sorted(importtime(code) for _ in range(rounds))
+        total, packages = runs[len(runs) // 2]
+        heavy = sorted(packages.items(), key=lambda item: -item[1])[:6]
+        out[label] = {"seconds": round(total, 3), "top": {name: round(sec, 3) for name, sec in heavy}}
+        log(f"  {label:<36} {total * 1000:6.0f} ms: " + ", ".join(f"{n} {sec * 1000:.0f}" for n, sec in heavy))
+    return out
+
+
+# ==============================================================================================================
 # 4. LoRA and fetch: the other helpers' scripts, run from here
 # ==============================================================================================================
 def run_script(script: str, argv: list[str]) -> dict:
@@ -705,8 +811,8 @@ def bench_fetch(args, work: Path) -> dict:
 # ==============================================================================================================
 # Command line
 # ==============================================================================================================
-BENCHES = {"overhead": bench_overhead, "batch": bench_batch, "coldstart": bench_coldstart, "lora": bench_lora,
-           "fetch": bench_fetch}
+BENCHES = {"imports": bench_imports, "overhead": bench_overhead, "batch": bench_batch, "coldstart": bench_coldstart,
+           "lora": bench_lora, "fetch": bench_fetch}
 
 # Per mode: defaults a command line option leaves alone when given. None = keep the option's own default.
 PRESETS = {
@@ -748,11 +854,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--compile", action="store_true", help="SD_TORCH_COMPILE=1 (torch.compile the UNet)")
     common.add_argument("--scheduler", default="DPM++ 2M Karras", help="A1111 sampler name")
     common.add_argument("--guidance", type=float, default=7.0)
+    common.add_argument("--threads", type=int, help="torch CPU threads here and OMP_NUM_THREADS for the servers and "
+                        "cold-start processes (default: torch's own choice); 1 steadies timings on a busy machine")
 
     def add(name, help_text):
         return sub.add_parser(name, parents=[common], help=help_text)
 
-    for name, help_text in (("overhead", "warm request overhead vs a bare diffusers call"),
+    for name, help_text in (("imports", "python -X importtime of sd_core, the engine and the adapters"),
+                            ("overhead", "warm request overhead vs a bare diffusers call"),
                             ("batch", "micro-batch throughput vs sequential"),
                             ("coldstart", "process start -> ready: warm cache vs S3"),
                             ("all", "every benchmark, one after the other")):
@@ -819,6 +928,11 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the servers and cold-start processes
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = list(BENCHES) if args.command == "all" else [args.command]
     names = [n for n in names if n not in getattr(args, "skip", [])]
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sd-bench-"))

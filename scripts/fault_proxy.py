@@ -34,6 +34,7 @@ import argparse
 import http.client
 import random
 import re
+import signal
 import socket
 import struct
 import sys
@@ -309,6 +310,10 @@ def _chunks(response: http.client.HTTPResponse, data: bytes | None):
         yield chunk
 
 
+def _interrupt(*_args) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", required=True, help="http://127.0.0.1:PORT to put faults in front of")
@@ -329,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         stall_s=args.stall_s, down=args.down,
     ).start()
     print(f"fault proxy on {proxy.url} -> {args.upstream}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop cleanly (and print the counters) on TERM too
     try:
         while True:
             time.sleep(10)

@@ -560,6 +560,9 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         for arch in archs:
             paths.update(build_arch(arch, out, seed))
+    # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
+    for path in out.rglob("*.safetensors"):
+        path.chmod(0o644)
     return paths
 
 

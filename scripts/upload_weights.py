@@ -172,8 +172,8 @@ def write_manifest(path: Path, header: list[str], data: dict) -> None:
         ModelManifest.model_validate(data)
     except ValidationError as exc:
         raise SystemExit(f"error: the manifest for {path} would not validate:\n{exc}") from None
-    order = ["name", "description", "architecture", "format", "uri", "config_uri", "sha256", "size", "files",
-             "defaults", "loras"]
+    order = ["name", "description", "architecture", "format", "uri", "config_uri", "config_files", "sha256", "size",
+             "files", "defaults", "loras"]
     ordered = {k: data[k] for k in order if k in data and data[k] is not None}
     ordered.update({k: v for k, v in data.items() if k not in ordered and v is not None})
     text = "\n".join(header) + ("\n" if header else "")
@@ -210,6 +210,7 @@ def cmd_model(args, settings: Settings) -> dict:
         data["files"] = sums
         data.pop("sha256", None)
         data.pop("config_uri", None)
+        data.pop("config_files", None)
     else:
         data["format"] = "single_file"
         data["sha256"] = sums[src.name]
@@ -217,8 +218,9 @@ def cmd_model(args, settings: Settings) -> dict:
         if args.config:
             parent = args.dest if args.dest.endswith("/") else args.dest.rsplit("/", 1)[0] + "/"
             config_dest = args.config_dest or _join(parent, "config/")
-            config_uri, _, _ = upload_tree(uploader, Path(args.config), config_dest)
+            config_uri, config_sums, _ = upload_tree(uploader, Path(args.config), config_dest)
             data["config_uri"] = _relative(config_uri, args.relative_to)
+            data["config_files"] = config_sums  # a flipped byte in a config changes the model as surely
         elif not data.get("config_uri"):
             raise SystemExit("error: a single-file checkpoint needs --config DIR (its diffusers config folder)")
     if not header:

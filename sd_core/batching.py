@@ -22,9 +22,9 @@ class MicroBatcher:
     """Queues jobs from many threads; one dispatcher thread runs compatible ones together.
 
     While the GPU is busy, new jobs wait in the queue; the next round takes every queued job whose batch_key
-    matches the oldest one, up to SD_MAX_BATCH_IMAGES images. It waits (at most SD_BATCH_WAIT_MS) only while other
-    requests are still being prepared (see ``arriving``): a lone request, or a queue that built up while the GPU was
-    busy, starts at once. A failing batch is re-run one job at a time, so one bad request never fails its batch-mates.
+    matches the oldest one, up to SD_MAX_BATCH_IMAGES images. It waits for more (at most SD_BATCH_WAIT_MS) only while
+    some requests in progress are not in the queue (see ``request``): a lone request never waits. A failing batch is
+    re-run one job at a time, so one bad request never fails its batch-mates.
     """
 
     def __init__(self, execute: Callable[[list[Job]], list[list]], settings: Settings):
@@ -32,25 +32,23 @@ class MicroBatcher:
         self.max_images = settings.max_batch_images
         self.max_wait_s = settings.batch_wait_ms / 1000
         self._pending: list[tuple[Job, Future]] = []
-        self._arriving = 0  # requests being prepared right now (inside ``arriving``): a forming batch waits for them
+        self._active = 0  # generate() calls in progress (inside ``request``), queued or not
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
     @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
-        """Wrap a request's preparation (before ``run``): while any request is being prepared, a batch that is
-        being formed waits for it, up to SD_BATCH_WAIT_MS."""
+    def request(self) -> Iterator[None]:
+        """Wrap a whole generate() call. A batch being formed waits only while some of these are not in the queue:
+        being prepared, or finishing the images of the previous batch (their clients may send the next request at
+        once; waiting for them keeps concurrent clients in step). With nobody else in progress it starts at once."""
         with self._cond:
-            self._arriving += 1
+            self._active += 1
         try:
             yield
-        except BaseException:
+        finally:
             with self._cond:
-                self._arriving -= 1
-                self._cond.notify_all()  # a batch waiting for this request need not wait any longer
-            raise
-        with self._cond:
-            self._arriving -= 1  # no notify: run() queues the job next, and notifies then
+                self._active -= 1
+                self._cond.notify_all()  # a batch waiting for this request may stop waiting
 
     def run(self, job: Job) -> list:
         """Run ``job`` (possibly batched with others) and return its images; blocks the calling thread."""
@@ -78,7 +76,7 @@ class MicroBatcher:
                     batch.append(item)
                     images += len(item[0].seeds)
             remaining = deadline - time.monotonic()
-            if images >= self.max_images or remaining <= 0 or self._arriving == 0:
+            if images >= self.max_images or remaining <= 0 or self._active <= len(self._pending):
                 break
             self._cond.wait(remaining)
         if not batch:  # the oldest job alone is larger than max_images: run it by itself

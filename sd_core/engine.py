@@ -151,13 +151,12 @@ class Engine:
         should_cancel: CancelCheck | None = None,
     ) -> GenerationResult:
         """Run one request end to end (micro-batched with concurrent compatible requests when enabled)."""
-        # While this request is being prepared, a batch being formed waits for it (a lone request never waits).
-        with self.batcher.arriving() if self.batcher else contextlib.nullcontext():
+        with self.batcher.request() if self.batcher else contextlib.nullcontext():  # a lone request never waits
             job = self.prepare(request, on_step=on_step, should_cancel=should_cancel)
-        images = self.batcher.run(job) if self.batcher else self.execute([job])[0]
-        if job.should_cancel is not None and job.should_cancel():
-            raise Cancelled("generation cancelled")
-        return self.finish(job, images)
+            images = self.batcher.run(job) if self.batcher else self.execute([job])[0]
+            if job.should_cancel is not None and job.should_cancel():
+                raise Cancelled("generation cancelled")
+            return self.finish(job, images)
 
     def execute(self, jobs: list[Job]) -> list[list]:
         """Denoise one batch of compatible jobs (same model, mode, size, steps, scheduler, guidance) in one call."""

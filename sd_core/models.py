@@ -68,6 +68,9 @@ class ModelManifest(BaseModel):
     format: Literal["diffusers", "single_file"]
     uri: str = Field(min_length=1, description="diffusers: folder prefix ending in '/'; single_file: the file")
     config_uri: str | None = Field(None, description="single_file only: diffusers config folder (no weights)")
+    config_files: dict[str, str] = Field(
+        default_factory=dict, description="single_file only: {relative path: sha256} of the config folder's files"
+    )
     sha256: str | None = Field(None, pattern=SHA256_PATTERN, description="single_file checksum")
     files: dict[str, str] = Field(default_factory=dict, description="diffusers: {relative path: sha256}")
     size: int | None = Field(None, ge=0, description="total bytes, for progress and cache planning")
@@ -162,5 +165,6 @@ def fetch_model(manifest: ModelManifest, settings: Settings) -> LocalModel:
     )
     config = None
     if manifest.config_uri:
-        config = storage.fetch(resolve_uri(manifest.config_uri, settings), settings)
+        config = storage.fetch(resolve_uri(manifest.config_uri, settings), settings,
+                               files=manifest.config_files or None)
     return LocalModel(manifest=manifest, weights=weights, config=config)

@@ -18,7 +18,7 @@ def test_every_benchmark_runs_in_smoke_mode_and_prints_its_figures(tmp_path):
     )
     text = proc.stdout
     assert proc.returncode == 0, text[-5000:]
-    for section in ("overhead", "batch", "coldstart", "lora", "fetch"):
+    for section in ("imports", "overhead", "batch", "coldstart", "lora", "fetch"):
         assert f"===== {section} =====" in text
     assert "ratio engine / bare diffusers:" in text
     assert "ratio 2 concurrent (batched) / sequential:" in text
@@ -27,6 +27,7 @@ def test_every_benchmark_runs_in_smoke_mode_and_prints_its_figures(tmp_path):
     assert "ours/boto3" in text  # scripts/bench_fetch.py's summary
 
     figures = json.loads(out.read_text())
+    assert figures["imports"]["sd_core"]["seconds"] > 0
     overhead = figures["overhead"]
     assert overhead["max_pixel_diff"] == 0  # the engine ran the very same computation as the bare pipeline call
     assert overhead["median_ms"]["engine"] > 0 and overhead["median_ms"]["bare"] > 0

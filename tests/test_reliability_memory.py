@@ -58,11 +58,12 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CI proves the same through the RunPod worker (tests/test_reliability_servers.py)
 def test_real_allocation_failure_is_out_of_memory_and_the_worker_recovers(engine_settings, tiny_bucket,
                                                                            reliability_tally):
     env = {**os.environ, "SD_WEIGHTS_URI": str(tiny_bucket), "SD_CACHE_DIR": str(engine_settings.cache_dir),
            "SD_DEVICE": "cpu", "SD_DTYPE": "float32", "SD_MODELS_DIR": str(REPO / "models"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", WORKER, "256"], env=env, cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]

@@ -82,7 +82,8 @@ def secrets(s3_server) -> dict[str, str]:
 def lora_bucket(s3_server, tiny_bucket) -> str:
     """A bucket holding a LoRA: requests naming it with s3:// reach the store with the (fake) AWS credentials."""
     bucket = s3_server.make_bucket("userloras")
-    s3_server.client().upload_file(str(tiny_bucket / "loras" / "tiny-sd15-peft.safetensors"), bucket, "style.safetensors")
+    lora = tiny_bucket / "loras" / "tiny-sd15-peft.safetensors"
+    s3_server.client().upload_file(str(lora), bucket, "style.safetensors")
     return bucket
 
 
@@ -91,13 +92,17 @@ def common_env(tiny_bucket, s3_server, cache: Path) -> dict[str, str]:
         **FAKE, "SD_WEIGHTS_URI": str(tiny_bucket), "SD_MODELS_DIR": str(REPO / "models"), "SD_CACHE_DIR": str(cache),
         "SD_S3_ENDPOINT_URL": s3_server.endpoint_url, "AWS_ENDPOINT_URL": s3_server.endpoint_url,
         "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "SD_MAX_PIXELS": str(64 * 64 * 8), "MALLOC_ARENA_MAX": "2",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "MALLOC_ARENA_MAX": "2",
+        # One intra-op thread: with OpenMP threads spinning on an oversubscribed 2-core machine, a 50 ms tiny-model
+        # step was seen to take up to 15 s; the servers' answers must not depend on the neighbours' load.
+        "OMP_NUM_THREADS": "1",
     }
 
 
 @pytest.fixture(scope="module")
 def cog(tiny_bucket, s3_server, tmp_path_factory):
-    env = {**common_env(tiny_bucket, s3_server, tmp_path_factory.mktemp("cog-cache")), "COG_MAX_CONCURRENCY": "2"}
+    env = {**common_env(tiny_bucket, s3_server, tmp_path_factory.mktemp("cog-cache")), "COG_MAX_CONCURRENCY": "2",
+           "SD_MAX_PIXELS": str(64 * 64 * 2)}  # generated requests stay small: bigger ones are refused, fast
     with start_cog_server(env, log_dir=tmp_path_factory.mktemp("cog-reliability")) as server:
         body, _ = server.wait_for_status("READY", "SETUP_FAILED", timeout=240)
         assert body["status"] == "READY", body
@@ -119,7 +124,12 @@ def runpod(tiny_bucket, s3_server, hooks, tmp_path_factory):
 
 
 def cog_predict(cog, inputs, captured) -> requests.Response:
-    response = cog.post_prediction({"input": inputs})
+    deadline = time.monotonic() + 30
+    while True:  # 409: both slots still busy (a slot frees a moment after its answer); Replicate retries too
+        response = cog.post_prediction({"input": inputs})
+        if response.status_code != 409 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     captured.append(response.text)
     return response
 
@@ -135,7 +145,14 @@ def cog_message(response: requests.Response) -> str:
 
 
 def runpod_job(runpod, job_input, captured) -> dict:
-    job = runpod.runsync(job_input)
+    # json.dumps, not requests' json=: NaN/Infinity go over the wire as Python's JSON writes them.
+    response = runpod.session.post(f"{runpod.url}/runsync", data=json.dumps({"input": job_input}),
+                                   headers={"Content-Type": "application/json"}, timeout=300)
+    if response.status_code == 422:  # the SDK's own request model refuses it (the input is not an object)
+        job = {"status": "FAILED", "error": "input: " + response.text}
+    else:
+        response.raise_for_status()
+        job = response.json()
     captured.append(json.dumps(job))
     return job
 
@@ -166,11 +183,10 @@ def to_cog(payload) -> dict | None:
                 inputs["lora_scale"] = spec.pop("scale")
             if spec:
                 return None
-        elif key in ("guidance_scale", "strength") and isinstance(value, float) and not np.isfinite(value):
-            inputs[key] = str(value)  # JSON has no NaN/Infinity: send them as text
         else:
             inputs[key] = value
-    return inputs
+    # JSON has no NaN/Infinity: send them as text, which a number field refuses just the same.
+    return {k: str(v) if isinstance(v, float) and not np.isfinite(v) else v for k, v in inputs.items()}
 
 
 COG_EXTRA = [  # Cog-only shapes and inputs
@@ -185,17 +201,25 @@ COG_EXTRA = [  # Cog-only shapes and inputs
 
 def test_bad_input_corpus_through_cog(cog, captured, reliability_tally):
     cases = [(to_cog(p), f) for p, f in NATIVE if to_cog(p) is not None and f != "steps_typo"] + COG_EXTRA
+    platform = 0
     for inputs, field in cases:
         message = cog_message(cog_predict(cog, {**FAST, **inputs}, captured))
-        assert field in message, (inputs if len(str(inputs)) < 300 else field, message[:500])
+        if field in ("image", "mask") and message.startswith("Input validation error: Invalid base64"):
+            platform += 1  # Cog decodes data URIs of file inputs itself, before predict.py: its message, its words
+            continue
+        # Cog's LoRA inputs are lora_weights/lora_scale; errors found past Cog's own checks say `loras`.
+        names = ("lora_weights", "lora_scale", "loras") if field.startswith("lora") else (field,)
+        assert any(name in message for name in names), (inputs if len(str(inputs)) < 300 else field, message[:500])
         assert "internal error" not in message and "Traceback" not in message, message[:500]
+    assert platform <= 2
     reliability_tally["bad-input cases run (hand-written, Cog server)"] += len(cases)
     # Cog drops unknown keys itself (its platform behaviour): an input with a typo still runs.
     assert cog_predict(cog, {**FAST, "steps_typo": 20}, captured).json()["status"] == "succeeded"
-    for payload in ("not an object", ["a"], None):
+    for payload in ("not an object", ["a"]):
         response = cog.post_prediction({"input": payload})
         captured.append(response.text)
         assert response.status_code in (400, 422), response.text[:300]
+    # {"input": null} is Cog's "no inputs": every default (what Replicate does too).
     body = cog_predict(cog, {**FAST, "seed": 3}, captured).json()
     assert body["status"] == "succeeded", body
     assert cog.health()["status"] == "READY"
@@ -206,6 +230,7 @@ def test_cog_file_inputs_never_read_local_files(cog, captured):
     response = cog_predict(cog, {**FAST, "image": "file:///etc/hostname"}, captured)
     message = cog_message(response)
     assert "not a readable" not in message, message  # our decoder never saw the file's bytes
+    assert "image: expected an image file" in message, message  # and the user is told which input is wrong
 
 
 def test_schemathesis_against_cogs_own_openapi(cog, captured, reliability_tally, tmp_path):
@@ -216,6 +241,9 @@ def test_schemathesis_against_cogs_own_openapi(cog, captured, reliability_tally,
     props.pop("image")
     props.pop("mask")
     props["lora_weights"]["pattern"] = r"^[A-Za-z0-9._-]{1,40}$"
+    # Cost: a valid request runs a real generation on CPU. Fewer steps keep each under a second; the 150/151 bound
+    # itself is in the hand-written corpus.
+    props["num_inference_steps"]["maximum"] = 4
     path = tmp_path / "openapi.json"
     path.write_text(json.dumps(schema))
     report = tmp_path / "report"
@@ -225,7 +253,7 @@ def test_schemathesis_against_cogs_own_openapi(cog, captured, reliability_tally,
          "--include-path", "/predictions", "--include-method", "POST", "--phases", "examples,coverage,fuzzing",
          "--max-examples", "25", "--checks", "not_a_server_error", "--seed", "7", "--workers", "2", "--no-shrink",
          "--request-timeout", "120", "--report", "har", "--report-dir", str(report), "--warnings", "off"],
-        capture_output=True, text=True, timeout=400,
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,  # its caches stay out of the repository
     )
     summary = re.search(r"(\d+) generated", done.stdout)
     assert summary, done.stdout[-3000:] + done.stderr[-2000:]
@@ -255,7 +283,8 @@ def test_cog_async_with_a_secret_webhook_url(cog, hooks, captured):
     assert response.status_code == 202, response.text
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        done = [h for h in hooks.received if h["path"].startswith("/cog-hook") and h["body"].get("status") == "succeeded"]
+        done = [h for h in _Hooks.received
+                if h["path"].startswith("/cog-hook") and h["body"].get("status") == "succeeded"]
         if done:
             captured.append(json.dumps(done[0]["body"]))
             return
@@ -266,7 +295,7 @@ def test_cog_async_with_a_secret_webhook_url(cog, hooks, captured):
 def test_cog_lora_from_s3_with_wrong_credentials_names_the_problem_not_the_secret(cog, lora_bucket, captured):
     message = cog_message(cog_predict(cog, {**FAST, "lora_weights": f"s3://{lora_bucket}/style.safetensors"},
                                       captured))
-    assert message.startswith("loras:") and "credentials" in message, message
+    assert "loras: " in message and "credentials" in message, message
 
 
 # --- the corpus through RunPod ------------------------------------------------------------------------------------
@@ -305,10 +334,14 @@ def _job_input(model, lora, seed) -> dict:
 
 
 def test_concurrent_jobs_each_get_their_own_image(runpod, captured, reliability_tally):
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=len(CONCURRENT)) as pool:
         together = list(pool.map(lambda case: runpod_job(runpod, _job_input(*case), captured), CONCURRENT))
+    print(f"concurrent: {len(CONCURRENT)} jobs in {time.monotonic() - started:.1f}s")
     assert all(job["status"] == "COMPLETED" for job in together), [j.get("error") for j in together]
+    started = time.monotonic()
     alone = [runpod_job(runpod, _job_input(*case), captured) for case in CONCURRENT]
+    print(f"alone: {len(CONCURRENT)} jobs in {time.monotonic() - started:.1f}s")
     images_together = [image_of(job["output"]) for job in together]
     images_alone = [image_of(job["output"]) for job in alone]
     for case, job, a, b in zip(CONCURRENT, together, images_together, images_alone, strict=True):
@@ -362,10 +395,10 @@ def test_bomb_images_over_http_are_refused_without_decoding(runpod, captured):
 # --- secrets (last: scans what everything above produced) --------------------------------------------------------
 def test_no_secret_in_any_log_error_or_output(cog, runpod, captured, secrets, hooks):
     texts = {"cog server log": cog.log_text(), "runpod worker log": runpod.log_text(),
-             "responses": "\n".join(captured), "webhooks": json.dumps(hooks.received)}
+             "responses": "\n".join(captured), "webhook bodies": json.dumps([h["body"] for h in _Hooks.received])}
     assert len(captured) > 50 and texts["cog server log"] and texts["runpod worker log"]
     for where, text in texts.items():
         for name, value in secrets.items():
             assert value not in text, f"{name} appears in the {where}"
     # The webhook token reached its receiver (so the scan above was not vacuous).
-    assert any(WEBHOOK_TOKEN in h["path"] for h in hooks.received)
+    assert any(WEBHOOK_TOKEN in h["path"] for h in _Hooks.received)

@@ -1,7 +1,7 @@
 """Storage faults: scripts/fault_proxy.py in front of the local S3 server (SeaweedFS) breaks responses (500/503, dropped
 and reset connections, stalls, truncated and bit-flipped bodies). The fetch layer retries, resumes and verifies:
 corrupted bytes are never loaded nor left in the cache under a final name, and a store that stays down makes the
-cold start fail fast with a clear message (engine, and Cog's SETUP_FAILED)."""
+cold start fail fast with a clear message (engine; Cog: SETUP_FAILED; RunPod: every job gets the reason)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import http.client
 import io
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -149,6 +150,9 @@ def test_upload_weights_pins_every_file_by_sha256(pinned, tiny_bucket):
     expected = {p.relative_to(diffusers).as_posix(): sha256_of(p) for p in diffusers.rglob("*") if p.is_file()}
     assert folder["files"] == expected and folder["defaults"]["width"] == 64
     assert single["sha256"] == sha256_of(tiny_bucket / "tiny-sd15" / "tiny-sd15.safetensors")
+    config = tiny_bucket / "tiny-sd15" / "config"
+    assert single["config_files"] == {p.relative_to(config).as_posix(): sha256_of(p)
+                                      for p in config.rglob("*") if p.is_file()}
     assert folder["loras"][0]["sha256"] == sha256_of(tiny_bucket / "loras" / "tiny-sd15-peft.safetensors")
 
 
@@ -275,3 +279,18 @@ def test_cog_setup_fails_with_the_reason_when_the_store_is_down(pinned, s3_serve
     assert f"{pinned['base']}/tiny-sd15/diffusers/" in logs and "503" in logs, logs[-2000:]
     assert "Traceback" not in logs
     assert s3_server.secret_key not in server.log_text() + logs
+
+
+def test_runpod_worker_reports_the_store_outage_on_every_job(pinned, s3_server, s3_fault_proxy, runpod_server_factory,
+                                                             tmp_path):
+    s3_fault_proxy.configure(down=True)
+    server = runpod_server_factory({
+        **s3_server.env, "SD_MODELS_DIR": str(pinned["models"]), "SD_WEIGHTS_URI": pinned["base"],
+        "SD_S3_ENDPOINT_URL": s3_fault_proxy.url, "SD_CACHE_DIR": str(tmp_path), "SD_FETCH_RETRIES": "1",
+        "OMP_NUM_THREADS": "1",
+    }, ready_timeout=120)
+    job = server.runsync({"prompt": "a fox", "num_inference_steps": 2})
+    assert job["status"] == "FAILED", job
+    assert job["error"].startswith("worker failed to start:"), job["error"]
+    assert f"{pinned['base']}/tiny-sd15/diffusers/" in job["error"] and "503" in job["error"], job["error"]
+    assert s3_server.secret_key not in server.log_text() + json.dumps(job)
