@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from .errors import Cancelled, FetchError, InvalidRequest, ModelNotFound, OutOfMemory
 from .models import ModelCatalog, ModelManifest, resolve_uri
+from .pipelines import is_readable_safetensors
 from .schema import MAX_LORAS, GenerationRequest, LoraSpec
 from .settings import Settings
 
@@ -114,16 +115,6 @@ class ResolvedLora:
     @property
     def key(self) -> tuple[str, float, float]:
         return (self.adapter, self.unet_scale, self.text_encoder_scale)
-
-
-def _is_safetensors(path: Path) -> bool:
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(path), framework="pt"):
-            return True
-    except Exception:  # noqa: BLE001 - any parse failure means "not a safetensors file"
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -275,7 +266,7 @@ class LoraManager:
         if suffix in PICKLE_SUFFIXES and not self.settings.allow_pickle:
             raise InvalidRequest(self._pickle_message(shown), field=FIELD)
         path = self._fetch(uri, sha256, size, shown, user_given=not isinstance(checked, str))
-        if not self.settings.allow_pickle and not _is_safetensors(path):
+        if not self.settings.allow_pickle and not is_readable_safetensors(path):
             raise InvalidRequest(self._pickle_message(shown), field=FIELD)
         digest = sha256 or storage.file_sha256(path)  # remembered per (path, size, mtime)
         return ResolvedLora(label=label, source=shown, path=path, sha256=digest, unet_scale=unet,
@@ -363,7 +354,7 @@ class LoraManager:
     def _load(self, pipe, manifest: ModelManifest, lora: ResolvedLora) -> None:
         started = time.perf_counter()
         try:
-            if _is_safetensors(lora.path):  # by path, so diffusers also reads the file's adapter metadata
+            if is_readable_safetensors(lora.path):  # by path, so diffusers also reads the file's adapter metadata
                 source = str(lora.path)
             elif self.settings.allow_pickle:  # resolve() refused it otherwise
                 import torch

@@ -56,14 +56,14 @@ def refuse_pickle(path: Path, settings: Settings) -> None:
             "and are refused; convert it to .safetensors (or set SD_ALLOW_PICKLE=1 if you trust the file)",
             field="model",
         )
-    if path.suffix.lower() == ".safetensors" and not settings.allow_pickle and not _readable_safetensors(path):
+    if path.suffix.lower() == ".safetensors" and not settings.allow_pickle and not is_readable_safetensors(path):
         raise UnsafeCheckpoint(
             f"{path.name}: not a valid .safetensors file (a pickle under that name, or damaged); refused",
             field="model",
         )
 
 
-def _readable_safetensors(path: Path) -> bool:
+def is_readable_safetensors(path: Path) -> bool:
     """Whether the file's safetensors header parses (reads the header only, not the tensors)."""
     import safetensors
 
