@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import re
+
+QUOTE_MAX_CHARS = 80
+# A URL with credentials or a query string anywhere in a text: both are cut before the text is shown.
+_URL_SECRETS = re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]{0,20}://)(?:[^\s/@?#]{0,512}@)?(?P<path>[^\s?#]{0,2048})"
+                          r"(?P<query>[?#]\S{0,8192})?")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL's credentials and query string removed (``https://h/p?…``): safe for errors and logs."""
+    return _URL_SECRETS.sub(lambda m: m["keep"] + m["path"] + ("?…" if m["query"] else ""), text)
+
+
+def quote(value, limit: int = QUOTE_MAX_CHARS) -> str:
+    """A user's value as an error message shows it: repr'd, URL secrets removed, at most ``limit`` characters + "…"."""
+    text = scrub(value) if isinstance(value, str) else value
+    shown = repr(text[:limit] if isinstance(text, str) else text)
+    if isinstance(text, str) and len(text) > limit:
+        return shown + "…"
+    return shown if len(shown) <= limit + 2 else shown[:limit] + "…"
+
 
 class SDError(Exception):
-    """Base of every error sd_core raises on purpose. ``str()`` gives ``"<field>: <reason>"``."""
+    """Base of every error sd_core raises on purpose. ``str()`` gives ``"<field>: <reason>"``; URL credentials and
+    query strings in the message are removed (:func:`scrub`), whoever wrote it."""
 
     def __init__(self, message: str, *, field: str | None = None):
+        message = scrub(message)
         super().__init__(message)
         self.message = message
         self.field = field
