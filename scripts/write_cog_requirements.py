@@ -12,7 +12,6 @@ wheel for Linux, the CUDA build.
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from pathlib import Path
@@ -50,23 +49,8 @@ def render(repo: Path = REPO_ROOT) -> str:
     return HEADER.format(excluded=", ".join(sorted(NOT_IN_COG_IMAGE))) + "\n".join(body) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if requirements-cog.txt is stale")
-    args = parser.parse_args(argv)
-    text = render()
-    current = OUTPUT.read_text() if OUTPUT.exists() else None
-    if args.check:
-        if current != text:
-            print(f"{OUTPUT.name} is stale: run `python scripts/write_cog_requirements.py`", file=sys.stderr)
-            return 1
-        print(f"{OUTPUT.name} is up to date")
-        return 0
-    if current != text:
-        OUTPUT.write_text(text)
-        print(f"wrote {OUTPUT}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from generated_file import main
+
+    sys.exit(main(OUTPUT, render, "python scripts/write_cog_requirements.py"))

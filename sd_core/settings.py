@@ -1,10 +1,14 @@
-"""Worker configuration: every environment variable sd-serverless reads is read here, and only here."""
+"""Worker configuration: every environment variable sd-serverless reads is read here, and only here.
+
+Each setting's variable name, default and meaning live on its field (:func:`setting`); ``docs/configuration.md``
+is generated from them (``python scripts/write_config_docs.py``) and a test fails when it is stale.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,62 +39,111 @@ ENV_ALIASES = {
 }
 
 
+def setting(default=MISSING, *, doc: str, shown: str, section: str = "", default_factory=MISSING, repr: bool = True):
+    """A Settings field with its documentation: ``doc`` says what it does, ``shown`` how its default reads."""
+    return field(default=default, default_factory=default_factory, repr=repr,
+                 metadata={"doc": doc, "shown": shown, "section": section})
+
+
 @dataclass(frozen=True)
 class Settings:
     """One worker's configuration. ``Settings.from_env()`` reads it; everything else receives it explicitly."""
 
     # --- models and weights ---
-    models_dir: Path = REPO_ROOT / "models"  # SD_MODELS_DIR: folder of model manifests (*.yaml)
-    weights_uri: str = str(REPO_ROOT / "bucket")  # SD_WEIGHTS_URI: base for relative manifest URIs
-    default_model: str = "tiny-sd15"  # SD_DEFAULT_MODEL
-    preload_models: tuple[str, ...] = ()  # SD_PRELOAD_MODELS: comma list; empty = the default model
-    cache_dir: Path = field(default_factory=_default_cache_dir)  # SD_CACHE_DIR
-    cache_max_gb: float = 200.0  # SD_CACHE_MAX_GB: LRU eviction budget of the weights cache
-    s3_endpoint_url: str | None = None  # SD_S3_ENDPOINT_URL (else boto3's own AWS_ENDPOINT_URL / config)
-    fetch_concurrency: int = 16  # SD_FETCH_CONCURRENCY: parallel ranged GETs (connections) per fetch
-    fetch_part_mb: float = 16.0  # SD_FETCH_PART_MB: bytes per ranged GET, in MiB (fractions allowed)
-    fetch_retries: int = 4  # SD_FETCH_RETRIES: retries (with backoff) per request / part before a FetchError
-    fetch_timeout_s: float = 30.0  # SD_FETCH_TIMEOUT_S: read timeout per request (connect: min(10, this))
-    fetch_fsync: bool = False  # SD_FETCH_FSYNC: fsync data before recording it (resume survives host crashes)
-    fetch_progress_s: float = 5.0  # SD_FETCH_PROGRESS_S: seconds between fetch progress log lines
-    cache_head_on_hit: bool = False  # SD_CACHE_HEAD_ON_HIT: re-check a cache hit not pinned by sha256 (HEAD/LIST)
-    allow_pickle: bool = False  # SD_ALLOW_PICKLE: UNSAFE, lets .ckpt/.pt/.bin checkpoints load
+    models_dir: Path = setting(REPO_ROOT / "models", doc="folder of model manifests", shown="`./models`",
+                               section="Models and weights")
+    weights_uri: str = setting(str(REPO_ROOT / "bucket"), shown="`./bucket`",
+                               doc="base URI that relative manifest URIs are joined onto (`s3://bucket/prefix`, "
+                                   "`https://…`, a path)")
+    default_model: str = setting("tiny-sd15", doc="model used when a request names none", shown="`tiny-sd15`")
+    preload_models: tuple[str, ...] = setting((), doc="comma list of models fetched and loaded at cold start",
+                                              shown="the default model")
+    cache_dir: Path = setting(default_factory=_default_cache_dir, doc="weights cache",
+                              shown="`/runpod-volume/sd-cache` if that volume exists, else `~/.cache/sd-serverless`")
+    cache_max_gb: float = setting(200.0, doc="weights cache size budget (LRU eviction)", shown="200")
+    s3_endpoint_url: str | None = setting(None, shown="boto3's own (`AWS_ENDPOINT_URL`)",
+                                          doc="S3-compatible endpoint override (R2, B2, MinIO, SeaweedFS)")
+    fetch_concurrency: int = setting(16, doc="parallel ranged GETs (connections) per weights fetch", shown="16")
+    fetch_part_mb: float = setting(16.0, doc="size of one ranged GET, MiB (fractions allowed)", shown="16")
+    fetch_retries: int = setting(4, doc="retries with backoff per request / part before a clear `FetchError`",
+                                 shown="4")
+    fetch_timeout_s: float = setting(30.0, shown="30", doc="read timeout per request (connect: min(10 s, this)) — a "
+                                                           "dead store never hangs a worker")
+    fetch_fsync: bool = setting(False, shown="0", doc="fsync downloaded parts before recording them, so a resume "
+                                                      "survives a host crash (slower)")
+    fetch_progress_s: float = setting(5.0, shown="5", doc="seconds between fetch progress log lines (`sd_core.fetch` "
+                                                          "logger: bytes, MB/s, ETA)")
+    cache_head_on_hit: bool = setting(False, shown="0", doc="re-check cache hits not pinned by sha256 with one HEAD "
+                                                            "(LIST for folders); refetch if changed")
+    allow_pickle: bool = setting(False, shown="0", doc="**unsafe**: allow `.ckpt`/`.pt`/`.bin` pickle checkpoints, "
+                                                       "which can run code when loaded")
 
     # --- device and speed ---
-    device: str = "auto"  # SD_DEVICE: auto | cuda | cpu
-    dtype: str = "auto"  # SD_DTYPE: auto | float16 | bfloat16 | float32
-    attention: str = "sdpa"  # SD_ATTENTION: sdpa | xformers
-    torch_compile: bool = False  # SD_TORCH_COMPILE: torch.compile the UNet
-    pipeline_memory_mb: int = 0  # SD_PIPELINE_MEMORY_MB: budget for loaded models, 0 = automatic
+    device: str = setting("auto", doc="`auto` (CUDA if present), `cuda`, `cpu`", shown="auto",
+                          section="Device and speed")
+    dtype: str = setting("auto", doc="`auto` (fp16 on CUDA, fp32 on CPU), `float16`, `bfloat16`, `float32`",
+                         shown="auto")
+    attention: str = setting("sdpa", doc="`sdpa` (PyTorch) or `xformers` (if installed, CUDA only)", shown="sdpa")
+    torch_compile: bool = setting(False, doc="`torch.compile` the UNet (first request pays the compile time)",
+                                  shown="0")
+    pipeline_memory_mb: int = setting(0, doc="budget for loaded models; least recently used are evicted",
+                                      shown="0 = 80 % of GPU memory / 50 % of RAM")
 
     # --- throughput ---
-    max_batch_images: int = 8  # SD_MAX_BATCH_IMAGES: micro-batch size limit in images; 1 turns batching off
-    batch_wait_ms: float = 5.0  # SD_BATCH_WAIT_MS: how long a batch waits for compatible requests to join
+    max_batch_images: int = setting(8, shown="8", section="Throughput",
+                                    doc="micro-batching: concurrent compatible requests share one denoising call up "
+                                        "to this many images; `1` turns it off")
+    batch_wait_ms: float = setting(5.0, shown="5",
+                                   doc="how long a forming batch waits for concurrent requests still being prepared "
+                                       "to join (a lone request, or a queue that built up while the GPU was busy, "
+                                       "starts at once)")
 
     # --- LoRAs (sd_core/lora.py) ---
-    lora_max_loaded: int = 16  # SD_LORA_MAX_LOADED: adapters kept loaded per model (LRU); more are unloaded
-    lora_fuse_after: int = 0  # SD_LORA_FUSE_AFTER: fuse a LoRA set into the weights after N uses in a row; 0 = never
+    lora_max_loaded: int = setting(16, shown="16", section="LoRAs",
+                                   doc="LoRA adapters kept loaded per model; the least recently used is unloaded "
+                                       "beyond that")
+    lora_fuse_after: int = setting(0, shown="0 = never",
+                                   doc="fuse a LoRA set into the weights once N requests in a row used it (faster "
+                                       "steps; unfused exactly on the next change)")
 
     # --- request limits ---
-    max_pixels: int = 4 * 1024 * 1024  # SD_MAX_PIXELS: width * height * num_outputs per request
+    max_pixels: int = setting(4 * 1024 * 1024, doc="width × height × num_outputs per request", shown="4194304",
+                              section="Requests and user URLs")
 
     # --- user-supplied URLs (init images, LoRA links): see sd_core/user_urls.py ---
-    url_allowed_hosts: tuple[str, ...] = ()  # SD_URL_ALLOWED_HOSTS: hosts/addresses/CIDRs allowed although private
-    url_max_bytes: int = 1024 * 1024 * 1024  # SD_URL_MAX_BYTES: size limit of any one user-URL download
-    url_timeout_s: float = 300.0  # SD_URL_TIMEOUT_S: time limit of any one user-URL download
+    url_allowed_hosts: tuple[str, ...] = setting(
+        (), shown="none",
+        doc="user URLs (init images, LoRA links) may point at these hosts although they are private: names, "
+            "addresses or networks (`models.internal,10.0.0.0/8`); also the only hosts `http://` is accepted for. "
+            "Cloud metadata endpoints stay refused")
+    url_max_bytes: int = setting(1024 * 1024 * 1024, doc="size limit of any one download from a user URL",
+                                 shown="1073741824")
+    url_timeout_s: float = setting(300.0, doc="time limit of any one download from a user URL", shown="300")
 
     # --- result delivery and the RunPod worker (sd_core/uploads.py, handler.py) ---
-    output_uri: str | None = None  # SD_OUTPUT_URI: s3://bucket/prefix for result images (presigned URLs); else base64
-    output_url_ttl_s: int = 7 * 24 * 3600  # SD_OUTPUT_URL_TTL_S: lifetime of presigned output URLs (max 7 days)
-    bucket_endpoint_url: str | None = None  # BUCKET_ENDPOINT_URL (RunPod's name, see ENV_ALIASES): output bucket
-    bucket_access_key_id: str | None = field(default=None, repr=False)  # BUCKET_ACCESS_KEY_ID
-    bucket_secret_access_key: str | None = field(default=None, repr=False)  # BUCKET_SECRET_ACCESS_KEY
-    max_response_mb: float = 9.0  # SD_MAX_RESPONSE_MB: largest inline (base64) result; RunPod: /run ~10, /runsync ~20
-    concurrency: int = 1  # SD_CONCURRENCY: jobs one RunPod worker takes at once (its concurrency_modifier)
-    progress_interval_s: float = 1.0  # SD_PROGRESS_INTERVAL_S: least seconds between two progress updates of a job
-    # RUNPOD_LOG_LEVEL: the runpod SDK's log level. Its own default, DEBUG, logs every job's input and output
-    # (base64 images, presigned URLs); the worker sets INFO unless this says otherwise.
-    runpod_log_level: str = "INFO"
+    output_uri: str | None = setting(None, shown="none", section="Results and the RunPod worker",
+                                     doc="`s3://bucket/prefix` for result images: uploaded, answered as presigned "
+                                         "URLs (RunPod worker)")
+    output_url_ttl_s: int = setting(7 * 24 * 3600, doc="lifetime of presigned output URLs (7 days, the SigV4 maximum)",
+                                    shown="604800")
+    bucket_endpoint_url: str | None = setting(
+        None, shown="none",
+        doc="RunPod's convention for the output bucket: `https://host/bucket[/prefix]` or "
+            "`https://bucket.s3.<region>.amazonaws.com`; with `SD_OUTPUT_URI`, only the endpoint is used "
+            "(`SD_BUCKET_ENDPOINT_URL` works too)")
+    bucket_access_key_id: str | None = setting(None, repr=False, shown="boto3's own chain",
+                                               doc="output bucket access key (needs `s3:PutObject`); never logged")
+    bucket_secret_access_key: str | None = setting(None, repr=False, shown="boto3's own chain",
+                                                   doc="output bucket secret key; never logged")
+    max_response_mb: float = setting(9.0, shown="9", doc="largest inline (base64) job result; a larger one fails with "
+                                                         "a message asking for a bucket")
+    concurrency: int = setting(1, shown="1", doc="jobs one RunPod worker takes at once (its `concurrency_modifier`); "
+                                                 "compatible concurrent jobs share a denoising batch")
+    progress_interval_s: float = setting(1.0, doc="least seconds between two progress updates of a RunPod job",
+                                         shown="1")
+    runpod_log_level: str = setting("INFO", shown="INFO",
+                                    doc="the runpod SDK's log level; its own default, DEBUG, logs every job's input "
+                                        "and output (base64 images, presigned URLs), so the worker sets INFO")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -109,3 +162,21 @@ class Settings:
     @property
     def models_to_preload(self) -> tuple[str, ...]:
         return self.preload_models or (self.default_model,)
+
+
+def env_name(name: str) -> str:
+    """The environment variable a Settings field is documented under (RunPod's own name where it has one)."""
+    return ENV_ALIASES.get(name, "SD_" + name.upper())
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every setting's variable, default and meaning, by section, from the fields."""
+    lines = ["# Configuration", "",
+             "<!-- GENERATED from sd_core/settings.py by scripts/write_config_docs.py: do not edit. -->", "",
+             "Every environment variable the worker reads, read in one place (`sd_core/settings.py`, `Settings`). "
+             "Booleans take `1`/`true`/`yes`/`on`; lists are comma-separated.", ""]
+    for f in fields(Settings):
+        if f.metadata["section"]:
+            lines += ["", f"## {f.metadata['section']}", "", "| variable | default | meaning |", "|---|---|---|"]
+        lines.append(f"| `{env_name(f.name)}` | {f.metadata['shown']} | {f.metadata['doc']} |")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"
