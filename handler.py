@@ -3,7 +3,7 @@
 # Output of a native job: {"images": [{"image": "<base64>" | "url": "<presigned URL>", "mime_type", "seed", "width",
 # "height"}], "seed", "seeds", "model", "parameters" (A1111 infotext), "timings"}. An A1111 job gets A1111's shape
 # (sd_core/a1111.py). Errors come back as {"error": "<field>: <reason>"} (the job shows FAILED); after an
-# unrecoverable device error also "refresh_worker": True, so RunPod replaces this worker. README "RunPod serverless".
+# unrecoverable device error also "refresh_worker": True, so RunPod replaces this worker. docs/runpod.md.
 
 import asyncio
 import json
