@@ -215,7 +215,8 @@ def test_loras_reach_the_engine_from_native_and_a1111_payloads(server):
     plain = pixels(completed(server.runsync(base)))
     listed = completed(server.runsync({**base, "loras": [{"source": "tiny-style", "scale": 1.0}]}))
     assert pixels(listed) != plain
-    assert 'Lora weights: "tiny-style: 1"' in listed["parameters"]
+    assert listed["parameters"].startswith("a fox <lora:tiny-style:1>\n")  # the field's LoRA as an A1111 tag
+    assert "Lora hashes: \"tiny-style: " in listed["parameters"]
     tagged = pixels(completed(server.runsync({**base, "prompt": "a fox <lora:tiny-style:1>"})))
     assert tagged == pixels(listed)
     a1111 = completed(server.runsync({"prompt": "a fox <lora:tiny-style:1>", "steps": 2, "width": 64, "height": 64,
