@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from .errors import InvalidRequest
-from .outputs import read_parameters
+from .outputs import infotext_parameters, read_parameters, split_sampler
 from .schedulers import SCHEDULER_NAMES, canonical_name
 from .schema import GenerationRequest, GenerationResult
 
@@ -240,16 +240,26 @@ def to_response(call: A1111Call, effective: GenerationRequest, result: Generatio
     if call.endpoint == IMG2IMG:
         parameters.update(init_images=None, mask=None, denoising_strength=strength)  # as A1111: no echo of images
     infotexts = [read_parameters(image.data) or result.parameters for image in result.images]
+    written = infotext_parameters(infotexts[0])  # what the engine wrote: hashes, schedule, as A1111 reports them
+    sampler, schedule = written.get("Sampler"), written.get("Schedule type")
+    if not sampler:
+        sampler, schedule = split_sampler(effective.scheduler or "")
+    extra = {"Schedule type": schedule if schedule != "Automatic" else None, "Denoising strength": strength,
+             "Lora hashes": written.get("Lora hashes")}  # A1111 lists the schedule only when it is not Automatic
+    model_hash = written.get("Model hash")
     count = len(result.images)
     info = {
         "prompt": effective.prompt, "all_prompts": [effective.prompt] * count,
         "negative_prompt": effective.negative_prompt, "all_negative_prompts": [effective.negative_prompt] * count,
         "seed": result.seed, "all_seeds": result.seeds, "subseed": -1, "all_subseeds": [-1] * count,
-        "width": first.width, "height": first.height, "sampler_name": effective.scheduler,
+        "subseed_strength": 0, "width": first.width, "height": first.height, "sampler_name": sampler,
         "cfg_scale": effective.guidance_scale, "steps": effective.num_inference_steps, "batch_size": batch_size,
-        "n_iter": n_iter, "denoising_strength": strength, "sd_model_name": result.model, "infotexts": infotexts,
-        "index_of_first_image": 0, "styles": [], "clip_skip": 1, "is_using_inpainting_conditioning": False,
-        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-serverless",
+        "restore_faces": False, "face_restoration_model": None, "sd_model_name": result.model,
+        "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1, "denoising_strength": strength,
+        "extra_generation_params": {key: value for key, value in extra.items() if value is not None},
+        "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1, "is_using_inpainting_conditioning": False, "n_iter": n_iter, "version": "sd-serverless",
     }
     send = call.payload.get("send_images", True)
     return {"images": images if send is not False else [], "parameters": parameters, "info": json.dumps(info)}

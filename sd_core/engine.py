@@ -16,9 +16,9 @@ from .batching import MicroBatcher
 from .device import choose_placement, free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy
 from .images import prepare_init_images
-from .lora import LoraManager, ResolvedLora
+from .lora import TAG, LoraManager, ResolvedLora
 from .models import LocalModel, ModelCatalog, ModelManifest, fetch_model
-from .outputs import encode_image, infotext
+from .outputs import encode_image, infotext, lora_tag
 from .pipelines import LoadedModel, PipelinePool, import_pipeline, load_pipeline
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
 from .settings import Settings
@@ -45,6 +45,7 @@ class Job:
     started: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     loras: tuple[ResolvedLora, ...] = ()  # fetched LoRAs with their scales (request field + prompt tags)
+    prompt: str = ""  # the prompt as the user gave it, <lora:...> tags included (request.prompt has them stripped)
 
     @property
     def batch_key(self) -> tuple | None:
@@ -139,11 +140,12 @@ class Engine:
                 req.image, req.mask, width, height, self.settings.max_pixels, self.settings
             )
         self._check_pixel_budget(width, height, req.num_outputs)
+        prompt = req.prompt
         req, loras = self.loras.prepare(req, manifest)  # strips <lora:...> tags; fetches outside the GPU lock
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
-                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras,
+                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=prompt,
                    timings={"prepare_s": time.perf_counter() - started})
 
     def generate(
@@ -188,12 +190,13 @@ class Engine:
         """Encode a job's images with their infotext and assemble its result."""
         req, t = job.request, time.perf_counter()
         strength = req.strength if req.image is not None else None
+        prompt, lora_hashes = _infotext_prompt(job)
 
         def parameters(seed: int) -> str:
             return infotext(
-                prompt=req.prompt, negative_prompt=req.negative_prompt, steps=req.num_inference_steps,
+                prompt=prompt, negative_prompt=req.negative_prompt, steps=req.num_inference_steps,
                 sampler=req.scheduler, cfg_scale=req.guidance_scale, seed=seed, width=job.width, height=job.height,
-                model=req.model, strength=strength, loras={lora.label: lora.unet_scale for lora in job.loras},
+                model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
             )
 
         def encode(item):
@@ -252,6 +255,26 @@ class Engine:
             if is_fatal_device_error(exc):
                 raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
             raise
+
+
+def _infotext_prompt(job: Job) -> tuple[str, dict[str, str]]:
+    """The prompt as A1111 writes it, and its `Lora hashes` ({name: file sha256}, in prompt order).
+
+    Each <lora:...> tag stays where the user put it, written with the weights used (a manifest's default scale made
+    explicit); LoRAs of the request's `loras` field are appended as tags, so A1111 applies them too.
+    """
+    listed = len(job.request.loras)  # LoraManager.prepare resolves the field's LoRAs first, then the prompt's tags
+    from_field, from_tags = job.loras[:listed], job.loras[listed:]
+    prompt = job.prompt or job.request.prompt
+    if from_tags and len(TAG.findall(prompt)) == len(from_tags):
+        tags = iter(from_tags)
+        prompt = TAG.sub(lambda _match: _tag(next(tags)), prompt)
+    prompt = " ".join([prompt.rstrip(), *(_tag(lora) for lora in from_field)]) if from_field else prompt
+    return prompt.strip(), {lora.label: lora.sha256 for lora in (*from_tags, *from_field)}
+
+
+def _tag(lora: ResolvedLora) -> str:
+    return lora_tag(lora.label, lora.unet_scale, lora.text_encoder_scale)
 
 
 def _steps_run(req: GenerationRequest) -> int:

@@ -1,8 +1,10 @@
-"""Output images: encoding to PNG/WebP/JPEG with the A1111 `parameters` text embedded."""
+"""Output images: encoding to PNG/WebP/JPEG with the A1111 `parameters` text (infotext) embedded."""
 
 from __future__ import annotations
 
 import io
+import json
+import re
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -12,30 +14,82 @@ from .schema import GeneratedImage
 MIME_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 _EXIF_USER_COMMENT = 0x9286
+GENERATOR = "sd-serverless"  # the infotext's `Version`: A1111's backcompat switches only apply to A1111 versions
+
+# A1111 1.9+ schedule labels (its `Schedule type`), longest first so that "SGM Uniform" wins over "Uniform".
+SCHEDULE_TYPES = ("Align Your Steps", "Polyexponential", "SGM Uniform", "Exponential", "KL Optimal", "Automatic",
+                  "Uniform", "Karras", "Normal", "Simple", "Beta", "DDIM")
+# Samplers whose A1111 `Automatic` schedule is not the plain one: A1111 runs them on these by default, so a plain
+# name here (diffusers' own, evenly spaced timesteps) is A1111's `Uniform`, not `Automatic`.
+_AUTOMATIC_IS_NOT_PLAIN = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras", "DPM2": "Karras",
+                           "DPM2 a": "Karras", "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
+                           "DPM++ 3M SDE": "Exponential"}
+_PARAMETER = re.compile(r'\s*([A-Za-z][\w /-]*):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
+
+
+def split_sampler(name: str) -> tuple[str, str]:
+    """A combined sampler name -> A1111's (Sampler, Schedule type): "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras")."""
+    for schedule in SCHEDULE_TYPES:
+        if name.endswith(" " + schedule) and len(name) > len(schedule) + 1:
+            return name[: -len(schedule) - 1], schedule
+    return name, "Uniform" if name in _AUTOMATIC_IS_NOT_PLAIN else "Automatic"
+
+
+def lora_name(label: str) -> str:
+    """A LoRA's name as A1111 writes it in tags and `Lora hashes` (no `:` `,` `<` `>` or line breaks)."""
+    return re.sub(r"\s+", " ", re.sub(r"[:,<>]", "", label)).strip() or "lora"
+
+
+def lora_tag(label: str, unet_scale: float, text_encoder_scale: float) -> str:
+    """A1111's tag for a LoRA at these weights: ``<lora:name:w>``, or ``<lora:name:te:unet>`` when they differ."""
+    weights = f"{unet_scale:g}" if unet_scale == text_encoder_scale else f"{text_encoder_scale:g}:{unet_scale:g}"
+    return f"<lora:{lora_name(label)}:{weights}>"
+
+
+def _quote(value) -> str:
+    """A value as A1111 writes it: JSON-quoted when it holds a separator (`,` `:` a line break) or a quote."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if re.search(r'[,:\n"]', text) else text
 
 
 def infotext(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int, width: int,
-    height: int, model: str, strength: float | None = None, loras: dict[str, float] | None = None,
+    height: int, model: str, model_hash: str | None = None, strength: float | None = None,
+    lora_hashes: dict[str, str] | None = None,
 ) -> str:
-    """The generation parameters in A1111's infotext format (what its PNG Info tab reads back)."""
-    fields = [
-        f"Steps: {steps}",
-        f"Sampler: {sampler}",
-        f"CFG scale: {cfg_scale:g}",
-        f"Seed: {seed}",
-        f"Size: {width}x{height}",
-        f"Model: {model}",
-    ]
-    if strength is not None:
-        fields.append(f"Denoising strength: {strength:g}")
-    if loras:
-        fields.append('Lora weights: "' + ", ".join(f"{name}: {scale:g}" for name, scale in loras.items()) + '"')
+    """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
+
+    `prompt` is the prompt as A1111 would show it, its `<lora:...>` tags included; `model_hash` the checkpoint
+    file's sha256 and `lora_hashes` {LoRA name: its file's sha256} (A1111 writes 10 and 12 hex digits of them).
+    """
+    sampler_name, schedule = split_sampler(sampler)
+    fields = {
+        "Steps": steps, "Sampler": sampler_name, "Schedule type": schedule, "CFG scale": f"{cfg_scale:g}",
+        "Seed": seed, "Size": f"{width}x{height}", "Model hash": model_hash[:10] if model_hash else None,
+        "Model": model, "Denoising strength": None if strength is None else f"{strength:g}",
+        "RNG": "CPU",  # every image's noise comes from a CPU generator seeded with its seed (A1111's RNG: CPU)
+        "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())
+        if lora_hashes else None,
+        "Version": GENERATOR,
+    }
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(fields))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields.items() if value is not None))
     return "\n".join(lines)
+
+
+def infotext_parameters(text: str) -> dict[str, str]:
+    """The `key: value` pairs of an infotext's last line (quoted values unquoted); {} if it holds none."""
+    found = {}
+    for key, value in _PARAMETER.findall(text.strip().rsplit("\n", 1)[-1]):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        found[key.strip()] = value.strip() if isinstance(value, str) else value
+    return found
 
 
 def encode_image(image: Image.Image, *, fmt: str, quality: int, parameters: str, seed: int) -> GeneratedImage:

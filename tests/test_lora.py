@@ -2,6 +2,7 @@
 errors that leave the base model intact, and concurrent requests with different LoRA sets."""
 
 import dataclasses
+import hashlib
 import io
 import threading
 
@@ -16,6 +17,7 @@ from sd_core.lora import parse_prompt_tags
 from sd_core.models import LoraEntry, ModelCatalog
 from sd_core.outputs import read_parameters
 from sd_core.schema import GenerationRequest, LoraSpec
+from tests.fixtures import a1111_infotext as a1111
 
 
 def pixels(result, index=0) -> np.ndarray:
@@ -105,7 +107,8 @@ def test_lora_changes_the_image_and_more_with_its_scale(lora_engine, model, name
     zero, weak, strong = (generate(lora_engine, model=model, loras=[lora(name, s)]) for s in (0.0, 0.05, 0.5))
     assert np.abs(pixels(zero) - pixels(base)).max() <= 1
     assert 1.0 < mean_diff(base, weak) and 1.5 * mean_diff(base, weak) < mean_diff(base, strong)
-    assert f'Lora weights: "{name}: 0.5"' in strong.parameters
+    assert strong.parameters.startswith(f"a red fox in the snow <lora:{name}:0.5>\n")  # as A1111 writes it
+    assert list(a1111.lora_hashes(a1111.parse(strong.parameters))) == [name]
 
 
 @pytest.mark.parametrize("model,peft,kohya", [("tiny-sd15", "tiny-style", "tiny-style-kohya"),
@@ -131,7 +134,9 @@ def test_two_loras_combine(lora_engine):
     second = generate(lora_engine, loras=[lora("other-style")])
     both = generate(lora_engine, loras=[lora("tiny-style"), lora("other-style")])
     assert mean_diff(both, first) > 1.0 and mean_diff(both, second) > 1.0
-    assert 'Lora weights: "tiny-style: 1, other-style: 1"' in both.parameters
+    written = a1111.parse(both.parameters)
+    assert a1111.loras(written["Prompt"]) == {"tiny-style": (1.0, 1.0), "other-style": (1.0, 1.0)}
+    assert list(a1111.lora_hashes(written)) == ["tiny-style", "other-style"]
     # Order does not matter.
     swapped = generate(lora_engine, loras=[lora("other-style"), lora("tiny-style")])
     assert np.abs(pixels(both) - pixels(swapped)).max() <= 1
@@ -164,8 +169,9 @@ def test_prompt_tag_gives_the_same_image_as_the_field_and_is_stripped(lora_engin
     field = generate(lora_engine, prompt="a red fox in the snow", loras=[lora("tiny-style", 0.7)])
     assert np.array_equal(pixels(tagged), pixels(field))
     text = read_parameters(tagged.images[0].data)
-    assert text.startswith("a red fox in the snow\n") and "<lora:" not in text
-    assert 'Lora weights: "tiny-style: 0.7"' in text
+    # Stripped before the text encoder, but kept in the infotext where the user put it (as A1111 does).
+    assert text.startswith("a red fox <lora:tiny-style:0.7> in the snow\n")
+    assert list(a1111.lora_hashes(a1111.parse(text))) == ["tiny-style"]
 
 
 def test_prompt_tags_and_field_combine(lora_engine):
@@ -357,7 +363,9 @@ def test_lora_from_s3_is_fetched_once_then_served_from_the_cache(
     from_s3 = generate(engine, seed=9, loras=[lora(url, 0.6)])
     assert np.array_equal(pixels(from_s3), pixels(local))
     assert s3_proxy.count("GET") >= 1 and s3_proxy.bytes_sent("GET") == peft.stat().st_size
-    assert 'Lora weights: "ink-v1: 0.6"' in from_s3.parameters
+    written = a1111.parse(from_s3.parameters)
+    assert a1111.loras(written["Prompt"]) == {"ink-v1": (0.6, 0.6)}
+    assert a1111.lora_hashes(written) == {"ink-v1": hashlib.sha256(peft.read_bytes()).hexdigest()[:12]}
 
     s3_proxy.reset()  # the second request, and a new worker on the same cache: not one request to the store
     assert np.array_equal(pixels(generate(engine, seed=9, loras=[lora(url, 0.6)])), pixels(local))

@@ -7,6 +7,7 @@ over-limit result is cheap to make), and progress updates sent to a local receiv
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import threading
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image
 
 from sd_core.outputs import read_parameters
+from tests.fixtures import a1111_infotext as a1111
 from tests.fixtures.runpod_server import start_runpod_server
 
 FAST = {"prompt": "a red fox in the snow", "num_inference_steps": 2, "width": 64, "height": 64}
@@ -158,6 +160,27 @@ def test_a1111_img2img_in_runpods_api_wrapper(server):
     assert info["denoising_strength"] == 0.5 and "Denoising strength: 0.5" in info["infotexts"][0]
 
 
+def test_a1111_infotext_round_trips_in_png_info_and_info(server, tiny_bucket):
+    payload = {"prompt": "a fox, at night <lora:tiny-style:0.6>", "negative_prompt": "fog", "steps": 3,
+               "cfg_scale": 6, "width": 64, "height": 64, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+               "seed": 31}
+    output = completed(server.runsync(payload))
+    info = json.loads(output["info"])
+    lora_hash = hashlib.sha256((tiny_bucket / "loras" / "tiny-sd15-peft.safetensors").read_bytes()).hexdigest()[:12]
+    for text in (read_parameters(base64.b64decode(output["images"][0])), info["infotexts"][0]):
+        got = a1111.parse(text)
+        assert got["Prompt"] == payload["prompt"] and got["Negative prompt"] == "fog"
+        assert (got["Steps"], got["CFG scale"], got["Seed"], got["Size-1"], got["Size-2"]) == ("3", "6", "31", "64",
+                                                                                              "64")
+        assert (got["Sampler"], got["Schedule type"], got["Model"]) == ("DPM++ 2M", "Karras", "tiny-sd15")
+        assert a1111.loras(got["Prompt"]) == {"tiny-style": (0.6, 0.6)}
+        assert a1111.lora_hashes(got) == {"tiny-style": lora_hash}
+        assert "Model hash" not in got  # a diffusers folder: no single checkpoint file to hash, as A1111
+    assert (info["prompt"], info["sampler_name"], info["clip_skip"], info["sd_model_hash"]) == (
+        payload["prompt"], "DPM++ 2M", 1, None)
+    assert info["extra_generation_params"] == {"Schedule type": "Karras", "Lora hashes": f"tiny-style: {lora_hash}"}
+
+
 def test_a1111_send_images_false_returns_no_images(server):
     output = completed(server.runsync({"api": "txt2img", "prompt": "x", "steps": 2, "send_images": False}))
     assert output["images"] == [] and json.loads(output["info"])["all_seeds"]
@@ -215,7 +238,8 @@ def test_loras_reach_the_engine_from_native_and_a1111_payloads(server):
     plain = pixels(completed(server.runsync(base)))
     listed = completed(server.runsync({**base, "loras": [{"source": "tiny-style", "scale": 1.0}]}))
     assert pixels(listed) != plain
-    assert 'Lora weights: "tiny-style: 1"' in listed["parameters"]
+    assert listed["parameters"].startswith("a fox <lora:tiny-style:1>\n")  # the field's LoRA as an A1111 tag
+    assert "Lora hashes: \"tiny-style: " in listed["parameters"]
     tagged = pixels(completed(server.runsync({**base, "prompt": "a fox <lora:tiny-style:1>"})))
     assert tagged == pixels(listed)
     a1111 = completed(server.runsync({"prompt": "a fox <lora:tiny-style:1>", "steps": 2, "width": 64, "height": 64,
