@@ -137,7 +137,7 @@ def describe_validation_error(error: ValidationError) -> str:
 def field_label(key) -> str:
     """A field name or list index as an error names it: as is when short, an empty key as '', else quote()d."""
     text = str(key)
-    return text if 0 < len(text) <= 64 and text.isprintable() else quote(text, 64)
+    return text if 0 < len(text) <= 64 else quote(text, 64)
 
 
 def parse_request(data: dict) -> GenerationRequest:
