@@ -60,8 +60,9 @@ class Worker:
         call = None
         try:
             data = job.get("input")
-            call = a1111.parse_call(data)
-            request = a1111.to_request(call) if call else parse_request(data)
+            # Parsing user input is CPU work: in a thread, so one large payload never stalls the other jobs.
+            call = await asyncio.to_thread(a1111.parse_call, data)
+            request = await asyncio.to_thread(*((a1111.to_request, call) if call else (parse_request, data)))
             result = await self._generate(request, job)
             t = time.perf_counter()
             if self.uploader is not None:

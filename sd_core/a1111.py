@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
+import string
 import time
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .schedulers import SCHEDULER_NAMES, canonical_name
-from .schema import GenerationRequest, GenerationResult
+from .schema import GenerationRequest, GenerationResult, field_label
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 
@@ -54,8 +54,13 @@ FIELD_NAMES = {
     "num_outputs": "batch_size x n_iter", "strength": "denoising_strength", "image": "init_images",
     "model": "override_settings.sd_model_checkpoint",
 }
-_CHECKPOINT_SUFFIX = re.compile(r"(\s*\[[0-9a-fA-F]+\])?$")
-_CHECKPOINT_EXT = re.compile(r"\.(safetensors|ckpt|pt|pth|bin)$", re.IGNORECASE)
+CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
+# User text is bounded before it is parsed, and parsed with string methods (no regex that could backtrack).
+MAX_CHECKPOINT_CHARS = 300  # a model name (at most 200) + " [hash]" + ".safetensors", with room to spare
+MAX_SAMPLER_CHARS = 100  # sampler_name / sampler_index / scheduler: the longest real name has 19 characters
+MAX_LISTED = 5  # unknown keys named in one error; the rest are counted
+_CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+_HEX = frozenset(string.hexdigits)
 
 
 @dataclass
@@ -80,11 +85,11 @@ def parse_call(data) -> A1111Call | None:
     if isinstance(api, dict):
         method = str(api.get("method", "POST")).upper()
         if method != "POST":
-            raise InvalidRequest(f"only POST is served (got {method!r})", field="api.method")
+            raise InvalidRequest(f"only POST is served (got {quote(method)})", field="api.method")
         endpoint = _endpoint(api.get("endpoint"), "api.endpoint")
         extra = sorted(set(data) - {"api", "payload"})
         if extra:
-            raise InvalidRequest(f"unknown field next to api/payload: {', '.join(extra)}", field="input")
+            raise InvalidRequest(f"unknown field next to api/payload: {_listed(extra)}", field="input")
         payload = data.get("payload", {})
         if not isinstance(payload, dict):
             raise InvalidRequest(f"expected a JSON object, got {type(payload).__name__}", field="payload")
@@ -98,11 +103,16 @@ def parse_call(data) -> A1111Call | None:
 
 
 def _endpoint(value, field: str) -> str:
-    name = value.strip().rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) else ""
+    name = value.strip().rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) and len(value) <= 100 else ""
     if name not in (TXT2IMG, IMG2IMG):
-        raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), got {value!r}",
-                             field=field)
+        raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), got "
+                             f"{quote(value)}", field=field)
     return name
+
+
+def _listed(keys: list) -> str:
+    shown = ", ".join(field_label(key) for key in keys[:MAX_LISTED])
+    return shown + (f" (and {len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "")
 
 
 def _is_off(value) -> bool:
@@ -114,7 +124,7 @@ def _whole(payload: dict, key: str, errors: list[str]) -> int:
     if value is None:
         return 1
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        errors.append(f"{key}: must be a whole number of at least 1 (got {value!r})")
+        errors.append(f"{key}: must be a whole number of at least 1 (got {quote(value)})")
         return 1
     return value
 
@@ -123,15 +133,18 @@ def _sampler(payload: dict, errors: list[str]) -> str | None:
     """sampler_name (or the older sampler_index) combined with A1111's separate `scheduler` (noise schedule)."""
     name = payload.get("sampler_name") or payload.get("sampler_index")
     schedule = payload.get("scheduler")
-    if _is_off(schedule) or str(schedule).lower() == "automatic":
+    schedule_name = schedule.lower() if isinstance(schedule, str) and len(schedule) <= MAX_SAMPLER_CHARS else None
+    if _is_off(schedule) or schedule_name == "automatic":
         return name
-    if str(schedule).lower() != "karras":
-        errors.append(f"scheduler: {schedule!r} is not supported; use Automatic or Karras (the sampler name picks "
-                      "the rest, e.g. 'DPM++ 2M Karras')")
+    if schedule_name != "karras":
+        errors.append(f"scheduler: {quote(schedule)} is not supported; use Automatic or Karras (the sampler name "
+                      "picks the rest, e.g. 'DPM++ 2M Karras')")
         return name
     if not name:
         errors.append("scheduler: Karras needs a sampler_name to apply to")
         return None
+    if not isinstance(name, str) or len(name) > MAX_SAMPLER_CHARS:
+        return name  # the schema refuses it, bounded
     try:
         canonical = canonical_name(str(name))
     except InvalidRequest:
@@ -144,11 +157,21 @@ def _sampler(payload: dict, errors: list[str]) -> str | None:
     return canonical
 
 
-def _checkpoint_name(value) -> str | None:
+def _checkpoint_name(value, errors: list[str]) -> str | None:
     """A1111's sd_model_checkpoint ("my-model.safetensors [3f1c2a]") -> the manifest name ("my-model")."""
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         return None
-    return _CHECKPOINT_EXT.sub("", _CHECKPOINT_SUFFIX.sub("", value.strip()))
+    if len(value) > MAX_CHECKPOINT_CHARS:  # refused before any parsing
+        errors.append(f"{CHECKPOINT_KEY}: longer than {MAX_CHECKPOINT_CHARS} characters (got {len(value)})")
+        return None
+    name = value.strip()
+    if name.endswith("]"):  # " [3f1c2a]": A1111's short hash of the file
+        head, bracket, digits = name[:-1].rpartition("[")
+        if bracket and digits and _HEX.issuperset(digits):
+            name = head.rstrip()
+    if name.lower().endswith(_CHECKPOINT_EXTENSIONS):
+        name = name[: name.rindex(".")]
+    return name or None
 
 
 def to_request(call: A1111Call) -> GenerationRequest:
@@ -157,11 +180,14 @@ def to_request(call: A1111Call) -> GenerationRequest:
     errors: list[str] = []
     hint = f" (the input was read as an A1111 {call.endpoint} payload because of {call.marker!r})"
     hint = hint if call.marker else ""
-    for key in sorted(set(p) - KNOWN_KEYS[call.endpoint]):
+    unknown = sorted(set(p) - KNOWN_KEYS[call.endpoint])
+    for key in unknown[:MAX_LISTED]:
         if call.endpoint == TXT2IMG and key in ("init_images", "mask"):
             errors.append(f"{key}: only for /sdapi/v1/img2img")
         else:
-            errors.append(f"{key}: unknown field for /sdapi/v1/{call.endpoint}{hint}")
+            errors.append(f"{field_label(key)}: unknown field for /sdapi/v1/{call.endpoint}{hint}")
+    if len(unknown) > MAX_LISTED:
+        errors.append(f"input: {len(unknown) - MAX_LISTED} more unknown fields")
     for key in UNSUPPORTED:
         if not _is_off(p.get(key)):
             errors.append(f"{key}: not supported by this worker")
@@ -178,7 +204,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
     overrides = p.get("override_settings") or {}
     if not isinstance(overrides, dict):
         errors.append("override_settings: expected a JSON object")
-    elif (model := _checkpoint_name(overrides.get("sd_model_checkpoint"))) is not None:
+    elif (model := _checkpoint_name(overrides.get("sd_model_checkpoint"), errors)) is not None:
         fields["model"] = model
     if call.endpoint == IMG2IMG:
         images = p.get("init_images")
@@ -202,7 +228,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
 def _describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False):
-        loc = [str(p) for p in item["loc"]]
+        loc = [field_label(str(p)) for p in item["loc"]]
         if loc:
             loc[0] = FIELD_NAMES.get(loc[0], loc[0])
         msg = item["msg"].removeprefix("Value error, ")

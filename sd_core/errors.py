@@ -5,9 +5,11 @@ from __future__ import annotations
 import re
 
 QUOTE_MAX_CHARS = 80
-# A URL with credentials or a query string anywhere in a text: both are cut before the text is shown.
-_URL_SECRETS = re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]{0,20}://)(?:[^\s/@?#]{0,512}@)?(?P<path>[^\s?#]{0,2048})"
-                          r"(?P<query>[?#]\S{0,8192})?")
+# A URL with credentials or a query string anywhere in a text: both are cut before the text is shown. No length caps
+# inside (a longer user part or path would let its secrets through); still linear: the path's characters include the
+# user part's, so a failed user-part scan is re-read once by the path and the search resumes after it.
+_URL_SECRETS = re.compile(r"(?P<keep>[A-Za-z][A-Za-z0-9+.-]{0,20}://)(?:[^\s/@?#]*@)?(?P<path>[^\s?#]*)"
+                          r"(?P<query>[?#]\S*)?")
 
 
 def scrub(text: str) -> str:

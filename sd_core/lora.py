@@ -16,16 +16,20 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from .errors import Cancelled, FetchError, InvalidRequest, ModelNotFound, OutOfMemory
+from .errors import QUOTE_MAX_CHARS, Cancelled, FetchError, InvalidRequest, ModelNotFound, OutOfMemory, quote
 from .models import ModelCatalog, ModelManifest, resolve_uri
 from .pipelines import is_readable_safetensors
-from .schema import MAX_LORAS, GenerationRequest, LoraSpec
+from .schema import MAX_LORAS, MAX_PROMPT_CHARS, GenerationRequest, LoraSpec
 from .settings import Settings
 
 log = logging.getLogger("sd_core.lora")
 
 # <lora:name>, <lora:name:0.8>, <lora:name:te:unet> and A1111's named forms <lora:name:te=0.5:unet=0.8>.
+# Linear in the prompt: a match starts only at "<", and its body stops at the next "<" or ">", so no character is
+# scanned from two starts (a prompt of "<lora:" repeated costs one pass).
 TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
+_SPACES = re.compile(r"[ \t]{2,}")
+_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,20}://")
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 FIELD = "loras"
 
@@ -39,17 +43,46 @@ def parse_prompt_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
     Positional values follow A1111: ``<lora:name:te:unet>`` (one value sets both). ``<lora:name>`` means the
     manifest's scale for that LoRA (1.0 unless the manifest says otherwise).
     """
+    if len(prompt) > MAX_PROMPT_CHARS:  # the schema's limit: parsed only within it
+        raise InvalidRequest(f"longer than {MAX_PROMPT_CHARS} characters", field="prompt")
     specs: list[LoraSpec] = []
     for match in TAG.finditer(prompt):
+        if len(specs) == MAX_LORAS:
+            raise InvalidRequest(f"more than {MAX_LORAS} LoRA tags; at most {MAX_LORAS} LoRAs per request",
+                                 field="prompt")
         specs.append(_tag_spec(match.group(0), match.group(1)))
     if not specs:
         return prompt, []
-    cleaned = re.sub(r"[ \t]{2,}", " ", TAG.sub("", prompt)).strip()
+    cleaned = _SPACES.sub(" ", TAG.sub("", prompt)).strip()
     return cleaned, specs
 
 
+def _split_tag(body: str) -> tuple[str, list[str]]:
+    """A tag's body -> (LoRA name or URL, its scale arguments). A URL keeps its own colons (port, user:password):
+    only trailing parts that read as arguments (numbers, te=/unet=/dyn=) are split off it."""
+    parts = [part.strip() for part in body.split(":")]
+    if not _URL_START.match(body.lstrip()):
+        return parts[0], parts[1:]
+    args: list[str] = []
+    while len(parts) > 2 and len(args) < 3 and _is_tag_arg(parts[-1]):
+        args.insert(0, parts.pop())
+    return ":".join(parts), args
+
+
+def _is_tag_arg(part: str) -> bool:
+    key, sep, _value = part.partition("=")
+    if sep:
+        return key.strip().lower() in ("te", "unet", "dyn")
+    try:
+        float(part)
+    except ValueError:
+        return False
+    return True
+
+
 def _tag_spec(tag: str, body: str) -> LoraSpec:
-    name, *args = (part.strip() for part in body.split(":"))
+    name, args = _split_tag(body)
+    tag = tag if len(tag) <= QUOTE_MAX_CHARS else quote(tag)  # errors show a long tag shortened (SDError scrubs)
     if not name:
         raise InvalidRequest(f"{tag}: the LoRA tag names no LoRA", field="prompt")
     positional, named = [], {}
@@ -78,22 +111,15 @@ def _tag_spec(tag: str, body: str) -> LoraSpec:
 # --------------------------------------------------------------------------------------------------------------
 # Resolving sources
 # --------------------------------------------------------------------------------------------------------------
-def _redact_text(text: str, uri: str) -> str:
-    """Remove a URI's secrets from an error message that may quote it (or any other URL with a query)."""
-    from .user_urls import redact_url
-
-    text = text.replace(uri, redact_url(uri))
-    return re.sub(r"(https?://[^\s?#'\"]+)\?[^\s'\"]*", r"\1?…", text)
-
-
 def _label(uri: str) -> str:
-    """A short name for a LoRA given by URI or path: its file name without extension."""
+    """A short name for a LoRA given by URI or path: its file name without extension (at most 100 characters)."""
     path = urlsplit(uri).path if "://" in uri else uri
     stem = Path(path.rstrip("/")).name
     for suffix in (".safetensors", *PICKLE_SUFFIXES):
         if stem.lower().endswith(suffix):
-            return stem[: -len(suffix)] or stem
-    return stem or "lora"
+            stem = stem[: -len(suffix)] or stem
+            break
+    return stem[:100] or "lora"
 
 
 @dataclass(frozen=True)
@@ -251,7 +277,7 @@ class LoraManager:
                 known = sorted({lora.name for m in self.catalog.manifests.values()
                                 if m.architecture == manifest.architecture for lora in m.loras})
                 raise ModelNotFound(
-                    f"unknown LoRA {checked!r} for {manifest.name} ({manifest.architecture}); "
+                    f"unknown LoRA {quote(checked)} for {manifest.name} ({manifest.architecture}); "
                     f"available: {', '.join(known) or 'none'}; or give an https:// or s3:// URL",
                     field=FIELD,
                 )
@@ -284,7 +310,7 @@ class LoraManager:
         try:
             path = storage.fetch(uri, self.settings, sha256=sha256, size=size, user_url=user_given)
         except (FetchError, InvalidRequest) as exc:  # InvalidRequest: the URL policy refused a redirect or a size
-            message = f"LoRA {shown}: {_redact_text(exc.message, uri)}"
+            message = f"LoRA {shown}: {exc.message}"  # SDError messages are scrubbed of URL secrets already
             if user_given:  # the request named something we cannot get: the caller can fix it
                 raise InvalidRequest(message, field=FIELD) from None
             raise type(exc)(message, field=FIELD) from None

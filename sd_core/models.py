@@ -9,7 +9,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ManifestError, ModelNotFound
+from .errors import ManifestError, ModelNotFound, quote
 from .schedulers import SCHEDULER_NAMES, canonical_name
 from .settings import Settings
 
@@ -139,7 +139,7 @@ class ModelCatalog:
             return self.manifests[name]
         except KeyError:
             known = ", ".join(sorted(self.manifests)) or "none"
-            raise ModelNotFound(f"unknown model {name!r}; available: {known}", field="model") from None
+            raise ModelNotFound(f"unknown model {quote(name)}; available: {known}", field="model") from None
 
     def find_lora(self, name: str, model: ModelManifest) -> LoraEntry | None:
         """A LoRA by name: the model's own first, then any manifest's of the same architecture."""

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, quote
 from .schedulers import SCHEDULER_NAMES, canonical_name
 
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -21,6 +21,8 @@ MAX_PROMPT_CHARS = 10_000
 MAX_LORAS = 8
 MAX_LORA_SCALE = 5.0
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
+MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
+MAX_MESSAGE_PARTS = 10  # validation errors described in one message; the rest are counted
 
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 
@@ -73,6 +75,9 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _canonical_scheduler(cls, value):
         if isinstance(value, str):
+            if len(value) > MAX_SCHEDULER_CHARS:
+                raise ValueError(f"unknown scheduler {quote(value, 40)}: longer than {MAX_SCHEDULER_CHARS} "
+                                 "characters, which no sampler name is")
             try:
                 return canonical_name(value)
             except InvalidRequest as exc:
@@ -111,14 +116,28 @@ def resolve_seed(seed: int | None) -> int:
 
 
 def describe_validation_error(error: ValidationError) -> str:
-    """Turn pydantic's error into ``"field: reason; field: reason"`` (no pydantic boilerplate, no input echo)."""
+    """Turn pydantic's error into ``"field: reason; field: reason"`` (no pydantic boilerplate, no input echo).
+
+    Bounded whatever the input: long keys are shortened like user values, at most MAX_MESSAGE_PARTS errors are
+    described (the rest counted), and no single reason runs past 300 characters.
+    """
     parts = []
-    for item in error.errors(include_url=False):
-        loc = ".".join(str(p) or "''" for p in item["loc"])  # an empty key is named '' too
+    items = error.errors(include_url=False, include_input=False, include_context=False)
+    for item in items[:MAX_MESSAGE_PARTS]:
+        loc = ".".join(field_label(p) for p in item["loc"])
         msg = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        msg = msg if len(msg) <= 300 else msg[:299] + "…"
         # Cross-field checks (no location) already start their message with the field names.
         parts.append(f"{loc}: {msg}" if loc else msg)
+    if len(items) > MAX_MESSAGE_PARTS:
+        parts.append(f"and {len(items) - MAX_MESSAGE_PARTS} more errors")
     return "; ".join(parts)
+
+
+def field_label(key) -> str:
+    """A field name or list index as an error names it: as is when short, an empty key as '', else quote()d."""
+    text = str(key)
+    return text if 0 < len(text) <= 64 else quote(text, 64)
 
 
 def parse_request(data: dict) -> GenerationRequest:

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import urllib3
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, quote
 from .settings import Settings
 
 USER_SCHEMES = ("https", "s3")  # LoRA sources; wherever https is accepted, http is too for SD_URL_ALLOWED_HOSTS
@@ -160,14 +160,14 @@ def resolve_host(host: str, port: int, field: str) -> list[ipaddress.IPv4Address
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError):
-        raise _refuse(f"cannot resolve host {host!r}", field) from None
+        raise _refuse(f"cannot resolve host {quote(host)}", field) from None
     addresses = []
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
         if address not in addresses:
             addresses.append(address)
     if not addresses:
-        raise _refuse(f"host {host!r} has no address", field)
+        raise _refuse(f"host {quote(host)} has no address", field)
     return addresses
 
 
@@ -202,12 +202,12 @@ def check_user_url(
 
     if scheme == "s3" and "s3" in schemes:
         if not _S3_BUCKET.match(raw_host.lower()):
-            raise _refuse(f"not a valid S3 bucket name: {raw_host!r}", field)
+            raise _refuse(f"not a valid S3 bucket name: {quote(raw_host)}", field)
         key = unquote(parts.path).lstrip("/")
         if not key or check_path_problem(key):
-            raise _refuse(f"S3 key {key!r}: {check_path_problem(key) or 'empty'}", field)
+            raise _refuse(f"S3 key {quote(key)}: {check_path_problem(key) or 'empty'}", field)
         if key.endswith("/"):
-            raise _refuse(f"s3://{raw_host}/{key} names a folder; give the URL of one file", field)
+            raise _refuse(f"{quote(url)} names a folder; give the URL of one file", field)
         return CheckedURL(url=url, scheme="s3", host=raw_host.lower(), port=None)
 
     try:
@@ -215,31 +215,32 @@ def check_user_url(
     except ValueError:
         literal = None
     if host in METADATA_NAMES or (literal is not None and is_metadata_address(literal)):
-        raise _refuse(f"host {host!r} is a cloud metadata endpoint", field)
+        raise _refuse(f"host {quote(host)} is a cloud metadata endpoint", field)
     allowed = _host_allowed(host, settings)
     if scheme == "http" and "https" in schemes:  # plain http: only for explicitly configured hosts
         if not allowed:
             raise _refuse(f"http:// is only accepted for hosts in SD_URL_ALLOWED_HOSTS; use https:// "
                           f"({redact_url(url)})", field)
     elif scheme != "https" or scheme not in schemes:
-        raise _refuse(f"URL scheme {scheme!r} is not accepted; use {' or '.join(s + '://' for s in schemes)}", field)
+        raise _refuse(f"URL scheme {quote(scheme)} is not accepted; use {' or '.join(s + '://' for s in schemes)}",
+                      field)
     if _NUMERIC_HOST.match(raw_host.lower()):
         try:
             ipaddress.IPv4Address(raw_host)
         except ValueError:
-            raise _refuse(f"ambiguous numeric host {raw_host!r}; write IPv4 addresses as a.b.c.d", field) from None
+            raise _refuse(f"ambiguous numeric host {quote(raw_host)}; write IPv4 addresses as a.b.c.d", field) from None
     port = port or (443 if scheme == "https" else 80)
     addresses: list = []
     if resolve:
         addresses = resolve_host(host, port, field)
         for address in addresses:
             if is_metadata_address(address):
-                raise _refuse(f"host {host!r} resolves to a cloud metadata endpoint ({address})", field)
+                raise _refuse(f"host {quote(host)} resolves to a cloud metadata endpoint ({address})", field)
             if not allowed:
                 problem = address_problem(address)
                 if problem:
-                    raise _refuse(f"host {host!r} resolves to {address}, {problem}; user URLs must point to public "
-                                  "addresses (operators can list internal hosts in SD_URL_ALLOWED_HOSTS)", field)
+                    raise _refuse(f"host {quote(host)} resolves to {address}, {problem}; user URLs must point to "
+                                  "public addresses (operators can list internal hosts in SD_URL_ALLOWED_HOSTS)", field)
     return CheckedURL(url=url, scheme=scheme, host=host, port=port, addresses=tuple(str(a) for a in addresses))
 
 
@@ -264,9 +265,9 @@ def check_name(name: str, *, field: str) -> str:
         raise _refuse("empty name", field)
     problem = check_path_problem(name)
     if problem:
-        raise _refuse(f"name {name[:100]!r}: {problem}", field)
+        raise _refuse(f"name {quote(name)}: {problem}", field)
     if not _NAME.match(name):
-        raise _refuse(f"name {name[:100]!r}: use letters, digits, '.', '_', '-' (at most 200 characters)", field)
+        raise _refuse(f"name {quote(name)}: use letters, digits, '.', '_', '-' (at most 200 characters)", field)
     return name
 
 
