@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
-from .schedulers import SCHEDULER_NAMES, canonical_name
+from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
 from .schema import GenerationRequest, GenerationResult, field_label
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
@@ -130,31 +130,43 @@ def _whole(payload: dict, key: str, errors: list[str]) -> int:
 
 
 def _sampler(payload: dict, errors: list[str]) -> str | None:
-    """sampler_name (or the older sampler_index) combined with A1111's separate `scheduler` (noise schedule)."""
+    """sampler_name (or the older sampler_index) with A1111 1.9+'s separate `scheduler` (schedule type) -> one name.
+
+    As A1111 1.10: no `scheduler` or "Automatic" is the sampler's own default schedule (Karras for DPM++ 2M,
+    Exponential for DPM++ 2M SDE, ...) unless the name spells one ("DPM++ 2M Karras"); an explicit schedule applies
+    to the sampler; a schedule the sampler cannot run, or one contradicting the name, is refused naming both.
+    """
     name = payload.get("sampler_name") or payload.get("sampler_index")
     schedule = payload.get("scheduler")
-    schedule_name = schedule.lower() if isinstance(schedule, str) and len(schedule) <= MAX_SAMPLER_CHARS else None
-    if _is_off(schedule) or schedule_name == "automatic":
-        return name
-    if schedule_name != "karras":
-        errors.append(f"scheduler: {quote(schedule)} is not supported; use Automatic or Karras (the sampler name "
-                      "picks the rest, e.g. 'DPM++ 2M Karras')")
-        return name
+    bounded = isinstance(schedule, str) and len(schedule) <= MAX_SAMPLER_CHARS
+    schedule_name = schedule.strip().lower() if bounded else None
+    automatic = _is_off(schedule) or schedule_name == "automatic"
     if not name:
-        errors.append("scheduler: Karras needs a sampler_name to apply to")
+        if not automatic:
+            errors.append(f"scheduler: {quote(schedule)} needs a sampler_name to apply to")
         return None
     if not isinstance(name, str) or len(name) > MAX_SAMPLER_CHARS:
         return name  # the schema refuses it, bounded
     try:
-        canonical = canonical_name(str(name))
+        sampler, spelled = split_name(str(name))
     except InvalidRequest:
         return name  # the schema names the unknown sampler
-    if canonical.endswith("Karras"):
-        return canonical
-    if canonical + " Karras" in SCHEDULER_NAMES:
-        return canonical + " Karras"
-    errors.append(f"scheduler: {canonical!r} has no Karras variant here")
-    return canonical
+    if automatic:
+        chosen = spelled or SAMPLERS[sampler].automatic
+    else:
+        chosen = schedule_label(schedule) if bounded else None
+        if chosen is None:
+            errors.append(f"scheduler: {quote(schedule)} (with sampler {sampler!r}) is not a schedule type here; use "
+                          f"Automatic, {', '.join(SCHEDULES)}")
+            return sampler
+        if spelled is not None and spelled != chosen:
+            errors.append(f"scheduler: {quote(schedule)} contradicts sampler_name {quote(name)}")
+            return sampler
+    try:
+        return combine(sampler, chosen)
+    except InvalidRequest as exc:
+        errors.append(str(exc))
+        return sampler
 
 
 def _checkpoint_name(value, errors: list[str]) -> str | None:

@@ -24,7 +24,8 @@ class MicroBatcher:
     While the GPU is busy, new jobs wait in the queue; the next round takes every queued job whose batch_key
     matches the oldest one, up to SD_MAX_BATCH_IMAGES images. It waits for more (at most SD_BATCH_WAIT_MS) only while
     some requests in progress are not in the queue (see ``request``): a lone request never waits. A failing batch is
-    re-run one job at a time, so one bad request never fails its batch-mates.
+    re-run one job at a time, so one bad request never fails its batch-mates. Each image keeps its own seeded noise;
+    batched pixels may still differ from the same request run alone by 1-2 levels (batch-size dependent kernels).
     """
 
     def __init__(self, execute: Callable[[list[Job]], list[list]], settings: Settings):

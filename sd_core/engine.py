@@ -49,12 +49,16 @@ class Job:
 
     @property
     def batch_key(self) -> tuple | None:
-        """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) never batch."""
+        """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) never batch.
+
+        Empty and non-empty negative prompts never share a batch: an all-empty batch is run with no negative prompt
+        (SDXL then uses a zero negative embedding, as diffusers and A1111 do; see ``_run``).
+        """
         r = self.request
         if r.mode != "txt2img":
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
-                tuple(lora.key for lora in self.loras))
+                tuple(lora.key for lora in self.loras), not r.negative_prompt)
 
 
 class Engine:
@@ -216,15 +220,25 @@ class Engine:
         import torch
 
         req, first = jobs[0].request, jobs[0]
+        seeds = [s for j in jobs for s in j.seeds]
+        negative = [j.request.negative_prompt for j in jobs for _ in j.seeds]
         kwargs = {
             "prompt": [j.request.prompt for j in jobs for _ in j.seeds],
-            "negative_prompt": [j.request.negative_prompt for j in jobs for _ in j.seeds],
+            # None when all are empty: SDXL (force_zeros_for_empty_prompt) then zeros the negative embedding, as
+            # bare diffusers and A1111 do; SD1.5 encodes "" either way. batch_key keeps empty/non-empty apart.
+            "negative_prompt": negative if any(negative) else None,
             "num_inference_steps": req.num_inference_steps,
             "guidance_scale": req.guidance_scale,
-            # One CPU generator per image: the same seed gives the same image alone, batched, and on every device.
-            "generator": [torch.Generator("cpu").manual_seed(s) for j in jobs for s in j.seeds],
+            # One CPU generator per image, so image i's initial (and ancestral) noise depends only on its own seed,
+            # on every device. The same request alone gives the same pixels every time; in a batch (micro-batching,
+            # num_outputs > 1) kernels that depend on the batch size may move a few pixels by 1-2 levels.
+            "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
             "output_type": "pil",
         }
+        if hasattr(pipe.scheduler, "noise_sampler_seed"):
+            # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
+            # torch's global RNG. set_timesteps() drops the previous run's trees.
+            pipe.scheduler.noise_sampler_seed = seeds
         if req.mode == "txt2img":
             kwargs.update(width=first.width, height=first.height)
         else:

@@ -9,8 +9,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ManifestError, ModelNotFound, quote
-from .schedulers import SCHEDULER_NAMES, canonical_name
+from .errors import InvalidRequest, ManifestError, ModelNotFound, quote
+from .schedulers import canonical_name
 from .settings import Settings
 
 Architecture = Literal["sd15", "sd2", "sdxl"]
@@ -40,8 +40,8 @@ class ModelDefaults(BaseModel):
     def _known_scheduler(cls, value: str) -> str:
         try:
             return canonical_name(value)
-        except Exception:
-            raise ValueError(f"unknown scheduler {value!r}; valid: {', '.join(SCHEDULER_NAMES)}") from None
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
 
 
 class LoraEntry(BaseModel):

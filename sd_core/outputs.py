@@ -9,6 +9,7 @@ import re
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .schedulers import SAMPLERS, UNIFORM, split_name
 from .schema import GeneratedImage
 
 MIME_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
@@ -16,23 +17,19 @@ EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 _EXIF_USER_COMMENT = 0x9286
 GENERATOR = "sd-serverless"  # the infotext's `Version`: A1111's backcompat switches only apply to A1111 versions
 
-# A1111 1.9+ schedule labels (its `Schedule type`), longest first so that "SGM Uniform" wins over "Uniform".
-SCHEDULE_TYPES = ("Align Your Steps", "Polyexponential", "SGM Uniform", "Exponential", "KL Optimal", "Automatic",
-                  "Uniform", "Karras", "Normal", "Simple", "Beta", "DDIM")
-# Samplers whose A1111 `Automatic` schedule is not the plain one: A1111 runs them on these by default, so a plain
-# name here (diffusers' own, evenly spaced timesteps) is A1111's `Uniform`, not `Automatic`.
-_AUTOMATIC_IS_NOT_PLAIN = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras", "DPM2": "Karras",
-                           "DPM2 a": "Karras", "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
-                           "DPM++ 3M SDE": "Exponential"}
 _PARAMETER = re.compile(r'\s*([A-Za-z][\w /-]*):\s*("(?:[^"\\]|\\.)*"|[^,]*)(?:,|$)')
 
 
 def split_sampler(name: str) -> tuple[str, str]:
-    """A combined sampler name -> A1111's (Sampler, Schedule type): "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras")."""
-    for schedule in SCHEDULE_TYPES:
-        if name.endswith(" " + schedule) and len(name) > len(schedule) + 1:
-            return name[: -len(schedule) - 1], schedule
-    return name, "Uniform" if name in _AUTOMATIC_IS_NOT_PLAIN else "Automatic"
+    """A canonical sampler name -> A1111's (Sampler, Schedule type): "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras").
+
+    A plain name runs diffusers' evenly spaced sigmas: that is A1111's `Uniform` for samplers whose A1111 `Automatic`
+    is another schedule (DPM++ 2M: Karras), and `Automatic` for the others (where the two are the same).
+    """
+    sampler, spelled = split_name(name)
+    if spelled is not None:
+        return sampler, spelled
+    return sampler, "Automatic" if SAMPLERS[sampler].automatic == UNIFORM else UNIFORM
 
 
 def lora_name(label: str) -> str:

@@ -47,6 +47,36 @@ def test_txt2img_translation():
     assert request.model == "tiny-sdxl" and request.image is None
 
 
+@pytest.mark.parametrize(("sampler", "schedule", "expected"), [
+    # A1111 1.9+: no schedule or "Automatic" is the sampler's own default schedule.
+    ("DPM++ 2M", "Automatic", "DPM++ 2M Karras"),
+    ("DPM++ 2M", None, "DPM++ 2M Karras"),
+    ("DPM++ SDE", "automatic", "DPM++ SDE Karras"),
+    ("DPM2", "Automatic", "DPM2 Karras"),
+    ("DPM2 a", "Automatic", "DPM2 a Karras"),
+    ("DPM++ 2M SDE", "Automatic", "DPM++ 2M SDE Exponential"),
+    ("DPM++ 2M SDE Heun", None, "DPM++ 2M SDE Heun Exponential"),
+    ("Euler a", "Automatic", "Euler a"),
+    ("Euler", "Automatic", "Euler"),
+    ("UniPC", "Automatic", "UniPC"),
+    ("k_dpmpp_2m", "Automatic", "DPM++ 2M Karras"),
+    # The old combined names keep the schedule they spell.
+    ("DPM++ 2M Karras", "Automatic", "DPM++ 2M Karras"),
+    ("LMS Karras", None, "LMS Karras"),
+    ("DPM++ 2M SDE Karras", "Karras", "DPM++ 2M SDE Karras"),
+    # An explicit schedule applies to the sampler.
+    ("DPM++ 2M", "Uniform", "DPM++ 2M"),
+    ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),
+    ("DPM++ 2M", "Exponential", "DPM++ 2M Exponential"),
+    ("DPM++ SDE", "uniform", "DPM++ SDE"),
+    ("Euler", "Karras", "Euler Karras"),
+    ("Euler a", "Uniform", "Euler a"),
+])
+def test_sampler_and_schedule_translation(sampler, schedule, expected):
+    payload = {"steps": 4, "sampler_name": sampler} | ({"scheduler": schedule} if schedule else {})
+    assert a1111.to_request(a1111.parse_call(payload)).scheduler == expected
+
+
 def test_img2img_translation_uses_a1111_default_strength():
     call = a1111.parse_call({"api": "img2img", "init_images": [INIT], "mask": INIT, "mask_blur": 4})
     request = a1111.to_request(call)
@@ -67,7 +97,17 @@ def test_img2img_translation_uses_a1111_default_strength():
         ({"api": "img2img", "init_images": [INIT], "denoising_strength": 0}, "denoising_strength: "),
         ({"steps": 4, "restore_faces": True}, "restore_faces: not supported by this worker"),
         ({"steps": 4, "enable_hr": True}, "enable_hr: not supported by this worker"),
-        ({"steps": 4, "scheduler": "Exponential"}, "scheduler: 'Exponential' is not supported"),
+        ({"steps": 4, "scheduler": "Exponential"}, "scheduler: 'Exponential' needs a sampler_name"),
+        ({"sampler_name": "DPM++ 2M", "scheduler": "Polyexponential"},
+         "scheduler: sampler 'DPM++ 2M' with schedule 'Polyexponential' is not supported"),
+        ({"sampler_name": "Euler a", "scheduler": "Karras"},
+         "scheduler: sampler 'Euler a' with schedule 'Karras' is not supported; 'Euler a' takes Uniform"),
+        ({"sampler_name": "DDIM", "scheduler": "Wobbly"},
+         "scheduler: 'Wobbly' (with sampler 'DDIM') is not a schedule"),
+        ({"sampler_name": "DPM++ 2M Karras", "scheduler": "Exponential"},
+         "scheduler: 'Exponential' contradicts sampler_name 'DPM++ 2M Karras'"),
+        ({"sampler_name": "DPM++ 2S a"}, "sampler_name: 'DPM++ 2S a' is an A1111 sampler with no faithful diffusers"),
+        ({"sampler_name": "DPM++ 2S"}, "sampler_name: unknown scheduler 'DPM++ 2S'; valid: Euler, "),
         ({"steps": 4, "num_inference_steps": 4}, "num_inference_steps: unknown field for /sdapi/v1/txt2img (the "
                                                  "input was read as an A1111 txt2img payload because of 'steps')"),
         ({"api": "upscale"}, "api: expected /sdapi/v1/txt2img or /sdapi/v1/img2img"),

@@ -65,6 +65,47 @@ def test_scheduler_aliases_are_canonicalised():
     )
 
 
+A1111_SAMPLERS = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
+                  "DPM++ 2M SDE Heun", "DDIM", "PLMS", "UniPC", "LCM", "LMS Karras", "DPM2 Karras", "DPM2 a Karras",
+                  "DPM++ 2M Karras", "DPM++ SDE Karras", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential",
+                  "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential"]
+
+
+@pytest.mark.parametrize("name", A1111_SAMPLERS)
+def test_a1111_sampler_names_are_accepted(name):
+    assert parse_request({"scheduler": name}).scheduler == name
+    assert parse_request({"scheduler": name.upper()}).scheduler == name
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("DPM++ 2S", "unknown scheduler 'DPM++ 2S'"),  # invented names: A1111 has only "DPM++ 2S a"
+    ("DPM++ 2S Karras", "unknown scheduler 'DPM++ 2S Karras'"),
+    ("DEIS", "unknown scheduler 'DEIS'"),
+    ("DPM++ 2S a", "'DPM++ 2S a' is an A1111 sampler with no faithful diffusers equivalent"),
+    ("DPM++ 3M SDE Karras", "'DPM++ 3M SDE Karras' is an A1111 sampler with no faithful diffusers equivalent"),
+    ("DPM fast", "no faithful diffusers equivalent"),
+    ("Restart", "no faithful diffusers equivalent"),
+    ("DDIM CFG++", "no faithful diffusers equivalent"),
+    ("Euler a Karras", "sampler 'Euler a' with schedule 'Karras' is not supported"),
+    ("DPM++ 2M Polyexponential", "sampler 'DPM++ 2M' with schedule 'Polyexponential' is not supported"),
+])
+def test_other_sampler_names_are_refused_with_the_valid_ones(name, reason):
+    with pytest.raises(InvalidRequest) as info:
+        parse_request({"scheduler": name})
+    message = str(info.value)
+    assert message.startswith("scheduler: ") and reason in message, message
+    if "unknown" in reason or "equivalent" in reason:
+        assert "valid: Euler, " in message and "DPM++ 2M SDE Heun Exponential" in message
+
+
+def test_unknown_huge_sampler_name_gives_a_short_error():
+    with pytest.raises(InvalidRequest) as info:
+        parse_request({"scheduler": "x" * 1_000_000})
+    message = str(info.value)
+    assert message.startswith("scheduler: unknown scheduler 'xxx") and "x" * 81 not in message
+    assert len(message) < 1000
+
+
 def test_modes_follow_images():
     assert parse_request({"image": "aGk="}).mode == "img2img"
     assert parse_request({"image": "aGk=", "mask": "aGk="}).mode == "inpaint"
