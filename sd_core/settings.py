@@ -92,8 +92,8 @@ class Settings:
     # --- throughput ---
     max_batch_images: int = setting(8, shown="8", section="Throughput",
                                     doc="micro-batching: concurrent compatible requests share one denoising call up "
-                                        "to this many images; `1` turns it off (batched images may differ by 1–2 levels in a "
-                                        "few pixels from a lone run: docs/api.md)")
+                                        "to this many images; `1` turns it off (batched images may differ by 1–2 "
+                                        "levels in a few pixels from a lone run: docs/api.md)")
     batch_wait_ms: float = setting(5.0, shown="5",
                                    doc="how long a forming batch waits for concurrent requests still being prepared "
                                        "to join (a lone request, or a queue that built up while the GPU was busy, "
