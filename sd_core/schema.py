@@ -23,6 +23,7 @@ MAX_LORA_SCALE = 5.0
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
 MAX_MESSAGE_PARTS = 10  # validation errors described in one message; the rest are counted
+MAX_REASON_CHARS = 1500  # one reason's length: room for the lists of valid values we write ourselves
 
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 
@@ -119,14 +120,15 @@ def describe_validation_error(error: ValidationError) -> str:
     """Turn pydantic's error into ``"field: reason; field: reason"`` (no pydantic boilerplate, no input echo).
 
     Bounded whatever the input: long keys are shortened like user values, at most MAX_MESSAGE_PARTS errors are
-    described (the rest counted), and no single reason runs past 300 characters.
+    described (the rest counted), and no single reason runs past MAX_REASON_CHARS (room for our own lists of valid
+    values, such as the sampler names; user values inside reasons are already quote()d).
     """
     parts = []
     items = error.errors(include_url=False, include_input=False, include_context=False)
     for item in items[:MAX_MESSAGE_PARTS]:
         loc = ".".join(field_label(p) for p in item["loc"])
         msg = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
-        msg = msg if len(msg) <= 300 else msg[:299] + "…"
+        msg = msg if len(msg) <= MAX_REASON_CHARS else msg[:MAX_REASON_CHARS - 1] + "…"
         # Cross-field checks (no location) already start their message with the field names.
         parts.append(f"{loc}: {msg}" if loc else msg)
     if len(items) > MAX_MESSAGE_PARTS:
