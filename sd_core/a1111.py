@@ -250,6 +250,7 @@ def to_response(call: A1111Call, effective: GenerationRequest, result: Generatio
         "n_iter": n_iter, "denoising_strength": strength, "sd_model_name": result.model, "infotexts": infotexts,
         "index_of_first_image": 0, "styles": [], "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "version": "sd-serverless",
+        "nsfw": [image.nsfw for image in result.images],  # per image: flagged (and blacked out) by the safety checker
     }
     send = call.payload.get("send_images", True)
     return {"images": images if send is not False else [], "parameters": parameters, "info": json.dumps(info)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +19,16 @@ def _default_cache_dir() -> Path:
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _switch(value: str) -> bool:
+    """A strict on/off value: a typo in a safety setting must not silently mean "off"."""
+    text = value.strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected on or off, got {value[:20]!r}")
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -71,6 +81,10 @@ class Settings:
     lora_max_loaded: int = 16  # SD_LORA_MAX_LOADED: adapters kept loaded per model (LRU); more are unloaded
     lora_fuse_after: int = 0  # SD_LORA_FUSE_AFTER: fuse a LoRA set into the weights after N uses in a row; 0 = never
 
+    # --- safety checker (sd_core/safety.py) ---
+    safety_checker: bool | None = None  # SD_SAFETY_CHECKER: on | off; unset: the platform's (Cog on, RunPod off)
+    safety_checker_model: Path | None = None  # SD_SAFETY_CHECKER_MODEL; else <models_dir>/_safety_checker.yaml
+
     # --- request limits ---
     max_pixels: int = 4 * 1024 * 1024  # SD_MAX_PIXELS: width * height * num_outputs per request
 
@@ -96,15 +110,22 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         parsers = {"Path": lambda v: Path(v).expanduser(), "bool": _bool, "int": int, "float": float,
-                   "tuple[str, ...]": _list}
+                   "tuple[str, ...]": _list, "bool | None": _switch, "Path | None": lambda v: Path(v).expanduser()}
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = env.get("SD_" + f.name.upper(), "")
             if raw == "" and f.name in ENV_ALIASES:
                 raw = env.get(ENV_ALIASES[f.name], "")
             if raw != "":
-                values[f.name] = parsers.get(str(f.type), str)(raw)
+                try:
+                    values[f.name] = parsers.get(str(f.type), str)(raw)
+                except ValueError as exc:
+                    raise ValueError(f"SD_{f.name.upper()}: {exc}") from None
         return cls(**values)
+
+    def with_platform_defaults(self, *, safety_checker: bool) -> Settings:
+        """These settings with what the environment left unset filled in by an adapter's platform defaults."""
+        return self if self.safety_checker is not None else replace(self, safety_checker=safety_checker)
 
     @property
     def models_to_preload(self) -> tuple[str, ...]:
