@@ -181,6 +181,19 @@ def test_the_checker_manifest_is_not_a_model():
     assert load_manifest(REPO_ROOT / "models" / "_safety_checker.yaml").uri == "tiny-safety-checker/passes/"
 
 
+def test_a1111_info_reports_nsfw_per_image():
+    from sd_core import a1111
+    from sd_core.schema import GeneratedImage, GenerationResult
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buffer, "PNG")
+    images = [GeneratedImage(buffer.getvalue(), "image/png", "png", seed, 64, 64, nsfw=seed == 1) for seed in (1, 2)]
+    result = GenerationResult(images=images, seeds=[1, 2], model="tiny-sd15", parameters="x", safety_checked=True)
+    call = a1111.parse_call({"prompt": "x", "steps": 2, "batch_size": 2})
+    response = a1111.to_response(call, a1111.to_request(call), result, ["a", "b"])
+    assert json.loads(response["info"])["nsfw"] == [True, False]
+
+
 # --- the adapters' defaults, on the real servers ------------------------------------------------------------------
 def test_cog_with_a_flagging_checker_fails_the_prediction_and_disable_skips_it(
     cog_server_factory, runpod_weights_env, manifests, tmp_path
