@@ -1,9 +1,10 @@
 """RunPod serverless adapter: job input (native or A1111) -> GenerationRequest -> sd_core Engine -> images or URLs."""
 
 # Output of a native job: {"images": [{"image": "<base64>" | "url": "<presigned URL>", "mime_type", "seed", "width",
-# "height"}], "seed", "seeds", "model", "parameters" (A1111 infotext), "timings"}. An A1111 job gets A1111's shape
-# (sd_core/a1111.py). Errors come back as {"error": "<field>: <reason>"} (the job shows FAILED); after an
-# unrecoverable device error also "refresh_worker": True, so RunPod replaces this worker. docs/runpod.md.
+# "height", "nsfw" (flagged by the safety checker, blacked out)}], "seed", "seeds", "model", "parameters" (A1111
+# infotext), "timings"}. An A1111 job gets A1111's shape (sd_core/a1111.py). Errors come back as {"error": "<field>:
+# <reason>"} (the job shows FAILED); after an unrecoverable device error also "refresh_worker": True, so RunPod
+# replaces this worker. docs/runpod.md.
 
 import asyncio
 import json
@@ -148,7 +149,8 @@ def _native_output(result, images: list[str], *, inline: bool, upload_s: float) 
         timings["upload_s"] = round(upload_s, 4)
     return {
         "images": [
-            {key: value, "mime_type": image.mime_type, "seed": image.seed, "width": image.width, "height": image.height}
+            {key: value, "mime_type": image.mime_type, "seed": image.seed, "width": image.width, "height": image.height,
+             "nsfw": image.nsfw}
             for value, image in zip(images, result.images, strict=True)
         ],
         "seed": result.seed,
@@ -161,7 +163,7 @@ def _native_output(result, images: list[str], *, inline: bool, upload_s: float) 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    settings = Settings.from_env()
+    settings = Settings.from_env().with_platform_defaults(safety_checker=False)  # RunPod: checker off unless asked
     RunPodLogger().set_level(settings.runpod_log_level)
     worker = Worker(settings)
     runpod.serverless.start({"handler": worker.handler, "concurrency_modifier": worker.concurrency})

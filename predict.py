@@ -72,7 +72,7 @@ class Runner(BaseRunner):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
         from sd_core.engine import Engine  # torch + diffusers: seconds of import, so only here
 
-        settings = Settings.from_env()
+        settings = Settings.from_env().with_platform_defaults(safety_checker=True)  # Replicate's convention: on
         log.info("cold start: preloading %s", ", ".join(settings.models_to_preload))
         self.engine = Engine(settings)
         self.engine.preload()
@@ -120,7 +120,8 @@ class Runner(BaseRunner):
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
-            default=False, description="Skip the safety checker (only models whose manifest ships one have it)"
+            default=False,
+            description="Skip the safety checker (which blacks out flagged images); ignored where it is off",
         ),
     ) -> list[Path]:
         if self.unhealthy is not None:
@@ -138,6 +139,11 @@ class Runner(BaseRunner):
         request = parse_request(fields)
         result = await self._generate(request)
         self.record_metric("seed", result.seed)
+        if result.safety_checked:
+            flags = [image.nsfw for image in result.images]
+            self.record_metric("has_nsfw_concepts", flags)
+            if any(flags):
+                print(f"Safety checker: {sum(flags)} of {len(flags)} image(s) flagged and blacked out")
         timings = {key: round(value, 4) if isinstance(value, float) else value for key, value in result.timings.items()}
         self.record_metric("timings", timings)
         folder = _new_output_folder()

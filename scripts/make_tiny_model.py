@@ -12,6 +12,12 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/loras/tiny-A-peft.safetensors   rank-4 LoRA (UNet + text encoders), peft keys, as save_lora_weights writes
     DIR/loras/tiny-A-kohya.safetensors  the same matrices in kohya's layout with alpha 2 (= the peft LoRA at 0.5)
 
+and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
+the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:
+
+    DIR/tiny-safety-checker/passes/     never flags an image (thresholds above any cosine similarity)
+    DIR/tiny-safety-checker/flags/      flags every image (thresholds below any cosine similarity)
+
 Usage: ``python scripts/make_tiny_model.py --out ./bucket [--arch sd15 --arch sdxl] [--seed 0]``
 or, from Python, ``build_tiny_models(Path("bucket"))``.
 """
@@ -45,7 +51,14 @@ from diffusers.utils import logging as diffusers_logging  # noqa: E402
 from peft import LoraConfig  # noqa: E402
 from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 ARCHS = ("sd15", "sdxl")
@@ -105,7 +118,16 @@ SCHEDULER_COMMON = dict(
 )
 
 # Seed offsets per component, so that changing one component leaves the others' weights unchanged.
-SEED_OFFSETS = {"text_encoder": 1, "text_encoder_2": 2, "unet": 3, "vae": 4, "lora": 5}
+SEED_OFFSETS = {"text_encoder": 1, "text_encoder_2": 2, "unet": 3, "vae": 4, "lora": 5, "safety_checker": 6}
+
+# The safety checker: a CLIP vision tower (real: ViT-L/14 at 224 px, 1024/4096/24/16, projection 768) whose image
+# embedding is compared with 17 concept and 3 "special care" embeddings; an image is flagged when a cosine similarity
+# exceeds that concept's threshold. Cosine similarities lie in [-1, 1], so thresholds of +2 never fire and -2 always do.
+SAFETY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                     patch_size=8)
+SAFETY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)  # config only
+SAFETY_PROJECTION_DIM = 16  # 768
+SAFETY_THRESHOLDS = {"passes": 2.0, "flags": -2.0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -511,6 +533,36 @@ def write_loras(pipe, arch: str, directory: Path, seed: int) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Safety checker
+# ---------------------------------------------------------------------------------------------------------------
+def write_safety_checkers(out: Path, seed: int) -> dict[str, Path]:
+    """DIR/tiny-safety-checker/{passes,flags}/: config.json, model.safetensors, preprocessor_config.json."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    config = CLIPConfig(text_config=SAFETY_TEXT, vision_config=SAFETY_VISION, projection_dim=SAFETY_PROJECTION_DIM)
+    processor = CLIPImageProcessor(  # the real one's settings, at the tiny image size
+        size={"shortest_edge": SAFETY_VISION["image_size"]},
+        crop_size={"height": SAFETY_VISION["image_size"], "width": SAFETY_VISION["image_size"]},
+    )
+    seeded(seed, "safety_checker")
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():  # the constructor leaves the concept embeddings at ones: make them distinct
+        checker.concept_embeds.copy_(torch.randn(checker.concept_embeds.shape))
+        checker.special_care_embeds.copy_(torch.randn(checker.special_care_embeds.shape))
+    paths = {}
+    for variant, threshold in SAFETY_THRESHOLDS.items():
+        folder = out / "tiny-safety-checker" / variant
+        shutil.rmtree(folder, ignore_errors=True)
+        with torch.no_grad():
+            checker.concept_embeds_weights.fill_(threshold)
+            checker.special_care_embeds_weights.fill_(threshold)
+        checker.save_pretrained(folder, safe_serialization=True)
+        processor.save_pretrained(folder)
+        paths[f"safety-checker-{variant}"] = folder
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Putting it together
 # ---------------------------------------------------------------------------------------------------------------
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -550,7 +602,8 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
 
 
 def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
-    """Build the tiny models of ``archs`` under ``out``; return {"tiny-sd15": DIR/tiny-sd15, "lora-sd15-peft": ...}."""
+    """Build the tiny models of ``archs`` (and the tiny safety checkers) under ``out``; return {"tiny-sd15":
+    DIR/tiny-sd15, "lora-sd15-peft": ..., "safety-checker-passes": ...}."""
     unknown = set(archs) - set(ARCHS)
     if unknown:
         raise ValueError(f"archs: unknown {sorted(unknown)}; valid: {list(ARCHS)}")
@@ -560,6 +613,7 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         for arch in archs:
             paths.update(build_arch(arch, out, seed))
+        paths.update(write_safety_checkers(out, seed))
     # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
     for path in out.rglob("*.safetensors"):
         path.chmod(0o644)

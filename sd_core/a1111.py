@@ -298,6 +298,7 @@ def to_response(call: A1111Call, effective: GenerationRequest, result: Generatio
         "extra_generation_params": {key: value for key, value in extra.items() if value is not None},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": 1, "is_using_inpainting_conditioning": False, "n_iter": n_iter, "version": "sd-serverless",
+        "nsfw": [image.nsfw for image in result.images],  # per image: flagged (and blacked out) by the safety checker
     }
     send = call.payload.get("send_images", True)
     return {"images": images if send is not False else [], "parameters": parameters, "info": json.dumps(info)}

@@ -20,6 +20,7 @@ from .lora import TAG, LoraManager, ResolvedLora
 from .models import LocalModel, ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import LoadedModel, PipelinePool, import_pipeline, load_pipeline
+from .safety import ContentFlagged, SafetyChecker
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
 from .settings import Settings
 
@@ -74,6 +75,8 @@ class Engine:
         self.batcher = MicroBatcher(self.execute, self.settings) if self.settings.max_batch_images > 1 else None
         self._fetched: dict[str, LocalModel] = {}  # fetched by preload's background thread, not loaded yet
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
+        # SD_SAFETY_CHECKER (None, when no adapter set a platform default, means off): loaded by preload or first use.
+        self.safety = SafetyChecker(self.settings, self.placement) if self.settings.safety_checker else None
 
     # --- models ---------------------------------------------------------------------------------------------
     def _load(self, name: str) -> LoadedModel:
@@ -92,6 +95,8 @@ class Engine:
         try:
             fetches = [None if m.name in self.pool else executor.submit(fetch_model, m, self.settings)
                        for m in manifests]
+            checker = self.safety if self.safety is not None and not self.safety.loaded else None
+            checker_fetch = executor.submit(checker.fetch) if checker is not None else None
             started = time.perf_counter()
             for architecture in dict.fromkeys(m.architecture for m in manifests):
                 import_pipeline(architecture)  # seconds of imports, overlapping the downloads
@@ -103,6 +108,8 @@ class Engine:
                 timings[manifest.name] = time.perf_counter() - started
                 started = time.perf_counter()
                 log.info("ready: %s in %.2fs", manifest.name, timings[manifest.name])
+            if checker_fetch is not None:  # a checker that cannot be fetched or loaded fails the cold start
+                timings["safety_checker"] = checker.load(checker_fetch.result())
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
         return timings
@@ -162,7 +169,28 @@ class Engine:
             images = self.batcher.run(job) if self.batcher else self.execute([job])[0]
             if job.should_cancel is not None and job.should_cancel():
                 raise Cancelled("generation cancelled")
-            return self.finish(job, images)
+            images, flags = self.check_safety(job, images)
+            result = self.finish(job, images)
+        if flags is not None:
+            result.safety_checked = True
+            for image, flag in zip(result.images, flags, strict=True):
+                image.nsfw = flag
+        return result
+
+    def check_safety(self, job: Job, images: list) -> tuple[list, list[bool] | None]:
+        """The safety checker on one job's images, unless off for this worker or the request: flagged images come
+        back black, with their flags (None: not checked). Every image flagged -> ContentFlagged."""
+        if self.safety is None or job.request.disable_safety_checker:
+            return images, None
+        t = time.perf_counter()
+        images, flags = self.safety.check(images)
+        job.timings["safety_s"] = time.perf_counter() - t
+        if any(flags):
+            log.info("safety checker flagged %d of %d image(s)", sum(flags), len(flags))
+        if all(flags):
+            raise ContentFlagged(f"NSFW content detected: all {len(flags)} image(s) were flagged by the safety "
+                                 "checker; try another prompt or seed")
+        return images, flags
 
     def execute(self, jobs: list[Job]) -> list[list]:
         """Denoise one batch of compatible jobs (same model, mode, size, steps, scheduler, guidance) in one call."""

@@ -128,6 +128,8 @@ class ModelCatalog:
     def from_dir(cls, directory: Path) -> ModelCatalog:
         manifests: dict[str, ModelManifest] = {}
         for path in sorted(directory.glob("*.y*ml")):
+            if path.name.startswith("_"):  # not a model: _safety_checker.yaml (sd_core/safety.py)
+                continue
             manifest = load_manifest(path)
             if manifest.name in manifests:
                 raise ManifestError(f"model name {manifest.name!r} is defined twice (second time in {path})")

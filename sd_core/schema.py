@@ -69,7 +69,7 @@ class GenerationRequest(BaseModel):
     output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
     disable_safety_checker: bool = Field(
-        False, description="Skip the safety checker (only models whose manifest ships one have it)"
+        False, description="Skip the safety checker (which blacks out flagged images); ignored where it is off"
     )
 
     @field_validator("scheduler", mode="before")
@@ -162,6 +162,7 @@ class GeneratedImage:
     seed: int
     width: int
     height: int
+    nsfw: bool = False  # flagged by the safety checker (and blacked out); False also when the checker did not run
 
 
 @dataclass
@@ -173,6 +174,7 @@ class GenerationResult:
     model: str
     parameters: str
     timings: dict[str, float] = field(default_factory=dict)
+    safety_checked: bool = False  # whether the safety checker ran on these images
 
     @property
     def seed(self) -> int:

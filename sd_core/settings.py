@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +23,16 @@ def _default_cache_dir() -> Path:
 
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _switch(value: str) -> bool:
+    """A strict on/off value: a typo in a safety setting must not silently mean "off"."""
+    text = value.strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected on or off, got {value[:20]!r}")
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -107,6 +117,14 @@ class Settings:
                                    doc="fuse a LoRA set into the weights once N requests in a row used it (faster "
                                        "steps; unfused exactly on the next change)")
 
+    # --- safety checker (sd_core/safety.py) ---
+    safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off", section="Safety checker",
+                                          doc="run the safety checker on every output (`on`/`off`); requests may "
+                                              "skip it with `disable_safety_checker`")
+    safety_checker_model: Path | None = setting(None, shown="`<SD_MODELS_DIR>/_safety_checker.yaml`",
+                                                doc="the safety checker's manifest (its weights, fetched like a "
+                                                    "model's)")
+
     # --- request limits ---
     max_pixels: int = setting(4 * 1024 * 1024, doc="width × height × num_outputs per request", shown="4194304",
                               section="Requests and user URLs")
@@ -150,15 +168,22 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         parsers = {"Path": lambda v: Path(v).expanduser(), "bool": _bool, "int": int, "float": float,
-                   "tuple[str, ...]": _list}
+                   "tuple[str, ...]": _list, "bool | None": _switch, "Path | None": lambda v: Path(v).expanduser()}
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = env.get("SD_" + f.name.upper(), "")
             if raw == "" and f.name in ENV_ALIASES:
                 raw = env.get(ENV_ALIASES[f.name], "")
             if raw != "":
-                values[f.name] = parsers.get(str(f.type), str)(raw)
+                try:
+                    values[f.name] = parsers.get(str(f.type), str)(raw)
+                except ValueError as exc:
+                    raise ValueError(f"{env_name(f.name)}: {exc}") from None
         return cls(**values)
+
+    def with_platform_defaults(self, *, safety_checker: bool) -> Settings:
+        """These settings with what the environment left unset filled in by an adapter's platform defaults."""
+        return self if self.safety_checker is not None else replace(self, safety_checker=safety_checker)
 
     @property
     def models_to_preload(self) -> tuple[str, ...]:

@@ -251,3 +251,11 @@ def test_lora_weights_change_the_image(cog_server):
     assert decode_output(again["output"][0])[1].tobytes() == base_pixels
     unknown = cog_server.predict({**FAST, "lora_weights": "no-such-lora"})
     assert unknown["status"] == "failed" and "no-such-lora" in unknown["error"]
+
+
+# --- safety checker: on by default on Cog (the repo's tiny checker flags nothing; tests/test_safety.py has more) ----
+def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
+    prediction = cog_server.predict({**FAST, "num_outputs": 2, "seed": 8})
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    assert prediction["metrics"]["has_nsfw_concepts"] == [False, False]
+    assert "safety checker tiny-safety-checker loaded" in cog_server.log_text()

@@ -247,3 +247,12 @@ def test_loras_reach_the_engine_from_native_and_a1111_payloads(server):
     assert pixels(a1111) == pixels(listed)
     # Back to no LoRA: the base output again.
     assert pixels(completed(server.runsync(base))) == plain
+
+
+# --- safety checker: off by default on RunPod (tests/test_safety.py turns it on) ------------------------------------
+def test_safety_checker_is_off_by_default_and_images_report_nsfw_false(server):
+    assert "safety checker" not in server.log_text()  # nothing fetched or loaded
+    output = completed(server.runsync({**FAST, "num_outputs": 2, "seed": 5}))
+    assert [entry["nsfw"] for entry in output["images"]] == [False, False]
+    a1111 = completed(server.runsync({"prompt": "a fox", "steps": 2, "seed": 5}))
+    assert json.loads(a1111["info"])["nsfw"] == [False]
