@@ -118,7 +118,8 @@ class Settings:
                                        "steps; unfused exactly on the next change)")
 
     # --- safety checker (sd_core/safety.py) ---
-    safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off", section="Safety checker",
+    safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",
+                                          section="Safety checker",
                                           doc="run the safety checker on every output (`on`/`off`); requests may "
                                               "skip it with `disable_safety_checker`")
     safety_checker_model: Path | None = setting(None, shown="`<SD_MODELS_DIR>/_safety_checker.yaml`",
