@@ -26,7 +26,7 @@ from sd_core.errors import InvalidRequest
 
 CHECKED_COG_VERSION = "0.23.1"
 _ACCEPTED = re.compile(r"^\s*(data:|https?://)", re.IGNORECASE)
-REFUSED = "expected an uploaded file, a data: URI or an https:// URL (local paths and other schemes are not accepted)"
+REFUSED = "expected an image file (upload), a data: URI or an https:// URL; local paths and other schemes are refused"
 
 
 class UserFileText(str):

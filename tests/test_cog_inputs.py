@@ -80,6 +80,7 @@ def cog_server(tiny_bucket, tmp_path_factory):
     env = {
         "SD_MODELS_DIR": str(REPO / "models"), "SD_WEIGHTS_URI": str(tiny_bucket),
         "SD_CACHE_DIR": str(tmp_path_factory.mktemp("cog-inputs-cache")), "SD_URL_ALLOWED_HOSTS": "localhost",
+        "COG_MAX_CONCURRENCY": "2",  # with one slot, coglet can answer 409 to a prediction sent right after another
     }
     with start_cog_server(env, log_dir=tmp_path_factory.mktemp("cog-inputs-server")) as server:
         body, _ = server.wait_for_status("READY", "SETUP_FAILED", timeout=240)
@@ -118,7 +119,7 @@ def test_cog_refuses_local_paths_and_other_schemes_naming_the_field(runner_input
     from cog import _inspector
 
     for field in ("image", "mask"):
-        with pytest.raises(ValueError, match=f"^{field}: expected an uploaded file") as caught:
+        with pytest.raises(ValueError, match=f"^{field}: expected an image file") as caught:
             _inspector.check_input(runner_inputs, {**FAST, field: value})
         assert value not in str(caught.value)
 
@@ -148,8 +149,8 @@ def hostile_urls(port: int) -> list[tuple[str, str]]:
         (f"https://user:{SECRET}@127.0.0.1:{port}/x.png", "credentials"),
         (f"https://127.0.0.1:{port}/x.png?X-Amz-Signature={SECRET}", "loopback"),
         (f"http://127.0.0.1:{port}/x.png?X-Amz-Signature={SECRET}&token={SECRET}", "SD_URL_ALLOWED_HOSTS"),
-        ("/etc/hostname", "expected an uploaded file"),
-        ("file:///etc/hostname", "expected an uploaded file"),
+        ("/etc/hostname", "expected an image file"),
+        ("file:///etc/hostname", "expected an image file"),
     ]
 
 
