@@ -6,10 +6,8 @@
 # scripts/write_cog_schema.py writes .cog/openapi_schema.json (what `cog build` would) for the local Cog server.
 
 import asyncio
-import base64
 import contextvars
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -19,11 +17,15 @@ from typing import Any
 import cog
 from cog import BaseRunner, CancelationException, Input, Path
 
-from sd_core.errors import Cancelled, InvalidRequest, SDError, WorkerUnhealthy
+import cog_inputs
+from sd_core.errors import Cancelled, SDError, WorkerUnhealthy
 from sd_core.schema import parse_request, resolve_seed
 from sd_core.settings import Settings
 
 log = logging.getLogger("predict")
+# image/mask stay `Path` (schema: format uri, Replicate's upload widget), but reach run() as the user's data URI or
+# URL text: sd_core fetches URLs under its URL policy, Cog never downloads them itself (see cog_inputs.py).
+cog_inputs.install()
 
 # A1111 sampler names, in sd_core.schedulers order (a test keeps this list equal to SCHEDULER_NAMES).
 SCHEDULERS = [
@@ -133,7 +135,7 @@ class Runner(BaseRunner):
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
             "seed": seed, "num_outputs": num_outputs, "strength": strength, "output_format": output_format,
             "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-            "image": _base64_file(image, "image"), "mask": _base64_file(mask, "mask"),
+            "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
             "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
         }
         request = parse_request(fields)
@@ -204,14 +206,6 @@ def _new_output_folder() -> Path:
         except FileNotFoundError:  # removed by a concurrent prediction
             pass
     return Path(tempfile.mkdtemp(dir=root))
-
-
-def _base64_file(path: Path | None, field: str) -> str | None:
-    """A Cog file input (downloaded by Cog from a URL or data URI) as the base64 text GenerationRequest takes."""
-    if path is not None and not isinstance(path, os.PathLike):
-        # Cog hands over as text what it did not download itself (file:// and other schemes): never read it.
-        raise InvalidRequest("expected an image file, a data: URI or an https:// URL", field=field)
-    return None if path is None else base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def _progress_bar(done: int, total: int, width: int = 20) -> str:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "write_cog_schema.py"
 
 # GenerationRequest fields that Cog exposes differently, on purpose:
-#   image, mask -> Cog file inputs (cog.Path: a URL or data URI that Cog downloads); the adapter sends base64.
+#   image, mask -> Cog file inputs (cog.Path, format uri); run() gets the data URI / URL text (cog_inputs.py).
 #   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale): Replicate's LoRA convention.
 AS_FILES = {"image", "mask"}
 REPLACED = {"loras"}
