@@ -159,6 +159,10 @@ class _Stopped(Exception):
     """The transfer is being aborted (another part failed for good)."""
 
 
+# A write into the cache that failed because the disk (or the process's file size limit, or a quota) is full.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
 @dataclass
 class RemoteObject:
     """One object to download: `rel` is its path inside the cache entry."""
@@ -557,21 +561,14 @@ class _FileJob:
             try:
                 os.posix_fallocate(self.fd, 0, self.obj.size)  # reserve the space now: a full disk fails early
             except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    self.close()
-                    raise FetchError(f"not enough disk space in the cache for {self.obj.rel} ({self.obj.size} "
-                                     f"bytes) under {self.partial.parent} (SD_CACHE_DIR, SD_CACHE_MAX_GB)",
-                                     field="SD_CACHE_DIR") from None
+                if exc.errno in DISK_FULL:
+                    raise
                 os.ftruncate(self.fd, self.obj.size)  # no fallocate on this filesystem: a sparse file
 
     def write(self, data, offset: int) -> None:
         view = memoryview(data)
         while view:
-            try:
-                n = os.pwrite(self.fd, view, offset)
-            except OSError as exc:
-                raise FetchError(f"cannot write {self.partial} ({exc.strerror}); is the cache disk full? "
-                                 "(SD_CACHE_DIR, SD_CACHE_MAX_GB)", field="SD_CACHE_DIR") from None
+            n = os.pwrite(self.fd, view, offset)  # OSError: the transfer reports it (and cleans up a full disk)
             view = view[n:]
             offset += n
 
@@ -602,7 +599,8 @@ class _FileJob:
         while pos < limit:
             n = os.preadv(self.fd, [view[: min(len(view), limit - pos)]], pos)
             if n <= 0:
-                raise FetchError(f"{self.partial} is shorter than expected while verifying")
+                raise FetchError(f"{self.obj.rel}: the downloaded file is shorter than expected while verifying",
+                                 field="uri")
             self.hasher.update(view[:n])
             pos += n
         self.hash_pos = max(self.hash_pos, pos)
@@ -621,12 +619,16 @@ class _FileJob:
                                          "done": sorted(done)})
         self._saved, self._saved_at = done, now
 
-    def reset(self) -> None:
-        """Throw the bytes away and start this object again from zero."""
+    def discard(self) -> None:
+        """Close and delete the partial file and its parts record."""
         self.close()
         for p in (self.partial, self.sidecar):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+
+    def reset(self) -> None:
+        """Throw the bytes away and start this object again from zero."""
+        self.discard()
         self.done, self._saved = set(), frozenset()
         self.hasher = hashlib.sha256() if self.obj.sha256 else None
         self.hashed = 0
@@ -672,13 +674,17 @@ class _Transfer:
                 job.finished = True
             jobs.append(job)
         todo = [j for j in jobs if not j.finished]
-        try:
-            for job in todo:
+        for job in todo:
+            try:
                 job.open(resume=True)
-        except BaseException:
-            for job in todo:
-                job.close()
-            raise
+            except OSError as exc:
+                for other in todo:
+                    other.close()
+                raise self._write_error(job, exc, todo) from None
+            except BaseException:
+                for other in todo:
+                    other.close()
+                raise
         already = sum(j.obj.size or 0 for j in jobs if j.finished) + sum(j.present_bytes for j in todo)
         total = sum(j.obj.size or 0 for j in jobs) if all(j.obj.size is not None for j in jobs) else None
         if already and todo:
@@ -694,6 +700,7 @@ class _Transfer:
                     pending[pool.submit(self._fetch_part, job, i)] = (job, i)
 
         ok = False
+        failed: tuple[_FileJob, OSError] | None = None  # a write into the cache that failed (a full disk...)
         self.progress.start()
         try:
             for job in todo:
@@ -708,31 +715,59 @@ class _Transfer:
                 for future in finished_futures:
                     job, i = pending.pop(future)
                     exc = future.exception()
+                    if isinstance(exc, OSError):
+                        failed = (job, exc)
+                        break
                     if exc is not None and not isinstance(exc, _Stopped):
                         raise exc
                     job.done.add(i)
+                if failed is not None:
+                    break
                 for job in active:
                     job.advance_hash()
                     job.checkpoint(self.settings.fetch_fsync)
                     if len(job.done) == job.nparts and (job.hasher is None or job.hashed == job.nparts):
-                        if self._finish(job, journal):
-                            continue
+                        try:
+                            if self._finish(job, journal):
+                                continue
+                        except OSError as exc:
+                            failed = (job, exc)
+                            break
                         submit(job)  # checksum mismatch: one more try from zero
-            ok = True
+                if failed is not None:
+                    break
+            ok = failed is None
         finally:
             self.stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
             for future, (job, i) in pending.items():
                 if future.done() and not future.cancelled() and future.exception() is None:
                     job.done.add(i)
-            for job in jobs:
-                if not job.finished:
+            unfinished = [job for job in jobs if not job.finished]
+            for job in unfinished:
+                if failed is None or failed[1].errno not in DISK_FULL:
                     with contextlib.suppress(Exception):
                         job.checkpoint(self.settings.fetch_fsync, force=True)
                 job.close()
             self.progress.finish(ok=ok)
+        if failed is not None:
+            raise self._write_error(failed[0], failed[1], unfinished)
         return {j.obj.rel: {"size": j.obj.size if j.obj.size is not None else j.final.stat().st_size,
                             "etag": j.obj.etag, "sha256": j.obj.sha256} for j in jobs}
+
+    def _write_error(self, job: _FileJob, exc: OSError, unfinished: list[_FileJob]) -> FetchError:
+        """The error for a failed write into the cache: it names the object, never a local path. A full disk also
+        deletes the unfinished partial files and their parts records at once (resuming them later is pointless)."""
+        if exc.errno not in DISK_FULL:
+            return FetchError(f"cannot write {self._where(job)} into the weights cache ({exc.strerror}); check "
+                              "SD_CACHE_DIR", field="SD_CACHE_DIR")
+        for other in unfinished:
+            with contextlib.suppress(OSError):
+                other.discard()
+        size = f" ({job.obj.size} bytes)" if job.obj.size is not None else ""
+        return FetchError(f"not enough disk space in the weights cache for {self._where(job)}{size}: "
+                          f"{exc.strerror}; the partial download was deleted (free space, lower SD_CACHE_MAX_GB or "
+                          "point SD_CACHE_DIR at a larger disk)", field="SD_CACHE_DIR")
 
     def _fetch_part(self, job: _FileJob, i: int) -> None:
         start, end = job.part_range(i)
@@ -810,8 +845,8 @@ class _Transfer:
         return True
 
     def _where(self, job: _FileJob) -> str:
-        return self.label if job.obj.rel == PurePosixPath(self.label.rstrip("/")).name else \
-            f"{self.label.rstrip('/')}/{job.obj.rel}"
+        name = PurePosixPath(urlsplit(self.label).path.rstrip("/")).name  # (the label has no secrets to lose)
+        return self.label if job.obj.rel == name else f"{self.label.rstrip('/')}/{job.obj.rel}"
 
 
 # --------------------------------------------------------------------------------------------------------------
