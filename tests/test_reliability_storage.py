@@ -22,10 +22,10 @@ import yaml
 from PIL import Image
 
 from sd_core import storage
-from sd_core.cache import WeightsCache
 from sd_core.errors import ChecksumMismatch, FetchError
 from sd_core.schema import GenerationRequest
 from sd_core.settings import REPO_ROOT, Settings
+from sd_core.storage.cache import WeightsCache
 from tests.fixtures.fault_proxy import load_fault_proxy
 
 OBJECT_GETS = r"^/[^/?]+/[^?]+"  # GET /bucket/key (not the bucket listing)

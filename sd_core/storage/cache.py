@@ -41,8 +41,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import FetchError
-from .settings import Settings
+from ..errors import FetchError
+from ..settings import Settings
 
 log = logging.getLogger("sd_core.fetch")
 
