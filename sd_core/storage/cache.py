@@ -203,8 +203,8 @@ class WeightsCache:
                     continue
                 waited += LOCK_LOG_EVERY_S
                 if waited >= LOCK_WAIT_S:
-                    raise FetchError(f"gave up after {waited:.0f}s waiting for another process fetching {label} "
-                                     f"(lock {self._lock_path(key)})") from None
+                    raise FetchError(f"gave up after {waited:.0f}s waiting for another process fetching {label}",
+                                     field="uri") from None
                 log.info("still waiting (%.0fs) for another process fetching %s", waited, label)
         try:
             yield
@@ -228,7 +228,8 @@ class WeightsCache:
         os.rename(staging, target)
         entry = self.lookup(key)
         if entry is None:
-            raise FetchError(f"cache entry {target} vanished right after it was written")
+            raise FetchError(f"the cache entry for {meta.get('uri') or key[:12]} vanished right after it was written",
+                             field="SD_CACHE_DIR")
         return entry
 
     def remove(self, key: str) -> None:
