@@ -280,8 +280,8 @@ def to_response(call: A1111Call, effective: GenerationRequest, result: Generatio
     infotexts = [read_parameters(image.data) or result.parameters for image in result.images]
     written = infotext_parameters(infotexts[0])  # what the engine wrote: hashes, schedule, as A1111 reports them
     sampler, schedule = written.get("Sampler"), written.get("Schedule type")
-    if not sampler:
-        sampler, schedule = split_sampler(effective.scheduler or "")
+    if not sampler and effective.scheduler:
+        sampler, schedule = split_sampler(effective.scheduler)
     extra = {"Schedule type": schedule if schedule != "Automatic" else None, "Denoising strength": strength,
              "Lora hashes": written.get("Lora hashes")}  # A1111 lists the schedule only when it is not Automatic
     model_hash = written.get("Model hash")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from .errors import InvalidRequest, UploadError
 from .schema import GeneratedImage
 from .settings import Settings
-from .storage import redact
+from .storage import redact, s3_client, s3_error_kind
 
 log = logging.getLogger("sd_core.uploads")
 
@@ -113,24 +113,13 @@ class Uploader:
     def client(self):
         with self._lock:
             if self._client is None:
-                import boto3
-                from botocore.config import Config
-
                 custom = self.target.endpoint_url and "amazonaws.com" not in self.target.endpoint_url
-                config = Config(
-                    signature_version="s3v4",
-                    retries={"mode": "standard", "max_attempts": 4},
-                    connect_timeout=10, read_timeout=60,
+                self._client = s3_client(
+                    endpoint_url=self.target.endpoint_url, region=self.target.region,
+                    access_key_id=self.target.access_key_id, secret_access_key=self.target.secret_access_key,
+                    connect_timeout=10, read_timeout=60, max_attempts=4,
                     # Path-style addressing works on every S3-compatible store; AWS prefers virtual hosts.
-                    s3={"addressing_style": "path" if custom else "auto"},
-                    request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required",
-                    user_agent_extra="sd-serverless",
-                )
-                self._client = boto3.session.Session().client(
-                    "s3", endpoint_url=self.target.endpoint_url, region_name=self.target.region,
-                    aws_access_key_id=self.target.access_key_id,
-                    aws_secret_access_key=self.target.secret_access_key, config=config,
+                    path_style=bool(custom),
                 )
             return self._client
 
@@ -158,27 +147,24 @@ class Uploader:
             raise self._explain(exc, key) from None
 
     def _explain(self, exc: Exception, key: str) -> UploadError:
-        from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
-
         where = f"s3://{self.target.bucket}/{key} ({self.target.describe()})"
-        if isinstance(exc, ClientError):
-            code = str(exc.response.get("Error", {}).get("Code", "?"))
+        kind, code, _ = s3_error_kind(exc)
+        if code:  # the store answered with an error
             hint = {
-                "NoSuchBucket": "the bucket does not exist",
-                "AccessDenied": "the credentials may not write there (needs s3:PutObject)",
-                "InvalidAccessKeyId": "the access key id is unknown (check BUCKET_ACCESS_KEY_ID)",
-                "SignatureDoesNotMatch": "the secret does not match the key id (check BUCKET_SECRET_ACCESS_KEY)",
-            }.get(code, "the store refused the upload")
+                "no_bucket": "the bucket does not exist",
+                "denied": "the credentials may not write there (needs s3:PutObject)",
+                "bad_key_id": "the access key id is unknown (check BUCKET_ACCESS_KEY_ID)",
+                "bad_secret": "the secret does not match the key id (check BUCKET_SECRET_ACCESS_KEY)",
+            }.get(kind, "the store refused the upload")
             return UploadError(f"upload of {where} failed: {code}, {hint}", field="output")
-        if isinstance(exc, NoCredentialsError):
+        if kind == "no_credentials":
             return UploadError(f"no credentials for the output bucket {self.target.uri}: set BUCKET_ACCESS_KEY_ID "
                                "and BUCKET_SECRET_ACCESS_KEY (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
                                field="output")
-        if isinstance(exc, EndpointConnectionError):
+        if kind == "unreachable":
             return UploadError(f"cannot reach the output bucket endpoint for {where}", field="output")
-        if isinstance(exc, BotoCoreError):
-            return UploadError(f"upload of {where} failed: {type(exc).__name__}", field="output")
-        log.exception("unexpected upload error")
+        if kind == "other":
+            log.exception("unexpected upload error")
         return UploadError(f"upload of {where} failed: {type(exc).__name__}", field="output")
 
 

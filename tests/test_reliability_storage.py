@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import io
 import json
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,10 +22,10 @@ import yaml
 from PIL import Image
 
 from sd_core import storage
-from sd_core.cache import WeightsCache
 from sd_core.errors import ChecksumMismatch, FetchError
 from sd_core.schema import GenerationRequest
 from sd_core.settings import REPO_ROOT, Settings
+from sd_core.storage.cache import WeightsCache
 from tests.fixtures.fault_proxy import load_fault_proxy
 
 OBJECT_GETS = r"^/[^/?]+/[^?]+"  # GET /bucket/key (not the bucket listing)
@@ -294,3 +295,82 @@ def test_runpod_worker_reports_the_store_outage_on_every_job(pinned, s3_server, 
     assert job["error"].startswith("worker failed to start:"), job["error"]
     assert f"{pinned['base']}/tiny-sd15/diffusers/" in job["error"] and "503" in job["error"], job["error"]
     assert s3_server.secret_key not in server.log_text() + json.dumps(job)
+
+
+# --- a full cache disk ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 512 KiB filesystem (tmpfs) for the cache: writing past it fails with ENOSPC. Needs root (mount)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def assert_disk_full_handled(error: FetchError, uri: str, disk: Path) -> None:
+    """The error names the object (redacted), never a local path; nothing of the download is left on the disk."""
+    message = str(error)
+    assert message.startswith("SD_CACHE_DIR: not enough disk space in the weights cache for "), message
+    assert uri.split("?")[0] in message, message
+    assert str(disk) not in message and "/v1/" not in message and "staging/" not in message, message
+    assert "signed-secret" not in message, message
+    leftovers = [p for p in disk.rglob("*") if p.is_file() and "locks" not in p.relative_to(disk).parts]
+    assert leftovers == [], f"a disk-full download left files behind: {leftovers}"
+
+
+def test_disk_full_while_preallocating_deletes_the_partial_and_names_the_object(s3_server, s3_env, small_disk):
+    bucket = s3_server.make_bucket("full")
+    data = bytes(range(256)) * 8192  # 2 MiB: more than the disk holds
+    s3_server.client().put_object(Bucket=bucket, Key="big/model.safetensors", Body=data)
+    uri = f"s3://{bucket}/big/model.safetensors"
+    settings = Settings(cache_dir=small_disk, s3_endpoint_url=s3_server.endpoint_url, fetch_part_mb=0.25,
+                        fetch_retries=0, fetch_timeout_s=10.0)
+    with pytest.raises(FetchError) as info:
+        storage.fetch(uri, settings, sha256=hashlib.sha256(data).hexdigest())
+    assert_disk_full_handled(info.value, uri, small_disk)
+
+
+def test_disk_full_while_streaming_deletes_the_partial_and_names_the_object(upstream, small_disk):
+    uri = f"{upstream}/weights/model.bin?X-Amz-Signature=signed-secret"  # no Range support: one streaming GET, 1 MiB
+    with pytest.raises(FetchError) as info:
+        storage.fetch(uri, Settings(cache_dir=small_disk, fetch_retries=0, fetch_timeout_s=10.0))
+    assert_disk_full_handled(info.value, uri, small_disk)
+
+
+@pytest.mark.parametrize("on_limit", ["error", "killed"])
+def test_file_size_limit_mid_download(upstream, tmp_path, on_limit):
+    """RLIMIT_FSIZE (a real EFBIG from the kernel). Python ignores SIGXFSZ, so the write fails and the fetch cleans up
+    at once; with SIGXFSZ at its default the kernel kills the process mid-write instead: its partial file has no parts
+    record (it cannot be resumed) and is deleted when the next process opens the cache."""
+    import resource
+    import signal
+    import sys
+
+    cache_dir = tmp_path / "cache"
+    uri = f"{upstream}/weights/model.bin?X-Amz-Signature=signed-secret"
+    code = ("import signal\nfrom sd_core.settings import Settings\nfrom sd_core.storage import fetch\n"
+            + ("signal.signal(signal.SIGXFSZ, signal.SIG_DFL)\n" if on_limit == "killed" else "")
+            + f"fetch({uri!r}, Settings(cache_dir={str(cache_dir)!r}, fetch_retries=0))\n")
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=limit_file_size)
+    if on_limit == "error":
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("sd_core.errors.FetchError: SD_CACHE_DIR: not enough disk space"), last
+        assert uri.split("?")[0] in last and str(cache_dir) not in last and "signed-secret" not in last, last
+        assert [p for p in cache_dir.glob("v1/staging/**/*") if p.is_file()] == []
+        return
+    assert proc.returncode == -signal.SIGXFSZ, proc.stderr[-2000:]
+    (partial,) = [p for p in cache_dir.glob("v1/staging/*/partial/*")]
+    WeightsCache.from_settings(Settings(cache_dir=cache_dir))
+    assert not partial.exists() and list(cache_dir.glob("v1/staging/*")) == []

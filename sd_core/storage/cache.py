@@ -6,6 +6,7 @@ Layout under ``<SD_CACHE_DIR>/v1/``::
                                         is the entry's last use (LRU)
     entries/<key[:2]>/<key>/data/...    the object (data/<name>) or the folder tree (data/<relative path>)
     staging/<key>/                      a download in progress, or an interrupted one that the next fetch resumes
+                                        (partial/<h> + its parts record partial/<h>.json)
     locks/<key>.lock                    one filelock per key: downloading, committing and evicting take it
     trash/                              entries being deleted
 
@@ -19,6 +20,8 @@ Keys are hex sha256 digests:
 
 An entry only ever appears under ``entries/`` complete: the download is assembled under ``staging/<key>/`` and then
 renamed into place in one step, with meta.json written before the rename. Entries are immutable afterwards.
+The first time a process opens a cache (``from_settings``) it deletes what no fetch can resume from staging/ folders
+nobody holds locked: partial files without a parts record, parts records without a partial file, temp files.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -37,8 +41,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from .errors import FetchError
-from .settings import Settings
+from ..errors import FetchError
+from ..settings import Settings
 
 log = logging.getLogger("sd_core.fetch")
 
@@ -59,8 +63,24 @@ def uri_key(*parts: str) -> str:
 
 def write_json_atomic(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _is_parts_record(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()).get("done"), list)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+_SWEPT: set[Path] = set()  # cache roots this process has already swept
+_SWEPT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -103,7 +123,14 @@ class WeightsCache:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WeightsCache:
-        return cls(settings.cache_dir, int(settings.cache_max_gb * GB))
+        """The configured cache; the first open in this process sweeps unresumable leftovers from staging/."""
+        cache = cls(settings.cache_dir, int(settings.cache_max_gb * GB))
+        with _SWEPT_LOCK:
+            first = cache.root not in _SWEPT
+            _SWEPT.add(cache.root)
+        if first:
+            cache.sweep_staging()
+        return cache
 
     # --- paths ---
     def entry_dir(self, key: str) -> Path:
@@ -176,8 +203,8 @@ class WeightsCache:
                     continue
                 waited += LOCK_LOG_EVERY_S
                 if waited >= LOCK_WAIT_S:
-                    raise FetchError(f"gave up after {waited:.0f}s waiting for another process fetching {label} "
-                                     f"(lock {self._lock_path(key)})") from None
+                    raise FetchError(f"gave up after {waited:.0f}s waiting for another process fetching {label}",
+                                     field="uri") from None
                 log.info("still waiting (%.0fs) for another process fetching %s", waited, label)
         try:
             yield
@@ -201,7 +228,8 @@ class WeightsCache:
         os.rename(staging, target)
         entry = self.lookup(key)
         if entry is None:
-            raise FetchError(f"cache entry {target} vanished right after it was written")
+            raise FetchError(f"the cache entry for {meta.get('uri') or key[:12]} vanished right after it was written",
+                             field="SD_CACHE_DIR")
         return entry
 
     def remove(self, key: str) -> None:
@@ -218,6 +246,48 @@ class WeightsCache:
         except FileNotFoundError:
             return
         shutil.rmtree(dest, ignore_errors=True)
+
+    def sweep_staging(self) -> int:
+        """Delete what no fetch can resume from staging/ folders no process holds locked (housekeeping: never
+        raises). A partial file is resumable only with its parts record; a folder left empty goes. Returns the count
+        of files deleted."""
+        deleted = 0
+        for staging in list(self.root.glob("staging/*")):
+            lock = FileLock(self._lock_path(staging.name))
+            try:
+                self._lock_path(staging.name).parent.mkdir(parents=True, exist_ok=True)
+                lock.acquire(timeout=0)
+            except (Timeout, OSError):
+                continue  # being fetched right now (or a read-only volume)
+            try:
+                deleted += self._sweep_one(staging)
+            except OSError as exc:
+                log.warning("cache: cannot clean the interrupted download %s: %s", staging.name[:12], exc.strerror)
+            finally:
+                lock.release()
+        if deleted:
+            log.info("cache: deleted %d unresumable leftover file(s) of interrupted downloads", deleted)
+        return deleted
+
+    @staticmethod
+    def _sweep_one(staging: Path) -> int:
+        doomed = [p for p in staging.rglob("*.tmp") if p.is_file()]
+        partial = staging / "partial"
+        if partial.is_dir():
+            for p in partial.iterdir():
+                if p.suffix == ".json":
+                    if not p.with_suffix("").exists():
+                        doomed.append(p)
+                elif not p.name.endswith(".tmp") and not _is_parts_record(p.with_name(p.name + ".json")):
+                    doomed += [p, p.with_name(p.name + ".json")]
+        deleted = 0
+        for p in doomed:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                deleted += 1
+        if not any(p.is_file() for p in staging.rglob("*")):
+            shutil.rmtree(staging, ignore_errors=True)
+        return deleted
 
     # --- eviction ---
     def _staging_dirs(self) -> Iterable[tuple[Path, int, float]]:

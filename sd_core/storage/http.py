@@ -1,0 +1,134 @@
+"""The http(s):// source: presigned URLs and plain HTTPS downloads through requests, ranged when the server allows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from urllib.parse import urlsplit
+
+from ..errors import FetchError
+from ..settings import Settings
+from .cache import uri_key
+from .objects import CHUNK, RemoteObject, Transient, backoff
+from .uris import Location, stable_url
+
+
+class HttpSource:
+    """http(s):// objects (presigned URLs included) through requests, ranged when the server allows it."""
+
+    def __init__(self, loc: Location, settings: Settings, user_url: bool = False):
+        self.loc = loc
+        self.settings = settings
+        self.user_url = user_url  # from a request: sd_core.user_urls's policy at every redirect, size/time limits
+        self._local = threading.local()
+
+    @property
+    def session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = requests.Session()
+            adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=1, max_retries=0)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            session.headers["User-Agent"] = "sd-serverless"
+            self._local.session = session
+        return session
+
+    @property
+    def timeout(self) -> tuple[float, float]:
+        return (min(10.0, self.settings.fetch_timeout_s), self.settings.fetch_timeout_s)
+
+    def object_key(self) -> str:
+        return uri_key("http", stable_url(self.loc.uri))
+
+    def prefix_key(self, pins: dict[str, str]) -> str:  # pragma: no cover - http prefixes are refused earlier
+        raise FetchError(f"cannot list {self.loc.display}: http(s) URLs name single files", field="uri")
+
+    def _status_error(self, status: int) -> FetchError | None:
+        where = self.loc.display
+        if status in (404, 410):
+            return FetchError(f"object not found: {where} (HTTP {status})", field="uri")
+        if status in (401, 403):
+            return FetchError(f"access denied to {where} (HTTP {status}); a presigned URL may have expired",
+                              field="credentials")
+        if status == 412:
+            return FetchError(f"{where} changed on the server during the download (ETag differs); fetch again",
+                              field="uri")
+        if status >= 500 or status == 429:
+            return None  # transient
+        if status >= 400:
+            return FetchError(f"HTTP {status} from {where}", field="uri")
+        return None
+
+    def _get(self, headers: dict):
+        import requests
+
+        try:
+            if self.user_url:
+                from ..user_urls import open_user_url
+
+                return open_user_url(self.loc.uri, field="uri", settings=self.settings, headers=headers)
+            return self.session.get(self.loc.uri, headers={"Accept-Encoding": "identity", **headers}, stream=True,
+                                    timeout=self.timeout, allow_redirects=True)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise Transient(f"cannot reach {urlsplit(self.loc.uri).netloc.rsplit('@', 1)[-1]}: "
+                             f"{type(exc).__name__}") from None
+
+    def stat(self) -> RemoteObject:
+        """Probe with a 1-byte ranged GET (a HEAD would fail on URLs presigned for GET)."""
+        retries = self.settings.fetch_retries
+        for attempt in range(retries + 1):
+            try:
+                with self._get({"Range": "bytes=0-0"}) as response:
+                    status = response.status_code
+                    error = self._status_error(status)
+                    if error is not None:
+                        raise error
+                    etag = response.headers.get("ETag")
+                    if status == 206:
+                        total = response.headers.get("Content-Range", "").rpartition("/")[2]
+                        if total.isdigit():
+                            return RemoteObject(self.loc.name, self.loc.uri, int(total), etag)
+                        return RemoteObject(self.loc.name, self.loc.uri, None, etag, ranges=False)
+                    if status == 416:
+                        return RemoteObject(self.loc.name, self.loc.uri, 0, etag)
+                    if status == 200:
+                        length = response.headers.get("Content-Length")
+                        size = int(length) if length and length.isdigit() else None
+                        return RemoteObject(self.loc.name, self.loc.uri, size, etag, ranges=False)
+                    raise Transient(f"HTTP {status}")
+            except Transient as exc:
+                if attempt == retries:
+                    raise FetchError(f"cannot fetch {self.loc.display} after {retries + 1} attempts: {exc}",
+                                     field="uri") from None
+                time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")
+
+    def list(self) -> list[RemoteObject]:
+        raise FetchError(f"cannot list {self.loc.display}: http(s) URLs name single files, not folders", field="uri")
+
+    def read_range(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
+        import requests
+
+        headers = {}
+        if end is not None and obj.ranges:
+            headers["Range"] = f"bytes={start}-{end}"
+            if obj.etag and not obj.etag.startswith("W/"):
+                headers["If-Match"] = obj.etag
+        response = self._get(headers)
+        with response:
+            status = response.status_code
+            error = self._status_error(status)
+            if error is not None:
+                raise error
+            if status >= 500 or status == 429:
+                raise Transient(f"HTTP {status}")
+            if headers.get("Range") and status != 206:
+                raise FetchError(f"{self.loc.display} ignored a Range request (HTTP {status})", field="uri")
+            try:
+                for chunk in response.iter_content(CHUNK):
+                    sink(chunk)
+            except requests.RequestException as exc:
+                raise Transient(f"{type(exc).__name__} while streaming") from None

@@ -1,0 +1,94 @@
+"""Verification of local bytes: sha256 of files (memoised), local paths and folders, hf:// via huggingface_hub."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from ..errors import ChecksumMismatch, FetchError
+from ..settings import Settings
+from .uris import Location, safe_relpath
+
+log = logging.getLogger("sd_core.fetch")
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+_SHA_MEMO_LOCK = threading.Lock()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a local file; remembered per (path, size, mtime) within the process."""
+    st = path.stat()
+    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    with _SHA_MEMO_LOCK:
+        if memo_key in _SHA_MEMO:
+            return _SHA_MEMO[memo_key]
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    with _SHA_MEMO_LOCK:
+        _SHA_MEMO[memo_key] = digest
+    return digest
+
+
+def verify_local(path: Path, display: str, sha256: str | None, size: int | None,
+                  files: dict[str, str] | None) -> Path:
+    """`path` itself once its size, sha256 and pinned files check out; FetchError / ChecksumMismatch otherwise."""
+    if not path.exists():
+        raise FetchError(f"not found: {display}", field="uri")
+    if path.is_file():
+        if size is not None and path.stat().st_size != size:
+            raise ChecksumMismatch(f"size mismatch for {display}: {path.stat().st_size} bytes, the manifest says "
+                                   f"{size}", field="size")
+        if sha256 and (digest := file_sha256(path)) != sha256:
+            raise ChecksumMismatch(f"sha256 mismatch for {display}: expected {sha256}, got {digest}", field="sha256")
+    elif sha256:
+        raise FetchError(f"{display} is a folder: pin its files' checksums with `files`, not `sha256`",
+                         field="sha256")
+    for rel, expected in (files or {}).items():
+        member = path / safe_relpath(rel, display)
+        if not member.is_file():
+            raise FetchError(f"pinned file {rel!r} is missing under {display}", field="files")
+        if (digest := file_sha256(member)) != expected:
+            raise ChecksumMismatch(f"sha256 mismatch for {display.rstrip('/')}/{rel}: expected {expected}, got "
+                                   f"{digest}", field="files")
+    return path
+
+
+def fetch_hf(loc: Location, settings: Settings, sha256: str | None, size: int | None,
+              files: dict[str, str] | None) -> Path:
+    """hf://org/repo[@rev][/path] through huggingface_hub into its own cache under SD_CACHE_DIR/hf (token: HF_TOKEN)."""
+    try:
+        from huggingface_hub import errors as hf_errors
+        from huggingface_hub import hf_hub_download, snapshot_download
+    except ImportError:  # pragma: no cover - huggingface_hub is a runtime requirement
+        raise FetchError(f"huggingface_hub is not installed: cannot fetch {loc.display}", field="uri") from None
+    cache_dir = Path(settings.cache_dir) / "hf"
+    t0 = time.monotonic()
+    try:
+        if loc.is_prefix:
+            sub = loc.path.rstrip("/")
+            root = snapshot_download(repo_id=loc.host, revision=loc.revision, cache_dir=cache_dir,
+                                     allow_patterns=[f"{sub}/*"] if sub else None,
+                                     max_workers=settings.fetch_concurrency)
+            path = Path(root) / sub if sub else Path(root)
+        else:
+            path = Path(hf_hub_download(repo_id=loc.host, filename=loc.path, revision=loc.revision,
+                                        cache_dir=cache_dir))
+    except hf_errors.GatedRepoError:
+        raise FetchError(f"{loc.display}: gated repository; accept its terms and set HF_TOKEN", field="uri") from None
+    except hf_errors.RepositoryNotFoundError:
+        raise FetchError(f"repository not found or not accessible: {loc.display} (set HF_TOKEN for private repos)",
+                         field="uri") from None
+    except hf_errors.RevisionNotFoundError:
+        raise FetchError(f"revision not found: {loc.display}", field="uri") from None
+    except hf_errors.LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: test it first)
+        raise FetchError(f"cannot fetch {loc.display}: the hub is unreachable (or HF_HUB_OFFLINE is set) and it is "
+                         "not in the local hub cache", field="uri") from None
+    except hf_errors.EntryNotFoundError:
+        raise FetchError(f"object not found: {loc.display}", field="uri") from None
+    except Exception as exc:
+        raise FetchError(f"cannot fetch {loc.display}: {type(exc).__name__}", field="uri") from None
+    log.info("fetched %s via huggingface_hub in %.2fs -> %s", loc.display, time.monotonic() - t0, path)
+    return verify_local(path, loc.display, sha256, size, files)
