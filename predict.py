@@ -2,8 +2,9 @@
 
 # Every Input() below is written out literally (numbers, strings, lists; no imported constants): `cog build` reads
 # this signature statically from the source to make the model's OpenAPI schema, and silently drops bounds it cannot
-# resolve. tests/test_cog_schema.py checks that names, defaults, bounds and choices equal GenerationRequest's, and
-# scripts/write_cog_schema.py writes .cog/openapi_schema.json (what `cog build` would) for the local Cog server.
+# resolve. tests/tooling/test_cog_schema.py checks that names, defaults, bounds and choices equal GenerationRequest's,
+# and scripts/checks/write_cog_schema.py writes .cog/openapi_schema.json (what `cog build` would) for the local Cog
+# server.
 
 import asyncio
 import contextvars

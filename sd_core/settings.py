@@ -1,7 +1,7 @@
 """Worker configuration: every environment variable sd-serverless reads is read here, and only here.
 
 Each setting's variable name, default and meaning live on its field (:func:`setting`); ``docs/configuration.md``
-is generated from them (``python scripts/write_config_docs.py``) and a test fails when it is stale.
+is generated from them (``python scripts/checks/write_config_docs.py``) and a test fails when it is stale.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ def env_name(name: str) -> str:
 def configuration_markdown() -> str:
     """docs/configuration.md: every setting's variable, default and meaning, by section, from the fields."""
     lines = ["# Configuration", "",
-             "<!-- GENERATED from sd_core/settings.py by scripts/write_config_docs.py: do not edit. -->", "",
+             "<!-- GENERATED from sd_core/settings.py by scripts/checks/write_config_docs.py: do not edit. -->", "",
              "Every environment variable the worker reads, read in one place (`sd_core/settings.py`, `Settings`). "
              "Booleans take `1`/`true`/`yes`/`on`; lists are comma-separated.", ""]
     for f in fields(Settings):

@@ -1,0 +1,1 @@
+"""Development tools the tests, benchmarks and scripts import (never part of an image)."""

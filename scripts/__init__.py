@@ -1,0 +1,1 @@
+"""Command-line scripts by purpose: ops/ (operations), checks/ (generated files), bench/ (benchmarks)."""

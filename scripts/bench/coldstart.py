@@ -1,0 +1,143 @@
+"""Benchmark `coldstart`: process start -> ready (python, imports, fetch, load), from a warm cache vs from S3."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scripts.bench.common import ARCH, PROMPT, ROOT, BenchModel, log, med, prepare_model, seconds_of
+
+CHILD_TAG = "COLDSTART_JSON "
+
+
+def coldstart_child(args) -> int:
+    """Runs in a fresh process: time each cold-start phase, print them as one JSON line.
+
+    --mode split: the phases one after another (import diffusers, fetch, load), to see what each costs;
+    --mode preload: what the adapters do (Engine(settings).preload(): downloads overlap the diffusers import).
+    """
+    marks = {"main": time.time()}
+    import sd_core.engine  # torch, pydantic, our modules
+
+    marks["import_sd_core"] = time.time()
+    from sd_core.schema import GenerationRequest
+    from sd_core.settings import Settings
+
+    settings = Settings.from_env()
+    if args.mode == "split":
+        import diffusers
+
+        getattr(diffusers, "StableDiffusionXLPipeline" if args.arch == "sdxl" else "StableDiffusionPipeline")
+        marks["import_diffusers"] = time.time()
+    engine = sd_core.engine.Engine(settings)
+    marks["engine"] = time.time()
+    if args.mode == "split":
+        from sd_core.models import fetch_model
+
+        fetch_model(engine.catalog.get(args.name), settings)
+        marks["fetch"] = time.time()
+    engine.preload()  # split: the fetch above filled the cache, so this is the load (plus a cache lookup)
+    marks["load" if args.mode == "split" else "preload"] = time.time()
+    engine.generate(GenerationRequest(prompt=PROMPT, model=args.name, width=args.size, height=args.size,
+                                      num_inference_steps=2, seed=1))
+    marks["first_request"] = time.time()
+    print(CHILD_TAG + json.dumps(marks), flush=True)
+    return 0
+
+
+COLD_LABELS = {
+    "python": "python start", "import_sd_core": "import sd_core.engine (torch)",
+    "import_diffusers": "import diffusers pipeline", "engine": "Engine() (manifests, device)",
+    "fetch": "fetch (cache hit / S3 download)", "load": "load pipeline", "ready_split": "= ready, phases in a row",
+    "preload": "Engine.preload (fetch || import, load)", "ready": "= ready, as the adapters start",
+    "first_request": "first request (2 steps), after ready",
+}
+
+
+def bench(args, work: Path) -> dict:
+    from tests.fixtures.s3 import SeaweedFS
+
+    model = prepare_model(args.model, args.model_cache)
+    models_dir = model.models_dir(work / "models-s3", pinned=True)
+    files = [p for p in sorted((model.bucket / model.folder).rglob("*")) if p.is_file()]
+    size_mb = sum(p.stat().st_size for p in files) / 1e6
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with SeaweedFS(work / "seaweedfs") as s3:
+        bucket = s3.make_bucket("bench")
+        client = s3.client()
+        t, _ = seconds_of(lambda: [client.upload_file(str(p), bucket, p.relative_to(model.bucket).as_posix())
+                                   for p in files])
+        log(f"uploaded {model.name} ({len(files)} files, {size_mb:.0f} MB) to the local S3 server in {t:.1f} s")
+        env = {**os.environ, **s3.env, "SD_MODELS_DIR": str(models_dir), "SD_WEIGHTS_URI": f"s3://{bucket}",
+               "SD_DEVICE": args.device, "SD_DTYPE": args.dtype, "SD_PRELOAD_MODELS": model.name,
+               "SD_DEFAULT_MODEL": model.name, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        modes = ("preload",) if args.smoke else ("split", "preload")
+        for r in range(args.rounds):
+            for mode in modes:
+                cache = work / f"coldstart-cache-{r}-{mode}"
+                for source in ("s3", "warm"):  # the warm run reuses the cache the S3 run just filled
+                    marks = run_child(args, model, mode, {**env, "SD_CACHE_DIR": str(cache)})
+                    runs.setdefault((source, mode), []).append(marks)
+                    detail = (f"fetch {marks['fetch']:.2f} s, load {marks['load']:.2f} s" if mode == "split"
+                              else f"preload {marks['preload']:.2f} s")
+                    log(f"  round {r + 1}/{args.rounds} {source:>4} {mode:>7}: ready in {marks['ready']:.2f} s "
+                        f"({detail})")
+                shutil.rmtree(cache, ignore_errors=True)
+    summary: dict[str, dict[str, float]] = {}
+    nan = float("nan")
+    for source in ("warm", "s3"):
+        split = {k: med(v) for k, v in _columns(runs.get((source, "split"), [])).items()}
+        real = {k: med(v) for k, v in _columns(runs[(source, "preload")]).items()}
+        row = {k: split.get(k, nan) for k in ("python", "import_sd_core", "import_diffusers", "engine", "fetch",
+                                               "load")}
+        row.update(ready_split=split.get("ready", nan), preload=real["preload"], ready=real["ready"],
+                   first_request=real["first_request"])
+        summary[source] = {k: round(v, 3) for k, v in row.items()}
+    log("")
+    log(f"cold start, process start -> ready ({model.name}, {size_mb:.0f} MB, {args.device}/{args.dtype}; "
+        f"median of {args.rounds}; seconds):")
+    log(f"  {'phase':<40} {'warm cache':>11} {'from S3':>9}")
+    def cell(value: float, width: int) -> str:
+        return f"{value:{width}.2f}" if math.isfinite(value) else " " * (width - 1) + "-"
+
+    for key, label in COLD_LABELS.items():
+        log(f"  {label:<40} {cell(summary['warm'][key], 11)} {cell(summary['s3'][key], 9)}")
+    ratio = summary["s3"]["ready"] / summary["warm"]["ready"]
+    fetch_mb_s = size_mb / summary["s3"]["fetch"] if summary["s3"]["fetch"] > 0 else float("nan")
+    saved = summary["s3"]["ready_split"] - summary["s3"]["ready"]
+    log(f"ratio cold start from S3 / from warm cache: {ratio:.2f}x")
+    if math.isfinite(saved):
+        overlap = summary["s3"]["ready"] / summary["s3"]["ready_split"]
+        log(f"S3 fetch alone: {summary['s3']['fetch']:.2f} s = {fetch_mb_s:.0f} MB/s; ratio preload (fetch overlapped "
+            f"with imports) / phases in a row, from S3: {overlap:.2f}x ({saved:.2f} s saved)")
+    return {"model": model.name, "size_mb": round(size_mb, 1), "rounds": args.rounds, "seconds": summary,
+            "s3_vs_warm": round(ratio, 3), "s3_fetch_mb_s": round(fetch_mb_s, 1)}
+
+
+def _columns(marks: list[dict]) -> dict[str, list[float]]:
+    return {key: [m[key] for m in marks] for key in marks[0]} if marks else {}
+
+
+def run_child(args, model: BenchModel, mode: str, env: dict) -> dict:
+    command = [sys.executable, "-m", "scripts.bench", "_coldstart-child", "--name", model.name,
+               "--arch", ARCH[model.kind], "--size", str(args.size), "--mode", mode]
+    t0 = time.time()
+    proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          stdin=subprocess.DEVNULL, timeout=1800, cwd=ROOT)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith(CHILD_TAG)), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"cold-start child failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
+    marks = json.loads(line[len(CHILD_TAG):])
+    order = [k for k in ("main", "import_sd_core", "import_diffusers", "engine", "fetch", "load", "preload",
+                         "first_request") if k in marks]
+    out = {"python": marks["main"] - t0}
+    for previous, key in zip(order, order[1:], strict=False):
+        out[key] = marks[key] - marks[previous]
+    out["ready"] = marks["load" if mode == "split" else "preload"] - t0
+    return out

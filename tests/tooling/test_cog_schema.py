@@ -1,0 +1,179 @@
+"""predict.py's Cog inputs equal GenerationRequest's fields, `cog build` can read them, the schema is fresh."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.checks.write_cog_schema import build_schema
+from sd_core.schema import GenerationRequest, LoraSpec
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
+
+# GenerationRequest fields that Cog exposes differently, on purpose:
+#   image, mask -> Cog file inputs (cog.Path, format uri); run() gets the data URI / URL text (cog_inputs.py).
+#   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale): Replicate's LoRA convention.
+AS_FILES = {"image", "mask"}
+REPLACED = {"loras"}
+LORA_INPUTS = {"lora_weights": "source", "lora_scale": "scale"}
+# Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
+# rejects the boundary value itself with a readable error (a failed prediction naming the field).
+EXCLUSIVE_BOUNDS = {("strength", "minimum")}
+
+
+@pytest.fixture(scope="module")
+def openapi() -> dict:
+    return build_schema("predict", "Runner")
+
+
+@pytest.fixture(scope="module")
+def cog_inputs(openapi) -> dict[str, dict]:
+    """Cog's Input properties with `choices` resolved: name -> {type, enum, minimum, ..., default, nullable}."""
+    schemas = openapi["components"]["schemas"]
+    inputs = {}
+    for name, prop in schemas["Input"]["properties"].items():
+        flat = {k: v for k, v in prop.items() if k not in ("allOf", "x-order", "title", "description")}
+        for ref in prop.get("allOf", []):
+            enum = schemas[ref["$ref"].rsplit("/", 1)[1]]
+            flat.update(type=enum["type"], enum=enum["enum"])
+        flat.setdefault("nullable", False)
+        inputs[name] = flat
+    return inputs
+
+
+def pydantic_field(model, name: str) -> dict:
+    """One field of a pydantic model in the same flat form (anyOf-with-null -> nullable, exclusive -> inclusive)."""
+    prop = dict(model.model_json_schema()["properties"][name])
+    flat = {"nullable": False}
+    branches = prop.pop("anyOf", None)
+    if branches:
+        flat["nullable"] = {"type": "null"} in branches
+        (prop_type,) = [b for b in branches if b != {"type": "null"}]
+        prop.update(prop_type)
+    for key in ("type", "enum", "minimum", "maximum", "minLength", "maxLength"):
+        if key in prop:
+            flat[key] = prop[key]
+    for exclusive, inclusive in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if exclusive in prop:
+            assert (name, inclusive) in EXCLUSIVE_BOUNDS, f"{name}: new exclusive bound; list it or change it"
+            flat[inclusive] = prop[exclusive]
+    info = model.model_fields[name]
+    flat["default"] = info.get_default(call_default_factory=True)
+    return flat
+
+
+def comparable(cog: dict) -> dict:
+    out = {k: v for k, v in cog.items() if k in ("type", "enum", "minimum", "maximum", "minLength", "maxLength")}
+    out["nullable"] = cog["nullable"]
+    out["default"] = cog.get("default")
+    return out
+
+
+def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS)
+    assert set(cog_inputs) == expected
+
+
+@pytest.mark.parametrize("name", sorted(set(GenerationRequest.model_fields) - AS_FILES - REPLACED))
+def test_cog_input_has_the_request_fields_default_bounds_and_choices(cog_inputs, name):
+    assert comparable(cog_inputs[name]) == pydantic_field(GenerationRequest, name)
+
+
+@pytest.mark.parametrize("name", sorted(AS_FILES))
+def test_image_inputs_are_optional_cog_files(cog_inputs, name):
+    assert pydantic_field(GenerationRequest, name) == {"nullable": True, "type": "string", "default": None}
+    assert cog_inputs[name] == {"type": "string", "format": "uri", "nullable": True, "default": None}
+
+
+def test_lora_inputs_follow_lora_spec(cog_inputs):
+    source = pydantic_field(LoraSpec, "source")
+    assert GenerationRequest.model_fields["loras"].default_factory() == []  # no LoRA unless asked: input optional
+    assert comparable(cog_inputs["lora_weights"]) == {**source, "nullable": True, "default": None}
+    assert comparable(cog_inputs["lora_scale"]) == pydantic_field(LoraSpec, "scale")
+
+
+def test_the_comparison_notices_a_drifted_bound(cog_inputs):
+    drifted = {**cog_inputs["num_inference_steps"], "maximum": 50}
+    assert comparable(drifted) != pydantic_field(GenerationRequest, "num_inference_steps")
+
+
+def test_run_is_async_and_concurrent():
+    predict = pytest.importorskip("predict")
+    assert inspect.iscoroutinefunction(predict.Runner.run)
+    assert predict.Runner.run.__cog_concurrent_max__ > 1
+
+
+# --- what `cog build` can read statically ------------------------------------------------------------------------
+def _module_literals(tree: ast.Module) -> dict[str, object]:
+    values = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                values[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:
+                pass
+    return values
+
+
+def test_run_signature_uses_only_literals_cog_build_can_read():
+    """`cog build` parses predict.py (tree-sitter, no Python): Input() arguments must be plain literals. It reads
+    ge/le/min_length/max_length as plain numbers (no `_`, no expressions), strings without escapes or implicit
+    concatenation, and choices as a list literal or a module-level list; anything else is dropped silently."""
+    source = (REPO / "predict.py").read_text()
+    tree = ast.parse(source)
+    module_values = _module_literals(tree)
+    runner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Runner")
+    run = next(n for n in runner.body if isinstance(n, ast.AsyncFunctionDef) and n.name == "run")
+    decorator = ast.get_source_segment(source, run.decorator_list[0])
+    assert decorator.startswith("cog.concurrent(max=") and int(decorator[len("cog.concurrent(max="):-1]) > 1
+    problems = []
+    for arg, default in zip(run.args.args[1:], run.args.defaults, strict=True):
+        assert isinstance(default, ast.Call) and ast.unparse(default.func) == "Input", arg.arg
+        for kw in default.keywords:
+            seg = ast.get_source_segment(source, kw.value)
+            where = f"{arg.arg}.{kw.arg} = {seg}"
+            if kw.arg in ("ge", "le", "min_length", "max_length"):
+                try:
+                    float(seg)
+                    assert "_" not in seg
+                except (ValueError, AssertionError):
+                    problems.append(f"{where}: not a plain number")
+            elif kw.arg == "choices":
+                value = module_values.get(seg) if isinstance(kw.value, ast.Name) else None
+                if not isinstance(kw.value, ast.List | ast.Name) or (isinstance(kw.value, ast.Name) and value is None):
+                    problems.append(f"{where}: not a list literal or module-level list")
+            elif kw.arg == "description":
+                plain = seg[:1] in "\"'" and seg[-1:] == seg[:1] and seg.count(seg[0]) == 2 and "\\" not in seg
+                if not plain:
+                    problems.append(f"{where}: not one plain string literal")
+            elif kw.arg == "default":
+                try:
+                    ast.literal_eval(kw.value)
+                except ValueError:
+                    problems.append(f"{where}: not a literal")
+    assert problems == []
+    assert ast.unparse(run.returns) == "list[Path]"
+
+
+# --- .cog/openapi_schema.json -------------------------------------------------------------------------------------
+def test_committed_openapi_schema_is_current():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+
+
+def test_check_fails_on_a_stale_schema(tmp_path, openapi):
+    stale = json.loads(json.dumps(openapi))
+    stale["components"]["schemas"]["Input"]["properties"]["num_outputs"]["maximum"] = 99
+    path = tmp_path / "openapi_schema.json"
+    path.write_text(json.dumps(stale, indent=2) + "\n")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--check", "--output", str(path)], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 1 and "stale" in result.stderr
