@@ -86,7 +86,7 @@ def test_workflow_scripts_never_expand_secrets_inline():
 
 def test_images_cli_without_engine_says_where_it_looked(tmp_path):
     socket = tmp_path / "no-engine.sock"
-    proc = subprocess.run([sys.executable, "scripts/ops/images.py", "build", "-t", "sd-test:x"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "scripts/ops/container_images.py", "build", "-t", "sd-test:x"], cwd=REPO,
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "DOCKER_HOST": f"unix://{socket}"})
     assert proc.returncode == 2, proc.stderr
@@ -96,8 +96,8 @@ def test_images_cli_without_engine_says_where_it_looked(tmp_path):
 
 
 def test_images_cli_refuses_a_password_on_the_command_line():
-    proc = subprocess.run([sys.executable, "scripts/ops/images.py", "push", "-t", "r.example/x:y", "--username", "u"],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "scripts/ops/container_images.py", "push", "-t", "r.example/x:y",
+                           "--username", "u"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--password-stdin" in proc.stderr
 

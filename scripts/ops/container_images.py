@@ -1,8 +1,10 @@
 """Build and push the RunPod image from a developer machine, through any Docker-API engine (the docker SDK).
 
-    python scripts/ops/images.py build -t sd-serverless-runpod:dev
-    python scripts/ops/images.py build -t sd-serverless-runpod:cpu --torch-index-url https://download.pytorch.org/whl/cpu
-    python scripts/ops/images.py push -t ghcr.io/OWNER/sd-serverless-runpod:dev --username OWNER --password-stdin
+    python scripts/ops/container_images.py build -t sd-serverless-runpod:dev
+    python scripts/ops/container_images.py build -t sd-serverless-runpod:cpu \
+        --torch-index-url https://download.pytorch.org/whl/cpu
+    python scripts/ops/container_images.py push -t ghcr.io/OWNER/sd-serverless-runpod:dev --username OWNER \
+        --password-stdin
 
 The engine is the one the docker SDK finds: DOCKER_HOST (and DOCKER_TLS_VERIFY / DOCKER_CERT_PATH), else the local
 Docker socket. podman serves the same API: ``podman system service --time=0 unix:///tmp/podman.sock &`` and
