@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import Cancelled, OutOfMemory, WorkerUnhealthy
@@ -12,15 +13,15 @@ from .lora import LoraManager
 from .pipelines import PipelinePool
 
 
+@dataclass
 class Denoiser:
     """Owns the GPU: one batch at a time gets its pipeline from the pool, its scheduler, exactly its LoRA set, and
     the ``pipe(**kwargs)`` call. Used by the micro-batcher, or directly by the engine when batching is off."""
 
-    def __init__(self, pool: PipelinePool, loras: LoraManager, placement: Placement):
-        self.pool = pool
-        self.loras = loras
-        self.placement = placement
-        self._gpu_lock = threading.Lock()
+    pool: PipelinePool
+    loras: LoraManager
+    placement: Placement
+    _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def run(self, jobs: list[Job]) -> list[list]:
         """Denoise one batch of compatible jobs (same model, mode, size, steps, scheduler, guidance) in one call;

@@ -73,10 +73,8 @@ class Engine:
             # 7. encode, with the infotext
             return self.finish(job, images)
 
-    def prepare(
-        self, request: GenerationRequest, *, on_step: StepCallback | None = None,
-        should_cancel: CancelCheck | None = None,
-    ) -> Job:
+    def prepare(self, request: GenerationRequest, *, on_step: StepCallback | None = None,
+                should_cancel: CancelCheck | None = None) -> Job:
         """Stages 1-4, everything that needs no GPU: defaults, input images, pixel budget, LoRAs, seeds."""
         started = time.perf_counter()
         # 1. resolve: the model, and the request's empty parameters from its defaults
@@ -155,14 +153,6 @@ class Engine:
                 field="num_outputs",
             )
 
-    def _check_pixel_budget(self, width: int, height: int, count: int) -> None:
-        if width * height * count > self.settings.max_pixels:
-            raise InvalidRequest(
-                f"{count} x {width}x{height} = {width * height * count} pixels exceeds this worker's budget of "
-                f"{self.settings.max_pixels} pixels (SD_MAX_PIXELS); ask for fewer or smaller images",
-                field="num_outputs",
-            )
-
     def preload(self) -> dict[str, float]:
         """Cold start: fetch and load every model named by SD_PRELOAD_MODELS. Returns seconds per model.
 
@@ -201,7 +191,7 @@ def _infotext_prompt(job: Job) -> tuple[str, dict[str, str]]:
     Each <lora:...> tag stays where the user put it, written with the weights used (a manifest's default scale made
     explicit); LoRAs of the request's `loras` field are appended as tags, so A1111 applies them too.
     """
-    listed = len(job.request.loras)  # LoraManager.prepare resolves the field's LoRAs first, then the prompt's tags
+    listed = len(job.request.loras)  # stage 4 resolves the field's LoRAs first, then the prompt's tags
     from_field, from_tags = job.loras[:listed], job.loras[listed:]
     prompt = job.prompt or job.request.prompt
     if from_tags and len(TAG.findall(prompt)) == len(from_tags):

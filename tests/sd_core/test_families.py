@@ -1,4 +1,4 @@
-"""Model families (sd_core/families): the registry, single-file detection on the tiny checkpoints, one room per family."""
+"""Model families (sd_core/families): the registry, single-file detection on the tiny checkpoints, no branches."""
 
 import re
 from pathlib import Path
