@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .batching import MicroBatcher
 from .denoise import Denoiser
 from .device import choose_placement
-from .errors import Cancelled, InvalidRequest
+from .errors import Cancelled, InvalidRequest, quote
 from .images import prepare_init_images
 from .jobs import CancelCheck, Job, StepCallback
 from .lora import LoraManager, ResolvedLora
@@ -143,6 +143,10 @@ class Engine:
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "scheduler": request.scheduler or defaults.scheduler,
         })
+        runs = manifest.family.schedulers()
+        if filled.scheduler not in runs:
+            raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family; valid: "
+                                 f"{', '.join(runs)}", field="scheduler")
         return manifest, filled
 
     def _check_pixel_budget(self, width: int, height: int, count: int) -> None:

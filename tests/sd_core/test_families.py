@@ -7,8 +7,10 @@ import pytest
 
 from sd_core import families
 from sd_core.checkpoints import checkpoint_keys
-from sd_core.errors import ManifestError
+from sd_core.errors import InvalidRequest, ManifestError
+from sd_core.families.base import ModelFamily
 from sd_core.models import ModelManifest
+from sd_core.schema import GenerationRequest
 
 SD_CORE = Path(__file__).resolve().parents[2] / "sd_core"
 
@@ -56,3 +58,16 @@ def test_no_architecture_branches_outside_the_families_package():
              for path in SD_CORE.rglob("*.py") if "families" not in path.parts
              for number, line in enumerate(path.read_text().splitlines(), 1) if literal.search(line)]
     assert found == []
+
+
+class _EulerOnly(ModelFamily):
+    def schedulers(self) -> tuple[str, ...]:
+        return ("Euler",)
+
+
+def test_a_family_limits_the_schedulers_its_models_run(engine, monkeypatch):
+    monkeypatch.setitem(families.FAMILIES, "sd15", _EulerOnly(**vars(families.family("sd15"))))
+    assert engine.resolve(GenerationRequest(prompt="a fox", scheduler="euler"))[1].scheduler == "Euler"
+    with pytest.raises(InvalidRequest) as info:
+        engine.resolve(GenerationRequest(prompt="a fox", scheduler="DPM++ 2M Karras"))
+    assert str(info.value) == ("scheduler: 'DPM++ 2M Karras' does not run tiny-sd15's model family; valid: Euler")
