@@ -6,14 +6,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
 
+from .denoise import Denoiser
+from .jobs import Job
 from .settings import Settings
-
-if TYPE_CHECKING:
-    from .engine import Job
 
 log = logging.getLogger("sd_core.batching")
 
@@ -28,8 +26,8 @@ class MicroBatcher:
     batched pixels may still differ from the same request run alone by 1-2 levels (batch-size dependent kernels).
     """
 
-    def __init__(self, execute: Callable[[list[Job]], list[list]], settings: Settings):
-        self._execute = execute
+    def __init__(self, denoiser: Denoiser, settings: Settings):
+        self._denoiser = denoiser
         self.max_images = settings.max_batch_images
         self.max_wait_s = settings.batch_wait_ms / 1000
         self._pending: list[tuple[Job, Future]] = []
@@ -54,7 +52,7 @@ class MicroBatcher:
     def run(self, job: Job) -> list:
         """Run ``job`` (possibly batched with others) and return its images; blocks the calling thread."""
         if job.batch_key is None:
-            return self._execute([job])[0]
+            return self._denoiser.run([job])[0]
         future: Future = Future()
         with self._cond:
             self._pending.append((job, future))
@@ -95,7 +93,7 @@ class MicroBatcher:
     def _run_batch(self, batch: list[tuple[Job, Future]]) -> None:
         jobs = [job for job, _ in batch]
         try:
-            results = self._execute(jobs)
+            results = self._denoiser.run(jobs)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the waiting callers
             if len(batch) == 1:
                 batch[0][1].set_exception(exc)

@@ -1,4 +1,4 @@
-"""LoRAs: A1111 <lora:name:scale> prompt tags, resolving and fetching LoRA files, hot-swapping adapters on pipelines."""
+"""LoRAs: resolving and fetching LoRA files (request field and prompt tags), hot-swapping adapters on pipelines."""
 
 from __future__ import annotations
 
@@ -14,112 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import ValidationError
-
-from .errors import QUOTE_MAX_CHARS, Cancelled, FetchError, InvalidRequest, ModelNotFound, OutOfMemory, quote
+from . import storage
+from .checkpoints import PICKLE_SUFFIXES, is_readable_safetensors
+from .device import free_memory, is_out_of_memory
+from .errors import Cancelled, FetchError, InvalidRequest, ModelNotFound, OutOfMemory, quote
 from .models import ModelCatalog, ModelManifest, resolve_uri
-from .pipelines import is_readable_safetensors
-from .schema import MAX_LORAS, MAX_PROMPT_CHARS, GenerationRequest, LoraSpec
+from .prompt_tags import lora_label, parse_prompt_tags
+from .schema import MAX_LORAS, GenerationRequest, LoraSpec
 from .settings import Settings
+from .user_urls import check_lora_source, redact_url
 
 log = logging.getLogger("sd_core.lora")
 
-# <lora:name>, <lora:name:0.8>, <lora:name:te:unet> and A1111's named forms <lora:name:te=0.5:unet=0.8>.
-# Linear in the prompt: a match starts only at "<", and its body stops at the next "<" or ">", so no character is
-# scanned from two starts (a prompt of "<lora:" repeated costs one pass).
-TAG = re.compile(r"<lora:([^<>]*)>", re.IGNORECASE)
-_SPACES = re.compile(r"[ \t]{2,}")
-_URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,20}://")
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 FIELD = "loras"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Prompt tags
-# --------------------------------------------------------------------------------------------------------------
-def parse_prompt_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
-    """Split A1111 LoRA tags off a prompt: ``"a fox <lora:ink:0.7>"`` -> ``("a fox", [LoraSpec(ink, 0.7)])``.
-
-    Positional values follow A1111: ``<lora:name:te:unet>`` (one value sets both). ``<lora:name>`` means the
-    manifest's scale for that LoRA (1.0 unless the manifest says otherwise).
-    """
-    if len(prompt) > MAX_PROMPT_CHARS:  # the schema's limit: parsed only within it
-        raise InvalidRequest(f"longer than {MAX_PROMPT_CHARS} characters", field="prompt")
-    specs: list[LoraSpec] = []
-    for match in TAG.finditer(prompt):
-        if len(specs) == MAX_LORAS:
-            raise InvalidRequest(f"more than {MAX_LORAS} LoRA tags; at most {MAX_LORAS} LoRAs per request",
-                                 field="prompt")
-        specs.append(_tag_spec(match.group(0), match.group(1)))
-    if not specs:
-        return prompt, []
-    cleaned = _SPACES.sub(" ", TAG.sub("", prompt)).strip()
-    return cleaned, specs
-
-
-def _split_tag(body: str) -> tuple[str, list[str]]:
-    """A tag's body -> (LoRA name or URL, its scale arguments). A URL keeps its own colons (port, user:password):
-    only trailing parts that read as arguments (numbers, te=/unet=/dyn=) are split off it."""
-    parts = [part.strip() for part in body.split(":")]
-    if not _URL_START.match(body.lstrip()):
-        return parts[0], parts[1:]
-    args: list[str] = []
-    while len(parts) > 2 and len(args) < 3 and _is_tag_arg(parts[-1]):
-        args.insert(0, parts.pop())
-    return ":".join(parts), args
-
-
-def _is_tag_arg(part: str) -> bool:
-    key, sep, _value = part.partition("=")
-    if sep:
-        return key.strip().lower() in ("te", "unet", "dyn")
-    try:
-        float(part)
-    except ValueError:
-        return False
-    return True
-
-
-def _tag_spec(tag: str, body: str) -> LoraSpec:
-    name, args = _split_tag(body)
-    tag = tag if len(tag) <= QUOTE_MAX_CHARS else quote(tag)  # errors show a long tag shortened (SDError scrubs)
-    if not name:
-        raise InvalidRequest(f"{tag}: the LoRA tag names no LoRA", field="prompt")
-    positional, named = [], {}
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if sep:
-            named[key.strip().lower()] = value.strip()
-        else:
-            positional.append(arg)
-    if len(positional) > 3 or set(named) - {"te", "unet", "dyn"}:
-        raise InvalidRequest(f"{tag}: expected <lora:name>, <lora:name:scale> or <lora:name:te:unet>", field="prompt")
-    te = named.get("te", positional[0] if positional else None)
-    unet = named.get("unet", positional[1] if len(positional) > 1 else te)
-    values: dict[str, object] = {"source": name}
-    try:
-        if unet is not None:
-            values["scale"] = float(unet)
-        if te is not None:
-            values["text_encoder_scale"] = float(te)
-        return LoraSpec(**values)
-    except (ValueError, ValidationError) as exc:
-        reason = exc.errors(include_url=False)[0]["msg"] if isinstance(exc, ValidationError) else "not a number"
-        raise InvalidRequest(f"{tag}: {reason}", field="prompt") from None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Resolving sources
-# --------------------------------------------------------------------------------------------------------------
-def _label(uri: str) -> str:
-    """A short name for a LoRA given by URI or path: its file name without extension (at most 100 characters)."""
-    path = urlsplit(uri).path if "://" in uri else uri
-    stem = Path(path.rstrip("/")).name
-    for suffix in (".safetensors", *PICKLE_SUFFIXES):
-        if stem.lower().endswith(suffix):
-            stem = stem[: -len(suffix)] or stem
-            break
-    return stem[:100] or "lora"
 
 
 @dataclass(frozen=True)
@@ -244,11 +151,14 @@ class LoraManager:
     ) -> tuple[GenerationRequest, tuple[ResolvedLora, ...]]:
         """Strip prompt tags, merge them with ``request.loras``, and fetch every LoRA file (verified, cached)."""
         prompt, tagged = parse_prompt_tags(request.prompt)
-        specs = [*request.loras, *tagged]
         if tagged:
             request = request.model_copy(update={"prompt": prompt})
+        return request, self.resolve_all([*request.loras, *tagged], manifest)
+
+    def resolve_all(self, specs: list[LoraSpec], manifest: ModelManifest) -> tuple[ResolvedLora, ...]:
+        """Resolve and fetch the LoRAs of one request (field first, then prompt tags); each at most once."""
         if not specs:
-            return request, ()
+            return ()
         if len(specs) > MAX_LORAS:
             raise InvalidRequest(
                 f"{len(specs)} LoRAs requested (field and prompt tags together); at most {MAX_LORAS}", field=FIELD
@@ -260,16 +170,13 @@ class LoraManager:
                 raise InvalidRequest(f"{item.label}: the same LoRA is requested twice (also as {seen[item.adapter]})",
                                      field=FIELD)
             seen[item.adapter] = item.label
-        return request, tuple(resolved)
+        return tuple(resolved)
 
     def resolve(self, spec: LoraSpec, manifest: ModelManifest) -> ResolvedLora:
         """Find, fetch and hash one LoRA: a manifest LoRA name, or a URL (https://, s3://) under the user-URL policy.
 
         Local paths and relative bucket keys come only through manifests (operator-controlled), never requests.
         """
-        from . import storage
-        from .user_urls import check_lora_source, redact_url
-
         checked = check_lora_source(spec.source.strip(), field=FIELD, settings=self.settings)
         if isinstance(checked, str):
             entry = self.catalog.find_lora(checked, manifest)
@@ -286,7 +193,7 @@ class LoraManager:
             unet = spec.scale if "scale" in spec.model_fields_set else entry.scale
         else:
             uri, sha256, size = checked.url, None, None
-            label, shown, unet = _label(checked.url), redact_url(checked.url), spec.scale
+            label, shown, unet = lora_label(checked.url), redact_url(checked.url), spec.scale
         te = unet if spec.text_encoder_scale is None else spec.text_encoder_scale
         suffix = Path(urlsplit(uri).path if "://" in uri else uri).suffix.lower()
         if suffix in PICKLE_SUFFIXES and not self.settings.allow_pickle:
@@ -304,8 +211,6 @@ class LoraManager:
                 "are refused (convert it to .safetensors, or set SD_ALLOW_PICKLE=1 if you trust the file)")
 
     def _fetch(self, uri: str, sha256: str | None, size: int | None, shown: str, user_given: bool) -> Path:
-        from . import storage
-
         started = time.perf_counter()
         try:
             path = storage.fetch(uri, self.settings, sha256=sha256, size=size, user_url=user_given)
@@ -367,8 +272,6 @@ class LoraManager:
                 log.exception("could not restore the previous LoRA set of %s", model.name)
                 state.active, state.enabled = ("unknown",), False
             if _is_oom(exc):
-                from .device import free_memory
-
                 free_memory(model.placement)
                 raise OutOfMemory("ran out of memory loading LoRAs; try fewer LoRAs", field=FIELD) from None
             raise
@@ -465,8 +368,6 @@ class LoraManager:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    from .device import is_out_of_memory
-
     return isinstance(exc, Exception) and is_out_of_memory(exc)
 
 

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InvalidRequest, ManifestError, ModelNotFound, quote
-from .schedulers import canonical_name
+from . import families, storage
+from .errors import ManifestError, ModelNotFound, quote
+from .schedulers import checked_name
+from .schema import describe_validation_error
 from .settings import Settings
 
-Architecture = Literal["sd15", "sd2", "sdxl"]
+Architecture = Literal[families.NAMES]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
-
-ARCHITECTURE_DEFAULTS = {
-    "sd15": {"width": 512, "height": 512, "num_inference_steps": 30, "guidance_scale": 7.5},
-    "sd2": {"width": 768, "height": 768, "num_inference_steps": 30, "guidance_scale": 7.5},
-    "sdxl": {"width": 1024, "height": 1024, "num_inference_steps": 30, "guidance_scale": 7.0},
-}
+ManifestT = TypeVar("ManifestT", bound=BaseModel)
 
 
 class ModelDefaults(BaseModel):
@@ -38,10 +35,7 @@ class ModelDefaults(BaseModel):
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        try:
-            return canonical_name(value)
-        except InvalidRequest as exc:
-            raise ValueError(exc.message) from None
+        return checked_name(value)
 
 
 class LoraEntry(BaseModel):
@@ -83,11 +77,15 @@ class ModelManifest(BaseModel):
             raise ValueError("config_uri: required for format single_file (loading never asks the hub for configs)")
         if self.format == "diffusers" and self.sha256:
             raise ValueError("sha256: a diffusers folder pins per-file checksums under `files`")
-        base = ARCHITECTURE_DEFAULTS[self.architecture]
-        for key, value in base.items():
+        for key, value in self.family.defaults.items():
             if getattr(self.defaults, key) is None:
                 setattr(self.defaults, key, value)
         return self
+
+    @property
+    def family(self) -> families.ModelFamily:
+        """Everything architecture-specific about this model (sd_core/families)."""
+        return families.family(self.architecture)
 
 
 @dataclass(frozen=True)
@@ -106,16 +104,18 @@ def resolve_uri(uri: str, settings: Settings) -> str:
     return settings.weights_uri.rstrip("/") + "/" + uri
 
 
-def load_manifest(path: Path) -> ModelManifest:
+def read_manifest(path: Path, model: type[ManifestT], what: str = "manifest") -> ManifestT:
+    """A YAML file validated as ``model``; ManifestError naming ``what`` and the file otherwise."""
     try:
-        data = yaml.safe_load(path.read_text())
-        return ModelManifest.model_validate(data)
+        return model.model_validate(yaml.safe_load(path.read_text()))
     except ValidationError as exc:
-        from .schema import describe_validation_error
-
-        raise ManifestError(f"invalid manifest {path}: {describe_validation_error(exc)}") from None
+        raise ManifestError(f"invalid {what} {path}: {describe_validation_error(exc)}") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ManifestError(f"cannot read manifest {path}: {exc}") from None
+        raise ManifestError(f"cannot read {what} {path}: {exc}") from None
+
+
+def load_manifest(path: Path) -> ModelManifest:
+    return read_manifest(path, ModelManifest)
 
 
 class ModelCatalog:
@@ -157,8 +157,6 @@ class ModelCatalog:
 
 def fetch_model(manifest: ModelManifest, settings: Settings) -> LocalModel:
     """Fetch (or find in the cache) everything the manifest names; verified against its checksums."""
-    from . import storage
-
     weights = storage.fetch(
         resolve_uri(manifest.uri, settings),
         settings,

@@ -6,75 +6,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from .checkpoints import refuse_pickle
 from .device import Placement, free_memory, optimize, total_memory_bytes
-from .errors import UnsafeCheckpoint
-from .models import LocalModel
+from .models import LocalModel, ModelCatalog, fetch_model
 from .schedulers import build_scheduler
 from .settings import Settings
 
 log = logging.getLogger("sd_core.pipelines")
 
-# architecture -> diffusers pipeline class per mode
-PIPELINE_CLASSES = {
-    "sd15": {
-        "txt2img": "StableDiffusionPipeline",
-        "img2img": "StableDiffusionImg2ImgPipeline",
-        "inpaint": "StableDiffusionInpaintPipeline",
-    },
-    "sdxl": {
-        "txt2img": "StableDiffusionXLPipeline",
-        "img2img": "StableDiffusionXLImg2ImgPipeline",
-        "inpaint": "StableDiffusionXLInpaintPipeline",
-    },
-}
-PIPELINE_CLASSES["sd2"] = PIPELINE_CLASSES["sd15"]
-PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
 
-
-def _pipeline_class(architecture: str, mode: str):
-    import diffusers
-
-    return getattr(diffusers, PIPELINE_CLASSES[architecture][mode])
-
-
-def import_pipeline(architecture: str) -> None:
-    """Import diffusers' txt2img pipeline class for ``architecture`` now (seconds of imports; preload overlaps them
-    with the downloads)."""
-    _pipeline_class(architecture, "txt2img")
-
-
-def refuse_pickle(path: Path, settings: Settings) -> None:
-    """Pickle checkpoints can run arbitrary code when loaded: refuse them unless SD_ALLOW_PICKLE is on."""
-    if path.suffix.lower() in PICKLE_SUFFIXES and not settings.allow_pickle:
-        raise UnsafeCheckpoint(
-            f"{path.name}: pickle checkpoints ({', '.join(sorted(PICKLE_SUFFIXES))}) can execute code when loaded "
-            "and are refused; convert it to .safetensors (or set SD_ALLOW_PICKLE=1 if you trust the file)",
-            field="model",
-        )
-    if path.suffix.lower() == ".safetensors" and not settings.allow_pickle and not is_readable_safetensors(path):
-        raise UnsafeCheckpoint(
-            f"{path.name}: not a valid .safetensors file (a pickle under that name, or damaged); refused",
-            field="model",
-        )
-
-
-def is_readable_safetensors(path: Path) -> bool:
-    """Whether the file's safetensors header parses (reads the header only, not the tensors)."""
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(path), framework="pt"):
-            return True
-    except Exception:  # noqa: BLE001 - any parse failure means "not a safetensors file"
-        return False
-
-
-def _quiet_loaders() -> None:
+def quiet_loaders() -> None:
     """Our own log lines report loading; the libraries' per-component progress bars only clutter worker logs."""
     import diffusers
     import transformers
@@ -102,7 +46,7 @@ class LoadedModel:
     def pipeline(self, mode: str):
         """The pipeline for ``mode``; img2img/inpaint are made once with from_pipe (no second copy of weights)."""
         if mode not in self.pipes:
-            self.pipes[mode] = _pipeline_class(self.manifest.architecture, mode).from_pipe(self.pipes["txt2img"])
+            self.pipes[mode] = self.manifest.family.pipeline_class(mode).from_pipe(self.pipes["txt2img"])
         return self.pipes[mode]
 
     def scheduler(self, name: str):
@@ -115,8 +59,8 @@ class LoadedModel:
 def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -> LoadedModel:
     """Load a fetched model onto the device. Single files use the manifest's local config folder, never the hub."""
     manifest = local.manifest
-    cls = _pipeline_class(manifest.architecture, "txt2img")
-    _quiet_loaders()
+    cls = manifest.family.pipeline_class("txt2img")
+    quiet_loaders()
     started = time.perf_counter()
     common = {"dtype": placement.dtype, "local_files_only": True}
     if manifest.format == "single_file":
@@ -140,10 +84,24 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -
     return model
 
 
+class ModelLoader:
+    """Fetch + load of one model by name, for the pool; preload puts models it fetched ahead in ``prefetched``."""
+
+    def __init__(self, catalog: ModelCatalog, settings: Settings, placement: Placement):
+        self.catalog = catalog
+        self.settings = settings
+        self.placement = placement
+        self.prefetched: dict[str, LocalModel] = {}  # fetched by preload's background thread, not loaded yet
+
+    def load(self, name: str) -> LoadedModel:
+        local = self.prefetched.pop(name, None) or fetch_model(self.catalog.get(name), self.settings)
+        return load_pipeline(local, self.settings, self.placement)
+
+
 class PipelinePool:
     """Loaded models by name, least-recently-used first out when their total size passes the memory budget."""
 
-    def __init__(self, settings: Settings, placement: Placement, loader: Callable[[str], LoadedModel]):
+    def __init__(self, settings: Settings, placement: Placement, loader: ModelLoader):
         self.placement = placement
         self.budget = settings.pipeline_memory_mb * 2**20 or int(total_memory_bytes(placement) * (
             0.8 if placement.is_cuda else 0.5))
@@ -165,7 +123,7 @@ class PipelinePool:
                 self._models.move_to_end(name)
                 return self._models[name]
             self._evict(keep=None, incoming=expected_bytes)
-            model = self._loader(name)
+            model = self._loader.load(name)
             self._models[name] = model
             self._evict(keep=name, incoming=0)
             return model
@@ -180,9 +138,4 @@ class PipelinePool:
                 break
             log.info("evicting %s to stay within the %.0f MB model budget", victim, self.budget / 2**20)
             del self._models[victim]
-            free_memory(self.placement)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
             free_memory(self.placement)

@@ -8,11 +8,15 @@ import threading
 import time
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from . import storage
+from .checkpoints import refuse_pickle
+from .device import free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import ManifestError, OutOfMemory, SDError, WorkerUnhealthy
-from .models import NAME_PATTERN, SHA256_PATTERN, resolve_uri
+from .jobs import Job
+from .models import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
+from .pipelines import quiet_loaders
 from .settings import Settings
 
 log = logging.getLogger("sd_core.safety")
@@ -63,14 +67,7 @@ def load_manifest(path: Path) -> SafetyCheckerManifest:
     if not path.is_file():
         raise ManifestError(f"the safety checker is on but its manifest {path} does not exist; provide one (README "
                             "\"Safety checker\") or turn the checker off with SD_SAFETY_CHECKER=off")
-    try:
-        return SafetyCheckerManifest.model_validate(yaml.safe_load(path.read_text()))
-    except ValidationError as exc:
-        from .schema import describe_validation_error
-
-        raise ManifestError(f"invalid safety checker manifest {path}: {describe_validation_error(exc)}") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ManifestError(f"cannot read safety checker manifest {path}: {exc}") from None
+    return read_manifest(path, SafetyCheckerManifest, "safety checker manifest")
 
 
 class SafetyChecker:
@@ -91,8 +88,6 @@ class SafetyChecker:
 
     def fetch(self) -> Path:
         """Read the manifest and fetch (or find in the cache) the checker's folder, verified against its pins."""
-        from . import storage
-
         self.manifest = manifest = load_manifest(manifest_path(self.settings))
         return storage.fetch(resolve_uri(manifest.uri, self.settings), self.settings, files=manifest.files or None)
 
@@ -112,8 +107,6 @@ class SafetyChecker:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
         from transformers import CLIPImageProcessor
 
-        from .pipelines import _quiet_loaders, refuse_pickle
-
         where = self.manifest.uri if self.manifest else str(folder)
         weights = folder / WEIGHTS
         if weights.is_file():
@@ -124,7 +117,7 @@ class SafetyChecker:
         for required in ("config.json", "preprocessor_config.json"):
             if not (folder / required).is_file():
                 raise ManifestError(f"safety checker {where}: no {required} in the folder")
-        _quiet_loaders()
+        quiet_loaders()
         try:
             model = StableDiffusionSafetyChecker.from_pretrained(
                 str(folder), dtype=self.placement.dtype, local_files_only=True,
@@ -142,8 +135,6 @@ class SafetyChecker:
         import numpy as np
         import torch
         from PIL import Image
-
-        from .device import free_memory, is_fatal_device_error, is_out_of_memory
 
         self.load()
         with self._lock:
@@ -165,3 +156,19 @@ class SafetyChecker:
         blacked = [Image.new(image.mode, image.size) if flag else image
                    for image, flag in zip(images, flags, strict=True)]
         return blacked, flags
+
+    def post_pass(self, job: Job, images: list) -> list:
+        """Stage 6's safety pass on one job's images, unless the request opts out: flagged images come back black
+        and the flags go on the job (``job.nsfw``). Every image flagged -> ContentFlagged."""
+        if job.request.disable_safety_checker:
+            return images
+        t = time.perf_counter()
+        images, flags = self.check(images)
+        job.timings["safety_s"] = time.perf_counter() - t
+        if any(flags):
+            log.info("safety checker flagged %d of %d image(s)", sum(flags), len(flags))
+        if all(flags):
+            raise ContentFlagged(f"NSFW content detected: all {len(flags)} image(s) were flagged by the safety "
+                                 "checker; try another prompt or seed")
+        job.nsfw = flags
+        return images

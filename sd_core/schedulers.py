@@ -65,7 +65,6 @@ def _name(sampler: str, schedule: str) -> str:
 
 # Canonical names: the sampler alone (Uniform schedule, as A1111 before 1.9) or "<sampler> <schedule>".
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_name(n, s) for n, sampler in SAMPLERS.items() for s in sampler.schedules)
-DEFAULT_SCHEDULER = "DPM++ 2M Karras"
 
 _SAMPLER_KEYS = {name.lower(): name for name in SAMPLERS}
 _SCHEDULE_KEYS = {label.lower(): label for label in (*SCHEDULES, *OTHER_A1111_SCHEDULES)}
@@ -118,6 +117,14 @@ def canonical_name(name: str) -> str:
     """The canonical name for ``name``; a sampler without a schedule runs the Uniform one (A1111 before 1.9)."""
     sampler, schedule = split_name(name)
     return combine(sampler, schedule or UNIFORM)
+
+
+def checked_name(name: str) -> str:
+    """``canonical_name`` for pydantic validators: a ValueError carrying the reason instead of InvalidRequest."""
+    try:
+        return canonical_name(name)
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None
 
 
 def build_scheduler(name: str, base_config: dict[str, Any]):

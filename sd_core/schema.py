@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidRequest, quote
-from .schedulers import SCHEDULER_NAMES, canonical_name
+from .schedulers import SCHEDULER_NAMES, checked_name
 
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_IMAGE_PIXELS = 1536 * 1536  # width * height of one image
@@ -79,10 +79,7 @@ class GenerationRequest(BaseModel):
             if len(value) > MAX_SCHEDULER_CHARS:
                 raise ValueError(f"unknown scheduler {quote(value, 40)}: longer than {MAX_SCHEDULER_CHARS} "
                                  "characters, which no sampler name is")
-            try:
-                return canonical_name(value)
-            except InvalidRequest as exc:
-                raise ValueError(exc.message) from None
+            return checked_name(value)
         return value
 
     @field_validator("width", "height")

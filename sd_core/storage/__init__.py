@@ -13,12 +13,9 @@ transfer), partfile + transfer (the resumable download engine), verify (sha256, 
 keys, locking, eviction), progress (log lines), fetching (fetch() and the cached-fetch shape).
 """
 
-from .cache import GB, Entry, WeightsCache, content_key, uri_key
 from .fetching import fetch
-from .objects import RemoteObject
 from .s3 import s3_client, s3_error_kind
-from .uris import Location, parse_uri, redact
+from .uris import parse_uri, redact
 from .verify import file_sha256
 
-__all__ = ["GB", "Entry", "Location", "RemoteObject", "WeightsCache", "content_key", "fetch", "file_sha256",
-           "parse_uri", "redact", "s3_client", "s3_error_kind", "uri_key"]
+__all__ = ["fetch", "file_sha256", "parse_uri", "redact", "s3_client", "s3_error_kind"]

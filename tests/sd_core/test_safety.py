@@ -53,7 +53,7 @@ def checking_engines(engine, manifests):
     for variant, manifest in manifests.items():
         settings = dataclasses.replace(engine.settings, safety_checker=True, safety_checker_model=manifest)
         checking = Engine(settings, catalog=engine.catalog)
-        checking.pool = engine.pool  # the tiny model stays loaded once
+        checking.denoiser.pool = engine.pool  # the tiny model stays loaded once
         engines[variant] = checking
     return engines
 

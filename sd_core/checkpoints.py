@@ -1,0 +1,44 @@
+"""Checkpoint file rules shared by models, LoRAs and the safety checker: pickle refused, safetensors checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UnsafeCheckpoint
+from .settings import Settings
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+
+
+def refuse_pickle(path: Path, settings: Settings) -> None:
+    """Pickle checkpoints can run arbitrary code when loaded: refuse them unless SD_ALLOW_PICKLE is on."""
+    if path.suffix.lower() in PICKLE_SUFFIXES and not settings.allow_pickle:
+        raise UnsafeCheckpoint(
+            f"{path.name}: pickle checkpoints ({', '.join(sorted(PICKLE_SUFFIXES))}) can execute code when loaded "
+            "and are refused; convert it to .safetensors (or set SD_ALLOW_PICKLE=1 if you trust the file)",
+            field="model",
+        )
+    if path.suffix.lower() == ".safetensors" and not settings.allow_pickle and not is_readable_safetensors(path):
+        raise UnsafeCheckpoint(
+            f"{path.name}: not a valid .safetensors file (a pickle under that name, or damaged); refused",
+            field="model",
+        )
+
+
+def is_readable_safetensors(path: Path) -> bool:
+    """Whether the file's safetensors header parses (reads the header only, not the tensors)."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt"):
+            return True
+    except Exception:  # noqa: BLE001 - any parse failure means "not a safetensors file"
+        return False
+
+
+def checkpoint_keys(path: Path) -> list[str]:
+    """The tensor names of a .safetensors checkpoint (header only): what ``families.detect_architecture`` reads."""
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="pt") as checkpoint:
+        return list(checkpoint.keys())

@@ -1,0 +1,15 @@
+"""Stable Diffusion XL: two text encoders (CLIP ViT-L + OpenCLIP bigG), 1024x1024."""
+
+from .base import ModelFamily
+
+FAMILY = ModelFamily(
+    name="sdxl",
+    pipelines={
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+    },
+    width=1024, height=1024, num_inference_steps=30, guidance_scale=7.0,
+    checkpoint_prefixes=("conditioner.embedders.",),  # SGM layout: both encoders under conditioner.embedders
+    parameters=3_500_000_000,  # UNet 2.6B + CLIP-L 123M + OpenCLIP-bigG 695M + VAE 84M
+)
