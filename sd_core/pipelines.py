@@ -74,7 +74,7 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -
         safetensors_only = None if settings.allow_pickle else True
         pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, **common)
     if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None  # Models served here do not ship one; see README "Safety checker".
+        pipe.safety_checker = None  # sd_core.safety runs the checker as a post-pass (docs/security.md).
     pipe.to(placement.device)
     pipe.set_progress_bar_config(disable=True)
     optimize(pipe, settings, placement)

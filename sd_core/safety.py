@@ -65,8 +65,8 @@ def manifest_path(settings: Settings) -> Path:
 
 def load_manifest(path: Path) -> SafetyCheckerManifest:
     if not path.is_file():
-        raise ManifestError(f"the safety checker is on but its manifest {path} does not exist; provide one (README "
-                            "\"Safety checker\") or turn the checker off with SD_SAFETY_CHECKER=off")
+        raise ManifestError(f"the safety checker is on but its manifest {path} does not exist; provide one "
+                            "(docs/security.md) or turn the checker off with SD_SAFETY_CHECKER=off")
     return read_manifest(path, SafetyCheckerManifest, "safety checker manifest")
 
 
