@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
-from .schema import GenerationRequest, GenerationResult, field_label
+from .schema import GenerationRequest, GenerationResult, describe_validation_error, field_label
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 
@@ -234,18 +234,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
     try:
         return GenerationRequest.model_validate(fields)
     except ValidationError as exc:
-        raise InvalidRequest(_describe(exc)) from None
-
-
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors(include_url=False):
-        loc = [field_label(str(p)) for p in item["loc"]]
-        if loc:
-            loc[0] = FIELD_NAMES.get(loc[0], loc[0])
-        msg = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
-    return "; ".join(parts)
+        raise InvalidRequest(describe_validation_error(exc, FIELD_NAMES)) from None
 
 
 def rename_fields(message: str) -> str:

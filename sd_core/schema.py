@@ -113,7 +113,7 @@ def resolve_seed(seed: int | None) -> int:
     return random.randint(0, MAX_SEED) if seed is None or seed == -1 else seed
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, names: dict[str, str] | None = None) -> str:
     """Turn pydantic's error into ``"field: reason; field: reason"`` (no pydantic boilerplate, no input echo).
 
     Bounded whatever the input: long keys are shortened like user values, at most MAX_MESSAGE_PARTS errors are
@@ -123,7 +123,10 @@ def describe_validation_error(error: ValidationError) -> str:
     parts = []
     items = error.errors(include_url=False, include_input=False, include_context=False)
     for item in items[:MAX_MESSAGE_PARTS]:
-        loc = ".".join(field_label(p) for p in item["loc"])
+        loc = [field_label(p) for p in item["loc"]]
+        if loc and names:  # the caller's own names for the fields (A1111's keys)
+            loc[0] = names.get(loc[0], loc[0])
+        loc = ".".join(loc)
         msg = "unknown field" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         msg = msg if len(msg) <= MAX_REASON_CHARS else msg[:MAX_REASON_CHARS - 1] + "…"
         # Cross-field checks (no location) already start their message with the field names.

@@ -46,6 +46,13 @@ class HttpSource:
     def prefix_key(self, pins: dict[str, str]) -> str:  # pragma: no cover - http prefixes are refused earlier
         raise FetchError(f"cannot list {self.loc.display}: http(s) URLs name single files", field="uri")
 
+    def _checked_status(self, response) -> int:
+        """The response's status; raises the FetchError a final (non-transient) error status means."""
+        error = self._status_error(response.status_code)
+        if error is not None:
+            raise error
+        return response.status_code
+
     def _status_error(self, status: int) -> FetchError | None:
         where = self.loc.display
         if status in (404, 410):
@@ -82,10 +89,7 @@ class HttpSource:
         for attempt in range(retries + 1):
             try:
                 with self._get({"Range": "bytes=0-0"}) as response:
-                    status = response.status_code
-                    error = self._status_error(status)
-                    if error is not None:
-                        raise error
+                    status = self._checked_status(response)
                     etag = response.headers.get("ETag")
                     if status == 206:
                         total = response.headers.get("Content-Range", "").rpartition("/")[2]
@@ -119,10 +123,7 @@ class HttpSource:
                 headers["If-Match"] = obj.etag
         response = self._get(headers)
         with response:
-            status = response.status_code
-            error = self._status_error(status)
-            if error is not None:
-                raise error
+            status = self._checked_status(response)
             if status >= 500 or status == 429:
                 raise Transient(f"HTTP {status}")
             if headers.get("Range") and status != 206:
