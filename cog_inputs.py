@@ -11,7 +11,7 @@
 # The hook: `Path.validate` is wrapped so that a data:/http(s) string comes back as `UserFileText` (a str, not a
 # URLPath: coglet leaves it alone) and any other string is refused ("image: ..." as the error, without the value).
 # run() passes the text on through `user_file_text` (which refuses anything else, Path objects included: no local
-# file is ever read) to sd_core (sd_core/images.py -> sd_core/user_urls.py: scheme/host policy, pinned address,
+# file is ever read) to sd_core (sd_core/input_images.py -> sd_core/user_urls.py: scheme/host policy, pinned address,
 # redirects re-checked, size and time limits). Path objects (the images run() returns) go through unchanged.
 # tests/test_cog_inputs.py fails if a future cog stops calling Path.validate or downloads URLs anyway.
 

@@ -13,10 +13,10 @@ from .batching import MicroBatcher
 from .denoise import Denoiser
 from .device import choose_placement
 from .errors import Cancelled, InvalidRequest, quote
-from .images import prepare_init_images
+from .input_images import prepare_init_images
 from .jobs import CancelCheck, Job, StepCallback
 from .lora import LoraManager, ResolvedLora
-from .models import ModelCatalog, ModelManifest, fetch_model
+from .manifests import ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
 from .prompt_tags import TAG, parse_prompt_tags

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .lora import ResolvedLora
-from .models import ModelManifest
+from .manifests import ModelManifest
 from .schema import GenerationRequest
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps total)

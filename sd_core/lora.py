@@ -18,7 +18,7 @@ from . import storage
 from .checkpoints import PICKLE_SUFFIXES, is_readable_safetensors
 from .device import free_memory, is_out_of_memory
 from .errors import Cancelled, FetchError, InvalidRequest, ModelNotFound, OutOfMemory, quote
-from .models import ModelCatalog, ModelManifest, resolve_uri
+from .manifests import ModelCatalog, ModelManifest, resolve_uri
 from .prompt_tags import lora_label, parse_prompt_tags
 from .schema import MAX_LORAS, GenerationRequest, LoraSpec
 from .settings import Settings

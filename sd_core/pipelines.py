@@ -11,7 +11,7 @@ import torch
 
 from .checkpoints import refuse_pickle
 from .device import Placement, free_memory, optimize, total_memory_bytes
-from .models import LocalModel, ModelCatalog, fetch_model
+from .manifests import LocalModel, ModelCatalog, fetch_model
 from .schedulers import build_scheduler
 from .settings import Settings
 

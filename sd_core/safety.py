@@ -15,7 +15,7 @@ from .checkpoints import refuse_pickle
 from .device import free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import ManifestError, OutOfMemory, SDError, WorkerUnhealthy
 from .jobs import Job
-from .models import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
+from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
 from .pipelines import quiet_loaders
 from .settings import Settings
 

@@ -38,7 +38,7 @@ def coldstart_child(args) -> int:
     engine = sd_core.engine.Engine(settings)
     marks["engine"] = time.time()
     if args.mode == "split":
-        from sd_core.models import fetch_model
+        from sd_core.manifests import fetch_model
 
         fetch_model(engine.catalog.get(args.name), settings)
         marks["fetch"] = time.time()

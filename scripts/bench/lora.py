@@ -146,7 +146,7 @@ def bench_model(label: str, folder: Path, work: Path, args) -> dict:
     import torch
 
     from sd_core.engine import Engine
-    from sd_core.models import fetch_model
+    from sd_core.manifests import fetch_model
     from sd_core.pipelines import load_pipeline
     from sd_core.schema import GenerationRequest, LoraSpec
     from sd_core.settings import Settings

@@ -4,7 +4,7 @@
 Destinations are ``s3://bucket/prefix`` (credentials and endpoint: the AWS_* variables / config, SD_S3_ENDPOINT_URL)
 or a local folder (plain path or file://). Every file's sha256 is computed before it is uploaded, and the manifest
 (``models/<name>.yaml`` unless --manifest says otherwise) is created or updated, then validated with
-``sd_core.models.ModelManifest``. Fields the command does not own (description, defaults, other LoRAs) are kept.
+``sd_core.manifests.ModelManifest``. Fields the command does not own (description, defaults, other LoRAs) are kept.
 
 Examples::
 
@@ -166,7 +166,7 @@ def write_manifest(path: Path, header: list[str], data: dict) -> None:
     """Validate with ModelManifest, then write atomically (the header comments are kept)."""
     from pydantic import ValidationError
 
-    from sd_core.models import ModelManifest
+    from sd_core.manifests import ModelManifest
 
     try:
         ModelManifest.model_validate(data)

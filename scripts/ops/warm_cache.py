@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from sd_core import storage  # noqa: E402
 from sd_core.errors import SDError  # noqa: E402
-from sd_core.models import ModelCatalog, fetch_model, resolve_uri  # noqa: E402
+from sd_core.manifests import ModelCatalog, fetch_model, resolve_uri  # noqa: E402
 from sd_core.settings import Settings  # noqa: E402
 
 log = logging.getLogger("sd_core.warm_cache")

@@ -25,7 +25,7 @@ def format_seconds(s: float) -> str:
     return f"{s:.1f}s"
 
 
-class Progress:
+class FetchProgress:
     """Counts bytes from many threads; a daemon thread logs a line every `interval` seconds while it runs.
 
     Lines look like ``fetch s3://b/k: 512.0 MB / 1.07 GB (48%), 431.2 MB/s, ETA 1.3s``. Short fetches (under one
@@ -53,7 +53,7 @@ class Progress:
         with self._lock:
             self._bytes += n
 
-    def start(self) -> Progress:
+    def start(self) -> FetchProgress:
         self.started = self._last_t = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="sd-fetch-progress", daemon=True)
         self._thread.start()
@@ -92,7 +92,7 @@ class Progress:
                      resumed)
         return rate
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> FetchProgress:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:

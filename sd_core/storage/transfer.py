@@ -16,7 +16,7 @@ from ..settings import Settings
 from .cache import write_json_atomic
 from .objects import DISK_FULL, RemoteObject, Stopped, Transient, backoff
 from .partfile import PartialFile
-from .progress import Progress
+from .progress import FetchProgress
 
 log = logging.getLogger("sd_core.fetch")
 
@@ -36,7 +36,7 @@ class Transfer:
         self.label = label
         self.part_size = max(64 * 1024, int(settings.fetch_part_mb * 1024 * 1024))
         self.stop = threading.Event()
-        self.progress: Progress | None = None
+        self.progress: FetchProgress | None = None
         self.journal_path = staging / "journal.json"
         self.journal: dict = {}
         self.jobs: list[PartialFile] = []
@@ -101,7 +101,7 @@ class Transfer:
         total = sum(j.obj.size or 0 for j in jobs) if all(j.obj.size is not None for j in jobs) else None
         if already and todo:
             log.info("resuming %s: %.1f MB already downloaded", self.label, already / 1e6)
-        self.progress = Progress(self.label, total, self.settings.fetch_progress_s, already=already)
+        self.progress = FetchProgress(self.label, total, self.settings.fetch_progress_s, already=already)
         self.progress.start()
 
     def _submit(self, job: PartialFile) -> None:

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from sd_core.errors import ManifestError, UnsafeCheckpoint
-from sd_core.models import ModelCatalog, load_manifest
+from sd_core.manifests import ModelCatalog, load_manifest
 from sd_core.schema import GenerationRequest
 
 

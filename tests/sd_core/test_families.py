@@ -9,7 +9,7 @@ from sd_core import families
 from sd_core.checkpoints import checkpoint_keys
 from sd_core.errors import InvalidRequest, ManifestError
 from sd_core.families.base import ModelFamily
-from sd_core.models import ModelManifest
+from sd_core.manifests import ModelManifest
 from sd_core.schema import GenerationRequest
 
 SD_CORE = Path(__file__).resolve().parents[2] / "sd_core"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_core.models import ModelCatalog, ModelManifest
+from sd_core.manifests import ModelCatalog, ModelManifest
 from sd_core.outputs import infotext, read_parameters
 from sd_core.schedulers import SCHEDULER_NAMES
 from sd_core.schema import GenerationRequest

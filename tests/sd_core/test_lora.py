@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sd_core.errors import Cancelled, InvalidRequest, ModelNotFound
-from sd_core.models import LoraEntry, ModelCatalog
+from sd_core.manifests import LoraEntry, ModelCatalog
 from sd_core.outputs import read_parameters
 from sd_core.prompt_tags import parse_prompt_tags
 from sd_core.schema import GenerationRequest, LoraSpec

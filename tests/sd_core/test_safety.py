@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from sd_core.errors import FetchError, ManifestError, UnsafeCheckpoint
-from sd_core.models import ModelCatalog
+from sd_core.manifests import ModelCatalog
 from sd_core.schema import GenerationRequest
 from sd_core.settings import REPO_ROOT, Settings
 

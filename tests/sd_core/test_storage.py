@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from sd_core.errors import ChecksumMismatch, FetchError
-from sd_core.models import fetch_model, load_manifest
+from sd_core.manifests import fetch_model, load_manifest
 from sd_core.settings import Settings
 from sd_core.storage import fetch, parse_uri, redact
 from sd_core.storage.cache import WeightsCache, content_key

@@ -14,7 +14,7 @@ import pytest
 from sd_core import a1111
 from sd_core.errors import InvalidRequest, quote, scrub
 from sd_core.lora import LoraManager
-from sd_core.models import ModelCatalog
+from sd_core.manifests import ModelCatalog
 from sd_core.prompt_tags import parse_prompt_tags
 from sd_core.schema import MAX_LORAS, MAX_PROMPT_CHARS, GenerationRequest, parse_request
 from sd_core.settings import REPO_ROOT, Settings
