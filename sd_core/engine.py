@@ -242,7 +242,8 @@ class Engine:
         job.timings["encode_s"] = time.perf_counter() - t
         job.timings["total_s"] = time.perf_counter() - job.started
         return GenerationResult(images=encoded, seeds=job.seeds, model=req.model,
-                                parameters=parameters(job.seeds[0]), timings=job.timings)
+                                parameters=parameters(job.seeds[0]), timings=job.timings,
+                                request=req.model_copy(update={"prompt": job.prompt or req.prompt}))
 
     def _run(self, pipe, jobs: list[Job]) -> list:
         import torch

@@ -31,7 +31,7 @@ def _decode_base64(value: str, field: str) -> bytes:
 def read_image_bytes(value: str, field: str, settings: Settings | None = None) -> bytes:
     """The raw bytes behind an image input: a data URI, bare base64, or a URL (under the user-URL policy)."""
     if _URL_START.match(value[:64].lstrip()):  # a bounded look at the start: values can be megabytes of base64
-        from .user_urls import download_user_url
+        from .user_downloads import download_user_url
 
         return download_user_url(value.strip(), field=field, max_bytes=MAX_INPUT_BYTES, settings=settings)
     return _decode_base64(value.strip(), field)

@@ -188,9 +188,10 @@ def test_a1111_info_reports_nsfw_per_image():
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buffer, "PNG")
     images = [GeneratedImage(buffer.getvalue(), "image/png", "png", seed, 64, 64, nsfw=seed == 1) for seed in (1, 2)]
-    result = GenerationResult(images=images, seeds=[1, 2], model="tiny-sd15", parameters="x", safety_checked=True)
     call = a1111.parse_call({"prompt": "x", "steps": 2, "batch_size": 2})
-    response = a1111.to_response(call, a1111.to_request(call), result, ["a", "b"])
+    result = GenerationResult(images=images, seeds=[1, 2], model="tiny-sd15", parameters="x", safety_checked=True,
+                              request=a1111.to_request(call))
+    response = a1111.to_response(call, result, ["a", "b"])
     assert json.loads(response["info"])["nsfw"] == [True, False]
 
 
