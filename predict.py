@@ -43,7 +43,7 @@ OUTPUT_FORMATS = ["png", "webp", "jpeg"]
 OUTPUT_KEEP_S = 600
 
 
-class Runner(BaseRunner, Server):
+class Runner(BaseRunner):
     """setup() is the cold start (fetch, verify and load the preloaded models); run() is one generation."""
 
     def setup(self) -> None:
@@ -52,13 +52,13 @@ class Runner(BaseRunner, Server):
 
         settings = Settings.from_env().with_platform_defaults(safety_checker=True)  # Replicate's convention: on
         log.info("cold start: preloading %s", ", ".join(settings.models_to_preload))
-        self.engine = Engine(settings)
-        self.engine.preload()
+        self.server = Server(Engine(settings))  # the engine in a thread, cancel, health, errors: sd_core/serving.py
+        self.server.engine.preload()
         log.info("ready")
 
     def healthcheck(self) -> bool:
         """Cog asks this on GET /health-check: False (UNHEALTHY) after an unrecoverable device error."""
-        return self.unhealthy is None
+        return getattr(self, "server", None) is None or self.server.unhealthy is None
 
     @cog.concurrent(max=4)
     async def run(
@@ -101,8 +101,8 @@ class Runner(BaseRunner, Server):
             description="Skip the safety checker (which blacks out flagged images); ignored where it is off",
         ),
     ) -> list[Path]:
-        if self.unhealthy is not None:
-            raise WorkerUnhealthy(f"this worker must be replaced: {self.unhealthy}")
+        if self.server.unhealthy is not None:
+            raise WorkerUnhealthy(f"this worker must be replaced: {self.server.unhealthy}")
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
         # The engine may report steps from its batching thread: print in this prediction's context, so that Cog
@@ -118,9 +118,9 @@ class Runner(BaseRunner, Server):
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
             })
-            return self._outputs(await self.generate(request, progress, name="prediction"))
+            return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception
-            raise self.user_error(exc, "prediction") from None
+            raise self.server.user_error(exc, "prediction") from None
 
     def _outputs(self, result: GenerationResult) -> list[Path]:
         """Cog's metrics (seed, timings, has_nsfw_concepts) and one image file per output."""

@@ -51,7 +51,7 @@ class Progress:
 
 
 class Server:
-    """One worker's engine and health, as both adapters serve it (they subclass this).
+    """One worker's engine and health, as both adapters serve it (RunPod's Worker is one; Cog's Runner holds one).
 
     The defaults are class attributes, so a worker whose cold start failed (no engine) still answers with its reason.
     """
@@ -59,6 +59,9 @@ class Server:
     engine = None  # the sd_core Engine, once the cold start has made it
     unhealthy: str | None = None  # why this worker cannot serve any more (failed cold start, device error)
     logs = "the logs"  # where an internal error's message sends the user
+
+    def __init__(self, engine=None):
+        self.engine = engine
 
     async def generate(self, request: GenerationRequest, progress: Progress | None = None, *,
                        name: str = "request") -> GenerationResult:
