@@ -6,21 +6,19 @@
 # and scripts/checks/write_cog_schema.py writes .cog/openapi_schema.json (what `cog build` would) for the local Cog
 # server.
 
-import asyncio
 import contextvars
 import logging
 import shutil
 import tempfile
-import threading
 import time
-from typing import Any
 
 import cog
-from cog import BaseRunner, CancelationException, Input, Path
+from cog import BaseRunner, Input, Path
 
 import cog_inputs
-from sd_core.errors import Cancelled, SDError, WorkerUnhealthy
-from sd_core.schema import parse_request, resolve_seed
+from sd_core.errors import WorkerUnhealthy
+from sd_core.schema import GenerationResult, parse_request, resolve_seed
+from sd_core.serving import Server, StepProgress, rounded, setup_logging
 from sd_core.settings import Settings
 
 log = logging.getLogger("predict")
@@ -30,38 +28,15 @@ cog_inputs.install()
 
 # A1111 sampler names, in sd_core.schedulers order (a test keeps this list equal to SCHEDULER_NAMES).
 SCHEDULERS = [
-    "Euler",
-    "Euler Karras",
-    "Euler Exponential",
-    "Euler a",
-    "Heun",
-    "Heun Karras",
-    "Heun Exponential",
-    "LMS",
-    "LMS Karras",
-    "LMS Exponential",
-    "DPM2",
-    "DPM2 Karras",
-    "DPM2 Exponential",
-    "DPM2 a",
-    "DPM2 a Karras",
-    "DPM2 a Exponential",
-    "DPM++ 2M",
-    "DPM++ 2M Karras",
-    "DPM++ 2M Exponential",
-    "DPM++ 2M SDE",
-    "DPM++ 2M SDE Karras",
-    "DPM++ 2M SDE Exponential",
-    "DPM++ 2M SDE Heun",
-    "DPM++ 2M SDE Heun Karras",
-    "DPM++ 2M SDE Heun Exponential",
-    "DPM++ SDE",
-    "DPM++ SDE Karras",
-    "DPM++ SDE Exponential",
-    "DDIM",
-    "PLMS",
-    "UniPC",
-    "LCM",
+    "Euler", "Euler Karras", "Euler Exponential", "Euler a",
+    "Heun", "Heun Karras", "Heun Exponential",
+    "LMS", "LMS Karras", "LMS Exponential",
+    "DPM2", "DPM2 Karras", "DPM2 Exponential", "DPM2 a", "DPM2 a Karras", "DPM2 a Exponential",
+    "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M Exponential",
+    "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential",
+    "DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential",
+    "DPM++ SDE", "DPM++ SDE Karras", "DPM++ SDE Exponential",
+    "DDIM", "PLMS", "UniPC", "LCM",
 ]
 OUTPUT_FORMATS = ["png", "webp", "jpeg"]
 # Output files are kept this long: Cog reads (and uploads) them after run() returns, then they are removed.
@@ -72,19 +47,18 @@ class Runner(BaseRunner):
     """setup() is the cold start (fetch, verify and load the preloaded models); run() is one generation."""
 
     def setup(self) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+        setup_logging()
         from sd_core.engine import Engine  # torch + diffusers: seconds of import, so only here
 
         settings = Settings.from_env().with_platform_defaults(safety_checker=True)  # Replicate's convention: on
         log.info("cold start: preloading %s", ", ".join(settings.models_to_preload))
-        self.engine = Engine(settings)
-        self.engine.preload()
-        self.unhealthy: str | None = None
+        self.server = Server(Engine(settings))  # the engine in a thread, cancel, health, errors: sd_core/serving.py
+        self.server.engine.preload()
         log.info("ready")
 
     def healthcheck(self) -> bool:
         """Cog asks this on GET /health-check: False (UNHEALTHY) after an unrecoverable device error."""
-        return getattr(self, "unhealthy", None) is None
+        return getattr(self, "server", None) is None or self.server.unhealthy is None
 
     @cog.concurrent(max=4)
     async def run(
@@ -127,28 +101,36 @@ class Runner(BaseRunner):
             description="Skip the safety checker (which blacks out flagged images); ignored where it is off",
         ),
     ) -> list[Path]:
-        if self.unhealthy is not None:
-            raise WorkerUnhealthy(f"this worker must be replaced: {self.unhealthy}")
+        if self.server.unhealthy is not None:
+            raise WorkerUnhealthy(f"this worker must be replaced: {self.server.unhealthy}")
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
-        fields: dict[str, Any] = {
-            "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "width": width, "height": height,
-            "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
-            "seed": seed, "num_outputs": num_outputs, "strength": strength, "output_format": output_format,
-            "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-            "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
-            "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
-        }
-        request = parse_request(fields)
-        result = await self._generate(request)
+        # The engine may report steps from its batching thread: print in this prediction's context, so that Cog
+        # files the progress lines under this prediction's logs.
+        context = contextvars.copy_context()
+        progress = StepProgress(lambda update: context.run(print, _progress_bar(update["step"], update["steps"])))
+        try:
+            request = parse_request({
+                "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "width": width, "height": height,
+                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
+                "seed": seed, "num_outputs": num_outputs, "strength": strength, "output_format": output_format,
+                "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
+                "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
+                "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
+            })
+            return self._outputs(await self.server.generate(request, progress, name="prediction"))
+        except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception
+            raise self.server.user_error(exc, "prediction") from None
+
+    def _outputs(self, result: GenerationResult) -> list[Path]:
+        """Cog's metrics (seed, timings, has_nsfw_concepts) and one image file per output."""
         self.record_metric("seed", result.seed)
         if result.safety_checked:
             flags = [image.nsfw for image in result.images]
             self.record_metric("has_nsfw_concepts", flags)
             if any(flags):
                 print(f"Safety checker: {sum(flags)} of {len(flags)} image(s) flagged and blacked out")
-        timings = {key: round(value, 4) if isinstance(value, float) else value for key, value in result.timings.items()}
-        self.record_metric("timings", timings)
+        self.record_metric("timings", rounded(result.timings))
         folder = _new_output_folder()
         outputs = []
         for index, item in enumerate(result.images):
@@ -156,43 +138,6 @@ class Runner(BaseRunner):
             path.write_bytes(item.data)
             outputs.append(path)
         return outputs
-
-    async def _generate(self, request):
-        """engine.generate in a thread; when Cog cancels the prediction, the engine stops after its current step."""
-        cancel = threading.Event()
-        progress = {"done": 0, "total": 0}
-
-        # The engine may call on_step from its batching thread: print in this prediction's context, so that Cog
-        # files the progress lines under this prediction's logs.
-        context = contextvars.copy_context()
-
-        def on_step(done: int, total: int) -> None:
-            progress.update(done=done, total=total)
-            context.run(print, _progress_bar(done, total))
-
-        work = asyncio.ensure_future(
-            asyncio.to_thread(self.engine.generate, request, on_step=on_step, should_cancel=cancel.is_set)
-        )
-        try:
-            return await asyncio.shield(work)
-        except (asyncio.CancelledError, CancelationException):
-            cancel.set()
-            try:
-                await work  # the thread ends at the next step boundary; only then is this prediction over
-            except Cancelled:
-                pass
-            except BaseException:  # the prediction is cancelled either way; keep the reason in the logs
-                log.exception("error while cancelling")
-            log.info("cancelled: generation stopped after step %d of %d", progress["done"], progress["total"])
-            raise
-        except WorkerUnhealthy as exc:
-            self.unhealthy = str(exc)
-            raise
-        except SDError:
-            raise  # str(error) is "field: reason": Cog reports it as the prediction's error
-        except Exception as exc:
-            log.exception("unexpected error")  # full traceback to the logs, a short message as the error
-            raise RuntimeError(f"internal error ({type(exc).__name__}); see the logs") from None
 
 
 def _new_output_folder() -> Path:

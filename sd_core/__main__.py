@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 from .errors import SDError
 from .schema import parse_request
+from .serving import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--request", default="{}", help='JSON object, e.g. \'{"prompt": "a red fox", "seed": 1}\'')
     gen.add_argument("--out", type=Path, default=Path("outputs"), help="folder for the images")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     from .engine import Engine
 

@@ -248,12 +248,15 @@ def rename_fields(message: str) -> str:
     return "; ".join(parts)
 
 
-def to_response(call: A1111Call, effective: GenerationRequest, result: GenerationResult, images: list[str]) -> dict:
+def to_response(call: A1111Call, result: GenerationResult, images: list[str]) -> dict:
     """A1111's response body: ``images`` (base64 PNGs, or URLs when the worker uploads to a bucket), ``parameters``
     (the request with the values used filled in) and ``info`` (a JSON string: seeds, sizes, infotexts, ...).
 
-    `effective` is the request with the model's defaults filled in (Engine.resolve).
+    The values used come from ``result.request``: the request with the model's defaults filled in.
     """
+    effective = result.request
+    if effective is None:
+        raise ValueError("to_response needs the result's effective request (GenerationResult.request)")
     first = result.images[0]
     batch_size = call.payload.get("batch_size") or 1
     n_iter = call.payload.get("n_iter") or 1

@@ -124,7 +124,8 @@ class Engine:
         job.timings["encode_s"] = time.perf_counter() - t
         job.timings["total_s"] = time.perf_counter() - job.started
         result = GenerationResult(images=encoded, seeds=job.seeds, model=req.model,
-                                  parameters=parameters(job.seeds[0]), timings=job.timings)
+                                  parameters=parameters(job.seeds[0]), timings=job.timings,
+                                  request=req.model_copy(update={"prompt": job.prompt or req.prompt}))
         if job.nsfw is not None:  # the safety checker ran (stage 6)
             result.safety_checked = True
             for image, flag in zip(result.images, job.nsfw, strict=True):

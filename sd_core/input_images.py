@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidRequest
 from .settings import Settings
-from .user_urls import download_user_url
+from .user_downloads import download_user_url
 
 MAX_INPUT_BYTES = 25 * 1024 * 1024  # encoded size of one input image
 MAX_INPUT_PIXELS = 4096 * 4096  # decoded size: anything larger is refused before decoding (decompression bombs)

@@ -167,7 +167,8 @@ class GeneratedImage:
 
 @dataclass
 class GenerationResult:
-    """What Engine.generate returns: encoded images, the seeds used, the A1111 infotext and timings (seconds)."""
+    """What Engine.generate returns: encoded images, the seeds used, the A1111 infotext, timings (seconds) and the
+    effective request (the model's defaults filled in, the prompt as the user gave it)."""
 
     images: list[GeneratedImage]
     seeds: list[int]
@@ -175,6 +176,7 @@ class GenerationResult:
     parameters: str
     timings: dict[str, float] = field(default_factory=dict)
     safety_checked: bool = False  # whether the safety checker ran on these images
+    request: GenerationRequest | None = None  # the request as generated (set by Engine.finish)
 
     @property
     def seed(self) -> int:

@@ -74,7 +74,7 @@ class HttpSource:
 
         try:
             if self.user_url:
-                from ..user_urls import open_user_url
+                from ..user_downloads import open_user_url
 
                 return open_user_url(self.loc.uri, field="uri", settings=self.settings, headers=headers)
             return self.session.get(self.loc.uri, headers={"Accept-Encoding": "identity", **headers}, stream=True,

@@ -18,14 +18,8 @@ from PIL import Image
 from sd_core.errors import InvalidRequest
 from sd_core.schema import GenerationRequest
 from sd_core.settings import Settings
-from sd_core.user_urls import (
-    check_lora_source,
-    check_name,
-    check_user_url,
-    download_user_url,
-    download_user_url_to,
-    redact_url,
-)
+from sd_core.user_downloads import download_user_url
+from sd_core.user_urls import check_lora_source, check_name, check_user_url, redact_url
 
 STRICT = Settings()  # the defaults: nothing private allowed
 LOCAL = Settings(url_allowed_hosts=("127.0.0.1",))
@@ -290,16 +284,6 @@ def test_http_errors_and_refused_connections_are_clear(web):
         download_user_url(f"{web.url}/nothing", field="image", max_bytes=10**6, settings=LOCAL)
     with pytest.raises(InvalidRequest, match="failed"):
         download_user_url("http://127.0.0.1:9/x.png", field="image", max_bytes=10**6, settings=LOCAL)
-
-
-def test_download_to_file_leaves_nothing_on_failure(web, tmp_path):
-    dest = tmp_path / "lora.safetensors"
-    assert download_user_url_to(f"{web.url}/big?n=3000", dest, field="loras", settings=LOCAL) == 3000
-    assert dest.stat().st_size == 3000
-    failed = tmp_path / "failed.safetensors"
-    with pytest.raises(InvalidRequest):
-        download_user_url_to(f"{web.url}/endless", failed, field="loras", max_bytes=10**6, settings=LOCAL)
-    assert list(tmp_path.iterdir()) == [dest]
 
 
 def test_messages_never_quote_query_strings_or_credentials():

@@ -188,9 +188,10 @@ def test_a1111_info_reports_nsfw_per_image():
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64)).save(buffer, "PNG")
     images = [GeneratedImage(buffer.getvalue(), "image/png", "png", seed, 64, 64, nsfw=seed == 1) for seed in (1, 2)]
-    result = GenerationResult(images=images, seeds=[1, 2], model="tiny-sd15", parameters="x", safety_checked=True)
     call = a1111.parse_call({"prompt": "x", "steps": 2, "batch_size": 2})
-    response = a1111.to_response(call, a1111.to_request(call), result, ["a", "b"])
+    result = GenerationResult(images=images, seeds=[1, 2], model="tiny-sd15", parameters="x", safety_checked=True,
+                              request=a1111.to_request(call))
+    response = a1111.to_response(call, result, ["a", "b"])
     assert json.loads(response["info"])["nsfw"] == [True, False]
 
 
@@ -198,8 +199,9 @@ def test_a1111_info_reports_nsfw_per_image():
 def test_cog_with_a_flagging_checker_fails_the_prediction_and_disable_skips_it(
     cog_server_factory, runpod_weights_env, manifests, tmp_path
 ):
+    # COG_MAX_CONCURRENCY=2: with one slot, coglet can answer 409 to a prediction sent right after another.
     server = cog_server_factory({**runpod_weights_env, "SD_SAFETY_CHECKER_MODEL": str(manifests["flags"]),
-                                 "SD_CACHE_DIR": str(tmp_path / "cache")})
+                                 "SD_CACHE_DIR": str(tmp_path / "cache"), "COG_MAX_CONCURRENCY": "2"})
     body, _ = server.wait_for_status("READY", "SETUP_FAILED", timeout=240)
     assert body["status"] == "READY", body
     failed = server.predict(FAST)  # no SD_SAFETY_CHECKER: Cog's default, on
