@@ -121,12 +121,17 @@ def _canonical_host(host: str) -> str:
         return host
 
 
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host written as an IP literal is (None for a name)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def _host_allowed(host: str, settings: Settings) -> bool:
     """Whether the URL's host is on SD_URL_ALLOWED_HOSTS (a name, an address, or a network such as 10.0.0.0/8)."""
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
+    literal = _ip_literal(host)
     for entry in settings.url_allowed_hosts:
         entry = entry.strip().lower()
         if literal is not None and "/" in entry:
@@ -198,10 +203,7 @@ def check_user_url(
             raise _refuse(f"{quote(url)} names a folder; give the URL of one file", field)
         return CheckedURL(url=url, scheme="s3", host=raw_host.lower(), port=None)
 
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
+    literal = _ip_literal(host)
     if host in METADATA_NAMES or (literal is not None and is_metadata_address(literal)):
         raise _refuse(f"host {quote(host)} is a cloud metadata endpoint", field)
     allowed = _host_allowed(host, settings)
