@@ -226,26 +226,32 @@ def test_bad_input_corpus_through_cog(cog, captured, reliability_tally):
 
 
 def test_cog_file_inputs_never_read_local_files(cog, captured):
-    """Cog downloads file inputs itself; a file:// URL must not turn a server file into an init image."""
+    """A file:// URL must not turn a server file into an init image (cog_inputs.py keeps file inputs as text)."""
     response = cog_predict(cog, {**FAST, "image": "file:///etc/hostname"}, captured)
     message = cog_message(response)
     assert "not a readable" not in message, message  # our decoder never saw the file's bytes
     assert "image: expected an image file" in message, message  # and the user is told which input is wrong
 
 
-def test_schemathesis_against_cogs_own_openapi(cog, captured, reliability_tally, tmp_path):
+def fuzzing_schema(cog, folder: Path, max_steps: int) -> Path:
+    """Cog's own /openapi.json, written to ``folder`` for schemathesis, with traffic kept on 127.0.0.1: file inputs
+    (format uri) would make the worker fetch generated hosts, and LoRA URLs would make it resolve them (both have
+    their own tests; here they are names and data only); at most ``max_steps`` denoising steps per request."""
     schema = cog.openapi().json()
     props = schema["components"]["schemas"]["Input"]["properties"]
-    # Traffic stays on 127.0.0.1: file inputs (format uri) would make Cog download from generated hosts, and LoRA
-    # URLs would make the worker resolve them. Both have their own tests; here they are names and data only.
     props.pop("image")
     props.pop("mask")
     props["lora_weights"]["pattern"] = r"^[A-Za-z0-9._-]{1,40}$"
+    props["num_inference_steps"]["maximum"] = max_steps
+    path = folder / "openapi.json"
+    path.write_text(json.dumps(schema))
+    return path
+
+
+def test_schemathesis_against_cogs_own_openapi(cog, captured, reliability_tally, tmp_path):
     # Cost: a valid request runs a real generation on CPU. Fewer steps keep each under a second; the 150/151 bound
     # itself is in the hand-written corpus.
-    props["num_inference_steps"]["maximum"] = 4
-    path = tmp_path / "openapi.json"
-    path.write_text(json.dumps(schema))
+    path = fuzzing_schema(cog, tmp_path, max_steps=4)
     report = tmp_path / "report"
     started = time.monotonic()
     done = subprocess.run(

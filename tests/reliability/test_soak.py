@@ -4,7 +4,6 @@ its phases against the Cog server, thousands of fuzzed inputs, and waves of conc
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from sd_core.schema import GenerationRequest, parse_request
 from tests.reliability import test_servers as _servers
 from tests.reliability import test_storage as _storage
 from tests.reliability.test_inputs import FIELDS, a1111_inputs, assert_clear, native_inputs
-from tests.reliability.test_servers import CONCURRENT, _job_input, image_of, runpod_job
+from tests.reliability.test_servers import CONCURRENT, _job_input, fuzzing_schema, image_of, runpod_job
 from tests.reliability.test_storage import ALL_FAULTS, assert_cache_clean, faulty_settings, pixels
 
 pytestmark = pytest.mark.slow
@@ -95,14 +94,7 @@ def test_soak_fuzz_a1111(reliability_tally, data):
 
 
 def test_soak_schemathesis_all_phases(cog, captured, reliability_tally, tmp_path):
-    schema = cog.openapi().json()
-    props = schema["components"]["schemas"]["Input"]["properties"]
-    props.pop("image")
-    props.pop("mask")
-    props["lora_weights"]["pattern"] = r"^[A-Za-z0-9._-]{1,40}$"
-    props["num_inference_steps"]["maximum"] = 8
-    path = tmp_path / "openapi.json"
-    path.write_text(json.dumps(schema))
+    path = fuzzing_schema(cog, tmp_path, max_steps=8)
     done = subprocess.run(
         [str(Path(sys.executable).parent / "st"), "run", str(path), "--url", cog.url, "--exclude-path", "/shutdown",
          "--max-examples", "300", "--checks", "not_a_server_error", "--seed", "11", "--workers", "2",
