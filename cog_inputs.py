@@ -13,7 +13,7 @@
 # run() passes the text on through `user_file_text` (which refuses anything else, Path objects included: no local
 # file is ever read) to sd_core (sd_core/input_images.py -> sd_core/user_urls.py: scheme/host policy, pinned address,
 # redirects re-checked, size and time limits). Path objects (the images run() returns) go through unchanged.
-# tests/test_cog_inputs.py fails if a future cog stops calling Path.validate or downloads URLs anyway.
+# tests/adapters/test_cog_inputs.py fails if a future cog stops calling Path.validate or downloads URLs anyway.
 
 from __future__ import annotations
 
