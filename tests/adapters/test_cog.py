@@ -253,7 +253,7 @@ def test_lora_weights_change_the_image(cog_server):
     assert unknown["status"] == "failed" and "no-such-lora" in unknown["error"]
 
 
-# --- safety checker: on by default on Cog (the repo's tiny checker flags nothing; tests/sd_core/test_safety.py has more) ----
+# --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
 def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
     prediction = cog_server.predict({**FAST, "num_outputs": 2, "seed": 8})
     assert prediction["status"] == "succeeded", prediction.get("error")

@@ -249,7 +249,7 @@ def test_loras_reach_the_engine_from_native_and_a1111_payloads(server):
     assert pixels(completed(server.runsync(base))) == plain
 
 
-# --- safety checker: off by default on RunPod (tests/sd_core/test_safety.py turns it on) ------------------------------------
+# --- safety checker: off by default on RunPod (tests/sd_core/test_safety.py turns it on)
 def test_safety_checker_is_off_by_default_and_images_report_nsfw_false(server):
     assert "safety checker" not in server.log_text()  # nothing fetched or loaded
     output = completed(server.runsync({**FAST, "num_outputs": 2, "seed": 5}))
