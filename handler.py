@@ -1,10 +1,9 @@
 """RunPod serverless adapter: job input (native or A1111) -> GenerationRequest -> sd_core Engine -> images or URLs."""
 
-# Output of a native job: {"images": [{"image": "<base64>" | "url": "<presigned URL>", "mime_type", "seed", "width",
-# "height", "nsfw" (flagged by the safety checker, blacked out)}], "seed", "seeds", "model", "parameters" (A1111
-# infotext), "timings"}. An A1111 job gets A1111's shape (sd_core/a1111.py). Errors come back as {"error": "<field>:
-# <reason>"} (the job shows FAILED); after an unrecoverable device error also "refresh_worker": True, so RunPod
-# replaces this worker. docs/runpod.md.
+# Output: a native job gets {"images": [{"image" (base64) | "url", "mime_type", "seed", "width", "height", "nsfw"}],
+# "seed", "seeds", "model", "parameters", "timings"}; an A1111 job A1111's shape (sd_core/a1111.py), a listing its
+# body (sd_core/a1111_listing.py). Errors: {"error": "<field>: <reason>"} (FAILED), plus "refresh_worker": True after
+# an unrecoverable device error, so RunPod replaces this worker. docs/runpod.md.
 
 import asyncio
 import functools
@@ -16,7 +15,7 @@ import runpod
 from runpod.serverless.modules import rp_http
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-from sd_core import a1111
+from sd_core import a1111, a1111_listing
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import parse_request
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
@@ -64,6 +63,8 @@ class Worker(Server):
             data = job.get("input")
             # Parsing user input is CPU work: in a thread, so one large payload never stalls the other jobs.
             call = await asyncio.to_thread(a1111.parse_call, data)
+            if call is not None and call.endpoint in a1111_listing.LISTINGS:  # sd-models, samplers, ...: no GPU
+                return a1111_listing.answer(call.endpoint, call.payload, self.engine)
             request = await asyncio.to_thread(*((a1111.to_request, call) if call else (parse_request, data)))
             progress = StepProgress(_progress_sender(job), self.settings.progress_interval_s)
             result = await self.generate(request, progress, name=name)

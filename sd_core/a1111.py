@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
+from . import a1111_listing, a1111_scripts
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
@@ -43,7 +44,7 @@ A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequ
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
 UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
-               "alwayson_scripts", "subseed_strength", "inpainting_mask_invert", "include_init_images")
+               "subseed_strength", "inpainting_mask_invert", "include_init_images")
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
 # subseed details, sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint).
 
@@ -67,7 +68,7 @@ _HEX = frozenset(string.hexdigits)
 class A1111Call:
     """One A1111 API call: which endpoint, its body, and why the input was read as A1111 (for error hints)."""
 
-    endpoint: str  # txt2img | img2img
+    endpoint: str  # txt2img | img2img | a listing (a1111_listing.LISTINGS)
     payload: dict
     marker: str | None = None  # the A1111-only key that gave a flat payload away; None when named explicitly
 
@@ -78,15 +79,14 @@ def parse_call(data) -> A1111Call | None:
     Three forms: ``{"api": {"method": "POST", "endpoint": "/sdapi/v1/txt2img"}, "payload": {...}}`` (the convention
     of RunPod's A1111 workers), ``{"api": "txt2img" | "img2img", ...A1111 keys}``, or a flat A1111 body, recognised
     by any key only A1111 has (``sampler_name``, ``cfg_scale``, ``steps``, ``batch_size``, ``init_images``, ...).
+    The first two also name a listing (``GET /sdapi/v1/sd-models``, ...: sd_core/a1111_listing.py).
     """
     if not isinstance(data, dict):
         return None
     api = data.get("api")
     if isinstance(api, dict):
-        method = str(api.get("method", "POST")).upper()
-        if method != "POST":
-            raise InvalidRequest(f"only POST is served (got {quote(method)})", field="api.method")
         endpoint = _endpoint(api.get("endpoint"), "api.endpoint")
+        a1111_listing.check_method(endpoint, api.get("method"))
         extra = sorted(set(data) - {"api", "payload"})
         if extra:
             raise InvalidRequest(f"unknown field next to api/payload: {_listed(extra)}", field="input")
@@ -104,9 +104,10 @@ def parse_call(data) -> A1111Call | None:
 
 def _endpoint(value, field: str) -> str:
     name = value.strip().rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) and len(value) <= 100 else ""
-    if name not in (TXT2IMG, IMG2IMG):
-        raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), got "
-                             f"{quote(value)}", field=field)
+    a1111_listing.check_endpoint(name, field)
+    if name not in (TXT2IMG, IMG2IMG, *a1111_listing.LISTINGS):
+        raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), or a listing "
+                             f"({', '.join(a1111_listing.LISTINGS)}), got {quote(value)}", field=field)
     return name
 
 
@@ -188,6 +189,8 @@ def _checkpoint_name(value, errors: list[str]) -> str | None:
 
 def to_request(call: A1111Call) -> GenerationRequest:
     """Translate an A1111 body into a GenerationRequest; InvalidRequest names A1111's keys (``steps: ...``)."""
+    if call.endpoint not in KNOWN_KEYS:  # a listing: a1111_listing.answer serves it
+        raise InvalidRequest(f"/sdapi/v1/{call.endpoint} lists, it generates nothing", field="api.endpoint")
     p = {k: v for k, v in call.payload.items() if v is not None}
     errors: list[str] = []
     hint = f" (the input was read as an A1111 {call.endpoint} payload because of {call.marker!r})"
@@ -203,6 +206,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
     for key in UNSUPPORTED:
         if not _is_off(p.get(key)):
             errors.append(f"{key}: not supported by this worker")
+    errors.extend(a1111_scripts.refusals(p.get("alwayson_scripts")))
     fields: dict = {}
     for source, target in (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("seed", "seed"),
                            ("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),

@@ -126,3 +126,49 @@ def test_engine_error_messages_get_a1111_names():
     assert a1111.rename_fields(message) == (
         "steps: too many; batch_size x n_iter: 9 x 64x64 exceeds the budget; prompt: bad tag"
     )
+
+
+# --- listings and extension units (sd_core/a1111_listing.py, a1111_scripts.py) ---------------------------------------
+@pytest.mark.parametrize(("data", "endpoint"), [
+    ({"api": {"method": "GET", "endpoint": "/sdapi/v1/sd-models"}}, "sd-models"),
+    ({"api": {"method": "get", "endpoint": "/sdapi/v1/samplers/"}, "payload": {}}, "samplers"),
+    ({"api": {"endpoint": "/sdapi/v1/options"}}, "options"),
+    ({"api": "embeddings"}, "embeddings"),
+])
+def test_listing_calls_are_recognised(data, endpoint):
+    assert a1111.parse_call(data).endpoint == endpoint
+
+
+@pytest.mark.parametrize("scripts", [
+    {"ADetailer": {"args": [False]}},
+    {"ADetailer": {"args": [False, True, {"ad_model": "face_yolov8n.pt"}]}},
+    {"controlnet": {"args": [{"enabled": False, "module": "canny"}, {"enabled": False}]}},
+    {"controlnet": {"args": []}, "Regional Prompter": {}, "x": None},
+    {},
+])
+def test_disabled_extension_units_leave_the_request_unchanged(scripts):
+    payload = {"prompt": "x", "steps": 3, "seed": 4, "sampler_name": "Euler"}
+    with_scripts = a1111.to_request(a1111.parse_call({**payload, "alwayson_scripts": scripts}))
+    assert with_scripts == a1111.to_request(a1111.parse_call(payload))
+
+
+@pytest.mark.parametrize(("scripts", "expected"), [
+    ({"ADetailer": {"args": [True, False, {"ad_model": "face_yolov8n.pt"}]}},
+     "alwayson_scripts.ADetailer: not supported by this worker"),
+    ({"ControlNet": {"args": [{"enabled": False}, {"enabled": True, "module": "canny"}]}},
+     "alwayson_scripts.ControlNet: not supported by this worker"),
+    ({"controlnet": {"args": [{"module": "canny"}]}}, "alwayson_scripts.controlnet: not supported by this worker"),
+    ({"Seed": {"args": [-1, False]}}, "alwayson_scripts.Seed: not supported by this worker"),
+    ({"e" * 500: {"args": [True]}}, "alwayson_scripts.'eeeeee"),
+    ({f"ext{i}": {"args": [True]} for i in range(8)}, "alwayson_scripts: 3 more extensions not supported"),
+    ("ADetailer", "alwayson_scripts: expected a JSON object"),
+])
+def test_enabled_extension_units_are_refused_by_name(scripts, expected):
+    with pytest.raises(InvalidRequest) as caught:
+        a1111.to_request(a1111.parse_call({"steps": 3, "alwayson_scripts": scripts}))
+    assert expected in str(caught.value) and len(str(caught.value)) < 1000
+
+
+def test_a_listing_call_translates_to_no_generation():
+    with pytest.raises(InvalidRequest, match=r"^api.endpoint: /sdapi/v1/sd-models lists, it generates nothing$"):
+        a1111.to_request(a1111.parse_call({"api": "sd-models"}))

@@ -144,7 +144,7 @@ A1111 = [
      "sd_model_checkpoint"),
     ({"prompt": "x", "steps": 2, "override_settings": "tiny-sd15"}, "override_settings"),
     ({"prompt": "x", "steps": 2, "seed": "abc"}, "seed"),
-    ({"prompt": "x", "steps": 2, "alwayson_scripts": {"controlnet": {"args": []}}}, "alwayson_scripts"),
+    ({"prompt": "x", "steps": 2, "alwayson_scripts": {"controlnet": {"args": [True]}}}, "alwayson_scripts"),
     ({"api": {"method": "POST", "endpoint": "/sdapi/v1/extras"}, "payload": {}}, "api.endpoint"),
     ({"api": {"method": "GET", "endpoint": "/sdapi/v1/txt2img"}, "payload": {}}, "api.method"),
     ({"api": "txt2img", "prompt": "x", "steps": 2, "hr_scale": 2, "frobnicate": 1}, "frobnicate"),

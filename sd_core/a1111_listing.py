@@ -1,0 +1,81 @@
+"""A1111's read-only API endpoints (/sdapi/v1/sd-models, samplers, ...) answered from the model catalog, no GPU."""
+
+from __future__ import annotations
+
+from .errors import InvalidRequest, quote, scrub
+from .schedulers import _ALIASES, KARRAS, SAMPLERS, SCHEDULES, UNIFORM
+
+# Endpoint name -> what it lists. Each answer has the shape of A1111 1.10's response model for it.
+LISTINGS = ("sd-models", "samplers", "schedulers", "loras", "embeddings", "sd-vae", "options", "upscalers")
+# A1111 endpoints whose job RunPod itself does for every job: refused with a pointer to RunPod's own.
+PLATFORM_ENDPOINTS = {"progress": "RunPod's /status/<job id> (and the job's progress updates)",
+                      "interrupt": "RunPod's /cancel/<job id>", "skip": "RunPod's /cancel/<job id>"}
+MAX_LORA_PATH_CHARS = 300
+
+
+def check_endpoint(name: str, field: str) -> None:
+    """Refuse A1111's /progress and /interrupt (any method): RunPod's /status and /cancel do their job."""
+    if name in PLATFORM_ENDPOINTS:
+        raise InvalidRequest(f"/sdapi/v1/{name} is not served by this worker; use {PLATFORM_ENDPOINTS[name]}",
+                             field=field)
+
+
+def check_method(endpoint: str, method) -> None:
+    """A listing takes GET, a generation POST (an absent method is the endpoint's own)."""
+    expected = "GET" if endpoint in LISTINGS else "POST"
+    if method is None or (isinstance(method, str) and method.strip().upper() == expected):
+        return
+    why = "; options are read-only here (per job: override_settings)" if endpoint == "options" else ""
+    raise InvalidRequest(f"only {expected} is served for /sdapi/v1/{endpoint} (got {quote(method)}){why}",
+                         field="api.method")
+
+
+def answer(endpoint: str, payload: dict, engine) -> list | dict:
+    """The listing ``endpoint`` for a worker's ``engine`` (its catalog and settings): A1111's response body."""
+    if payload:
+        raise InvalidRequest(f"/sdapi/v1/{endpoint} takes no payload (got {len(payload)} field(s))", field="payload")
+    manifests = list(engine.catalog.manifests.values())
+    if endpoint == "sd-models":
+        return [_model_item(manifest) for manifest in manifests]
+    if endpoint == "samplers":
+        return [_sampler_item(name) for name in SAMPLERS]
+    if endpoint == "schedulers":
+        return [_scheduler_item(label) for label in ("Automatic", *SCHEDULES)]
+    if endpoint == "loras":
+        seen: dict[str, dict] = {}
+        for manifest in manifests:
+            for lora in manifest.loras:  # a name several manifests share is listed once (the first)
+                seen.setdefault(lora.name, {"name": lora.name, "alias": lora.name,
+                                            "path": scrub(lora.uri)[:MAX_LORA_PATH_CHARS], "metadata": {}})
+        return list(seen.values())
+    if endpoint == "embeddings":
+        return {"loaded": {}, "skipped": {}}  # textual-inversion embeddings: none on this worker
+    if endpoint == "options":
+        default = engine.catalog.manifests.get(engine.settings.default_model)
+        return {"sd_model_checkpoint": _title(default) if default else engine.settings.default_model,
+                "sd_checkpoint_hash": default.sha256 if default else None, "CLIP_stop_at_last_layers": 1,
+                "sd_vae": "Automatic", "samples_format": "png"}
+    return []  # sd-vae, upscalers: none on this worker
+
+
+def _title(manifest) -> str:
+    """As A1111's checkpoint title, ``name [short hash]``: sent back as override_settings.sd_model_checkpoint."""
+    return f"{manifest.name} [{manifest.sha256[:10]}]" if manifest.sha256 else manifest.name
+
+
+def _model_item(manifest) -> dict:
+    return {"title": _title(manifest), "model_name": manifest.name,
+            "hash": manifest.sha256[:10] if manifest.sha256 else None, "sha256": manifest.sha256,
+            "filename": scrub(manifest.uri)[:MAX_LORA_PATH_CHARS], "config": None}
+
+
+def _sampler_item(name: str) -> dict:
+    aliases = [alias for alias, target in _ALIASES.items() if target == name]
+    automatic = SAMPLERS[name].automatic
+    options = {"scheduler": automatic.lower()} if automatic != UNIFORM else {}  # A1111's default schedule
+    return {"name": name, "aliases": aliases, "options": options}
+
+
+def _scheduler_item(label: str) -> dict:
+    return {"name": label.lower(), "label": label, "aliases": None, "default_rho": 7.0 if label == KARRAS else -1.0,
+            "need_inner_model": label == UNIFORM}
