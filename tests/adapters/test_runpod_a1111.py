@@ -172,3 +172,22 @@ def test_enabled_extension_units_are_refused_by_name(scripts, expected):
 def test_a_listing_call_translates_to_no_generation():
     with pytest.raises(InvalidRequest, match=r"^api.endpoint: /sdapi/v1/sd-models lists, it generates nothing$"):
         a1111.to_request(a1111.parse_call({"api": "sd-models"}))
+
+
+def test_a_hashed_checkpoint_title_names_its_model_when_sent_back():
+    from types import SimpleNamespace
+
+    from sd_core import a1111_listing
+    from sd_core.manifests import ModelCatalog, ModelManifest
+
+    digest = "0123456789abcdef" * 4
+    manifest = ModelManifest(name="my-model", architecture="sd15", format="single_file", sha256=digest,
+                             uri="https://user:secret@host/my.safetensors?X-Amz-Signature=abc", config_uri="cfg/")
+    engine = SimpleNamespace(catalog=ModelCatalog({"my-model": manifest}), settings=SimpleNamespace(
+        default_model="my-model"))
+    [item] = a1111_listing.answer("sd-models", {}, engine)
+    assert (item["title"], item["hash"], item["sha256"]) == ("my-model [0123456789]", "0123456789", digest)
+    assert "secret" not in item["filename"] and "Signature" not in item["filename"]
+    assert a1111_listing.answer("options", {}, engine)["sd_model_checkpoint"] == item["title"]
+    call = a1111.parse_call({"steps": 2, "override_settings": {"sd_model_checkpoint": item["title"]}})
+    assert a1111.to_request(call).model == "my-model"
