@@ -13,7 +13,7 @@ from . import a1111_listing, a1111_scripts
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
-from .schema import GenerationRequest, GenerationResult, describe_validation_error, field_label
+from .schema import MAX_CLIP_SKIP, GenerationRequest, GenerationResult, describe_validation_error, field_label
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 
@@ -46,16 +46,18 @@ A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequ
 UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
                "subseed_strength", "inpainting_mask_invert", "include_init_images")
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# subseed details, sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint).
+# subseed details, sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint and
+# CLIP_stop_at_last_layers).
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
 # GenerationRequest field -> the A1111 key it comes from, to name A1111's keys in error messages.
 FIELD_NAMES = {
     "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "scheduler": "sampler_name",
     "num_outputs": "batch_size x n_iter", "strength": "denoising_strength", "image": "init_images",
-    "model": "override_settings.sd_model_checkpoint",
+    "model": "override_settings.sd_model_checkpoint", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
+CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
 # User text is bounded before it is parsed, and parsed with string methods (no regex that could backtrack).
 MAX_CHECKPOINT_CHARS = 300  # a model name (at most 200) + " [hash]" + ".safetensors", with room to spare
 MAX_SAMPLER_CHARS = 100  # sampler_name / sampler_index / scheduler: the longest real name has 19 characters
@@ -187,6 +189,17 @@ def _checkpoint_name(value, errors: list[str]) -> str | None:
     return name or None
 
 
+def _clip_skip(value, errors: list[str]) -> int | None:
+    """A1111's CLIP_stop_at_last_layers (the layer used, counted from the end: 1 = the last) -> layers skipped."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CLIP_SKIP + 1:
+        errors.append(f"{CLIP_SKIP_KEY}: must be a whole number from 1 (no skip) to {MAX_CLIP_SKIP + 1} "
+                      f"(got {quote(value)})")
+        return None
+    return value - 1
+
+
 def to_request(call: A1111Call) -> GenerationRequest:
     """Translate an A1111 body into a GenerationRequest; InvalidRequest names A1111's keys (``steps: ...``)."""
     if call.endpoint not in KNOWN_KEYS:  # a listing: a1111_listing.answer serves it
@@ -220,8 +233,11 @@ def to_request(call: A1111Call) -> GenerationRequest:
     overrides = p.get("override_settings") or {}
     if not isinstance(overrides, dict):
         errors.append("override_settings: expected a JSON object")
-    elif (model := _checkpoint_name(overrides.get("sd_model_checkpoint"), errors)) is not None:
-        fields["model"] = model
+    else:
+        if (model := _checkpoint_name(overrides.get("sd_model_checkpoint"), errors)) is not None:
+            fields["model"] = model
+        if (clip_skip := _clip_skip(overrides.get("CLIP_stop_at_last_layers"), errors)) is not None:
+            fields["clip_skip"] = clip_skip
     if call.endpoint == IMG2IMG:
         images = p.get("init_images")
         if not isinstance(images, list) or len(images) != 1:
@@ -293,7 +309,8 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
         "seed_resize_from_h": -1, "denoising_strength": strength,
         "extra_generation_params": {key: value for key, value in extra.items() if value is not None},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
-        "clip_skip": 1, "is_using_inpainting_conditioning": False, "n_iter": n_iter, "version": "sd-serverless",
+        "clip_skip": effective.clip_skip + 1,  # A1111's CLIP_stop_at_last_layers: 1 = no layer skipped
+        "is_using_inpainting_conditioning": False, "n_iter": n_iter, "version": "sd-serverless",
         "nsfw": [image.nsfw for image in result.images],  # per image: flagged (and blacked out) by the safety checker
     }
     send = call.payload.get("send_images", True)

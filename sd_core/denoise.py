@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
-from .errors import Cancelled, OutOfMemory, WorkerUnhealthy
+from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quote
 from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
@@ -35,13 +35,14 @@ class Denoiser:
             load_s = time.perf_counter() - t
             pipe = model.pipeline(first.mode)
             pipe.scheduler = model.scheduler(first.scheduler)
+            clip_skip = _clip_skip(jobs[0], pipe)  # all jobs of a batch share it (Job.batch_key)
             t = time.perf_counter()
             # Exactly this batch's LoRA set (all jobs of a batch share it), or none: inside the lock, so no
             # request ever runs with another's adapters.
             self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
             lora_s = time.perf_counter() - t
             t = time.perf_counter()
-            images = self._call_pipeline(pipe, jobs)
+            images = self._call_pipeline(pipe, jobs, clip_skip)
             inference_s = time.perf_counter() - t
         results, offset = [], 0
         for job in jobs:
@@ -50,7 +51,7 @@ class Denoiser:
             offset += len(job.seeds)
         return results
 
-    def _call_pipeline(self, pipe, jobs: list[Job]) -> list:
+    def _call_pipeline(self, pipe, jobs: list[Job], clip_skip: int | None = None) -> list:
         import torch
 
         first = jobs[0]
@@ -68,6 +69,8 @@ class Denoiser:
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="pil",
         )
+        if clip_skip:
+            kwargs["clip_skip"] = clip_skip
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.
@@ -102,3 +105,23 @@ class Denoiser:
             if is_fatal_device_error(exc):
                 raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
             raise
+
+
+def _clip_skip(job: Job, pipe) -> int | None:
+    """The job's clip skip for the pipeline call (None: no skip); refused when the model's text encoder is too shallow
+    for it (the depth is known once the model is loaded)."""
+    skip = job.request.clip_skip
+    if not skip:
+        return None
+    model = quote(job.request.model)
+    limit = job.manifest.family.enable_clip_skip(pipe)
+    if limit is None:
+        raise InvalidRequest(f"{model} ({job.manifest.family.name}) has no clip skip; use 0", field="clip_skip")
+    depth, most = limit
+    if skip > most:
+        raise InvalidRequest(
+            f"{model}'s text encoder has {depth} layers, of which at most {most} can be skipped: clip_skip 0-{most} "
+            f"(A1111's CLIP_stop_at_last_layers 1-{most + 1}); got clip_skip {skip} (CLIP_stop_at_last_layers "
+            f"{skip + 1})", field="clip_skip",
+        )
+    return skip

@@ -20,6 +20,7 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000
 MAX_LORAS = 8
 MAX_LORA_SCALE = 5.0
+MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
 MAX_MESSAGE_PARTS = 10  # validation errors described in one message; the rest are counted
@@ -66,6 +67,10 @@ class GenerationRequest(BaseModel):
         0.8, gt=0.0, le=1.0, allow_inf_nan=False, description="How much img2img/inpaint changes the init image"
     )
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS, description="LoRAs to apply")
+    clip_skip: int = Field(
+        0, ge=0, le=MAX_CLIP_SKIP,
+        description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
+    )
     output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
     disable_safety_checker: bool = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from ..schedulers import SCHEDULER_NAMES
@@ -29,6 +30,9 @@ class ModelFamily:
     checkpoint_prefixes: tuple[str, ...]
     # rough parameter count of the full pipeline (UNet + text encoders + VAE): memory_bytes() estimates from it
     parameters: int
+    # the text-encoder layer the pipeline conditions on, counted from the end: 1 = the last (SD1.x/2.x), 2 = the
+    # penultimate (SDXL); diffusers' clip_skip counts further back from it
+    conditioning_layer: int = 1
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -51,6 +55,17 @@ class ModelFamily:
         """
         return {"prompt": prompts, "negative_prompt": negative_prompts if any(negative_prompts) else None}
 
+    def enable_clip_skip(self, pipe) -> tuple[int, int] | None:
+        """Ready a loaded pipeline for diffusers' ``clip_skip``; (its text encoders' depth, the most layers a request
+        may skip: at least one stays; with two encoders the shallower bounds it). None: this family has no clip skip.
+        """
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        encoders = [encoder for encoder in encoders if encoder is not None]
+        for encoder in encoders:
+            _expose_text_model(encoder)
+        depth = min(encoder.config.num_hidden_layers for encoder in encoders)
+        return depth, depth - self.conditioning_layer
+
     def schedulers(self) -> tuple[str, ...]:
         """The scheduler names this family can run (every one today; flow-matching families will differ)."""
         return SCHEDULER_NAMES
@@ -63,3 +78,13 @@ class ModelFamily:
         """A rough estimate of the loaded pipeline's weights (fp16 by default); not used for decisions yet (the
         pipeline pool measures loaded models), meant for placement and cache planning."""
         return self.parameters * bytes_per_parameter
+
+
+def _expose_text_model(encoder) -> None:
+    """diffusers' SD1.x/2.x pipelines apply clip skip's final layer norm as ``text_encoder.text_model.final_layer_norm``
+    (diffusers issue #14124), which transformers >= 5.6 removed from ``CLIPTextModel`` (now flat, with
+    ``final_layer_norm`` on the model itself). Give such an encoder that path back, to its own layer norm: a plain
+    attribute, not a registered submodule, so weights, devices and state dicts are unchanged."""
+    if hasattr(encoder, "text_model") or not hasattr(encoder, "final_layer_norm"):
+        return
+    object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))

@@ -181,6 +181,26 @@ def test_a1111_infotext_round_trips_in_png_info_and_info(server, tiny_bucket):
     assert info["extra_generation_params"] == {"Schedule type": "Karras", "Lora hashes": f"tiny-style: {lora_hash}"}
 
 
+def test_a1111_clip_skip_from_override_settings(server):
+    payload = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
+    skipped = completed(server.runsync({**payload, "override_settings": {"CLIP_stop_at_last_layers": 2}}))
+    plain = completed(server.runsync({**payload, "override_settings": {"CLIP_stop_at_last_layers": 1}}))
+    native = completed(server.runsync({"prompt": "a fox", "num_inference_steps": 2, "width": 64, "height": 64,
+                                       "seed": 9, "scheduler": "Euler", "clip_skip": 1}))
+    assert decode(skipped["images"][0]).tobytes() == decode(native["images"][0]["image"]).tobytes()
+    assert decode(skipped["images"][0]).tobytes() != decode(plain["images"][0]).tobytes()
+    info = json.loads(skipped["info"])
+    assert info["clip_skip"] == 2 and json.loads(plain["info"])["clip_skip"] == 1
+    for text in (read_parameters(base64.b64decode(skipped["images"][0])), info["infotexts"][0]):
+        assert a1111.parse(text)["Clip skip"] == "2"
+    assert "Clip skip" not in json.loads(plain["info"])["infotexts"][0]
+    too_deep = server.runsync({**payload, "override_settings": {"sd_model_checkpoint": "tiny-sdxl",
+                                                                 "CLIP_stop_at_last_layers": 12}}, timeout=120)
+    assert too_deep["status"] == "FAILED"
+    assert too_deep["error"].startswith("override_settings.CLIP_stop_at_last_layers: 'tiny-sdxl''s text encoder "
+                                        "has 12 layers, of which at most 10 can be skipped")
+
+
 def test_a1111_send_images_false_returns_no_images(server):
     output = completed(server.runsync({"api": "txt2img", "prompt": "x", "steps": 2, "send_images": False}))
     assert output["images"] == [] and json.loads(output["info"])["all_seeds"]
