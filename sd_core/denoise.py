@@ -69,8 +69,11 @@ class Denoiser:
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="pil",
         )
-        if clip_skip:
-            kwargs["clip_skip"] = clip_skip
+        if clip_skip:  # A1111's clip skip: prompts and negative prompts encoded from the same earlier layer
+            family = first.manifest.family
+            negatives = kwargs.pop("negative_prompt") or [""] * len(prompts)
+            kwargs.update(prompt_embeds=family.skipped_prompt_embeds(pipe, kwargs.pop("prompt"), clip_skip),
+                          negative_prompt_embeds=family.skipped_prompt_embeds(pipe, negatives, clip_skip))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.
@@ -114,9 +117,11 @@ def _clip_skip(job: Job, pipe) -> int | None:
     if not skip:
         return None
     model = quote(job.request.model)
-    limit = job.manifest.family.enable_clip_skip(pipe)
+    family = job.manifest.family.name
+    limit = job.manifest.family.clip_skip_limit(pipe)
     if limit is None:
-        raise InvalidRequest(f"{model} ({job.manifest.family.name}) has no clip skip; use 0", field="clip_skip")
+        raise InvalidRequest(f"{model} is a {family} model, which takes no clip skip (A1111 applies it to SD1.x only); "
+                             "use 0 (CLIP_stop_at_last_layers 1)", field="clip_skip")
     depth, most = limit
     if skip > most:
         raise InvalidRequest(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from ..schedulers import SCHEDULER_NAMES
@@ -30,9 +29,9 @@ class ModelFamily:
     checkpoint_prefixes: tuple[str, ...]
     # rough parameter count of the full pipeline (UNet + text encoders + VAE): memory_bytes() estimates from it
     parameters: int
-    # the text-encoder layer the pipeline conditions on, counted from the end: 1 = the last (SD1.x/2.x), 2 = the
-    # penultimate (SDXL); diffusers' clip_skip counts further back from it
-    conditioning_layer: int = 1
+    # whether requests may skip CLIP layers (clip_skip, A1111's CLIP_stop_at_last_layers): A1111 applies it to SD1.x
+    # only (it ignores it for SD2's OpenCLIP and, by default, for SDXL), so other families refuse it
+    clip_skip: bool = True
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -55,16 +54,27 @@ class ModelFamily:
         """
         return {"prompt": prompts, "negative_prompt": negative_prompts if any(negative_prompts) else None}
 
-    def enable_clip_skip(self, pipe) -> tuple[int, int] | None:
-        """Ready a loaded pipeline for diffusers' ``clip_skip``; (its text encoders' depth, the most layers a request
-        may skip: at least one stays; with two encoders the shallower bounds it). None: this family has no clip skip.
-        """
-        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
-        encoders = [encoder for encoder in encoders if encoder is not None]
-        for encoder in encoders:
-            _expose_text_model(encoder)
-        depth = min(encoder.config.num_hidden_layers for encoder in encoders)
-        return depth, depth - self.conditioning_layer
+    def clip_skip_limit(self, pipe) -> tuple[int, int] | None:
+        """(the text encoder's depth, the most layers a request may skip: one always stays); None: no clip skip."""
+        if not self.clip_skip:
+            return None
+        depth = pipe.text_encoder.config.num_hidden_layers
+        return depth, depth - 1
+
+    def skipped_prompt_embeds(self, pipe, texts: list[str], skip: int):
+        """A1111's clip skip for ``texts`` (prompts and negative prompts alike, as A1111 does; diffusers' own
+        ``clip_skip`` skips the prompt only): the text encoder's hidden state ``skip`` layers before the last,
+        through its final layer norm, tokenized as diffusers' ``encode_prompt`` does."""
+        import torch
+
+        encoder = pipe.text_encoder
+        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids.to(encoder.device)
+        # transformers >= 5.6 flattened CLIPTextModel: the final layer norm moved from .text_model onto the model
+        norm = encoder.final_layer_norm if hasattr(encoder, "final_layer_norm") else encoder.text_model.final_layer_norm
+        with torch.inference_mode():
+            states = encoder(ids, output_hidden_states=True).hidden_states[-(skip + 1)]
+            return norm(states).to(dtype=encoder.dtype)
 
     def schedulers(self) -> tuple[str, ...]:
         """The scheduler names this family can run (every one today; flow-matching families will differ)."""
@@ -78,13 +88,3 @@ class ModelFamily:
         """A rough estimate of the loaded pipeline's weights (fp16 by default); not used for decisions yet (the
         pipeline pool measures loaded models), meant for placement and cache planning."""
         return self.parameters * bytes_per_parameter
-
-
-def _expose_text_model(encoder) -> None:
-    """diffusers' SD1.x/2.x pipelines apply clip skip's final layer norm as ``text_encoder.text_model.final_layer_norm``
-    (diffusers issue #14124), which transformers >= 5.6 removed from ``CLIPTextModel`` (now flat, with
-    ``final_layer_norm`` on the model itself). Give such an encoder that path back, to its own layer norm: a plain
-    attribute, not a registered submodule, so weights, devices and state dicts are unchanged."""
-    if hasattr(encoder, "text_model") or not hasattr(encoder, "final_layer_norm"):
-        return
-    object.__setattr__(encoder, "text_model", SimpleNamespace(final_layer_norm=encoder.final_layer_norm))

@@ -11,6 +11,7 @@ FAMILY = ModelFamily(
     },
     width=1024, height=1024, num_inference_steps=30, guidance_scale=7.0,
     checkpoint_prefixes=("conditioner.embedders.",),  # SGM layout: both encoders under conditioner.embedders
+    clip_skip=False,  # A1111 ignores CLIP_stop_at_last_layers for this family
     parameters=3_500_000_000,  # UNet 2.6B + CLIP-L 123M + OpenCLIP-bigG 695M + VAE 84M
-    conditioning_layer=2,  # both encoders' penultimate layer (diffusers' hidden_states[-2])
+     # both encoders' penultimate layer (diffusers' hidden_states[-2])
 )
