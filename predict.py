@@ -84,6 +84,8 @@ class Runner(BaseRunner):
         seed: int | None = Input(
             default=None, ge=-1, le=4294967295, description="Random seed; empty or -1: random (printed in the logs)"
         ),
+        subseed: int | None = Input(default=None, ge=-1, le=4294967295, description="Variation seed; -1: random"),
+        subseed_strength: float = Input(default=0.0, ge=0.0, le=1.0, description="Variation: 0 = seed, 1 = subseed"),
         num_outputs: int = Input(default=1, ge=1, le=8, description="Number of images; image i uses seed + i"),
         image: Path | None = Input(default=None, description="Init image for img2img, or the image to inpaint"),
         mask: Path | None = Input(default=None, description="Inpainting mask for `image`: white is repainted"),
@@ -114,7 +116,8 @@ class Runner(BaseRunner):
             request = parse_request({
                 "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "width": width, "height": height,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
-                "seed": seed, "num_outputs": num_outputs, "strength": strength, "output_format": output_format,
+                "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
+                "strength": strength, "output_format": output_format,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
                 "clip_skip": clip_skip,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),

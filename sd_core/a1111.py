@@ -44,9 +44,11 @@ A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequ
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
 UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
-               "subseed_strength", "inpainting_mask_invert", "include_init_images")
+               "inpainting_mask_invert", "include_init_images")
+# Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
+UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# subseed details, sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint and
+# sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint and
 # CLIP_stop_at_last_layers).
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
@@ -220,10 +222,14 @@ def to_request(call: A1111Call) -> GenerationRequest:
         if not _is_off(p.get(key)):
             errors.append(f"{key}: not supported by this worker")
     errors.extend(a1111_scripts.refusals(p.get("alwayson_scripts")))
+    for key in UNSUPPORTED_SIZES:
+        if not _is_off(p.get(key)) and p.get(key) != -1:
+            errors.append(f"{key}: not supported by this worker (only -1 or 0, off)")
     fields: dict = {}
     for source, target in (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("seed", "seed"),
                            ("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),
-                           ("cfg_scale", "guidance_scale")):
+                           ("cfg_scale", "guidance_scale"), ("subseed", "subseed"),
+                           ("subseed_strength", "subseed_strength")):
         if source in p:
             fields[target] = p[source]
     sampler = _sampler(p, errors)
@@ -298,11 +304,13 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
              "Lora hashes": written.get("Lora hashes")}  # A1111 lists the schedule only when it is not Automatic
     model_hash = written.get("Model hash")
     count = len(result.images)
+    subseeds = result.subseeds or [-1] * count  # the variation seeds used (A1111 reports them for every image)
     info = {
         "prompt": effective.prompt, "all_prompts": [effective.prompt] * count,
         "negative_prompt": effective.negative_prompt, "all_negative_prompts": [effective.negative_prompt] * count,
-        "seed": result.seed, "all_seeds": result.seeds, "subseed": -1, "all_subseeds": [-1] * count,
-        "subseed_strength": 0, "width": first.width, "height": first.height, "sampler_name": sampler,
+        "seed": result.seed, "all_seeds": result.seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
+        "subseed_strength": effective.subseed_strength, "width": first.width, "height": first.height,
+        "sampler_name": sampler,
         "cfg_scale": effective.guidance_scale, "steps": effective.num_inference_steps, "batch_size": batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": result.model,
         "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,

@@ -60,13 +60,14 @@ class Denoiser:
         prompts = [j.request.prompt for j in jobs for _ in j.seeds]
         negative_prompts = [j.request.negative_prompt for j in jobs for _ in j.seeds]
         kwargs = first.manifest.family.prompt_kwargs(prompts, negative_prompts)
+        # One CPU generator per image, so image i's initial (and ancestral) noise depends only on its own seed,
+        # on every device. The same request alone gives the same pixels every time; in a batch (micro-batching,
+        # num_outputs > 1) kernels that depend on the batch size may move a few pixels by 1-2 levels.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         kwargs.update(
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.guidance_scale,
-            # One CPU generator per image, so image i's initial (and ancestral) noise depends only on its own seed,
-            # on every device. The same request alone gives the same pixels every time; in a batch (micro-batching,
-            # num_outputs > 1) kernels that depend on the batch size may move a few pixels by 1-2 levels.
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+            generator=generators,
             output_type="pil",
         )
         if clip_skip:  # A1111's clip skip: prompts and negative prompts encoded from the same earlier layer
@@ -74,6 +75,8 @@ class Denoiser:
             negatives = kwargs.pop("negative_prompt") or [""] * len(prompts)
             kwargs.update(prompt_embeds=family.skipped_prompt_embeds(pipe, kwargs.pop("prompt"), clip_skip),
                           negative_prompt_embeds=family.skipped_prompt_embeds(pipe, negatives, clip_skip))
+        if req.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
+            kwargs["latents"] = variation_latents(pipe, jobs, generators)
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.
@@ -130,3 +133,41 @@ def _clip_skip(job: Job, pipe) -> int | None:
             f"{skip + 1})", field="clip_skip",
         )
     return skip
+def variation_latents(pipe, jobs: list[Job], generators: list) -> object:
+    """The initial noise of a txt2img batch with variation seeds, drawn as diffusers' prepare_latents would draw it.
+
+    Per image: its seed's noise from its own generator (same shape, dtype and draw as ``randn_tensor``, so the
+    generator is left where the pipeline would leave it for the ancestral noise), then, for jobs with
+    ``subseed_strength`` > 0, A1111's variation: slerp toward the noise of subseed + i (its own fresh CPU generator).
+    Unscaled: the pipeline multiplies ``latents`` by the scheduler's ``init_noise_sigma`` itself.
+    """
+    import torch
+
+    first = jobs[0]
+    encoder = getattr(pipe, "text_encoder_2", None) or pipe.text_encoder
+    dtype = encoder.dtype if encoder is not None else pipe.unet.dtype  # the prompt embeddings' dtype, as diffusers
+    factor = pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, first.height // factor, first.width // factor)
+    noises, index = [], 0
+    for job in jobs:
+        for i in range(len(job.seeds)):
+            noise = torch.randn(shape, generator=generators[index], dtype=dtype)
+            index += 1
+            if job.subseeds is not None and job.request.subseed_strength > 0:
+                sub = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(job.subseeds[i]), dtype=dtype)
+                noise = slerp(job.request.subseed_strength, noise.float(), sub.float()).to(dtype)
+            noises.append(noise)
+    return torch.cat(noises)
+
+
+def slerp(t: float, low, high):
+    """Spherical interpolation from `low` (t = 0) to `high` (t = 1) of (1, C, H, W) noise, as A1111 does it: one
+    great-circle arc per channel and latent column (vectors along the height axis); nearly parallel (or opposite)
+    vectors, where the arc is ill-defined, are interpolated linearly, each on its own."""
+    import torch
+
+    dot = ((low / low.norm(dim=2, keepdim=True)) * (high / high.norm(dim=2, keepdim=True))).sum(dim=2, keepdim=True)
+    omega = torch.acos(dot.clamp(-1.0, 1.0))
+    sin = torch.sin(omega)
+    arc = torch.sin((1.0 - t) * omega) / sin * low + torch.sin(t * omega) / sin * high
+    return torch.where(dot.abs() < 0.9995, arc, (1.0 - t) * low + t * high)

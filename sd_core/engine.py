@@ -96,9 +96,14 @@ class Engine:
         loras = self.loras.resolve_all([*req.loras, *tagged], manifest)
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
+        subseeds = None  # variation seeds: with a strength, or a subseed given (txt2img only; strength 0 = the seed's)
+        if req.image is None and (req.subseed_strength > 0 or req.subseed not in (None, -1)):
+            first_subseed = resolve_seed(req.subseed)
+            subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
+            req = req.model_copy(update={"subseed": first_subseed})
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   timings={"prepare_s": time.perf_counter() - started})
+                   subseeds=subseeds, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""
@@ -106,26 +111,31 @@ class Engine:
         strength = req.strength if req.image is not None else None
         prompt, lora_hashes = _infotext_prompt(job)
 
-        def parameters(seed: int) -> str:
+        varied = job.subseeds is not None and req.subseed_strength > 0
+        subseeds = job.subseeds if varied else [None] * len(job.seeds)
+
+        def parameters(seed: int, subseed: int | None) -> str:
             return infotext(
                 prompt=prompt, negative_prompt=req.negative_prompt, steps=req.num_inference_steps,
                 sampler=req.scheduler, cfg_scale=req.guidance_scale, seed=seed, width=job.width, height=job.height,
                 model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
                 clip_skip=req.clip_skip,
+                subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
             )
 
         def encode(item):
-            seed, pil = item
-            return encode_image(pil, fmt=req.output_format, quality=req.output_quality, parameters=parameters(seed),
-                                seed=seed)
+            seed, subseed, pil = item
+            return encode_image(pil, fmt=req.output_format, quality=req.output_quality,
+                                parameters=parameters(seed, subseed), seed=seed)
 
-        items = list(zip(job.seeds, images, strict=True))
+        items = list(zip(job.seeds, subseeds, images, strict=True))
         # Pillow encodes without the GIL: several images of one request are encoded in parallel.
         encoded = list(self._encoders.map(encode, items)) if len(items) > 1 else [encode(i) for i in items]
         job.timings["encode_s"] = time.perf_counter() - t
         job.timings["total_s"] = time.perf_counter() - job.started
         result = GenerationResult(images=encoded, seeds=job.seeds, model=req.model,
-                                  parameters=parameters(job.seeds[0]), timings=job.timings,
+                                  parameters=parameters(job.seeds[0], subseeds[0]), timings=job.timings,
+                                  subseeds=job.subseeds if varied else None,
                                   request=req.model_copy(update={"prompt": job.prompt or req.prompt}))
         if job.nsfw is not None:  # the safety checker ran (stage 6)
             result.safety_checked = True

@@ -32,6 +32,7 @@ class Job:
     loras: tuple[ResolvedLora, ...] = ()  # fetched LoRAs with their scales (request field + prompt tags)
     prompt: str = ""  # the prompt as the user gave it, <lora:...> tags included (request.prompt has them stripped)
     nsfw: list[bool] | None = None  # the safety checker's flag per image (None: not checked)
+    subseeds: list[int] | None = None  # variation seeds, one per image (None: the plain seeds' noise)
 
     @property
     def batch_key(self) -> tuple | None:

@@ -52,19 +52,23 @@ def _quote(value) -> str:
 def infotext(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int, width: int,
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
-    lora_hashes: dict[str, str] | None = None, clip_skip: int = 0,
+    lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
+    subseed_strength: float | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
     `prompt` is the prompt as A1111 would show it, its `<lora:...>` tags included; `model_hash` the checkpoint
     file's sha256 and `lora_hashes` {LoRA name: its file's sha256} (A1111 writes 10 and 12 hex digits of them);
     `clip_skip` the layers skipped (diffusers' count), written as A1111's `Clip skip` (one more) when any.
+    `subseed` and `subseed_strength` (A1111's `Variation seed`, `Variation seed strength`) only when varied.
     """
     sampler_name, schedule = split_sampler(sampler)
     fields = {
         "Steps": steps, "Sampler": sampler_name, "Schedule type": schedule, "CFG scale": f"{cfg_scale:g}",
         "Seed": seed, "Size": f"{width}x{height}", "Model hash": model_hash[:10] if model_hash else None,
-        "Model": model, "Denoising strength": None if strength is None else f"{strength:g}",
+        "Model": model, "Variation seed": subseed,
+        "Variation seed strength": None if subseed_strength is None else f"{subseed_strength:g}",
+        "Denoising strength": None if strength is None else f"{strength:g}",
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer: 1 (unwritten) = no skip
         "RNG": "CPU",  # every image's noise comes from a CPU generator seeded with its seed (A1111's RNG: CPU)
         "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())

@@ -60,6 +60,13 @@ class GenerationRequest(BaseModel):
     )
     scheduler: SchedulerName | None = Field(None, description="A1111 sampler name")  # type: ignore[valid-type]
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Random seed; empty or -1 for a random one")
+    subseed: int | None = Field(
+        None, ge=-1, le=MAX_SEED, description="Variation seed (image i uses subseed + i); empty or -1 for a random one"
+    )
+    subseed_strength: float = Field(
+        0.0, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="How far the initial noise moves from the seed's to the subseed's (slerp): 0 = seed, 1 = subseed",
+    )
     num_outputs: int = Field(1, ge=1, le=MAX_OUTPUTS, description="Number of images")
     image: str | None = Field(None, description="Init image for img2img/inpaint: base64, data URI or https URL")
     mask: str | None = Field(None, description="Inpaint mask (white = repaint): base64, data URI or https URL")
@@ -103,6 +110,8 @@ class GenerationRequest(BaseModel):
             )
         if self.mask is not None and self.image is None:
             raise ValueError("mask: needs an image too (inpainting repaints the masked part of `image`)")
+        if self.subseed_strength > 0 and self.image is not None:
+            raise ValueError("subseed_strength: variation seeds work for txt2img only, not with an init image; use 0")
         return self
 
     @property
@@ -179,6 +188,7 @@ class GenerationResult:
     seeds: list[int]
     model: str
     parameters: str
+    subseeds: list[int] | None = None  # the variation seed of each image, when subseed_strength > 0
     timings: dict[str, float] = field(default_factory=dict)
     safety_checked: bool = False  # whether the safety checker ran on these images
     request: GenerationRequest | None = None  # the request as generated (set by Engine.finish)

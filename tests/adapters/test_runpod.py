@@ -201,6 +201,25 @@ def test_a1111_clip_skip_from_override_settings(server):
                                     "which takes no clip skip")
 
 
+def test_a1111_variation_seeds_reach_the_image_info_and_infotext(server):
+    payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "sampler_name": "Euler",
+               "seed": 40, "subseed": 50, "subseed_strength": 1, "batch_size": 2, "seed_resize_from_w": -1}
+    output = completed(server.runsync(payload))
+    info = json.loads(output["info"])
+    assert (info["all_seeds"], info["subseed"], info["all_subseeds"], info["subseed_strength"]) == (
+        [40, 41], 50, [50, 51], 1)
+    got = a1111.parse(info["infotexts"][1])
+    assert (got["Seed"], got["Variation seed"], got["Variation seed strength"]) == ("41", "51", "1")
+    # Strength 1 is the subseed's image: the same as a native run with seed = subseed (same batch), pixel for pixel.
+    native = completed(server.runsync({"prompt": "a lighthouse", "num_inference_steps": 2, "guidance_scale": 5,
+                                       "width": 64, "height": 64, "scheduler": "Euler", "seed": 50, "num_outputs": 2}))
+    for index in range(2):
+        assert decode(native["images"][index]["image"]).tobytes() == decode(output["images"][index]).tobytes()
+    half = completed(server.runsync({**payload, "subseed_strength": 0.5, "batch_size": 1}))
+    assert decode(half["images"][0]).tobytes() != decode(output["images"][0]).tobytes()
+    assert "Variation seed strength: 0.5" in json.loads(half["info"])["infotexts"][0]
+
+
 def test_a1111_send_images_false_returns_no_images(server):
     output = completed(server.runsync({"api": "txt2img", "prompt": "x", "steps": 2, "send_images": False}))
     assert output["images"] == [] and json.loads(output["info"])["all_seeds"]

@@ -47,6 +47,14 @@ def test_txt2img_translation():
     assert request.model == "tiny-sdxl" and request.image is None
 
 
+def test_variation_seed_translation():
+    request = a1111.to_request(a1111.parse_call({"steps": 4, "seed": 3, "subseed": 9, "subseed_strength": 0.3,
+                                                 "seed_resize_from_w": -1, "seed_resize_from_h": 0}))
+    assert (request.seed, request.subseed, request.subseed_strength) == (3, 9, 0.3)
+    defaults = a1111.to_request(a1111.parse_call({"steps": 4, "subseed": -1, "subseed_strength": 0}))
+    assert (defaults.subseed, defaults.subseed_strength) == (-1, 0.0)  # A1111's defaults: no variation
+
+
 @pytest.mark.parametrize(("sampler", "schedule", "expected"), [
     # A1111 1.9+: no schedule or "Automatic" is the sampler's own default schedule.
     ("DPM++ 2M", "Automatic", "DPM++ 2M Karras"),
@@ -97,6 +105,12 @@ def test_img2img_translation_uses_a1111_default_strength():
         ({"api": "img2img", "init_images": [INIT], "denoising_strength": 0}, "denoising_strength: "),
         ({"steps": 4, "restore_faces": True}, "restore_faces: not supported by this worker"),
         ({"steps": 4, "enable_hr": True}, "enable_hr: not supported by this worker"),
+        ({"steps": 4, "seed_resize_from_w": 512}, "seed_resize_from_w: not supported by this worker"),
+        ({"steps": 4, "seed_resize_from_h": 768, "seed_resize_from_w": -1}, "seed_resize_from_h: not supported"),
+        ({"steps": 4, "subseed_strength": 1.5}, "subseed_strength: Input should be less than or equal to 1"),
+        ({"steps": 4, "subseed": -5}, "subseed: Input should be greater than or equal to -1"),
+        ({"api": "img2img", "init_images": [INIT], "subseed": 3, "subseed_strength": 0.5},
+         "subseed_strength: variation seeds work for txt2img only"),
         ({"steps": 4, "scheduler": "Exponential"}, "scheduler: 'Exponential' needs a sampler_name"),
         ({"sampler_name": "DPM++ 2M", "scheduler": "Polyexponential"},
          "scheduler: sampler 'DPM++ 2M' with schedule 'Polyexponential' is not supported"),
