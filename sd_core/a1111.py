@@ -45,7 +45,8 @@ A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequ
 UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
                "alwayson_scripts", "subseed_strength", "inpainting_mask_invert", "include_init_images")
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# subseed details, sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint).
+# subseed details, sampler noise knobs other than eta, mask blur/fill, resize mode, override_settings other than the
+# checkpoint).
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
 # GenerationRequest field -> the A1111 key it comes from, to name A1111's keys in error messages.
@@ -206,7 +207,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
     fields: dict = {}
     for source, target in (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("seed", "seed"),
                            ("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),
-                           ("cfg_scale", "guidance_scale")):
+                           ("cfg_scale", "guidance_scale"), ("eta", "eta")):
         if source in p:
             fields[target] = p[source]
     sampler = _sampler(p, errors)

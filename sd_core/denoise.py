@@ -11,6 +11,7 @@ from .errors import Cancelled, OutOfMemory, WorkerUnhealthy
 from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
+from .schedulers import pipeline_kwargs
 
 
 @dataclass
@@ -68,6 +69,9 @@ class Denoiser:
             generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
             output_type="pil",
         )
+        # Align Your Steps' sigmas (they set the step count), DDIM's / TCD's eta
+        family = first.manifest.family
+        kwargs.update(pipeline_kwargs(req.scheduler, req.num_inference_steps, req.eta, family.ays_sigmas))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.

@@ -21,6 +21,7 @@ from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
 from .prompt_tags import TAG, parse_prompt_tags
 from .safety import SafetyChecker
+from .schedulers import check_eta
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
 from .settings import Settings
 
@@ -144,6 +145,7 @@ class Engine:
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "scheduler": request.scheduler or defaults.scheduler,
         })
+        check_eta(filled.scheduler, filled.eta)
         runs = manifest.family.schedulers()
         if filled.scheduler not in runs:
             raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family; valid: "

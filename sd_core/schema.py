@@ -58,6 +58,10 @@ class GenerationRequest(BaseModel):
         None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale"
     )
     scheduler: SchedulerName | None = Field(None, description="A1111 sampler name")  # type: ignore[valid-type]
+    eta: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Sampler noise (DDIM, TCD); empty: the sampler's default (docs/api.md)",
+    )
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Random seed; empty or -1 for a random one")
     num_outputs: int = Field(1, ge=1, le=MAX_OUTPUTS, description="Number of images")
     image: str | None = Field(None, description="Init image for img2img/inpaint: base64, data URI or https URL")

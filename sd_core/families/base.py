@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..schedulers import SCHEDULER_NAMES
+from ..schedulers import AYS_SD15, SCHEDULER_NAMES
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,6 +29,8 @@ class ModelFamily:
     checkpoint_prefixes: tuple[str, ...]
     # rough parameter count of the full pipeline (UNet + text encoders + VAE): memory_bytes() estimates from it
     parameters: int
+    # Align Your Steps' sigmas for this architecture (A1111 uses the SD 1.5 table for every non-SDXL model)
+    ays_sigmas: tuple[float, ...] = AYS_SD15
 
     @property
     def defaults(self) -> dict[str, Any]:

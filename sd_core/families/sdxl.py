@@ -1,5 +1,6 @@
 """Stable Diffusion XL: two text encoders (CLIP ViT-L + OpenCLIP bigG), 1024x1024."""
 
+from ..schedulers import AYS_SDXL
 from .base import ModelFamily
 
 FAMILY = ModelFamily(
@@ -12,4 +13,5 @@ FAMILY = ModelFamily(
     width=1024, height=1024, num_inference_steps=30, guidance_scale=7.0,
     checkpoint_prefixes=("conditioner.embedders.",),  # SGM layout: both encoders under conditioner.embedders
     parameters=3_500_000_000,  # UNet 2.6B + CLIP-L 123M + OpenCLIP-bigG 695M + VAE 84M
+    ays_sigmas=AYS_SDXL,
 )
