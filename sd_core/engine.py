@@ -112,6 +112,7 @@ class Engine:
                 prompt=prompt, negative_prompt=req.negative_prompt, steps=req.num_inference_steps,
                 sampler=req.scheduler, cfg_scale=req.guidance_scale, seed=seed, width=job.width, height=job.height,
                 model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
+                eta=req.eta,
             )
 
         def encode(item):

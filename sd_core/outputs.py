@@ -52,7 +52,7 @@ def _quote(value) -> str:
 def infotext(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int, width: int,
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
-    lora_hashes: dict[str, str] | None = None,
+    lora_hashes: dict[str, str] | None = None, eta: float | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -60,10 +60,13 @@ def infotext(
     file's sha256 and `lora_hashes` {LoRA name: its file's sha256} (A1111 writes 10 and 12 hex digits of them).
     """
     sampler_name, schedule = split_sampler(sampler)
+    default_eta = SAMPLERS[sampler_name].eta
+    eta = None if eta is None or eta == default_eta or not SAMPLERS[sampler_name].eta_adjustable else f"{eta:g}"
     fields = {
         "Steps": steps, "Sampler": sampler_name, "Schedule type": schedule, "CFG scale": f"{cfg_scale:g}",
         "Seed": seed, "Size": f"{width}x{height}", "Model hash": model_hash[:10] if model_hash else None,
         "Model": model, "Denoising strength": None if strength is None else f"{strength:g}",
+        "Eta DDIM" if sampler_name == "DDIM" else "Eta": eta,  # as A1111: only an eta other than the default
         "RNG": "CPU",  # every image's noise comes from a CPU generator seeded with its seed (A1111's RNG: CPU)
         "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())
         if lora_hashes else None,

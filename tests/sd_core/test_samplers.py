@@ -221,7 +221,9 @@ def test_ddim_eta_changes_the_image_and_equals_bare_diffusers(engine, bare):
     pipe = bare("sd15")
     default = pixels(generate(engine, scheduler="DDIM", seed=10))
     assert np.array_equal(default, bare_image(pipe, DDIMScheduler.from_config(pipe.base_config), 10, eta=0.0))
-    noisy = pixels(generate(engine, scheduler="DDIM", seed=10, eta=0.7))
+    result = generate(engine, scheduler="DDIM", seed=10, eta=0.7)
+    assert ", Eta DDIM: 0.7," in result.parameters  # A1111's infotext key for a DDIM eta other than 0
+    noisy = pixels(result)
     assert not np.array_equal(noisy, default)
     assert np.array_equal(noisy, bare_image(pipe, DDIMScheduler.from_config(pipe.base_config), 10, eta=0.7))
 
