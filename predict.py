@@ -28,15 +28,15 @@ cog_inputs.install()
 
 # A1111 sampler names, in sd_core.schedulers order (a test keeps this list equal to SCHEDULER_NAMES).
 SCHEDULERS = [
-    "Euler", "Euler Karras", "Euler Exponential", "Euler a",
-    "Heun", "Heun Karras", "Heun Exponential",
-    "LMS", "LMS Karras", "LMS Exponential",
-    "DPM2", "DPM2 Karras", "DPM2 Exponential", "DPM2 a", "DPM2 a Karras", "DPM2 a Exponential",
-    "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M Exponential",
-    "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential",
-    "DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential",
-    "DPM++ SDE", "DPM++ SDE Karras", "DPM++ SDE Exponential",
-    "DDIM", "PLMS", "UniPC", "LCM",
+    "Euler", "Euler Karras", "Euler Exponential", "Euler Beta", "Euler SGM Uniform", "Euler Align Your Steps",
+    "Euler a", "Euler a SGM Uniform", "Heun", "Heun Karras", "Heun Exponential", "Heun Beta", "Heun SGM Uniform",
+    "LMS", "LMS Karras", "LMS Exponential", "LMS Beta", "LMS SGM Uniform", "DPM2", "DPM2 Karras", "DPM2 Exponential",
+    "DPM2 Beta", "DPM2 SGM Uniform", "DPM2 a", "DPM2 a Karras", "DPM2 a Exponential", "DPM2 a Beta",
+    "DPM2 a SGM Uniform", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M Exponential", "DPM++ 2M Beta",
+    "DPM++ 2M SGM Uniform", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Beta",
+    "DPM++ 2M SDE SGM Uniform", "DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential",
+    "DPM++ 2M SDE Heun Beta", "DPM++ 2M SDE Heun SGM Uniform", "DPM++ SDE", "DPM++ SDE Karras",
+    "DPM++ SDE Exponential", "DPM++ SDE Beta", "DPM++ SDE SGM Uniform", "DDIM", "PLMS", "UniPC", "LCM", "TCD",
 ]
 OUTPUT_FORMATS = ["png", "webp", "jpeg"]
 # Output files are kept this long: Cog reads (and uploads) them after run() returns, then they are removed.
@@ -81,6 +81,7 @@ class Runner(BaseRunner):
         scheduler: str | None = Input(
             default=None, choices=SCHEDULERS, description="A1111 sampler name; empty: the model's default"
         ),
+        eta: float | None = Input(default=None, ge=0.0, le=1.0, description="DDIM/TCD noise; empty: the default"),
         seed: int | None = Input(
             default=None, ge=-1, le=4294967295, description="Random seed; empty or -1: random (printed in the logs)"
         ),
@@ -117,7 +118,7 @@ class Runner(BaseRunner):
                 "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "width": width, "height": height,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
                 "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
-                "strength": strength, "output_format": output_format,
+                "strength": strength, "output_format": output_format, "eta": eta,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
                 "clip_skip": clip_skip,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),

@@ -48,7 +48,7 @@ UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkp
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# sampler noise knobs, mask blur/fill, resize mode, override_settings other than the checkpoint and
+# sampler noise knobs other than eta, mask blur/fill, resize mode, override_settings other than the checkpoint and
 # CLIP_stop_at_last_layers).
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
@@ -229,7 +229,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
     for source, target in (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("seed", "seed"),
                            ("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),
                            ("cfg_scale", "guidance_scale"), ("subseed", "subseed"),
-                           ("subseed_strength", "subseed_strength")):
+                           ("subseed_strength", "subseed_strength"), ("eta", "eta")):
         if source in p:
             fields[target] = p[source]
     sampler = _sampler(p, errors)

@@ -11,6 +11,7 @@ from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quo
 from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
+from .schedulers import pipeline_kwargs
 
 
 @dataclass
@@ -70,13 +71,15 @@ class Denoiser:
             generator=generators,
             output_type="pil",
         )
+        family = first.manifest.family
         if clip_skip:  # A1111's clip skip: prompts and negative prompts encoded from the same earlier layer
-            family = first.manifest.family
             negatives = kwargs.pop("negative_prompt") or [""] * len(prompts)
             kwargs.update(prompt_embeds=family.skipped_prompt_embeds(pipe, kwargs.pop("prompt"), clip_skip),
                           negative_prompt_embeds=family.skipped_prompt_embeds(pipe, negatives, clip_skip))
         if req.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
             kwargs["latents"] = variation_latents(pipe, jobs, generators)
+        # Align Your Steps' sigmas (they set the step count), DDIM's / TCD's eta
+        kwargs.update(pipeline_kwargs(req.scheduler, req.num_inference_steps, req.eta, family.ays_sigmas))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.

@@ -21,6 +21,7 @@ from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
 from .prompt_tags import TAG, parse_prompt_tags
 from .safety import SafetyChecker
+from .schedulers import check_eta
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
 from .settings import Settings
 
@@ -121,6 +122,7 @@ class Engine:
                 model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
                 clip_skip=req.clip_skip,
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
+                eta=req.eta,
             )
 
         def encode(item):
@@ -155,6 +157,7 @@ class Engine:
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "scheduler": request.scheduler or defaults.scheduler,
         })
+        check_eta(filled.scheduler, filled.eta)
         runs = manifest.family.schedulers()
         if filled.scheduler not in runs:
             raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family; valid: "

@@ -53,7 +53,7 @@ def infotext(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int, width: int,
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
     lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
-    subseed_strength: float | None = None,
+    subseed_strength: float | None = None, eta: float | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -63,6 +63,8 @@ def infotext(
     `subseed` and `subseed_strength` (A1111's `Variation seed`, `Variation seed strength`) only when varied.
     """
     sampler_name, schedule = split_sampler(sampler)
+    default_eta = SAMPLERS[sampler_name].eta
+    eta = None if eta is None or eta == default_eta or not SAMPLERS[sampler_name].eta_adjustable else f"{eta:g}"
     fields = {
         "Steps": steps, "Sampler": sampler_name, "Schedule type": schedule, "CFG scale": f"{cfg_scale:g}",
         "Seed": seed, "Size": f"{width}x{height}", "Model hash": model_hash[:10] if model_hash else None,
@@ -70,6 +72,7 @@ def infotext(
         "Variation seed strength": None if subseed_strength is None else f"{subseed_strength:g}",
         "Denoising strength": None if strength is None else f"{strength:g}",
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer: 1 (unwritten) = no skip
+        "Eta DDIM" if sampler_name == "DDIM" else "Eta": eta,  # as A1111: only an eta other than the default
         "RNG": "CPU",  # every image's noise comes from a CPU generator seeded with its seed (A1111's RNG: CPU)
         "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())
         if lora_hashes else None,

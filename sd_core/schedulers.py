@@ -7,8 +7,9 @@ from typing import Any
 
 from .errors import InvalidRequest, quote
 
-UNIFORM, KARRAS, EXPONENTIAL = "Uniform", "Karras", "Exponential"
-_ALL = (UNIFORM, KARRAS, EXPONENTIAL)
+UNIFORM, KARRAS, EXPONENTIAL, BETA = "Uniform", "Karras", "Exponential", "Beta"
+SGM_UNIFORM, AYS = "SGM Uniform", "Align Your Steps"
+_ALL = (UNIFORM, KARRAS, EXPONENTIAL, BETA, SGM_UNIFORM)
 
 
 @dataclass(frozen=True)
@@ -19,28 +20,35 @@ class Sampler:
     flags: dict[str, Any] = field(default_factory=dict)
     schedules: tuple[str, ...] = (UNIFORM,)
     automatic: str = UNIFORM  # the schedule A1111 1.9+ picks for `scheduler: "Automatic"` (or none given)
+    # eta: None = the sampler adds no noise (eta has no effect, as in A1111); else the default amount of noise,
+    # which the request may change only where diffusers' scheduler takes `eta` (``eta_adjustable``).
+    eta: float | None = None
+    eta_adjustable: bool = False
 
 
 # A1111 1.10 sampler name -> diffusers equivalent (flags follow diffusers' scheduler overview and k-diffusion).
 SAMPLERS: dict[str, Sampler] = {
-    "Euler": Sampler("EulerDiscreteScheduler", schedules=_ALL),
-    "Euler a": Sampler("EulerAncestralDiscreteScheduler"),  # diffusers has no Karras/Exponential sigmas for it
+    "Euler": Sampler("EulerDiscreteScheduler", schedules=(*_ALL, AYS)),  # the only one taking `sigmas=` (AYS)
+    # diffusers has no Karras/Exponential/Beta sigmas for Euler a
+    "Euler a": Sampler("EulerAncestralDiscreteScheduler", schedules=(UNIFORM, SGM_UNIFORM), eta=1.0),
     "Heun": Sampler("HeunDiscreteScheduler", schedules=_ALL),
     "LMS": Sampler("LMSDiscreteScheduler", schedules=_ALL),
     "DPM2": Sampler("KDPM2DiscreteScheduler", schedules=_ALL, automatic=KARRAS),
-    "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler", schedules=_ALL, automatic=KARRAS),
+    "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler", schedules=_ALL, automatic=KARRAS, eta=1.0),
     "DPM++ 2M": Sampler("DPMSolverMultistepScheduler", schedules=_ALL, automatic=KARRAS),
     "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
-                            schedules=_ALL, automatic=EXPONENTIAL),
+                            schedules=_ALL, automatic=EXPONENTIAL, eta=1.0),
     "DPM++ 2M SDE Heun": Sampler("DPMSolverMultistepScheduler",
                                  {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
-                                 schedules=_ALL, automatic=EXPONENTIAL),
-    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", schedules=_ALL, automatic=KARRAS),
+                                 schedules=_ALL, automatic=EXPONENTIAL, eta=1.0),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", schedules=_ALL, automatic=KARRAS, eta=1.0),
     # A1111 runs these four on their own timesteps and ignores the schedule type.
-    "DDIM": Sampler("DDIMScheduler"),
+    "DDIM": Sampler("DDIMScheduler", eta=0.0, eta_adjustable=True),
     "PLMS": Sampler("PNDMScheduler", {"skip_prk_steps": True}),
     "UniPC": Sampler("UniPCMultistepScheduler"),
     "LCM": Sampler("LCMScheduler"),
+    # Not in A1111 1.10: diffusers' Trajectory Consistency Distillation sampler (TCD LoRAs); eta is its gamma.
+    "TCD": Sampler("TCDScheduler", eta=0.3, eta_adjustable=True),
 }
 
 # Schedule type -> sigma flags. A scheduler gets every flag its class takes, the others set False, so a model
@@ -49,14 +57,27 @@ SCHEDULES: dict[str, dict[str, bool]] = {
     UNIFORM: {},
     KARRAS: {"use_karras_sigmas": True},
     EXPONENTIAL: {"use_exponential_sigmas": True},
+    BETA: {"use_beta_sigmas": True},  # diffusers' and A1111's beta schedule: alpha = beta = 0.6
+    # A1111's SGM Uniform spaces timesteps evenly from the last one; diffusers' "trailing" spacing is its documented
+    # equivalent (integer timesteps: within one training timestep of A1111's). The Lightning/Turbo schedule.
+    SGM_UNIFORM: {"timestep_spacing": "trailing"},
+    AYS: {},  # sigmas passed to the pipeline: pipeline_kwargs()
 }
+# Align Your Steps: A1111's 11 sigmas per model family (the family picks: ModelFamily.ays_sigmas), log-linearly
+# interpolated to the step count, then 0 appended (A1111 1.10's ays_11_sigmas / ays_32_sigmas).
+AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
 _SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 # A1111 1.10 names this worker cannot run faithfully (no diffusers equivalent): refused, never approximated.
+# DPM++ 3M SDE: diffusers' third-order sde-dpmsolver++ step weighs the second difference with (phi - 0.5) where
+# k-diffusion's sample_dpmpp_3m_sde has (phi + 0.5), and drops to lower orders for the last steps: not the same.
 NOT_RUNNABLE = ("DPM++ 2S a", "DPM++ 3M SDE", "DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
-# A1111 1.10's other schedule types, recognised to say they are not supported (rather than "unknown sampler").
-OTHER_A1111_SCHEDULES = ("Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps", "Simple", "Normal",
-                         "DDIM", "Beta")
+# A1111 1.10's other schedule types, recognised to say they are not supported (rather than "unknown sampler"):
+# diffusers has no Polyexponential or KL Optimal sigmas, and Simple / Normal / DDIM pick timesteps its spacings
+# only approximate.
+OTHER_A1111_SCHEDULES = ("Polyexponential", "KL Optimal", "Simple", "Normal", "DDIM")
+
 
 
 def _name(sampler: str, schedule: str) -> str:
@@ -107,7 +128,8 @@ def combine(sampler: str, schedule: str) -> str:
     """The canonical name for ``sampler`` run with ``schedule``; InvalidRequest naming both when not supported."""
     supported = SAMPLERS[sampler].schedules
     if schedule not in supported:
-        raise InvalidRequest(f"sampler {sampler!r} with schedule {schedule!r} is not supported; {sampler!r} takes "
+        why = " (diffusers has no equivalent)" if schedule in OTHER_A1111_SCHEDULES else ""
+        raise InvalidRequest(f"sampler {sampler!r} with schedule {schedule!r} is not supported{why}; {sampler!r} takes "
                              f"{', '.join(supported)} (or Automatic = {SAMPLERS[sampler].automatic})",
                              field="scheduler")
     return _name(sampler, schedule)
@@ -144,3 +166,37 @@ def build_scheduler(name: str, base_config: dict[str, Any]):
         if scheduler.config.get(key) != value:
             raise RuntimeError(f"scheduler {name!r}: {sampler.cls} ignored flag {key}={value!r}")
     return scheduler
+
+
+def check_eta(name: str, eta: float | None) -> None:
+    """InvalidRequest naming sampler and eta when ``name`` cannot run with ``eta`` (None: the sampler's default)."""
+    sampler_name, _ = split_name(name)
+    sampler = SAMPLERS[sampler_name]
+    if eta is None or sampler.eta is None or sampler.eta_adjustable or eta == sampler.eta:
+        return
+    takes = [n for n, s in SAMPLERS.items() if s.eta_adjustable]
+    raise InvalidRequest(f"sampler {sampler_name!r} runs only with eta {sampler.eta:g} here (diffusers' scheduler has "
+                         f"no eta), got {eta:g}; eta is adjustable for {', '.join(takes)}", field="eta")
+
+
+def pipeline_kwargs(name: str, steps: int, eta: float | None, ays_sigmas: tuple[float, ...]) -> dict[str, Any]:
+    """What the scheduler ``name`` adds to the ``pipe(...)`` call: Align Your Steps' sigmas, an adjustable eta."""
+    sampler_name, schedule = split_name(name)
+    sampler, kwargs = SAMPLERS[sampler_name], {}
+    if schedule == AYS:
+        kwargs["sigmas"] = ays_schedule(ays_sigmas, steps)
+    if sampler.eta_adjustable:
+        kwargs["eta"] = sampler.eta if eta is None else eta
+    return kwargs
+
+
+def ays_schedule(table: tuple[float, ...], steps: int) -> list[float]:
+    """``steps`` + 1 sigmas: ``table`` log-linearly interpolated to ``steps`` points, then 0 (as A1111)."""
+    import numpy as np
+
+    if steps == len(table):
+        return [*table, 0.0]
+    xs = np.linspace(0, 1, len(table))
+    ys = np.log(np.asarray(table)[::-1])
+    sigmas = np.exp(np.interp(np.linspace(0, 1, steps), xs, ys))[::-1]
+    return [*(float(s) for s in sigmas), 0.0]

@@ -59,6 +59,10 @@ class GenerationRequest(BaseModel):
         None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale"
     )
     scheduler: SchedulerName | None = Field(None, description="A1111 sampler name")  # type: ignore[valid-type]
+    eta: float | None = Field(
+        None, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="Sampler noise (DDIM, TCD); empty: the sampler's default (docs/api.md)",
+    )
     seed: int | None = Field(None, ge=-1, le=MAX_SEED, description="Random seed; empty or -1 for a random one")
     subseed: int | None = Field(
         None, ge=-1, le=MAX_SEED, description="Variation seed (image i uses subseed + i); empty or -1 for a random one"

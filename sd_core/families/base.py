@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..schedulers import SCHEDULER_NAMES
+from ..schedulers import AYS_SD15, SCHEDULER_NAMES
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,6 +32,8 @@ class ModelFamily:
     # whether requests may skip CLIP layers (clip_skip, A1111's CLIP_stop_at_last_layers): A1111 applies it to SD1.x
     # only (it ignores it for SD2's OpenCLIP and, by default, for SDXL), so other families refuse it
     clip_skip: bool = True
+    # Align Your Steps' sigmas for this architecture (A1111 uses the SD 1.5 table for every non-SDXL model)
+    ays_sigmas: tuple[float, ...] = AYS_SD15
 
     @property
     def defaults(self) -> dict[str, Any]:

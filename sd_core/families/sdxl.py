@@ -1,5 +1,6 @@
 """Stable Diffusion XL: two text encoders (CLIP ViT-L + OpenCLIP bigG), 1024x1024."""
 
+from ..schedulers import AYS_SDXL
 from .base import ModelFamily
 
 FAMILY = ModelFamily(
@@ -13,5 +14,5 @@ FAMILY = ModelFamily(
     checkpoint_prefixes=("conditioner.embedders.",),  # SGM layout: both encoders under conditioner.embedders
     clip_skip=False,  # A1111 ignores CLIP_stop_at_last_layers for this family
     parameters=3_500_000_000,  # UNet 2.6B + CLIP-L 123M + OpenCLIP-bigG 695M + VAE 84M
-     # both encoders' penultimate layer (diffusers' hidden_states[-2])
+    ays_sigmas=AYS_SDXL,
 )

@@ -220,6 +220,20 @@ def test_a1111_variation_seeds_reach_the_image_info_and_infotext(server):
     assert "Variation seed strength: 0.5" in json.loads(half["info"])["infotexts"][0]
 
 
+def test_a1111_eta_and_schedule_type_reach_the_sampler(server):
+    payload = {"prompt": "a lighthouse", "steps": 3, "width": 64, "height": 64, "seed": 5, "sampler_name": "DDIM"}
+    noisy = completed(server.runsync({**payload, "eta": 0.6}))
+    plain = completed(server.runsync(payload))
+    assert decode(noisy["images"][0]).tobytes() != decode(plain["images"][0]).tobytes()
+    native = {"prompt": "a lighthouse", "num_inference_steps": 3, "width": 64, "height": 64, "seed": 5}
+    same = completed(server.runsync({**native, "scheduler": "DDIM", "eta": 0.6}))
+    assert decode(same["images"][0]["image"]).tobytes() == decode(noisy["images"][0]).tobytes()
+    sgm = completed(server.runsync({**payload, "sampler_name": "Euler", "scheduler": "SGM Uniform"}))
+    assert json.loads(sgm["info"])["extra_generation_params"]["Schedule type"] == "SGM Uniform"
+    same = completed(server.runsync({**native, "scheduler": "Euler SGM Uniform"}))
+    assert decode(same["images"][0]["image"]).tobytes() == decode(sgm["images"][0]).tobytes()
+
+
 def test_a1111_send_images_false_returns_no_images(server):
     output = completed(server.runsync({"api": "txt2img", "prompt": "x", "steps": 2, "send_images": False}))
     assert output["images"] == [] and json.loads(output["info"])["all_seeds"]
@@ -241,6 +255,12 @@ def test_a1111_send_images_false_returns_no_images(server):
         ({"prompt": "x", "steps": 2, "sampler_name": "Nope"}, "sampler_name: unknown scheduler 'Nope'"),
         ({"prompt": "x", "steps": 2, "batch_size": 9}, "batch_size x n_iter: Input should be less than or equal to 8"),
         ({"api": "img2img", "steps": 2, "init_images": ["@@@"]}, "init_images: not valid base64"),
+        ({"prompt": "x", "steps": 2, "sampler_name": "Euler a", "eta": 0.5},
+         "eta: sampler 'Euler a' runs only with eta 1 here"),
+        ({"prompt": "x", "steps": 2, "sampler_name": "DPM++ 2M", "scheduler": "Simple"},
+         "scheduler: sampler 'DPM++ 2M' with schedule 'Simple' is not supported"),
+        ({**FAST, "scheduler": "Euler a Karras"},
+         "scheduler: sampler 'Euler a' with schedule 'Karras' is not supported"),
     ],
 )
 def test_bad_input_fails_with_the_field_named(server, job_input, expected):

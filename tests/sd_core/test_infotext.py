@@ -49,7 +49,8 @@ def test_a1111_runs_the_same_sampler_and_schedule(name):
                     model="m")
     sampler, schedule = a1111.sampler_and_schedule(a1111.parse(text))
     assert "Schedule type: " in text
-    spelled = next((label for label in ("Karras", "Exponential") if name.endswith(" " + label)), None)
+    labels = sorted(a1111.SCHEDULES, key=len, reverse=True)  # "SGM Uniform" before "Uniform"
+    spelled = next((label for label in labels if name.endswith(" " + label)), None)
     assert sampler == (name.removesuffix(" " + spelled) if spelled else name)
     assert schedule == (spelled or "Uniform")
 

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd_core.schema import GenerationRequest
+from sd_core import a1111
+from sd_core.errors import InvalidRequest
+from sd_core.schedulers import AYS_SD15, AYS_SDXL, NOT_RUNNABLE, SAMPLERS, SCHEDULER_NAMES, ays_schedule
+from sd_core.schema import GenerationRequest, parse_request
 
 PROMPT = "a red fox in the snow"
 
@@ -121,3 +124,127 @@ def test_uniform_schedule_overrides_a_model_config_that_turns_karras_on():
     assert build_scheduler("Euler", base).config.use_karras_sigmas is False
     karras = build_scheduler("Euler Karras", {**base, "use_karras_sigmas": False})
     assert karras.config.use_karras_sigmas is True and karras.config.use_exponential_sigmas is False
+
+
+# --- every sampler x every A1111 schedule: runs, or is refused naming both --------------------------------------------
+A1111_SCHEDULES = ("Uniform", "Karras", "Exponential", "Beta", "SGM Uniform", "Align Your Steps", "Polyexponential",
+                   "KL Optimal", "Simple", "Normal", "DDIM")
+PAIRS = [(sampler, schedule) for sampler in (*SAMPLERS, *NOT_RUNNABLE) for schedule in A1111_SCHEDULES]
+
+
+def refusal(call) -> str | None:
+    try:
+        call()
+    except InvalidRequest as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize(("sampler", "schedule"), PAIRS)
+def test_every_sampler_and_schedule_runs_or_is_refused_naming_both(engine, sampler, schedule):
+    name = sampler if schedule == "Uniform" else f"{sampler} {schedule}"
+    native = refusal(lambda: parse_request({"scheduler": name}))
+    payload = {"prompt": PROMPT, "steps": 2, "sampler_name": sampler, "scheduler": schedule}
+    from_a1111 = refusal(lambda: a1111.to_request(a1111.parse_call(payload)))
+    if native is None:
+        assert from_a1111 is None, from_a1111
+        result = generate(engine, scheduler=name, num_inference_steps=2)
+        assert result.request.scheduler == name and pixels(result).std() > 0
+        return
+    for message in (native, from_a1111):
+        assert message is not None and message.startswith(("scheduler: ", "sampler_name: ")), message
+        assert sampler in message, message
+        # a sampler that never runs is refused for itself; a pair, naming both
+        assert sampler in NOT_RUNNABLE or schedule in message, message
+    assert (name in SCHEDULER_NAMES) is False
+
+
+def test_runnable_pairs_are_the_documented_table():
+    runs = {(s, sch) for s, sch in PAIRS if refusal(lambda s=s, sch=sch: parse_request(
+        {"scheduler": s if sch == "Uniform" else f"{s} {sch}"})) is None}
+    k_samplers = ("Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE")
+    sigma_schedules = ("Uniform", "Karras", "Exponential", "Beta", "SGM Uniform")
+    assert runs == {*((s, sch) for s in k_samplers for sch in sigma_schedules),
+                    *(("Euler", sch) for sch in (*sigma_schedules, "Align Your Steps")),
+                    ("Euler a", "Uniform"), ("Euler a", "SGM Uniform"),
+                    *((s, "Uniform") for s in ("DDIM", "PLMS", "UniPC", "LCM", "TCD"))}
+
+
+# --- the new schedules equal bare diffusers with the same flags -------------------------------------------------------
+@pytest.mark.parametrize(("name", "cls", "flags"), [
+    ("DPM++ 2M Beta", "DPMSolverMultistepScheduler", {"use_beta_sigmas": True}),
+    ("Euler SGM Uniform", "EulerDiscreteScheduler", {"timestep_spacing": "trailing"}),
+    ("Euler a SGM Uniform", "EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}),
+])
+def test_new_schedules_equal_bare_diffusers(engine, bare, name, cls, flags):
+    import diffusers
+
+    pipe = bare("sd15")
+    expected = bare_image(pipe, getattr(diffusers, cls).from_config(pipe.base_config, **flags), 6)
+    result = pixels(generate(engine, scheduler=name, seed=6))
+    assert np.array_equal(result, expected)
+    plain = bare_image(pipe, getattr(diffusers, cls).from_config(pipe.base_config), 6)
+    assert not np.array_equal(result, plain)  # the schedule changed the image
+
+
+# A1111's Align Your Steps tables at 3 steps: log-linear interpolation of 11 sigmas hits entries 0, 5 and 10, then 0.
+@pytest.mark.parametrize(("arch", "sigmas"), [("sd15", [14.615, 1.396, 0.029, 0.0]),
+                                              ("sdxl", [14.615, 0.862, 0.029, 0.0])])
+def test_align_your_steps_equals_bare_diffusers_with_the_family_sigmas(engine, bare, arch, sigmas):
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = bare(arch)
+    expected = bare_image(pipe, EulerDiscreteScheduler.from_config(pipe.base_config), 8, sigmas=sigmas)
+    result = generate(engine, model=f"tiny-{arch}", scheduler="Euler Align Your Steps", seed=8)
+    assert np.array_equal(pixels(result), expected)
+
+
+def test_align_your_steps_interpolates_as_a1111():
+    assert ays_schedule(AYS_SD15, 11) == [*AYS_SD15, 0.0]
+    ten = ays_schedule(AYS_SDXL, 10)
+    assert len(ten) == 11 and ten[0] == pytest.approx(14.615) and ten[-2] == pytest.approx(0.029)
+    assert all(a > b for a, b in zip(ten, ten[1:], strict=False))
+
+
+def test_tcd_equals_bare_diffusers_with_its_default_eta(engine, bare):
+    from diffusers import TCDScheduler
+
+    pipe = bare("sd15")
+    expected = bare_image(pipe, TCDScheduler.from_config(pipe.base_config), 9, eta=0.3)
+    assert np.array_equal(pixels(generate(engine, scheduler="TCD", seed=9)), expected)
+
+
+# --- eta --------------------------------------------------------------------------------------------------------------
+def test_ddim_eta_changes_the_image_and_equals_bare_diffusers(engine, bare):
+    from diffusers import DDIMScheduler
+
+    pipe = bare("sd15")
+    default = pixels(generate(engine, scheduler="DDIM", seed=10))
+    assert np.array_equal(default, bare_image(pipe, DDIMScheduler.from_config(pipe.base_config), 10, eta=0.0))
+    result = generate(engine, scheduler="DDIM", seed=10, eta=0.7)
+    assert ", Eta DDIM: 0.7," in result.parameters  # A1111's infotext key for a DDIM eta other than 0
+    noisy = pixels(result)
+    assert not np.array_equal(noisy, default)
+    assert np.array_equal(noisy, bare_image(pipe, DDIMScheduler.from_config(pipe.base_config), 10, eta=0.7))
+
+
+def test_eta_is_refused_where_diffusers_has_none(engine):
+    with pytest.raises(InvalidRequest) as caught:
+        generate(engine, scheduler="Euler a", eta=0.5)
+    message = str(caught.value)
+    assert message.startswith("eta: ") and "'Euler a'" in message and "0.5" in message
+    with pytest.raises(InvalidRequest, match="DPM\\+\\+ SDE Karras|DPM\\+\\+ SDE"):
+        generate(engine, scheduler="DPM++ SDE Karras", eta=0)
+    # The sampler's own eta is what it runs: accepted. A sampler without noise has no eta, as in A1111.
+    assert np.array_equal(pixels(generate(engine, scheduler="Euler a", eta=1)),
+                          pixels(generate(engine, scheduler="Euler a")))
+    assert np.array_equal(pixels(generate(engine, scheduler="Euler", eta=0.5)),
+                          pixels(generate(engine, scheduler="Euler")))
+
+
+def test_jobs_with_different_eta_never_share_a_batch():
+    from sd_core.jobs import Job
+
+    jobs = [Job(request=GenerationRequest(scheduler="DDIM", eta=eta, model="m"), manifest=None, width=64, height=64,
+                seeds=[1]) for eta in (0.0, 0.5)]
+    assert jobs[0].batch_key != jobs[1].batch_key
