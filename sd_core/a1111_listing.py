@@ -77,5 +77,6 @@ def _sampler_item(name: str) -> dict:
 
 
 def _scheduler_item(label: str) -> dict:
-    return {"name": label.lower(), "label": label, "aliases": None, "default_rho": 7.0 if label == KARRAS else -1.0,
+    return {"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
+            "default_rho": 7.0 if label == KARRAS else -1.0,
             "need_inner_model": label == UNIFORM}

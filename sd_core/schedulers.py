@@ -100,8 +100,9 @@ _ALIASES = {
 
 
 def schedule_label(value: str) -> str | None:
-    """A1111's label for a schedule type in any case (``"karras"`` -> ``"Karras"``); None when A1111 has none."""
-    return _SCHEDULE_KEYS.get(" ".join(value.split()).lower())
+    """A1111's label for a schedule type, given as its label or its name in any case (``"karras"``, ``"sgm_uniform"``
+    -> ``"Karras"``, ``"SGM Uniform"``); None when A1111 has none."""
+    return _SCHEDULE_KEYS.get(" ".join(value.replace("_", " ").split()).lower())
 
 
 def split_name(name: str) -> tuple[str, str | None]:
