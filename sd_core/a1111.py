@@ -47,9 +47,12 @@ UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkp
                "inpainting_mask_invert", "include_init_images")
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
+# k-diffusion's noise knobs and A1111's negative-guidance cut-off: accepted at A1111's defaults only (they change the
+# image otherwise); s_tmax's default is "none" (None, 0 or infinity). `infotext` (apply a whole infotext) likewise.
+SAMPLER_KNOB_DEFAULTS = {"s_churn": (0,), "s_tmin": (0,), "s_tmax": (0, float("inf")), "s_noise": (1,),
+                         "s_min_uncond": (0,), "infotext": ("",)}
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# sampler noise knobs other than eta, mask blur/fill, resize mode, override_settings other than the checkpoint and
-# CLIP_stop_at_last_layers).
+# mask blur/fill, resize mode, override_settings other than the checkpoint and CLIP_stop_at_last_layers).
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
 # GenerationRequest field -> the A1111 key it comes from, to name A1111's keys in error messages.
@@ -225,6 +228,11 @@ def to_request(call: A1111Call) -> GenerationRequest:
     for key in UNSUPPORTED_SIZES:
         if not _is_off(p.get(key)) and p.get(key) != -1:
             errors.append(f"{key}: not supported by this worker (only -1 or 0, off)")
+    for key, defaults in SAMPLER_KNOB_DEFAULTS.items():
+        value = p.get(key)
+        if value is not None and (isinstance(value, bool) or value not in defaults):
+            allowed = " or ".join(quote(d) for d in defaults)
+            errors.append(f"{key}: only A1111's default ({allowed}) is supported by this worker, got {quote(value)}")
     fields: dict = {}
     for source, target in (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("seed", "seed"),
                            ("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),

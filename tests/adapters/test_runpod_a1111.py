@@ -205,3 +205,21 @@ def test_a_hashed_checkpoint_title_names_its_model_when_sent_back():
     assert a1111_listing.answer("options", {}, engine)["sd_model_checkpoint"] == item["title"]
     call = a1111.parse_call({"steps": 2, "override_settings": {"sd_model_checkpoint": item["title"]}})
     assert a1111.to_request(call).model == "my-model"
+
+
+@pytest.mark.parametrize(("extra", "refused"), [
+    ({"s_churn": 0, "s_tmin": 0.0, "s_tmax": None, "s_noise": 1, "s_min_uncond": 0, "infotext": ""}, None),
+    ({"s_tmax": float("inf")}, None),
+    ({"s_churn": 0.5}, "s_churn: only A1111's default (0)"),
+    ({"s_noise": 0.9}, "s_noise: only A1111's default (1)"),
+    ({"s_min_uncond": 1.5}, "s_min_uncond: only A1111's default (0)"),
+    ({"infotext": "a fox\nSteps: 20"}, "infotext: only A1111's default ('')"),
+])
+def test_image_changing_sampler_knobs_are_honoured_at_their_defaults_or_refused(extra, refused):
+    call = a1111.parse_call({"prompt": "x", "steps": 2, **extra})
+    if refused is None:
+        assert a1111.to_request(call) == a1111.to_request(a1111.parse_call({"prompt": "x", "steps": 2}))
+        return
+    with pytest.raises(InvalidRequest) as caught:
+        a1111.to_request(call)
+    assert refused in str(caught.value)
