@@ -65,7 +65,7 @@ CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
 # User text is bounded before it is parsed, and parsed with string methods (no regex that could backtrack).
 MAX_CHECKPOINT_CHARS = 300  # a model name (at most 200) + " [hash]" + ".safetensors", with room to spare
-MAX_SAMPLER_CHARS = 100  # sampler_name / sampler_index / scheduler: the longest real name has 19 characters
+MAX_SAMPLER_CHARS = 100  # sampler_name / sampler_index / scheduler: the longest real name has 29 characters
 MAX_LISTED = 5  # unknown keys named in one error; the rest are counted
 _CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _HEX = frozenset(string.hexdigits)

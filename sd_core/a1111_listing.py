@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import InvalidRequest, quote, scrub
-from .schedulers import _ALIASES, KARRAS, SAMPLERS, SCHEDULES, UNIFORM
+from .schedulers import KARRAS, SAMPLER_ALIASES, SAMPLERS, SCHEDULES, UNIFORM
 
 # Endpoint name -> what it lists. Each answer has the shape of A1111 1.10's response model for it.
 LISTINGS = ("sd-models", "samplers", "schedulers", "loras", "embeddings", "sd-vae", "options", "upscalers")
@@ -70,7 +70,7 @@ def _model_item(manifest) -> dict:
 
 
 def _sampler_item(name: str) -> dict:
-    aliases = [alias for alias, target in _ALIASES.items() if target == name]
+    aliases = [alias for alias, target in SAMPLER_ALIASES.items() if target == name]
     automatic = SAMPLERS[name].automatic
     options = {"scheduler": automatic.lower()} if automatic != UNIFORM else {}  # A1111's default schedule
     return {"name": name, "aliases": aliases, "options": options}

@@ -90,7 +90,7 @@ SCHEDULER_NAMES: tuple[str, ...] = tuple(_name(n, s) for n, sampler in SAMPLERS.
 _SAMPLER_KEYS = {name.lower(): name for name in SAMPLERS}
 _SCHEDULE_KEYS = {label.lower(): label for label in (*SCHEDULES, *OTHER_A1111_SCHEDULES)}
 # Spellings other clients send (A1111's internal k-diffusion names, lower case) -> a name with an optional schedule.
-_ALIASES = {
+SAMPLER_ALIASES = {
     "k_euler": "Euler", "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "euler_a": "Euler a",
     "k_heun": "Heun", "k_lms": "LMS", "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a",
     "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_2m_karras": "DPM++ 2M Karras", "k_dpmpp_sde": "DPM++ SDE",
@@ -111,7 +111,7 @@ def split_name(name: str) -> tuple[str, str | None]:
     Any case and A1111's internal aliases are accepted; InvalidRequest (listing the valid names) otherwise.
     """
     key = " ".join(name.split()).lower()
-    key = _ALIASES.get(key, key).lower()
+    key = SAMPLER_ALIASES.get(key, key).lower()
     if key in _SAMPLER_KEYS:
         return _SAMPLER_KEYS[key], None
     for label in sorted(_SCHEDULE_KEYS, key=len, reverse=True):  # "sgm uniform" before "uniform"
