@@ -43,7 +43,7 @@ KNOWN_KEYS = {TXT2IMG: _COMMON | _TXT2IMG_ONLY, IMG2IMG: _COMMON | _IMG2IMG_ONLY
 A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequest.model_fields)
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
-UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
+UNSUPPORTED = ("styles", "restore_faces", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
                "inpainting_mask_invert", "include_init_images")
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
@@ -237,7 +237,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
     for source, target in (("prompt", "prompt"), ("negative_prompt", "negative_prompt"), ("seed", "seed"),
                            ("width", "width"), ("height", "height"), ("steps", "num_inference_steps"),
                            ("cfg_scale", "guidance_scale"), ("subseed", "subseed"),
-                           ("subseed_strength", "subseed_strength"), ("eta", "eta")):
+                           ("subseed_strength", "subseed_strength"), ("eta", "eta"), ("tiling", "tiling")):
         if source in p:
             fields[target] = p[source]
     sampler = _sampler(p, errors)

@@ -12,6 +12,7 @@ from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
 from .schedulers import pipeline_kwargs
+from .tiling import seamless
 
 
 @dataclass
@@ -43,7 +44,8 @@ class Denoiser:
             self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
             lora_s = time.perf_counter() - t
             t = time.perf_counter()
-            images = self._call_pipeline(pipe, jobs, clip_skip)
+            with seamless(pipe, first.tiling):  # all jobs of a batch share it (Job.batch_key)
+                images = self._call_pipeline(pipe, jobs, clip_skip)
             inference_s = time.perf_counter() - t
         results, offset = [], 0
         for job in jobs:

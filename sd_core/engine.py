@@ -122,7 +122,7 @@ class Engine:
                 model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
                 clip_skip=req.clip_skip,
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
-                eta=req.eta,
+                eta=req.eta, tiling=req.tiling,
             )
 
         def encode(item):

@@ -45,7 +45,7 @@ class Job:
         if r.mode != "txt2img":
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
-                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta)
+                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling)
 
     @property
     def steps_run(self) -> int:

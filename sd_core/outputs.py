@@ -53,7 +53,7 @@ def infotext(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int, width: int,
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
     lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
-    subseed_strength: float | None = None, eta: float | None = None,
+    subseed_strength: float | None = None, eta: float | None = None, tiling: bool = False,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -73,6 +73,7 @@ def infotext(
         "Denoising strength": None if strength is None else f"{strength:g}",
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer: 1 (unwritten) = no skip
         "Eta DDIM" if sampler_name == "DDIM" else "Eta": eta,  # as A1111: only an eta other than the default
+        "Tiling": "True" if tiling else None,
         "RNG": "CPU",  # every image's noise comes from a CPU generator seeded with its seed (A1111's RNG: CPU)
         "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())
         if lora_hashes else None,
