@@ -15,7 +15,7 @@ import runpod
 from runpod.serverless.modules import rp_http
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-from sd_core import a1111, a1111_listing
+from sd_core import a1111, a1111_listing, upscale_job
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import parse_request
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
@@ -65,6 +65,8 @@ class Worker(Server):
             call = await asyncio.to_thread(a1111.parse_call, data)
             if call is not None and call.endpoint in a1111_listing.LISTINGS:  # sd-models, samplers, ...: no GPU
                 return a1111_listing.answer(call.endpoint, call.payload, self.engine)
+            if (call is not None and call.endpoint == a1111.EXTRAS) or (call is None and _is_upscale(data)):
+                return await self._upscale(job, call, data)
             request = await asyncio.to_thread(*((a1111.to_request, call) if call else (parse_request, data)))
             progress = StepProgress(_progress_sender(job), self.settings.progress_interval_s)
             result = await self.generate(request, progress, name=name)
@@ -78,6 +80,28 @@ class Worker(Server):
                 return {"error": str(error), "refresh_worker": True}
             return {"error": a1111.rename_fields(str(error)) if call is not None else str(error)}
 
+    async def _upscale(self, job: dict, call: a1111.A1111Call | None, data: dict) -> dict:
+        """An upscale-only job (A1111 extra-single-image, or native {"upscale": {...}}): sd_core/upscale_job.py."""
+        request = (upscale_job.from_extras(call.payload) if call is not None
+                   else upscale_job.parse_upscale(data["upscale"]))
+        result = await asyncio.to_thread(upscale_job.run_upscale, self.engine, request)
+        if self.uploader is not None:
+            [image] = await asyncio.to_thread(self.uploader.upload, [result.image], str(job.get("id", "job")))
+        else:
+            [image] = inline_images([result.image])
+        if call is not None:
+            output = upscale_job.to_extras_response(result, image)
+        else:
+            key = "image" if self.uploader is None else "url"
+            output = {"images": [{key: image, "mime_type": result.image.mime_type, "width": result.image.width,
+                                  "height": result.image.height}],
+                      "upscaler": result.upscaler, "parameters": result.parameters, "timings": rounded(result.timings)}
+        if self.uploader is None:
+            check_inline_size(len(json.dumps(output)), self.settings)
+        log.info("job %s: upscaled to %dx%d with %s", job.get("id"), result.image.width, result.image.height,
+                 result.upscaler)
+        return output
+
     def _output(self, job: dict, call: a1111.A1111Call | None, result) -> dict:
         """The job's output: images uploaded or inlined, in A1111's or the native shape (in a thread: CPU work)."""
         started = time.perf_counter()
@@ -90,6 +114,11 @@ class Worker(Server):
         if self.uploader is None:
             check_inline_size(len(json.dumps(output)), self.settings)
         return output
+
+
+def _is_upscale(data) -> bool:
+    """A native upscale-only input: ``{"upscale": {...}}`` and nothing else."""
+    return isinstance(data, dict) and set(data) == {"upscale"}
 
 
 def _progress_sender(job: dict):

@@ -61,6 +61,8 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+from devtools.tiny_upscaler import write_tiny_upscalers  # noqa: E402
+
 ARCHS = ("sd15", "sdxl")
 MAX_TOKENS = 77  # CLIP's context length, as in the real models
 LORA_RANK = 4
@@ -614,6 +616,7 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
         for arch in archs:
             paths.update(build_arch(arch, out, seed))
         paths.update(write_safety_checkers(out, seed))
+        paths.update(write_tiny_upscalers(out, seed))
     # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
     for path in out.rglob("*.safetensors"):
         path.chmod(0o644)

@@ -8,4 +8,5 @@ PYTHON=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 .venv/bin/python -m pip install -q -r requirements-torch.txt 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -r requirements.txt -r requirements-dev.txt 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q --no-deps -r requirements-nodeps.txt 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, diffusers; print('torch', torch.__version__, '| diffusers', diffusers.__version__)"

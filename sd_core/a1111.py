@@ -16,6 +16,7 @@ from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
 from .schema import MAX_CLIP_SKIP, GenerationRequest, GenerationResult, describe_validation_error, field_label
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
+EXTRAS = "extra-single-image"  # upscale-only: sd_core/upscale_job.py
 
 # Keys of A1111's request bodies, by endpoint (A1111 1.10 and its common forks).
 _COMMON = frozenset({
@@ -75,7 +76,7 @@ _HEX = frozenset(string.hexdigits)
 class A1111Call:
     """One A1111 API call: which endpoint, its body, and why the input was read as A1111 (for error hints)."""
 
-    endpoint: str  # txt2img | img2img | a listing (a1111_listing.LISTINGS)
+    endpoint: str  # txt2img | img2img | extra-single-image | a listing (a1111_listing.LISTINGS)
     payload: dict
     marker: str | None = None  # the A1111-only key that gave a flat payload away; None when named explicitly
 
@@ -112,9 +113,10 @@ def parse_call(data) -> A1111Call | None:
 def _endpoint(value, field: str) -> str:
     name = value.strip().rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) and len(value) <= 100 else ""
     a1111_listing.check_endpoint(name, field)
-    if name not in (TXT2IMG, IMG2IMG, *a1111_listing.LISTINGS):
-        raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), or a listing "
-                             f"({', '.join(a1111_listing.LISTINGS)}), got {quote(value)}", field=field)
+    if name not in (TXT2IMG, IMG2IMG, EXTRAS, *a1111_listing.LISTINGS):
+        raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), "
+                             f"/sdapi/v1/{EXTRAS}, or a listing ({', '.join(a1111_listing.LISTINGS)}), "
+                             f"got {quote(value)}", field=field)
     return name
 
 

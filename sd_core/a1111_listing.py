@@ -55,7 +55,9 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
         return {"sd_model_checkpoint": _title(default) if default else engine.settings.default_model,
                 "sd_checkpoint_hash": default.sha256 if default else None, "CLIP_stop_at_last_layers": 1,
                 "sd_vae": "Automatic", "samples_format": "png"}
-    return []  # sd-vae, upscalers: none on this worker
+    if endpoint == "upscalers":
+        return [_upscaler_item(name, engine.upscalers) for name in engine.upscalers.names()]
+    return []  # sd-vae: none on this worker
 
 
 def _title(manifest) -> str:
@@ -80,3 +82,11 @@ def _scheduler_item(label: str) -> dict:
     return {"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
             "default_rho": 7.0 if label == KARRAS else -1.0,
             "need_inner_model": label == UNIFORM}
+
+
+def _upscaler_item(name: str, upscalers) -> dict:
+    """A1111's UpscalerItem. The weights' location is not a download link here: model_url stays null."""
+    entry = upscalers.entries.get(name)
+    path = scrub(entry.uri)[:MAX_LORA_PATH_CHARS] if entry is not None else None
+    return {"name": name, "model_name": name if entry is not None else None, "model_path": path, "model_url": None,
+            "scale": entry.scale if entry is not None else 4}

@@ -23,7 +23,13 @@ class Denoiser:
     pool: PipelinePool
     loras: LoraManager
     placement: Placement
-    _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Reentrant: a post-pass that holds it (hires fix) may call the upscalers, which take it too.
+    _gpu_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def gpu_lock(self):
+        """The lock every use of the GPU holds (a context manager): denoising batches, model upscalers."""
+        return self._gpu_lock
 
     def run(self, jobs: list[Job]) -> list[list]:
         """Denoise one batch of compatible jobs (same model, mode, size, steps, scheduler, guidance) in one call;

@@ -24,6 +24,7 @@ from .safety import SafetyChecker
 from .schedulers import check_eta
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
 from .settings import Settings
+from .upscalers import Upscalers
 
 log = logging.getLogger("sd_core.engine")
 
@@ -44,6 +45,7 @@ class Engine:
         self.loader = ModelLoader(self.catalog, self.settings, self.placement)
         self.loras = LoraManager(self.settings, self.catalog)
         self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement)
+        self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
         # SD_SAFETY_CHECKER (None, when no adapter set a platform default, means off): loaded by preload or first use.

@@ -126,6 +126,16 @@ class Settings:
                                                 doc="the safety checker's manifest (its weights, fetched like a "
                                                     "model's)")
 
+    # --- upscalers (sd_core/upscalers.py) ---
+    upscaler_tile: int = setting(192, shown="192", section="Upscalers",
+                                 doc="model upscalers run on tiles of this many input pixels square, so memory stays "
+                                     "bounded at any image size; `0` runs the whole image at once")
+    upscaler_tile_overlap: int = setting(16, shown="16",
+                                         doc="pixels of context each tile is run with on every side (cropped off its "
+                                             "output): seams vanish once it covers the model's receptive field")
+    upscalers_max_loaded: int = setting(2, shown="2",
+                                        doc="model upscalers kept loaded; the least recently used is unloaded beyond")
+
     # --- request limits ---
     max_pixels: int = setting(4 * 1024 * 1024, doc="width × height × num_outputs per request", shown="4194304",
                               section="Requests and user URLs")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = REPO_ROOT / "requirements-cog.txt"
-SOURCES = ("requirements-torch.txt", "requirements.txt")
+SOURCES = ("requirements-torch.txt", "requirements.txt", "requirements-nodeps.txt")
 NOT_IN_COG_IMAGE = {"runpod"}  # used by handler.py (the RunPod adapter) only
 
 HEADER = """\

@@ -73,7 +73,24 @@ def test_loras_embeddings_vae_upscalers_and_options(server):
                         "metadata": {}}
     assert completed(server.runsync(get("embeddings"))) == {"loaded": {}, "skipped": {}}
     assert completed(server.runsync(get("sd-vae"))) == []
-    assert completed(server.runsync({"api": "upscalers"})) == []
+    upscalers = completed(server.runsync({"api": "upscalers"}))
+    assert [item["name"] for item in upscalers] == ["None", "Lanczos", "Nearest", "tiny-esrgan-x2", "tiny-esrgan-x4"]
+    assert all(set(item) == {"name", "model_name", "model_path", "model_url", "scale"} for item in upscalers)
+    assert upscalers[4] == {"name": "tiny-esrgan-x4", "model_name": "tiny-esrgan-x4", "model_url": None,
+                            "model_path": "tiny-upscalers/tiny-esrgan-x4.safetensors", "scale": 4}
+    # An upscale-only job through A1111's extra-single-image, and the native form.
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 24), "red").save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    extras = completed(server.runsync({"api": {"method": "POST", "endpoint": "/sdapi/v1/extra-single-image"},
+                                       "payload": {"image": image, "upscaler_1": "tiny-esrgan-x4",
+                                                   "upscaling_resize": 4}}))
+    assert set(extras) == {"html_info", "image"} and "Postprocess upscaler: tiny-esrgan-x4" in extras["html_info"]
+    assert Image.open(io.BytesIO(base64.b64decode(extras["image"]))).size == (128, 96)
+    native = completed(server.runsync({"upscale": {"image": image, "upscaler": "tiny-esrgan-x2", "scale": 2}}))
+    assert (native["images"][0]["width"], native["images"][0]["height"]) == (64, 48)
+    assert "codeformer_visibility: face restoration" in failed(server.runsync(
+        {"api": "extra-single-image", "image": image, "codeformer_visibility": 1}))
     options = completed(server.runsync(get("options")))
     assert options["sd_model_checkpoint"] == "tiny-sd15"
     assert (options["CLIP_stop_at_last_layers"], options["sd_vae"]) == (1, "Automatic")
