@@ -81,9 +81,8 @@ def hf_file_url(repo: str, revision: str, path: str, settings: Settings, query: 
 
 def _hugging_face(url: str, source: str, settings: Settings, field: str) -> str | HubRepo:
     parts = urlsplit(url)
-    segments = [s for s in parts.path.split("/")]
-    segments = segments[1:] if segments and segments[0] == "" else segments
-    while segments and segments[-1] == "" and len(segments) <= 3:  # a trailing slash after the repo
+    segments = parts.path.split("/")[1:]
+    while segments and segments[-1] == "":  # a trailing slash
         segments.pop()
     if segments and segments[0] in ("datasets", "spaces", "api"):
         return url  # not a model repository link: fetched as the URL it is
@@ -110,7 +109,7 @@ def _hf_scheme(source: str, settings: Settings, field: str) -> str | HubRepo:
     name, _, revision = segments[1].partition("@")
     repo = _repo(segments[0], name, source, field)
     revision = _revision(revision, source, field) if revision else "main"
-    rest = [s for s in segments[2:]]
+    rest = segments[2:]
     if not rest or rest == [""]:
         return HubRepo(repo, revision)
     return hf_file_url(repo, revision, _file_path(rest, source, field), settings)

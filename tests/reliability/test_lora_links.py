@@ -31,6 +31,7 @@ REWRITES = [
     ("https://huggingface.co/org/ink-lora/", HubRepo("org/ink-lora")),
     ("huggingface.co/org/ink-lora", HubRepo("org/ink-lora")),
     ("https://huggingface.co/org/ink-lora/tree/v2", HubRepo("org/ink-lora", "v2")),
+    ("https://huggingface.co/org/ink-lora/tree/v2/", HubRepo("org/ink-lora", "v2")),
     ("hf://org/ink-lora", HubRepo("org/ink-lora")),
     ("huggingface.co/org/ink-lora/ink.safetensors", f"{HF}/org/ink-lora/resolve/main/ink.safetensors"),
     ("https://huggingface.co/org/ink-lora/sub/ink.safetensors", f"{HF}/org/ink-lora/resolve/main/sub/ink.safetensors"),
@@ -212,6 +213,10 @@ def test_hugging_face_links_fetch_the_repos_lora(linked_engine, engine):
     for source in ("https://huggingface.co/org/ink", "huggingface.co/org/ink/ink.safetensors",
                    "https://huggingface.co/org/ink/blob/main/ink.safetensors", "hf://org/ink"):
         assert np.array_equal(pixels(generate(linked, source)), local), source
+    # an A1111 prompt tag takes the same links (RunPod's A1111 payloads, Cog's prompt)
+    tagged = linked.generate(GenerationRequest(prompt="a red fox <lora:huggingface.co/org/ink:0.8>", seed=5,
+                                               num_inference_steps=2))
+    assert np.array_equal(pixels(tagged), local)
 
 
 @pytest.mark.parametrize(("repo", "words"), [
