@@ -94,9 +94,16 @@ class Runner(BaseRunner):
             default=0.8, ge=0.0, le=1.0, description="How much img2img/inpaint changes the image (above 0)"
         ),
         lora_weights: str | None = Input(
-            default=None, min_length=1, max_length=2048, description="LoRA: a model's LoRA name, s3:// or https:// URL"
+            default=None,
+            min_length=1,
+            max_length=2048,
+            description="LoRA: a LoRA name, an s3:// or https:// URL, a Hugging Face or Civitai link",
         ),
         lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of lora_weights"),
+        extra_lora: str | None = Input(
+            default=None, min_length=1, max_length=2048, description="A second LoRA, applied with lora_weights"
+        ),
+        extra_lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of extra_lora"),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
@@ -123,7 +130,9 @@ class Runner(BaseRunner):
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
                 "clip_skip": clip_skip, "tiling": tiling,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
-                "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
+                "loras": [{"source": source, "scale": scale}
+                          for source, scale in ((lora_weights, lora_scale), (extra_lora, extra_lora_scale))
+                          if source is not None],
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

@@ -53,7 +53,8 @@ UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
 SAMPLER_KNOB_DEFAULTS = {"s_churn": (0,), "s_tmin": (0,), "s_tmax": (0, float("inf")), "s_noise": (1,),
                          "s_min_uncond": (0,), "infotext": ("",)}
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# mask blur/fill, resize mode, override_settings other than the checkpoint and CLIP_stop_at_last_layers).
+# mask blur/fill, resize mode, override_settings other than the checkpoint and CLIP_stop_at_last_layers): docs/a1111.md
+# gives every key's status, and tests/tooling/test_a1111_table.py fails when a row stops matching this code.
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
 # GenerationRequest field -> the A1111 key it comes from, to name A1111's keys in error messages.

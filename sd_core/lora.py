@@ -18,6 +18,7 @@ from . import storage
 from .checkpoints import PICKLE_SUFFIXES, is_readable_safetensors
 from .device import free_memory, is_out_of_memory
 from .errors import Cancelled, FetchError, InvalidRequest, ModelNotFound, OutOfMemory, quote
+from .lora_links import direct_lora_url
 from .manifests import ModelCatalog, ModelManifest, resolve_uri
 from .prompt_tags import lora_label, parse_prompt_tags
 from .schema import MAX_LORAS, GenerationRequest, LoraSpec
@@ -173,11 +174,14 @@ class LoraManager:
         return tuple(resolved)
 
     def resolve(self, spec: LoraSpec, manifest: ModelManifest) -> ResolvedLora:
-        """Find, fetch and hash one LoRA: a manifest LoRA name, or a URL (https://, s3://) under the user-URL policy.
+        """Find, fetch and hash one LoRA: a manifest LoRA name, or a URL (https://, s3://, a pasted Hugging Face or
+        Civitai link: sd_core/lora_links.py) under the user-URL policy.
 
         Local paths and relative bucket keys come only through manifests (operator-controlled), never requests.
         """
-        checked = check_lora_source(spec.source.strip(), field=FIELD, settings=self.settings)
+        # A pasted Hugging Face / Civitai page link -> its download URL first: the policy checks the rewritten URL.
+        source = direct_lora_url(spec.source.strip(), self.settings, field=FIELD)
+        checked = check_lora_source(source, field=FIELD, settings=self.settings)
         if isinstance(checked, str):
             entry = self.catalog.find_lora(checked, manifest)
             if entry is None:

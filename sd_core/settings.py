@@ -46,6 +46,8 @@ ENV_ALIASES = {
     "bucket_access_key_id": "BUCKET_ACCESS_KEY_ID",
     "bucket_secret_access_key": "BUCKET_SECRET_ACCESS_KEY",
     "runpod_log_level": "RUNPOD_LOG_LEVEL",
+    "hf_endpoint": "HF_ENDPOINT",
+    "civitai_token": "CIVITAI_TOKEN",
 }
 
 
@@ -116,6 +118,15 @@ class Settings:
     lora_fuse_after: int = setting(0, shown="0 = never",
                                    doc="fuse a LoRA set into the weights once N requests in a row used it (faster "
                                        "steps; unfused exactly on the next change)")
+    hf_endpoint: str = setting("https://huggingface.co", shown="`https://huggingface.co`",
+                               doc="the Hugging Face hub (huggingface_hub's own variable, for a mirror): pasted "
+                                   "`huggingface.co/...` LoRA links are fetched from it, under the user-URL policy")
+    civitai_endpoint: str = setting("https://civitai.com", shown="`https://civitai.com`",
+                                    doc="where pasted `civitai.com/...` LoRA links are fetched from (a mirror), under "
+                                        "the user-URL policy")
+    civitai_token: str | None = setting(None, repr=False, shown="none",
+                                        doc="Civitai API token, sent as a header to `SD_CIVITAI_ENDPOINT` only (not to "
+                                            "the CDN it redirects to) when a link brings no `?token=`; never logged")
 
     # --- safety checker (sd_core/safety.py) ---
     safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",

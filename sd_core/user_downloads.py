@@ -15,6 +15,7 @@ from urllib.parse import urljoin, urlsplit
 import urllib3
 
 from .errors import InvalidRequest
+from .lora_links import credential_headers
 from .settings import Settings
 from .user_urls import WEB_SCHEMES, CheckedURL, check_user_url, redact_url
 
@@ -115,7 +116,8 @@ def open_user_url(url: str, *, field: str, settings: Settings | None = None, hea
     checked = check_user_url(url, field=field, settings=settings, schemes=schemes)
     for _hop in range(MAX_REDIRECTS + 1):
         read_timeout = min(READ_TIMEOUT_S, max(0.1, deadline - time.monotonic()))
-        response = _connect(checked, field, headers or {}, read_timeout)
+        hop_headers = {**(headers or {}), **credential_headers(checked, settings)}  # per hop: never to a redirect
+        response = _connect(checked, field, hop_headers, read_timeout)
         if response.status in (301, 302, 303, 307, 308):
             location = response.headers.get("Location")
             response.release_conn()

@@ -12,6 +12,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -251,6 +252,27 @@ def test_lora_weights_change_the_image(cog_server):
     assert decode_output(again["output"][0])[1].tobytes() == base_pixels
     unknown = cog_server.predict({**FAST, "lora_weights": "no-such-lora"})
     assert unknown["status"] == "failed" and "no-such-lora" in unknown["error"]
+
+
+def test_extra_lora_is_a_second_lora_applied_with_lora_weights(cog_server, engine):
+    """Replicate's extra_lora/extra_lora_scale: the native request with both LoRAs in `loras`, pixel for pixel."""
+    from sd_core.schema import GenerationRequest
+
+    both = cog_server.predict({**FAST, "seed": 11, "lora_weights": "tiny-style", "lora_scale": 0.7,
+                               "extra_lora": "tiny-style-kohya", "extra_lora_scale": -0.4})
+    alone = cog_server.predict({**FAST, "seed": 11, "lora_weights": "tiny-style", "lora_scale": 0.7})
+    only_extra = cog_server.predict({**FAST, "seed": 11, "extra_lora": "tiny-style-kohya", "extra_lora_scale": -0.4})
+    for prediction in (both, alone, only_extra):
+        assert prediction["status"] == "succeeded", prediction.get("error")
+    native = engine.generate(GenerationRequest(**FAST, seed=11, loras=[
+        {"source": "tiny-style", "scale": 0.7}, {"source": "tiny-style-kohya", "scale": -0.4}]))
+    native_pixels = np.asarray(Image.open(io.BytesIO(native.images[0].data)).convert("RGB"))
+    pixels = [np.asarray(decode_output(p["output"][0])[1].convert("RGB")) for p in (both, alone, only_extra)]
+    assert np.array_equal(pixels[0], native_pixels)
+    assert not np.array_equal(pixels[0], pixels[1]) and not np.array_equal(pixels[0], pixels[2])
+    native_extra = engine.generate(GenerationRequest(**FAST, seed=11, loras=[
+        {"source": "tiny-style-kohya", "scale": -0.4}]))  # extra_lora alone is that one LoRA
+    assert np.array_equal(pixels[2], np.asarray(Image.open(io.BytesIO(native_extra.images[0].data)).convert("RGB")))
 
 
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)

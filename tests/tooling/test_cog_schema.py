@@ -19,10 +19,13 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 
 # GenerationRequest fields that Cog exposes differently, on purpose:
 #   image, mask -> Cog file inputs (cog.Path, format uri); run() gets the data URI / URL text (cog_inputs.py).
-#   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale): Replicate's LoRA convention.
+#   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale), and a second LoRA as extra_lora +
+#                  extra_lora_scale: Replicate's LoRA convention. These adapter-only inputs are declared here, each
+#                  with the LoraSpec field it fills (one entry of `loras` per source given).
 AS_FILES = {"image", "mask"}
 REPLACED = {"loras"}
-LORA_INPUTS = {"lora_weights": "source", "lora_scale": "scale"}
+LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
+               "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
 EXCLUSIVE_BOUNDS = {("strength", "minimum")}
@@ -92,11 +95,19 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
     assert cog_inputs[name] == {"type": "string", "format": "uri", "nullable": True, "default": None}
 
 
-def test_lora_inputs_follow_lora_spec(cog_inputs):
-    source = pydantic_field(LoraSpec, "source")
+def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
+    assert {field for field, _ in LORA_INPUTS.values()} == REPLACED
+    assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
+
+
+@pytest.mark.parametrize("name", sorted(LORA_INPUTS))
+def test_lora_inputs_follow_lora_spec(cog_inputs, name):
     assert GenerationRequest.model_fields["loras"].default_factory() == []  # no LoRA unless asked: input optional
-    assert comparable(cog_inputs["lora_weights"]) == {**source, "nullable": True, "default": None}
-    assert comparable(cog_inputs["lora_scale"]) == pydantic_field(LoraSpec, "scale")
+    spec_field = LORA_INPUTS[name][1]
+    expected = pydantic_field(LoraSpec, spec_field)
+    if spec_field == "source":  # each LoRA source input is optional: none given, no entry in `loras`
+        expected = {**expected, "nullable": True, "default": None}
+    assert comparable(cog_inputs[name]) == expected
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):
