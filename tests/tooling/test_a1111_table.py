@@ -23,7 +23,7 @@ HONOURED = {
     "cfg_scale": 3.5, "width": 128, "height": 128, "eta": 0.5, "denoising_strength": 0.3,
     "override_settings": {"CLIP_stop_at_last_layers": 2}, "init_images": ["b3RoZXI="], "mask": "bWFzaw==",
     "scheduler": "Karras", "override_settings.sd_model_checkpoint": "tiny-sdxl.safetensors [0123abcd]",
-    "override_settings.CLIP_stop_at_last_layers": 2,
+    "override_settings.CLIP_stop_at_last_layers": 2, "tiling": True,
 }
 CONTEXT = {"scheduler": {"sampler_name": "Euler"}}
 # Honoured keys that act on the response or refuse per entry rather than change the request: checked on their own.
