@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from . import a1111_listing, a1111_scripts
+from . import a1111_listing, a1111_options, a1111_scripts
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
+from .prompt_tags import strip_prompt_tags
 from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
 from .schema import MAX_CLIP_SKIP, GenerationRequest, GenerationResult, describe_validation_error, field_label
 
@@ -45,16 +46,16 @@ A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequ
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
 UNSUPPORTED = ("styles", "restore_faces", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
-               "inpainting_mask_invert", "include_init_images")
+               "inpainting_mask_invert", "include_init_images", "latent_mask")
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
 # k-diffusion's noise knobs and A1111's negative-guidance cut-off: accepted at A1111's defaults only (they change the
 # image otherwise); s_tmax's default is "none" (None, 0 or infinity). `infotext` (apply a whole infotext) likewise.
 SAMPLER_KNOB_DEFAULTS = {"s_churn": (0,), "s_tmin": (0,), "s_tmax": (0, float("inf")), "s_noise": (1,),
-                         "s_min_uncond": (0,), "infotext": ("",)}
+                         "s_min_uncond": (0,), "infotext": ("",), "initial_noise_multiplier": (1,)}
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# mask blur/fill, resize mode, override_settings other than the checkpoint and CLIP_stop_at_last_layers): docs/a1111.md
-# gives every key's status, and tests/tooling/test_a1111_table.py fails when a row stops matching this code.
+# mask blur/fill, resize mode; override_settings other than those read here and a1111_options' image options):
+# docs/a1111.md gives every key's status; tests/tooling/test_a1111_table.py fails when a row stops matching.
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
 # GenerationRequest field -> the A1111 key it comes from, to name A1111's keys in error messages.
@@ -243,6 +244,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
                            ("subseed_strength", "subseed_strength"), ("eta", "eta"), ("tiling", "tiling")):
         if source in p:
             fields[target] = p[source]
+    if p.get("disable_extra_networks") is True and isinstance(fields.get("prompt"), str):
+        fields["prompt"] = strip_prompt_tags(fields["prompt"])  # as A1111: the tags are removed, not applied
     sampler = _sampler(p, errors)
     if sampler is not None:
         fields["scheduler"] = sampler
@@ -255,6 +258,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
             fields["model"] = model
         if (clip_skip := _clip_skip(overrides.get("CLIP_stop_at_last_layers"), errors)) is not None:
             fields["clip_skip"] = clip_skip
+        a1111_options.check_image_options(overrides, errors)
     if call.endpoint == IMG2IMG:
         images = p.get("init_images")
         if not isinstance(images, list) or len(images) != 1:

@@ -20,6 +20,11 @@ _SPACES = re.compile(r"[ \t]{2,}")
 _URL_START = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{0,20}://")
 
 
+def strip_prompt_tags(prompt: str) -> str:
+    """The prompt without its LoRA tags, which are not applied (A1111's ``disable_extra_networks``)."""
+    return _SPACES.sub(" ", TAG.sub("", prompt)).strip()
+
+
 def parse_prompt_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
     """Split A1111 LoRA tags off a prompt: ``"a fox <lora:ink:0.7>"`` -> ``("a fox", [LoraSpec(ink, 0.7)])``.
 
@@ -36,8 +41,7 @@ def parse_prompt_tags(prompt: str) -> tuple[str, list[LoraSpec]]:
         specs.append(_tag_spec(match.group(0), match.group(1)))
     if not specs:
         return prompt, []
-    cleaned = _SPACES.sub(" ", TAG.sub("", prompt)).strip()
-    return cleaned, specs
+    return strip_prompt_tags(prompt), specs
 
 
 def _split_tag(body: str) -> tuple[str, list[str]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_core import a1111
+from sd_core import a1111, a1111_options
 from sd_core.errors import InvalidRequest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,8 +24,9 @@ HONOURED = {
     "override_settings": {"CLIP_stop_at_last_layers": 2}, "init_images": ["b3RoZXI="], "mask": "bWFzaw==",
     "scheduler": "Karras", "override_settings.sd_model_checkpoint": "tiny-sdxl.safetensors [0123abcd]",
     "override_settings.CLIP_stop_at_last_layers": 2, "tiling": True,
+    "disable_extra_networks": True,
 }
-CONTEXT = {"scheduler": {"sampler_name": "Euler"}}
+CONTEXT = {"scheduler": {"sampler_name": "Euler"}, "disable_extra_networks": {"prompt": "a fox <lora:ink:0.5>"}}
 # Honoured keys that act on the response or refuse per entry rather than change the request: checked on their own.
 NOT_IN_REQUEST = {"send_images", "alwayson_scripts"}
 BASE = {a1111.TXT2IMG: {"prompt": "a fox"}, a1111.IMG2IMG: {"prompt": "a fox", "init_images": ["aW1hZ2U="]}}
@@ -54,7 +55,7 @@ def payload(endpoint: str, key: str, value) -> dict:
     body = {**BASE[endpoint], **CONTEXT.get(key, {})}
     if key.startswith("override_settings."):
         name = key.split(".", 1)[1]
-        body["override_settings"] = {("sd_vae" if name == "*" else name): value}
+        body["override_settings"] = {("samples_format" if name == "*" else name): value}
     else:
         body[key] = value
     return body
@@ -133,3 +134,13 @@ def test_the_checks_can_fail(monkeypatch):
     monkeypatch.setitem(HONOURED, "resize_mode", 1)
     with pytest.raises(AssertionError):  # an ignored key documented as honoured
         test_honoured_keys_change_the_request("resize_mode")
+
+
+@pytest.mark.parametrize("option", sorted(a1111_options.IMAGE_OPTION_DEFAULTS))
+def test_image_changing_options_are_default_only(option):
+    default = a1111_options.IMAGE_OPTION_DEFAULTS[option][0]
+    body = payload(a1111.TXT2IMG, f"override_settings.{option}", default)
+    assert translate(a1111.TXT2IMG, body) == translate(a1111.TXT2IMG, BASE[a1111.TXT2IMG])
+    other = "something else" if isinstance(default, str) else (not default if isinstance(default, bool) else 7)
+    with pytest.raises(InvalidRequest, match=re.escape(f"override_settings.{option}: only A1111's default")):
+        translate(a1111.TXT2IMG, payload(a1111.TXT2IMG, f"override_settings.{option}", other))
