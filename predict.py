@@ -98,6 +98,9 @@ class Runner(BaseRunner):
         ),
         lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of lora_weights"),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
+        vae: str | None = Input(
+            default=None, max_length=200, description="VAE from the model's manifest; empty/Automatic: the model's own"
+        ),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
@@ -120,7 +123,7 @@ class Runner(BaseRunner):
                 "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
                 "strength": strength, "output_format": output_format, "eta": eta,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-                "clip_skip": clip_skip,
+                "clip_skip": clip_skip, "vae": vae,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
             })

@@ -48,6 +48,13 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
                 seen.setdefault(lora.name, {"name": lora.name, "alias": lora.name,
                                             "path": scrub(lora.uri)[:MAX_LORA_PATH_CHARS], "metadata": {}})
         return list(seen.values())
+    if endpoint == "sd-vae":  # A1111's VAE names are file names; sd_vae takes the manifest name with or without
+        seen = {}  # ".safetensors". A name several manifests share is listed once (the first).
+        for manifest in manifests:
+            for vae in manifest.vaes:
+                seen.setdefault(vae.name, {"model_name": vae.name,
+                                           "filename": scrub(vae.uri)[:MAX_LORA_PATH_CHARS]})
+        return list(seen.values())
     if endpoint == "embeddings":
         return {"loaded": {}, "skipped": {}}  # textual-inversion embeddings: none on this worker
     if endpoint == "options":
@@ -55,7 +62,7 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
         return {"sd_model_checkpoint": _title(default) if default else engine.settings.default_model,
                 "sd_checkpoint_hash": default.sha256 if default else None, "CLIP_stop_at_last_layers": 1,
                 "sd_vae": "Automatic", "samples_format": "png"}
-    return []  # sd-vae, upscalers: none on this worker
+    return []  # upscalers: none on this worker
 
 
 def _title(manifest) -> str:

@@ -82,6 +82,10 @@ class GenerationRequest(BaseModel):
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
     )
+    vae: str | None = Field(
+        None, max_length=200,
+        description="VAE from the model's manifest (`vaes`); empty, Automatic or None: the model's own",
+    )
     output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
     disable_safety_checker: bool = Field(

@@ -117,6 +117,11 @@ class Settings:
                                    doc="fuse a LoRA set into the weights once N requests in a row used it (faster "
                                        "steps; unfused exactly on the next change)")
 
+    # --- VAEs (sd_core/vae.py) ---
+    vae_max_loaded: int = setting(2, shown="2", section="VAEs",
+                                  doc="alternate VAEs (a manifest's `vaes:`) kept loaded per model, counted in its "
+                                      "memory; the least recently used is unloaded beyond that")
+
     # --- safety checker (sd_core/safety.py) ---
     safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",
                                           section="Safety checker",
