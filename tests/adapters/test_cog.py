@@ -253,6 +253,19 @@ def test_lora_weights_change_the_image(cog_server):
     assert unknown["status"] == "failed" and "no-such-lora" in unknown["error"]
 
 
+# --- VAE -------------------------------------------------------------------------------------------------------
+def test_vae_input_swaps_the_vae_and_automatic_is_the_models_own(cog_server):
+    base = cog_server.predict({**FAST, "seed": 7})
+    swapped = cog_server.predict({**FAST, "seed": 7, "vae": "tiny-vae"})
+    automatic = cog_server.predict({**FAST, "seed": 7, "vae": "Automatic"})
+    assert all(p["status"] == "succeeded" for p in (base, swapped, automatic)), swapped.get("error")
+    base_pixels = decode_output(base["output"][0])[1].tobytes()
+    assert decode_output(swapped["output"][0])[1].tobytes() != base_pixels
+    assert decode_output(automatic["output"][0])[1].tobytes() == base_pixels
+    unknown = cog_server.predict({**FAST, "vae": "no-such-vae"})
+    assert unknown["status"] == "failed" and "vae: unknown VAE 'no-such-vae' for tiny-sd15" in unknown["error"]
+
+
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
 def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
     prediction = cog_server.predict({**FAST, "num_outputs": 2, "seed": 8})
