@@ -11,7 +11,8 @@ from pathlib import Path
 
 from . import storage
 from .checkpoints import refuse_pickle
-from .errors import FetchError, ModelNotFound, quote
+from .device import free_memory, is_out_of_memory
+from .errors import FetchError, ManifestError, ModelNotFound, OutOfMemory, quote
 from .manifests import RESERVED_VAE_NAMES, ModelManifest, VaeEntry, fetch_vae
 from .settings import Settings
 
@@ -99,7 +100,16 @@ class VaeManager:
         while cache and len(cache) >= max(1, self.settings.vae_max_loaded):
             cache.popitem(last=False)
         started = time.perf_counter()
-        cache[vae.key] = module = self._load(model, vae)
+        try:
+            module = self._load(model, vae)
+        except Exception as exc:  # an operator's manifest: a file that is no VAE of this model's architecture, ...
+            if is_out_of_memory(exc):
+                free_memory(model.placement)
+                raise OutOfMemory(f"ran out of memory loading VAE {vae.name}", field=FIELD) from None
+            log.exception("VAE %s cannot be loaded for %s", vae.name, model.name)
+            raise ManifestError(f"VAE {vae.name} cannot be loaded for {model.name} ({type(exc).__name__}); see the "
+                                "worker's logs", field=FIELD) from None
+        cache[vae.key] = module
         log.info("loaded VAE %s for %s in %.2fs", vae.name, model.name, time.perf_counter() - started)
         return module, True
 

@@ -182,3 +182,20 @@ def test_loaded_vaes_count_in_the_models_memory_and_stay_few(make_engine):
 def test_manifest_vae_entries_are_checked(vae, message):
     with pytest.raises(ValueError, match=message):
         ModelManifest(name="m", architecture="sd15", format="diffusers", uri="m/", vaes=[vae])
+
+
+def test_a_vae_file_that_does_not_load_fails_clearly_and_changes_nothing(engine_settings, tiny_bucket):
+    from sd_core.engine import Engine
+    from sd_core.errors import ManifestError
+    from sd_core.manifests import ModelCatalog, VaeEntry, load_manifest
+    from sd_core.settings import REPO_ROOT
+
+    manifest = load_manifest(REPO_ROOT / "models" / "tiny-sd15.yaml")
+    broken = VaeEntry(name="broken", uri="loras/tiny-sd15-peft.safetensors")  # a LoRA file, not a VAE
+    engine = Engine(engine_settings, ModelCatalog({"tiny-sd15": manifest.model_copy(update={"vaes": [broken]})}))
+    with pytest.raises(ManifestError) as caught:
+        engine.generate(GenerationRequest(**FAST, model="tiny-sd15", vae="broken"))
+    assert str(caught.value).startswith("vae: VAE broken cannot be loaded for tiny-sd15 (")
+    assert own_vae_in_place(engine)
+    plain = engine.generate(GenerationRequest(**FAST, model="tiny-sd15"))
+    assert np.array_equal(pixels(plain), bare_image(tiny_bucket, vae=False))
