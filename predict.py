@@ -106,6 +106,9 @@ class Runner(BaseRunner):
         extra_lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of extra_lora"),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
+        vae: str | None = Input(
+            default=None, max_length=200, description="VAE from the model's manifest; empty/Automatic: the model's own"
+        ),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
@@ -128,7 +131,7 @@ class Runner(BaseRunner):
                 "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
                 "strength": strength, "output_format": output_format, "eta": eta,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-                "clip_skip": clip_skip, "tiling": tiling,
+                "clip_skip": clip_skip, "tiling": tiling, "vae": vae,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": source, "scale": scale}
                           for source, scale in ((lora_weights, lora_scale), (extra_lora, extra_lora_scale))

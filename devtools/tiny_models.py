@@ -11,6 +11,7 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/tiny-A/config/               the weight-less config folder ``from_single_file(..., config=...)`` needs
     DIR/loras/tiny-A-peft.safetensors   rank-4 LoRA (UNet + text encoders), peft keys, as save_lora_weights writes
     DIR/loras/tiny-A-kohya.safetensors  the same matrices in kohya's layout with alpha 2 (= the peft LoRA at 0.5)
+    DIR/vaes/tiny-A-vae[.safetensors]   an alternate VAE, folder and single file (devtools/tiny_vae.py)
 
 and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
 the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:
@@ -600,6 +601,9 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     save_file(original_checkpoint(pipe, arch), checkpoint, metadata={"format": "pt"})
     paths = {f"tiny-{arch}": root}
     paths.update(write_loras(pipe, arch, out / "loras", seed))
+    from devtools.tiny_vae import write_tiny_vaes  # its own module, which imports this one
+
+    paths.update(write_tiny_vaes(arch, out / "vaes", seed))
     return paths
 
 

@@ -15,6 +15,7 @@ from .outputs import infotext_parameters, read_parameters, split_sampler
 from .prompt_tags import strip_prompt_tags
 from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
 from .schema import MAX_CLIP_SKIP, GenerationRequest, GenerationResult, describe_validation_error, field_label
+from .vae import is_own as is_own_vae
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 EXTRAS = "extra-single-image"  # upscale-only: sd_core/upscale_job.py
@@ -63,6 +64,7 @@ FIELD_NAMES = {
     "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "scheduler": "sampler_name",
     "num_outputs": "batch_size x n_iter", "strength": "denoising_strength", "image": "init_images",
     "model": "override_settings.sd_model_checkpoint", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "vae": "override_settings.sd_vae",
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
@@ -258,6 +260,11 @@ def to_request(call: A1111Call) -> GenerationRequest:
             fields["model"] = model
         if (clip_skip := _clip_skip(overrides.get("CLIP_stop_at_last_layers"), errors)) is not None:
             fields["clip_skip"] = clip_skip
+        vae = overrides.get("sd_vae")
+        if vae is not None and not isinstance(vae, str):
+            errors.append(f"override_settings.sd_vae: expected a VAE name, Automatic or None (got {quote(vae)})")
+        elif vae is not None and not is_own_vae(vae):  # Automatic, None: the model's own (sd_core/vae.py)
+            fields["vae"] = vae
         a1111_options.check_image_options(overrides, errors)
     if call.endpoint == IMG2IMG:
         images = p.get("init_images")
@@ -328,8 +335,8 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
         "sampler_name": sampler,
         "cfg_scale": effective.guidance_scale, "steps": effective.num_inference_steps, "batch_size": batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": result.model,
-        "sd_model_hash": model_hash, "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1,
-        "seed_resize_from_h": -1, "denoising_strength": strength,
+        "sd_model_hash": model_hash, "sd_vae_name": written.get("VAE"), "sd_vae_hash": written.get("VAE hash"),
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": strength,
         "extra_generation_params": {key: value for key, value in extra.items() if value is not None},
         "index_of_first_image": 0, "infotexts": infotexts, "styles": [], "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
         "clip_skip": effective.clip_skip + 1,  # A1111's CLIP_stop_at_last_layers: 1 = no layer skipped

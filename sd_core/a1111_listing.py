@@ -48,6 +48,13 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
                 seen.setdefault(lora.name, {"name": lora.name, "alias": lora.name,
                                             "path": scrub(lora.uri)[:MAX_LORA_PATH_CHARS], "metadata": {}})
         return list(seen.values())
+    if endpoint == "sd-vae":  # A1111's VAE names are file names; sd_vae takes the manifest name with or without
+        seen = {}  # ".safetensors". A name several manifests share is listed once (the first).
+        for manifest in manifests:
+            for vae in manifest.vaes:
+                seen.setdefault(vae.name, {"model_name": vae.name,
+                                           "filename": scrub(vae.uri)[:MAX_LORA_PATH_CHARS]})
+        return list(seen.values())
     if endpoint == "embeddings":
         return {"loaded": {}, "skipped": {}}  # textual-inversion embeddings: none on this worker
     if endpoint == "options":
@@ -57,7 +64,7 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
                 "sd_vae": "Automatic", "samples_format": "png"}
     if endpoint == "upscalers":
         return [_upscaler_item(name, engine.upscalers) for name in engine.upscalers.names()]
-    return []  # sd-vae: none on this worker
+    return []
 
 
 def _title(manifest) -> str:

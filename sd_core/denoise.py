@@ -13,16 +13,19 @@ from .lora import LoraManager
 from .pipelines import PipelinePool
 from .schedulers import pipeline_kwargs
 from .tiling import seamless
+from .vae import VaeManager, swapped
 
 
 @dataclass
 class Denoiser:
-    """Owns the GPU: one batch at a time gets its pipeline from the pool, its scheduler, exactly its LoRA set, and
-    the ``pipe(**kwargs)`` call. Used by the micro-batcher, or directly by the engine when batching is off."""
+    """Owns the GPU: one batch at a time gets its pipeline from the pool, its scheduler, exactly its LoRA set, its
+    VAE (swapped in for the call only), and the ``pipe(**kwargs)`` call. Used by the micro-batcher, or directly by
+    the engine when batching is off."""
 
     pool: PipelinePool
     loras: LoraManager
     placement: Placement
+    vaes: VaeManager | None = None
     # Reentrant: a post-pass that holds it (hires fix) may call the upscalers, which take it too.
     _gpu_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -49,8 +52,12 @@ class Denoiser:
             # request ever runs with another's adapters.
             self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
             lora_s = time.perf_counter() - t
+            vae, loaded = self.vaes.module(model, jobs[0].vae) if self.vaes else (None, False)  # shared (batch_key)
+            if loaded:
+                self.pool.fit(model.name)  # the model grew by a VAE: stay within the memory budget
             t = time.perf_counter()
-            with seamless(pipe, first.tiling):  # all jobs of a batch share it (Job.batch_key)
+            # the model's own VAE and padding are back afterwards, whatever happens; a batch shares both (batch_key)
+            with swapped(pipe, model, vae), seamless(pipe, first.tiling):
                 images = self._call_pipeline(pipe, jobs, clip_skip)
             inference_s = time.perf_counter() - t
         results, offset = [], 0

@@ -25,6 +25,7 @@ from .schedulers import check_eta
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
 from .settings import Settings
 from .upscalers import Upscalers
+from .vae import VaeManager
 
 log = logging.getLogger("sd_core.engine")
 
@@ -44,7 +45,9 @@ class Engine:
         self.placement = choose_placement(self.settings)
         self.loader = ModelLoader(self.catalog, self.settings, self.placement)
         self.loras = LoraManager(self.settings, self.catalog)
-        self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement)
+        self.vaes = VaeManager(self.settings)
+        self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement,
+                                 self.vaes)
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
@@ -97,6 +100,8 @@ class Engine:
             req = req.model_copy(update={"prompt": prompt})
         # 4. adapters: the LoRAs (field first, then tags) fetched here, outside the GPU lock; activated in stage 5
         loras = self.loras.resolve_all([*req.loras, *tagged], manifest)
+        vae = self.vaes.resolve(req.vae, manifest)  # fetched here too; swapped in for the call in stage 5
+        req = req.model_copy(update={"vae": vae.name if vae else None})
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
         subseeds = None  # variation seeds: with a strength, or a subseed given (txt2img only; strength 0 = the seed's)
@@ -106,7 +111,7 @@ class Engine:
             req = req.model_copy(update={"subseed": first_subseed})
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, timings={"prepare_s": time.perf_counter() - started})
+                   subseeds=subseeds, vae=vae, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""
@@ -124,7 +129,8 @@ class Engine:
                 model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
                 clip_skip=req.clip_skip,
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
-                eta=req.eta, tiling=req.tiling,
+                eta=req.eta, tiling=req.tiling, vae=job.vae.name if job.vae else None,
+                vae_hash=job.vae.sha256 if job.vae else None,
             )
 
         def encode(item):

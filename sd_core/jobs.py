@@ -9,6 +9,7 @@ from typing import Any
 from .lora import ResolvedLora
 from .manifests import ModelManifest
 from .schema import GenerationRequest
+from .vae import ResolvedVae
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps total)
 CancelCheck = Callable[[], bool]
@@ -33,6 +34,7 @@ class Job:
     prompt: str = ""  # the prompt as the user gave it, <lora:...> tags included (request.prompt has them stripped)
     nsfw: list[bool] | None = None  # the safety checker's flag per image (None: not checked)
     subseeds: list[int] | None = None  # variation seeds, one per image (None: the plain seeds' noise)
+    vae: ResolvedVae | None = None  # the alternate VAE chosen (None: the model's own)
 
     @property
     def batch_key(self) -> tuple | None:
@@ -45,7 +47,8 @@ class Job:
         if r.mode != "txt2img":
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
-                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling)
+                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling,
+                self.vae.key if self.vae else None)
 
     @property
     def steps_run(self) -> int:

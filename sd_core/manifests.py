@@ -19,6 +19,7 @@ Architecture = Literal[families.NAMES]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ManifestT = TypeVar("ManifestT", bound=BaseModel)
+RESERVED_VAE_NAMES = ("automatic", "none")  # a request's `vae` value for the model's own VAE (as A1111's sd_vae)
 
 
 class ModelDefaults(BaseModel):
@@ -51,6 +52,32 @@ class LoraEntry(BaseModel):
     trigger: str | None = None  # a word the LoRA was trained on, for documentation
 
 
+class VaeEntry(BaseModel):
+    """An alternate VAE of a model: one `.safetensors` file, or a diffusers AutoencoderKL folder (URI ending '/')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    uri: str = Field(min_length=1, description="a .safetensors file, or a diffusers AutoencoderKL folder ending in '/'")
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN, description="single file checksum")
+    files: dict[str, str] = Field(default_factory=dict, description="folder: {relative path: sha256}")
+    size: int | None = Field(None, ge=0)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.uri.endswith("/")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.name.lower() in RESERVED_VAE_NAMES:
+            raise ValueError(f"name: {self.name!r} means the model's own VAE in requests; choose another name")
+        if self.is_folder and self.sha256:
+            raise ValueError("sha256: a VAE folder pins per-file checksums under `files`")
+        if not self.is_folder and self.files:
+            raise ValueError("files: only for a VAE folder (a uri ending in '/')")
+        return self
+
+
 class ModelManifest(BaseModel):
     """One model: a diffusers folder, or a single-file checkpoint plus the config folder it needs."""
 
@@ -70,6 +97,7 @@ class ModelManifest(BaseModel):
     size: int | None = Field(None, ge=0, description="total bytes, for progress and cache planning")
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     loras: list[LoraEntry] = Field(default_factory=list)
+    vaes: list[VaeEntry] = Field(default_factory=list, description="alternate VAEs a request may choose (`vae`)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -77,6 +105,9 @@ class ModelManifest(BaseModel):
             raise ValueError("config_uri: required for format single_file (loading never asks the hub for configs)")
         if self.format == "diffusers" and self.sha256:
             raise ValueError("sha256: a diffusers folder pins per-file checksums under `files`")
+        names = [vae.name for vae in self.vaes]
+        if len(set(names)) != len(names):
+            raise ValueError("vaes: a VAE name is given twice")
         for key, value in self.family.defaults.items():
             if getattr(self.defaults, key) is None:
                 setattr(self.defaults, key, value)
@@ -153,6 +184,12 @@ class ModelCatalog:
                 if lora.name == name:
                     return lora
         return None
+
+
+def fetch_vae(entry: VaeEntry, settings: Settings) -> Path:
+    """Fetch (or find in the cache) a manifest VAE: its file, or its folder; verified against its checksums."""
+    return storage.fetch(resolve_uri(entry.uri, settings), settings, sha256=entry.sha256,
+                         size=None if entry.is_folder else entry.size, files=entry.files or None)
 
 
 def fetch_model(manifest: ModelManifest, settings: Settings) -> LocalModel:

@@ -53,7 +53,8 @@ def infotext(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int, width: int,
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
     lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
-    subseed_strength: float | None = None, eta: float | None = None, tiling: bool = False,
+    subseed_strength: float | None = None, eta: float | None = None, tiling: bool = False, vae: str | None = None,
+    vae_hash: str | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -61,6 +62,7 @@ def infotext(
     file's sha256 and `lora_hashes` {LoRA name: its file's sha256} (A1111 writes 10 and 12 hex digits of them);
     `clip_skip` the layers skipped (diffusers' count), written as A1111's `Clip skip` (one more) when any.
     `subseed` and `subseed_strength` (A1111's `Variation seed`, `Variation seed strength`) only when varied.
+    `vae` the alternate VAE's name and `vae_hash` its file's sha256 (A1111's `VAE hash`, `VAE`), when one was chosen.
     """
     sampler_name, schedule = split_sampler(sampler)
     default_eta = SAMPLERS[sampler_name].eta
@@ -68,7 +70,8 @@ def infotext(
     fields = {
         "Steps": steps, "Sampler": sampler_name, "Schedule type": schedule, "CFG scale": f"{cfg_scale:g}",
         "Seed": seed, "Size": f"{width}x{height}", "Model hash": model_hash[:10] if model_hash else None,
-        "Model": model, "Variation seed": subseed,
+        "Model": model, "VAE hash": vae_hash[:10] if vae and vae_hash else None, "VAE": vae,
+        "Variation seed": subseed,
         "Variation seed strength": None if subseed_strength is None else f"{subseed_strength:g}",
         "Denoising strength": None if strength is None else f"{strength:g}",
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer: 1 (unwritten) = no skip

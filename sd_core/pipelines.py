@@ -37,11 +37,16 @@ class LoadedModel:
         self.pipes = {"txt2img": pipe}
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self._schedulers: dict[str, object] = {}
-        self.nbytes = sum(
-            sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-            for module in pipe.components.values()
-            if isinstance(module, torch.nn.Module)
-        )
+        self.config_dir = local.config or local.weights  # diffusers configs (vae/config.json: alternate VAE files)
+        self.own_vae = pipe.vae
+        self.vaes: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # alternate VAEs loaded (sd_core/vae.py)
+        self.base_nbytes = sum(module_bytes(module) for module in pipe.components.values()
+                               if isinstance(module, torch.nn.Module))
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held: the pipeline's weights and the alternate VAEs loaded for it."""
+        return self.base_nbytes + sum(module_bytes(vae) for vae in self.vaes.values())
 
     def pipeline(self, mode: str):
         """The pipeline for ``mode``; img2img/inpaint are made once with from_pipe (no second copy of weights)."""
@@ -54,6 +59,10 @@ class LoadedModel:
         if name not in self._schedulers:
             self._schedulers[name] = build_scheduler(name, self.base_scheduler_config)
         return self._schedulers[name]
+
+
+def module_bytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
 def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -> LoadedModel:
@@ -127,6 +136,11 @@ class PipelinePool:
             self._models[name] = model
             self._evict(keep=name, incoming=0)
             return model
+
+    def fit(self, keep: str) -> None:
+        """Evict other models if ``keep`` grew past the budget (an alternate VAE was loaded for it)."""
+        with self._lock:
+            self._evict(keep=keep, incoming=0)
 
     def _evict(self, keep: str | None, incoming: int) -> None:
         def used() -> int:

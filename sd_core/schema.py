@@ -85,6 +85,10 @@ class GenerationRequest(BaseModel):
     tiling: bool = Field(
         False, description="Seamless tiling: the image wraps around its edges (circular padding in UNet and VAE)"
     )
+    vae: str | None = Field(
+        None, max_length=200,
+        description="VAE from the model's manifest (`vaes`); empty, Automatic or None: the model's own",
+    )
     output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
     disable_safety_checker: bool = Field(

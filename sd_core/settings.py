@@ -128,6 +128,11 @@ class Settings:
                                         doc="Civitai API token, sent as a header to `SD_CIVITAI_ENDPOINT` only (not to "
                                             "the CDN it redirects to) when a link brings no `?token=`; never logged")
 
+    # --- VAEs (sd_core/vae.py) ---
+    vae_max_loaded: int = setting(2, shown="2", section="VAEs",
+                                  doc="alternate VAEs (a manifest's `vaes:`) kept loaded per model, counted in its "
+                                      "memory; the least recently used is unloaded beyond that")
+
     # --- safety checker (sd_core/safety.py) ---
     safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",
                                           section="Safety checker",

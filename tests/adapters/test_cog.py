@@ -273,6 +273,17 @@ def test_extra_lora_is_a_second_lora_applied_with_lora_weights(cog_server, engin
     native_extra = engine.generate(GenerationRequest(**FAST, seed=11, loras=[
         {"source": "tiny-style-kohya", "scale": -0.4}]))  # extra_lora alone is that one LoRA
     assert np.array_equal(pixels[2], np.asarray(Image.open(io.BytesIO(native_extra.images[0].data)).convert("RGB")))
+# --- VAE -------------------------------------------------------------------------------------------------------
+def test_vae_input_swaps_the_vae_and_automatic_is_the_models_own(cog_server):
+    base = cog_server.predict({**FAST, "seed": 7})
+    swapped = cog_server.predict({**FAST, "seed": 7, "vae": "tiny-vae"})
+    automatic = cog_server.predict({**FAST, "seed": 7, "vae": "Automatic"})
+    assert all(p["status"] == "succeeded" for p in (base, swapped, automatic)), swapped.get("error")
+    base_pixels = decode_output(base["output"][0])[1].tobytes()
+    assert decode_output(swapped["output"][0])[1].tobytes() != base_pixels
+    assert decode_output(automatic["output"][0])[1].tobytes() == base_pixels
+    unknown = cog_server.predict({**FAST, "vae": "no-such-vae"})
+    assert unknown["status"] == "failed" and "vae: unknown VAE 'no-such-vae' for tiny-sd15" in unknown["error"]
 
 
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)

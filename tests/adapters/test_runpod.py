@@ -201,6 +201,29 @@ def test_a1111_clip_skip_from_override_settings(server):
                                     "which takes no clip skip")
 
 
+def test_a1111_sd_vae_from_override_settings(server, tiny_bucket):
+    payload = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
+    swapped = completed(server.runsync({**payload, "override_settings": {"sd_vae": "tiny-vae.safetensors"}}))
+    automatic = completed(server.runsync({**payload, "override_settings": {"sd_vae": "Automatic"}}))
+    plain = completed(server.runsync(payload))
+    native = completed(server.runsync({"prompt": "a fox", "num_inference_steps": 2, "width": 64, "height": 64,
+                                       "seed": 9, "scheduler": "Euler", "vae": "tiny-vae"}))
+    assert decode(swapped["images"][0]).tobytes() == decode(native["images"][0]["image"]).tobytes()
+    assert decode(swapped["images"][0]).tobytes() != decode(plain["images"][0]).tobytes()
+    assert decode(automatic["images"][0]).tobytes() == decode(plain["images"][0]).tobytes()
+    digest = hashlib.sha256((tiny_bucket / "vaes" / "tiny-sd15-vae.safetensors").read_bytes()).hexdigest()[:10]
+    info = json.loads(swapped["info"])
+    assert (info["sd_vae_name"], info["sd_vae_hash"]) == ("tiny-vae", digest)
+    assert (json.loads(plain["info"])["sd_vae_name"], json.loads(plain["info"])["sd_vae_hash"]) == (None, None)
+    for text in (read_parameters(base64.b64decode(swapped["images"][0])), info["infotexts"][0]):
+        got = a1111.parse(text)
+        assert (got["VAE"], got["VAE hash"]) == ("tiny-vae", digest)
+    unknown = server.runsync({**payload, "override_settings": {"sd_vae": "tiny-xl-vae"}}, timeout=60)
+    assert unknown["status"] == "FAILED"
+    assert unknown["error"].startswith("override_settings.sd_vae: unknown VAE 'tiny-xl-vae' for tiny-sd15; "
+                                       "available: tiny-vae, tiny-vae-folder"), unknown["error"]
+
+
 def test_a1111_variation_seeds_reach_the_image_info_and_infotext(server):
     payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "sampler_name": "Euler",
                "seed": 40, "subseed": 50, "subseed_strength": 1, "batch_size": 2, "seed_resize_from_w": -1}

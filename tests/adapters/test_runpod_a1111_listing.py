@@ -72,7 +72,11 @@ def test_loras_embeddings_vae_upscalers_and_options(server):
     assert loras[0] == {"name": "tiny-style", "alias": "tiny-style", "path": "loras/tiny-sd15-peft.safetensors",
                         "metadata": {}}
     assert completed(server.runsync(get("embeddings"))) == {"loaded": {}, "skipped": {}}
-    assert completed(server.runsync(get("sd-vae"))) == []
+    vaes = completed(server.runsync(get("sd-vae")))  # the manifests' `vaes:`, each name once
+    assert vaes == [{"model_name": "tiny-vae", "filename": "vaes/tiny-sd15-vae.safetensors"},
+                    {"model_name": "tiny-vae-folder", "filename": "vaes/tiny-sd15-vae/"},
+                    {"model_name": "tiny-xl-vae", "filename": "vaes/tiny-sdxl-vae.safetensors"},
+                    {"model_name": "tiny-xl-vae-folder", "filename": "vaes/tiny-sdxl-vae/"}]
     upscalers = completed(server.runsync({"api": "upscalers"}))
     assert [item["name"] for item in upscalers] == ["None", "Lanczos", "Nearest", "tiny-esrgan-x2", "tiny-esrgan-x4"]
     assert all(set(item) == {"name", "model_name", "model_path", "model_url", "scale"} for item in upscalers)

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[2]
 ROW = re.compile(r"^\| `([^`]+)` \| (both|txt2img|img2img) \| ([^|]+?) \| (.+) \|$")
 STATUSES = {"honoured", "refused", "default only", "ignored", "IGNORED (known gap)"}
 OTHER_OVERRIDES = "override_settings.*"
-OVERRIDE_KEYS = {a1111.CHECKPOINT_KEY, a1111.CLIP_SKIP_KEY}  # the override_settings keys the code reads
+# the override_settings keys the code reads
+OVERRIDE_KEYS = {a1111.CHECKPOINT_KEY, a1111.CLIP_SKIP_KEY, "override_settings.sd_vae"}
 
 # A value for each honoured key that must change the translated request (context: keys the value needs beside it).
 HONOURED = {
@@ -24,7 +25,7 @@ HONOURED = {
     "override_settings": {"CLIP_stop_at_last_layers": 2}, "init_images": ["b3RoZXI="], "mask": "bWFzaw==",
     "scheduler": "Karras", "override_settings.sd_model_checkpoint": "tiny-sdxl.safetensors [0123abcd]",
     "override_settings.CLIP_stop_at_last_layers": 2, "tiling": True,
-    "disable_extra_networks": True,
+    "disable_extra_networks": True, "override_settings.sd_vae": "tiny-vae.safetensors",
 }
 CONTEXT = {"scheduler": {"sampler_name": "Euler"}, "disable_extra_networks": {"prompt": "a fox <lora:ink:0.5>"}}
 # Honoured keys that act on the response or refuse per entry rather than change the request: checked on their own.
