@@ -98,6 +98,14 @@ class Runner(BaseRunner):
         ),
         lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of lora_weights"),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
+        hires_scale: float = Input(default=0.0, ge=0.0, le=4.0, description="Hires fix upscale factor (1-4); 0: off"),
+        hires_upscaler: str = Input(
+            default="Latent", min_length=1, max_length=100, description="Hires fix upscaler (docs/api.md)"
+        ),
+        hires_steps: int = Input(default=0, ge=0, le=150, description="Hires fix second-pass steps; 0: the same"),
+        hires_denoising_strength: float = Input(
+            default=0.7, ge=0.0, le=1.0, description="How much the hires second pass changes the image (above 0)"
+        ),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
@@ -123,6 +131,8 @@ class Runner(BaseRunner):
                 "clip_skip": clip_skip,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
+                "hires": {"scale": hires_scale, "upscaler": hires_upscaler, "steps": hires_steps,
+                          "denoising_strength": hires_denoising_strength} if hires_scale else None,
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

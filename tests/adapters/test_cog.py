@@ -253,6 +253,23 @@ def test_lora_weights_change_the_image(cog_server):
     assert unknown["status"] == "failed" and "no-such-lora" in unknown["error"]
 
 
+# --- hires fix ---------------------------------------------------------------------------------------------------
+def test_hires_inputs_upscale_and_run_the_second_pass(cog_server):
+    hires = {**FAST, "width": 64, "height": 64, "seed": 5, "hires_scale": 2, "hires_upscaler": "Lanczos",
+             "hires_steps": 2, "hires_denoising_strength": 0.5}
+    prediction = cog_server.predict(hires)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    image = decode_output(prediction["output"][0])[1]
+    assert image.size == (128, 128)
+    assert "Hires upscale: 2" in image.info["parameters"] and "Hires upscaler: Lanczos" in image.info["parameters"]
+    assert "| 4/4" in prediction["logs"]  # progress over both passes: 2 + 2 steps
+    assert prediction["metrics"]["has_nsfw_concepts"] == [False]  # the safety checker ran on the final image
+    plain = cog_server.predict({**hires, "hires_scale": 0})  # 0: off, the other hires inputs unused
+    assert decode_output(plain["output"][0])[1].size == (64, 64)
+    unknown = cog_server.predict({**hires, "hires_upscaler": "4x-Nope"})
+    assert unknown["status"] == "failed" and unknown["error"].startswith("hires.upscaler: unknown upscaler '4x-Nope'")
+
+
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
 def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
     prediction = cog_server.predict({**FAST, "num_outputs": 2, "seed": 8})

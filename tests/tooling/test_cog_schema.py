@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import GenerationRequest, LoraSpec
+from sd_core.schema import GenerationRequest, HiresSpec, LoraSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -20,12 +20,16 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 # GenerationRequest fields that Cog exposes differently, on purpose:
 #   image, mask -> Cog file inputs (cog.Path, format uri); run() gets the data URI / URL text (cog_inputs.py).
 #   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale): Replicate's LoRA convention.
+#   hires       -> hires_scale, hires_upscaler, hires_steps, hires_denoising_strength (HiresSpec's fields; the rest
+#                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras"}
+REPLACED = {"loras", "hires"}
 LORA_INPUTS = {"lora_weights": "source", "lora_scale": "scale"}
+HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
+                "hires_denoising_strength": "denoising_strength"}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
-EXCLUSIVE_BOUNDS = {("strength", "minimum")}
+EXCLUSIVE_BOUNDS = {("strength", "minimum"), ("denoising_strength", "minimum")}
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,7 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS)
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
     assert set(cog_inputs) == expected
 
 
@@ -97,6 +101,16 @@ def test_lora_inputs_follow_lora_spec(cog_inputs):
     assert GenerationRequest.model_fields["loras"].default_factory() == []  # no LoRA unless asked: input optional
     assert comparable(cog_inputs["lora_weights"]) == {**source, "nullable": True, "default": None}
     assert comparable(cog_inputs["lora_scale"]) == pydantic_field(LoraSpec, "scale")
+
+
+@pytest.mark.parametrize("name", sorted(HIRES_INPUTS))
+def test_hires_inputs_follow_hires_spec(cog_inputs, name):
+    expected = pydantic_field(HiresSpec, HIRES_INPUTS[name])
+    assert GenerationRequest.model_fields["hires"].default is None  # no hires fix unless asked
+    if name == "hires_scale":  # the one difference: 0, its default, is "off" (HiresSpec's scale starts at 1)
+        assert (expected["minimum"], expected["default"]) == (1.0, 2.0)
+        expected = {**expected, "minimum": 0.0, "default": 0.0}
+    assert comparable(cog_inputs[name]) == expected
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):
