@@ -114,15 +114,27 @@ def test_second_pass_steps_default_to_the_first_passes(engine):
     assert seen == [(step, 4) for step in range(1, 5)]
 
 
-def test_cancel_between_passes(engine):
-    calls = []
+# Checks: one per step (first pass: 2), one after stage 5, two in the hires post-pass (before and after the upscale),
+# one per second-pass step. 2: cancelled after the first pass; 5: at the end of the second pass's first step.
+@pytest.mark.parametrize("checks_before", [2, 5])
+def test_cancel_between_and_during_passes(engine, checks_before):
+    calls, seen = [], []
 
     def should_cancel() -> bool:
         calls.append(1)
-        return len(calls) > 2  # the first pass's 2 steps run, then the job is cancelled
+        return len(calls) > checks_before
 
     with pytest.raises(Cancelled):
-        engine.generate(GenerationRequest(**FAST, hires={}), should_cancel=should_cancel)
+        engine.generate(GenerationRequest(**FAST, hires={"denoising_strength": 0.5}), should_cancel=should_cancel,
+                        on_step=lambda done, total: seen.append(done))
+    assert len(calls) == checks_before + 1
+    assert seen == [1, 2]  # a step is reported after its cancel check
+
+
+def test_a_hires_prompt_must_repeat_the_prompts_lora_tags(engine):
+    request = GenerationRequest(**{**FAST, "prompt": "a fox <lora:tiny-style:0.5>"}, hires={"prompt": "a dog"})
+    with pytest.raises(InvalidRequest, match=r"^hires.prompt: its <lora:...> tags must be the prompt's"):
+        engine.prepare(request)
 
 
 def test_budget_names_the_final_size(make_engine):
@@ -154,3 +166,10 @@ def test_second_pass_sampler_prompt_and_cfg_are_written(engine):
     settings = a1111_infotext.parse(generate(engine, hires=hires).parameters)
     assert settings["Hires sampler"] == "DPM++ 2M" and settings["Hires schedule type"] == "Karras"
     assert settings["Hires prompt"] == "a fox, detailed" and settings["Hires CFG Scale"] == "5"
+
+
+def test_sdxl_latent_hires(engine):
+    """SDXL's img2img takes the upscaled latents as they are too (no VAE round trip)."""
+    result = generate(engine, model="tiny-sdxl", hires={"upscaler": "Latent (nearest-exact)", "scale": 1.5})
+    assert (result.images[0].width, result.images[0].height) == (96, 96)
+    assert np.abs(pixels(result)).mean() > 0  # not a blank image
