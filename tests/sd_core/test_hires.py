@@ -173,3 +173,26 @@ def test_sdxl_latent_hires(engine):
     result = generate(engine, model="tiny-sdxl", hires={"upscaler": "Latent (nearest-exact)", "scale": 1.5})
     assert (result.images[0].width, result.images[0].height) == (96, 96)
     assert np.abs(pixels(result)).mean() > 0  # not a blank image
+
+
+def test_loras_and_clip_skip_apply_to_both_passes(engine, monkeypatch):
+    activated, skips = [], []
+    activate = engine.denoiser.loras.activate
+
+    def spy(model, loras, **kwargs):
+        activated.append(tuple(lora.label for lora in loras))
+        return activate(model, loras, **kwargs)
+
+    import sd_core.denoise
+
+    clip_skip = sd_core.denoise._clip_skip
+
+    def skip_spy(job, pipe):
+        skips.append((type(pipe).__name__, clip_skip(job, pipe)))
+        return skips[-1][1]
+
+    monkeypatch.setattr(engine.denoiser.loras, "activate", spy)
+    monkeypatch.setattr(sd_core.denoise, "_clip_skip", skip_spy)
+    generate(engine, prompt=PROMPT + " <lora:tiny-style:0.5>", clip_skip=1, hires={"upscaler": "Nearest"})
+    assert activated == [("tiny-style",), ("tiny-style",)]
+    assert skips == [("StableDiffusionPipeline", 1), ("StableDiffusionImg2ImgPipeline", 1)]
