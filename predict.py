@@ -109,6 +109,14 @@ class Runner(BaseRunner):
         vae: str | None = Input(
             default=None, max_length=200, description="VAE from the model's manifest; empty/Automatic: the model's own"
         ),
+        hires_scale: float = Input(default=0.0, ge=0.0, le=4.0, description="Hires fix upscale factor (1-4); 0: off"),
+        hires_upscaler: str = Input(
+            default="Latent", min_length=1, max_length=100, description="Hires fix upscaler (docs/api.md)"
+        ),
+        hires_steps: int = Input(default=0, ge=0, le=150, description="Hires fix second-pass steps; 0: the same"),
+        hires_denoising_strength: float = Input(
+            default=0.7, ge=0.0, le=1.0, description="How much the hires second pass changes the image (above 0)"
+        ),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
@@ -136,6 +144,8 @@ class Runner(BaseRunner):
                 "loras": [{"source": source, "scale": scale}
                           for source, scale in ((lora_weights, lora_scale), (extra_lora, extra_lora_scale))
                           if source is not None],
+                "hires": {"scale": hires_scale, "upscaler": hires_upscaler, "steps": hires_steps,
+                          "denoising_strength": hires_denoising_strength} if hires_scale else None,
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from . import a1111_listing, a1111_options, a1111_scripts
+from . import a1111_hires, a1111_listing, a1111_options, a1111_scripts
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .prompt_tags import strip_prompt_tags
@@ -46,7 +46,7 @@ KNOWN_KEYS = {TXT2IMG: _COMMON | _TXT2IMG_ONLY, IMG2IMG: _COMMON | _IMG2IMG_ONLY
 A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequest.model_fields)
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
-UNSUPPORTED = ("styles", "restore_faces", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
+UNSUPPORTED = ("styles", "restore_faces", "refiner_checkpoint", "script_name", "script_args",
                "inpainting_mask_invert", "include_init_images", "latent_mask")
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
@@ -65,6 +65,7 @@ FIELD_NAMES = {
     "num_outputs": "batch_size x n_iter", "strength": "denoising_strength", "image": "init_images",
     "model": "override_settings.sd_model_checkpoint", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "vae": "override_settings.sd_vae",
+    **a1111_hires.FIELD_NAMES,
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
@@ -266,6 +267,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
         elif vae is not None and not is_own_vae(vae):  # Automatic, None: the model's own (sd_core/vae.py)
             fields["vae"] = vae
         a1111_options.check_image_options(overrides, errors)
+    if call.endpoint == TXT2IMG and (hires := a1111_hires.hires_spec(p, errors, _sampler)) is not None:
+        fields["hires"] = hires  # enable_hr and the hr_* keys (txt2img's denoising_strength is the second pass's)
     if call.endpoint == IMG2IMG:
         images = p.get("init_images")
         if not isinstance(images, list) or len(images) != 1:
@@ -282,7 +285,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
     try:
         return GenerationRequest.model_validate(fields)
     except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc, FIELD_NAMES)) from None
+        # cross-field messages (no location) start with our field names: A1111's keys instead
+        raise InvalidRequest(rename_fields(describe_validation_error(exc, FIELD_NAMES))) from None
 
 
 def rename_fields(message: str) -> str:
@@ -309,11 +313,15 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
     batch_size = call.payload.get("batch_size") or 1
     n_iter = call.payload.get("n_iter") or 1
     strength = effective.strength if call.endpoint == IMG2IMG else None
+    # A hires fix: A1111 reports the first pass's size (its images are larger) and the second pass's strength.
+    width, height = (effective.width, effective.height) if effective.hires else (first.width, first.height)
+    if effective.hires is not None:
+        strength = effective.hires.denoising_strength
     parameters = dict(call.payload)
     parameters.update(
         prompt=effective.prompt, negative_prompt=effective.negative_prompt, seed=call.payload.get("seed", -1),
         steps=effective.num_inference_steps, cfg_scale=effective.guidance_scale, sampler_name=effective.scheduler,
-        width=first.width, height=first.height, batch_size=batch_size, n_iter=n_iter,
+        width=width, height=height, batch_size=batch_size, n_iter=n_iter,
     )
     if call.endpoint == IMG2IMG:
         parameters.update(init_images=None, mask=None, denoising_strength=strength)  # as A1111: no echo of images
@@ -323,6 +331,7 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
     if not sampler and effective.scheduler:
         sampler, schedule = split_sampler(effective.scheduler)
     extra = {"Schedule type": schedule if schedule != "Automatic" else None, "Denoising strength": strength,
+             **{key: value for key, value in written.items() if key.startswith("Hires ")},
              "Lora hashes": written.get("Lora hashes")}  # A1111 lists the schedule only when it is not Automatic
     model_hash = written.get("Model hash")
     count = len(result.images)
@@ -331,7 +340,7 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
         "prompt": effective.prompt, "all_prompts": [effective.prompt] * count,
         "negative_prompt": effective.negative_prompt, "all_negative_prompts": [effective.negative_prompt] * count,
         "seed": result.seed, "all_seeds": result.seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
-        "subseed_strength": effective.subseed_strength, "width": first.width, "height": first.height,
+        "subseed_strength": effective.subseed_strength, "width": width, "height": height,
         "sampler_name": sampler,
         "cfg_scale": effective.guidance_scale, "steps": effective.num_inference_steps, "batch_size": batch_size,
         "restore_faces": False, "face_restoration_model": None, "sd_model_name": result.model,

@@ -44,7 +44,7 @@ class Denoiser:
                 job.timings["queue_s"] = t - job.started - job.timings.get("prepare_s", 0.0)
             model = self.pool.get(first.model, expected_bytes=jobs[0].manifest.size or 0)
             load_s = time.perf_counter() - t
-            pipe = model.pipeline(first.mode)
+            pipe = model.pipeline(jobs[0].mode)
             pipe.scheduler = model.scheduler(first.scheduler)
             clip_skip = _clip_skip(jobs[0], pipe)  # all jobs of a batch share it (Job.batch_key)
             t = time.perf_counter()
@@ -84,14 +84,14 @@ class Denoiser:
             num_inference_steps=req.num_inference_steps,
             guidance_scale=req.guidance_scale,
             generator=generators,
-            output_type="pil",
+            output_type=first.output_type,  # latents for a hires fix upscaled in latent space (Job.batch_key)
         )
         family = first.manifest.family
         if clip_skip:  # A1111's clip skip: prompts and negative prompts encoded from the same earlier layer
             negatives = kwargs.pop("negative_prompt") or [""] * len(prompts)
             kwargs.update(prompt_embeds=family.skipped_prompt_embeds(pipe, kwargs.pop("prompt"), clip_skip),
                           negative_prompt_embeds=family.skipped_prompt_embeds(pipe, negatives, clip_skip))
-        if req.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
+        if first.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
             kwargs["latents"] = variation_latents(pipe, jobs, generators)
         # Align Your Steps' sigmas (they set the step count), DDIM's / TCD's eta
         kwargs.update(pipeline_kwargs(req.scheduler, req.num_inference_steps, req.eta, family.ays_sigmas))
@@ -99,13 +99,12 @@ class Denoiser:
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.
             pipe.scheduler.noise_sampler_seed = seeds
-        if req.mode == "txt2img":
+        if first.mode == "txt2img":
             kwargs.update(width=first.width, height=first.height)
         else:
             kwargs.update(image=first.image, strength=req.strength)
-        if req.mode == "inpaint":
+        if first.mode == "inpaint":
             kwargs.update(mask_image=first.mask, width=first.width, height=first.height)
-        total = first.steps_run
 
         def step_end(pipeline, step, timestep, callback_kwargs):
             cancels = [j.should_cancel() if j.should_cancel else False for j in jobs]
@@ -113,7 +112,7 @@ class Denoiser:
                 raise Cancelled("generation cancelled")
             for job in jobs:
                 if job.on_step is not None:
-                    job.on_step(step + 1, total)
+                    job.on_step(step + 1, job.steps_run)  # a hires job's total counts both passes
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = step_end

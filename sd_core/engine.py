@@ -13,6 +13,8 @@ from .batching import MicroBatcher
 from .denoise import Denoiser
 from .device import choose_placement
 from .errors import Cancelled, InvalidRequest, quote
+from .hires import HiresFix, infotext_fields
+from .hires import plan as plan_hires
 from .input_images import prepare_init_images
 from .jobs import CancelCheck, Job, StepCallback
 from .lora import LoraManager, ResolvedLora
@@ -53,8 +55,11 @@ class Engine:
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
         # SD_SAFETY_CHECKER (None, when no adapter set a platform default, means off): loaded by preload or first use.
         self.safety = SafetyChecker(self.settings, self.placement) if self.settings.safety_checker else None
-        # Stage 6, in order: the safety checker today; hires fix, refiner and upscalers plug in before it.
-        self.post_passes: list[PostPass] = [self.safety.post_pass] if self.safety is not None else []
+        # Stage 6, in order: the hires fix's second pass, the safety checker; refiner and upscalers plug in between.
+        self.hires = HiresFix(self)
+        self.post_passes: list[PostPass] = [self.hires.post_pass]
+        if self.safety is not None:
+            self.post_passes.append(self.safety.post_pass)
 
     @property
     def pool(self) -> PipelinePool:
@@ -96,6 +101,10 @@ class Engine:
         # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off
         user_prompt = req.prompt
         prompt, tagged = parse_prompt_tags(user_prompt)
+        hires = None
+        if req.hires is not None:  # the hires fix, sized; the budget holds the final size too
+            hires = plan_hires(req, manifest, width, height, tagged, getattr(self, "upscalers", None))
+            self._check_pixel_budget(hires.width, hires.height, req.num_outputs)
         if tagged:
             req = req.model_copy(update={"prompt": prompt})
         # 4. adapters: the LoRAs (field first, then tags) fetched here, outside the GPU lock; activated in stage 5
@@ -111,12 +120,15 @@ class Engine:
             req = req.model_copy(update={"subseed": first_subseed})
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, vae=vae, timings={"prepare_s": time.perf_counter() - started})
+                   subseeds=subseeds, vae=vae, hires=hires, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""
         req, t = job.request, time.perf_counter()
         strength = req.strength if req.image is not None else None
+        if job.hires is not None:
+            strength = job.hires.spec.denoising_strength
+        hires_fields = infotext_fields(job)
         prompt, lora_hashes = _infotext_prompt(job)
 
         varied = job.subseeds is not None and req.subseed_strength > 0
@@ -130,7 +142,7 @@ class Engine:
                 clip_skip=req.clip_skip,
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
                 eta=req.eta, tiling=req.tiling, vae=job.vae.name if job.vae else None,
-                vae_hash=job.vae.sha256 if job.vae else None,
+                vae_hash=job.vae.sha256 if job.vae else None, hires=hires_fields,
             )
 
         def encode(item):

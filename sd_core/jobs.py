@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .lora import ResolvedLora
 from .manifests import ModelManifest
 from .schema import GenerationRequest
 from .vae import ResolvedVae
+
+if TYPE_CHECKING:
+    from .hires import HiresPlan
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps total)
 CancelCheck = Callable[[], bool]
@@ -35,6 +38,18 @@ class Job:
     nsfw: list[bool] | None = None  # the safety checker's flag per image (None: not checked)
     subseeds: list[int] | None = None  # variation seeds, one per image (None: the plain seeds' noise)
     vae: ResolvedVae | None = None  # the alternate VAE chosen (None: the model's own)
+    hires: HiresPlan | None = None  # the hires fix's second pass, run by stage 6 (sd_core/hires.py)
+    pass_mode: str | None = None  # a pipeline mode other than the request's: "img2img" for a hires second pass
+
+    @property
+    def mode(self) -> str:
+        """The pipeline this job runs: txt2img, img2img or inpaint."""
+        return self.pass_mode or self.request.mode
+
+    @property
+    def output_type(self) -> str:
+        """What the pipeline call returns: latents for a hires fix upscaled in latent space, else images."""
+        return "latent" if self.hires is not None and self.hires.latent else "pil"
 
     @property
     def batch_key(self) -> tuple | None:
@@ -44,16 +59,17 @@ class Job:
         (SDXL then uses a zero negative embedding, as diffusers and A1111 do; see ``ModelFamily.prompt_kwargs``).
         """
         r = self.request
-        if r.mode != "txt2img":
+        if self.mode != "txt2img":
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
                 tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling,
-                self.vae.key if self.vae else None)
+                self.vae.key if self.vae else None, self.output_type)
 
     @property
     def steps_run(self) -> int:
-        """Denoising steps actually run: img2img/inpaint skip the first (1 - strength) of the schedule."""
+        """Denoising steps actually run: img2img/inpaint skip the first (1 - strength) of the schedule; a hires fix
+        adds its second pass."""
         r = self.request
-        if r.mode == "txt2img":
-            return r.num_inference_steps
+        if self.mode == "txt2img":
+            return r.num_inference_steps + (self.hires.steps if self.hires is not None else 0)
         return max(1, int(r.num_inference_steps * r.strength))

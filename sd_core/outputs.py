@@ -54,7 +54,7 @@ def infotext(
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
     lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
     subseed_strength: float | None = None, eta: float | None = None, tiling: bool = False, vae: str | None = None,
-    vae_hash: str | None = None,
+    vae_hash: str | None = None, hires: dict[str, object] | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -63,6 +63,7 @@ def infotext(
     `clip_skip` the layers skipped (diffusers' count), written as A1111's `Clip skip` (one more) when any.
     `subseed` and `subseed_strength` (A1111's `Variation seed`, `Variation seed strength`) only when varied.
     `vae` the alternate VAE's name and `vae_hash` its file's sha256 (A1111's `VAE hash`, `VAE`), when one was chosen.
+    `hires`: the hires fix's `Hires ...` fields in order (sd_core/hires.py), after `RNG` as A1111 writes them.
     """
     sampler_name, schedule = split_sampler(sampler)
     default_eta = SAMPLERS[sampler_name].eta
@@ -78,6 +79,7 @@ def infotext(
         "Eta DDIM" if sampler_name == "DDIM" else "Eta": eta,  # as A1111: only an eta other than the default
         "Tiling": "True" if tiling else None,
         "RNG": "CPU",  # every image's noise comes from a CPU generator seeded with its seed (A1111's RNG: CPU)
+        **(hires or {}),
         "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())
         if lora_hashes else None,
         "Version": GENERATOR,

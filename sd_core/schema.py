@@ -44,6 +44,36 @@ class LoraSpec(BaseModel):
     )
 
 
+class HiresSpec(BaseModel):
+    """Hires fix (A1111's enable_hr): the first pass at the request's size, upscaled, then an img2img second pass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: float = Field(
+        2.0, ge=1.0, le=4.0, allow_inf_nan=False, description="Upscale factor (unused when width or height is given)"
+    )
+    width: int = Field(0, ge=0, le=MAX_SIZE, description="Final width; 0: from height keeping the aspect, or scale")
+    height: int = Field(0, ge=0, le=MAX_SIZE, description="Final height; 0: from width keeping the aspect, or scale")
+    upscaler: str = Field(
+        "Latent", min_length=1, max_length=100, description="Latent (...), None, Lanczos, Nearest or an upscaler model"
+    )
+    steps: int = Field(0, ge=0, le=MAX_STEPS, description="Second-pass steps; 0: the first pass's")
+    denoising_strength: float = Field(
+        0.7, gt=0.0, le=1.0, allow_inf_nan=False, description="How much the second pass changes the upscaled image"
+    )
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Second-pass prompt; empty: the prompt")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Second-pass negative prompt")
+    scheduler: SchedulerName | None = Field(None, description="Second-pass sampler; empty: the first's")  # type: ignore[valid-type]
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Second-pass guidance; empty: the first's"
+    )
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _canonical_scheduler(cls, value):
+        return _scheduler_name(value)
+
+
 class GenerationRequest(BaseModel):
     """Everything one generation needs. ``None`` means "the model's default" (from its manifest)."""
 
@@ -89,6 +119,7 @@ class GenerationRequest(BaseModel):
         None, max_length=200,
         description="VAE from the model's manifest (`vaes`); empty, Automatic or None: the model's own",
     )
+    hires: HiresSpec | None = Field(None, description="Hires fix (docs/api.md); empty: one pass")
     output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
     disable_safety_checker: bool = Field(
@@ -98,12 +129,7 @@ class GenerationRequest(BaseModel):
     @field_validator("scheduler", mode="before")
     @classmethod
     def _canonical_scheduler(cls, value):
-        if isinstance(value, str):
-            if len(value) > MAX_SCHEDULER_CHARS:
-                raise ValueError(f"unknown scheduler {quote(value, 40)}: longer than {MAX_SCHEDULER_CHARS} "
-                                 "characters, which no sampler name is")
-            return checked_name(value)
-        return value
+        return _scheduler_name(value)
 
     @field_validator("width", "height")
     @classmethod
@@ -123,6 +149,10 @@ class GenerationRequest(BaseModel):
             raise ValueError("mask: needs an image too (inpainting repaints the masked part of `image`)")
         if self.subseed_strength > 0 and self.image is not None:
             raise ValueError("subseed_strength: variation seeds work for txt2img only, not with an init image; use 0")
+        if self.hires is not None and self.image is not None:
+            raise ValueError("hires: the hires fix is for txt2img only, not with an init image")
+        if self.hires is not None and self.subseed_strength > 0:
+            raise ValueError("hires: not combined with variation seeds (subseed_strength) by this worker; use 0")
         return self
 
     @property
@@ -131,6 +161,16 @@ class GenerationRequest(BaseModel):
         if self.image is None:
             return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"
+
+
+def _scheduler_name(value):
+    """A sampler name in its canonical spelling (other types are left to the field's own type check)."""
+    if isinstance(value, str):
+        if len(value) > MAX_SCHEDULER_CHARS:
+            raise ValueError(f"unknown scheduler {quote(value, 40)}: longer than {MAX_SCHEDULER_CHARS} "
+                             "characters, which no sampler name is")
+        return checked_name(value)
+    return value
 
 
 def resolve_seed(seed: int | None) -> int:

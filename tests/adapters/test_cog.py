@@ -273,6 +273,8 @@ def test_extra_lora_is_a_second_lora_applied_with_lora_weights(cog_server, engin
     native_extra = engine.generate(GenerationRequest(**FAST, seed=11, loras=[
         {"source": "tiny-style-kohya", "scale": -0.4}]))  # extra_lora alone is that one LoRA
     assert np.array_equal(pixels[2], np.asarray(Image.open(io.BytesIO(native_extra.images[0].data)).convert("RGB")))
+
+
 # --- VAE -------------------------------------------------------------------------------------------------------
 def test_vae_input_swaps_the_vae_and_automatic_is_the_models_own(cog_server):
     base = cog_server.predict({**FAST, "seed": 7})
@@ -284,6 +286,23 @@ def test_vae_input_swaps_the_vae_and_automatic_is_the_models_own(cog_server):
     assert decode_output(automatic["output"][0])[1].tobytes() == base_pixels
     unknown = cog_server.predict({**FAST, "vae": "no-such-vae"})
     assert unknown["status"] == "failed" and "vae: unknown VAE 'no-such-vae' for tiny-sd15" in unknown["error"]
+
+
+# --- hires fix ---------------------------------------------------------------------------------------------------
+def test_hires_inputs_upscale_and_run_the_second_pass(cog_server):
+    hires = {**FAST, "width": 64, "height": 64, "seed": 5, "hires_scale": 2, "hires_upscaler": "Lanczos",
+             "hires_steps": 2, "hires_denoising_strength": 0.5}
+    prediction = cog_server.predict(hires)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    image = decode_output(prediction["output"][0])[1]
+    assert image.size == (128, 128)
+    assert "Hires upscale: 2" in image.info["parameters"] and "Hires upscaler: Lanczos" in image.info["parameters"]
+    assert "| 4/4" in prediction["logs"]  # progress over both passes: 2 + 2 steps
+    assert prediction["metrics"]["has_nsfw_concepts"] == [False]  # the safety checker ran on the final image
+    plain = cog_server.predict({**hires, "hires_scale": 0})  # 0: off, the other hires inputs unused
+    assert decode_output(plain["output"][0])[1].size == (64, 64)
+    unknown = cog_server.predict({**hires, "hires_upscaler": "4x-Nope"})
+    assert unknown["status"] == "failed" and "hires.upscaler: unknown upscaler '4x-Nope'" in unknown["error"]
 
 
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)

@@ -257,6 +257,30 @@ def test_a1111_eta_and_schedule_type_reach_the_sampler(server):
     assert decode(same["images"][0]["image"]).tobytes() == decode(sgm["images"][0]).tobytes()
 
 
+def test_a1111_hires_fix_upscales_and_equals_the_native_hires(server):
+    payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "seed": 8,
+               "sampler_name": "Euler", "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Latent (nearest)",
+               "hr_second_pass_steps": 2, "denoising_strength": 0.5, "hr_sampler_name": "Use same sampler",
+               "hr_checkpoint_name": "Use same checkpoint", "hr_prompt": "", "firstphase_width": 0}
+    output = completed(server.runsync(payload))
+    image = decode(output["images"][0])
+    assert image.size == (128, 128)
+    info = json.loads(output["info"])
+    assert (info["width"], info["height"], info["denoising_strength"]) == (64, 64, 0.5)  # A1111: the first pass's
+    assert info["extra_generation_params"]["Hires upscaler"] == "Latent (nearest)"
+    got = a1111.parse(info["infotexts"][0])
+    assert (got["Size-1"], got["Hires upscale"], got["Hires steps"], got["Denoising strength"]) == ("64", "2", "2",
+                                                                                                    "0.5")
+    native = completed(server.runsync({"prompt": "a lighthouse", "num_inference_steps": 2, "guidance_scale": 5,
+                                       "width": 64, "height": 64, "scheduler": "Euler", "seed": 8,
+                                       "hires": {"upscaler": "Latent (nearest)", "steps": 2,
+                                                 "denoising_strength": 0.5}}))
+    assert decode(native["images"][0]["image"]).tobytes() == image.tobytes()
+    refused = server.runsync({**payload, "hr_upscaler": "4x-Nope"})
+    assert refused["status"] == "FAILED"
+    assert "hr_upscaler: unknown upscaler '4x-Nope'; valid: Latent" in refused["error"]
+
+
 def test_a1111_send_images_false_returns_no_images(server):
     output = completed(server.runsync({"api": "txt2img", "prompt": "x", "steps": 2, "send_images": False}))
     assert output["images"] == [] and json.loads(output["info"])["all_seeds"]

@@ -92,6 +92,24 @@ def test_img2img_translation_uses_a1111_default_strength():
     assert request.mode == "inpaint"
 
 
+def test_hires_translation():
+    request = a1111.to_request(a1111.parse_call({
+        "steps": 4, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 6, "enable_hr": True,
+        "hr_resize_x": 1024, "hr_resize_y": 0, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 3,
+        "hr_sampler_name": "Euler", "hr_scheduler": "", "hr_prompt": "", "hr_negative_prompt": "blur", "hr_cfg": 4,
+        "hr_checkpoint_name": "Use same checkpoint", "hr_distilled_cfg": 3.5, "firstphase_width": 0,
+    }))
+    hires = request.hires
+    assert (hires.width, hires.height, hires.upscaler, hires.steps) == (1024, 0, "Lanczos", 3)
+    # hr_scheduler "" is the first pass's schedule type, applied to hr_sampler_name (as A1111)
+    assert (hires.scheduler, hires.prompt, hires.negative_prompt, hires.guidance_scale) == ("Euler Karras", "",
+                                                                                           "blur", 4)
+    assert hires.denoising_strength == 0.75  # A1111's API default for txt2img
+    assert hires.scale == 2  # A1111's default, unused here (hr_resize_x given)
+    off = a1111.to_request(a1111.parse_call({"steps": 4, "enable_hr": False, "hr_scale": 9, "denoising_strength": 0.3}))
+    assert off.hires is None  # as A1111: the hr_* keys do nothing without enable_hr
+
+
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
@@ -104,7 +122,14 @@ def test_img2img_translation_uses_a1111_default_strength():
         ({"api": "img2img", "init_images": []}, "init_images: expected a list with exactly one image"),
         ({"api": "img2img", "init_images": [INIT], "denoising_strength": 0}, "denoising_strength: "),
         ({"steps": 4, "restore_faces": True}, "restore_faces: not supported by this worker"),
-        ({"steps": 4, "enable_hr": True}, "enable_hr: not supported by this worker"),
+        ({"steps": 4, "enable_hr": "yes"}, "enable_hr: expected true or false"),
+        ({"steps": 4, "enable_hr": True, "hr_scale": 9}, "hr_scale: Input should be less than or equal to 4"),
+        ({"steps": 4, "enable_hr": True, "hr_checkpoint_name": "other"}, "hr_checkpoint_name: a second-pass check"),
+        ({"steps": 4, "enable_hr": True, "hr_distilled_cfg": 2}, "hr_distilled_cfg: only its default (3.5)"),
+        ({"steps": 4, "firstphase_width": 256}, "firstphase_width: the legacy first-phase size is not supported"),
+        ({"steps": 4, "enable_hr": True, "hr_sampler_name": "Nope"}, "hr_sampler_name: unknown scheduler 'Nope'"),
+        ({"steps": 4, "enable_hr": True, "sampler_name": "Euler a", "hr_scheduler": "Karras"},
+         "hr_scheduler: sampler 'Euler a' with schedule 'Karras' is not supported"),
         ({"steps": 4, "seed_resize_from_w": 512}, "seed_resize_from_w: not supported by this worker"),
         ({"steps": 4, "seed_resize_from_h": 768, "seed_resize_from_w": -1}, "seed_resize_from_h: not supported"),
         ({"steps": 4, "subseed_strength": 1.5}, "subseed_strength: Input should be less than or equal to 1"),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_core import a1111, a1111_options
+from sd_core import a1111, a1111_hires, a1111_options
 from sd_core.errors import InvalidRequest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,9 +25,17 @@ HONOURED = {
     "override_settings": {"CLIP_stop_at_last_layers": 2}, "init_images": ["b3RoZXI="], "mask": "bWFzaw==",
     "scheduler": "Karras", "override_settings.sd_model_checkpoint": "tiny-sdxl.safetensors [0123abcd]",
     "override_settings.CLIP_stop_at_last_layers": 2, "tiling": True,
-    "disable_extra_networks": True, "override_settings.sd_vae": "tiny-vae.safetensors",
+    "disable_extra_networks": True, "override_settings.sd_vae": "tiny-vae.safetensors", "enable_hr": True,
+    "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 3, "hr_resize_x": 128, "hr_resize_y": 128,
+    "hr_sampler_name": "DDIM", "hr_scheduler": "Karras", "hr_prompt": "a dog", "hr_negative_prompt": "blurry",
+    "hr_cfg": 3.0,
 }
-CONTEXT = {"scheduler": {"sampler_name": "Euler"}, "disable_extra_networks": {"prompt": "a fox <lora:ink:0.5>"}}
+HIRES_ON = {"enable_hr": True}
+CONTEXT = {"scheduler": {"sampler_name": "Euler"}, "hr_scheduler": {**HIRES_ON, "sampler_name": "Euler"},
+           **{key: HIRES_ON for key in ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+                                        "hr_resize_y", "hr_sampler_name", "hr_prompt", "hr_negative_prompt", "hr_cfg",
+                                        *a1111_hires.REFUSED_WITH_HIRES, *a1111_hires.DEFAULT_ONLY)},
+           "disable_extra_networks": {"prompt": "a fox <lora:ink:0.5>"}}
 # Honoured keys that act on the response or refuse per entry rather than change the request: checked on their own.
 NOT_IN_REQUEST = {"send_images", "alwayson_scripts"}
 BASE = {a1111.TXT2IMG: {"prompt": "a fox"}, a1111.IMG2IMG: {"prompt": "a fox", "init_images": ["aW1hZ2U="]}}
@@ -79,9 +87,10 @@ def test_the_endpoint_column_is_where_the_key_is_known(key):
 
 
 def test_statuses_agree_with_the_codes_tables():
-    refused = set(a1111.UNSUPPORTED) | set(a1111.UNSUPPORTED_SIZES)
+    refused = {*a1111.UNSUPPORTED, *a1111.UNSUPPORTED_SIZES, *a1111_hires.LEGACY_SIZES, *a1111_hires.REFUSED_WITH_HIRES}
     assert {key for key, (_, status) in ROWS.items() if status == "refused"} == refused
-    assert {key for key, (_, status) in ROWS.items() if status == "default only"} == set(a1111.SAMPLER_KNOB_DEFAULTS)
+    default_only = {*a1111.SAMPLER_KNOB_DEFAULTS, *a1111_hires.DEFAULT_ONLY}
+    assert {key for key, (_, status) in ROWS.items() if status == "default only"} == default_only
 
 
 @pytest.mark.parametrize("key", sorted(k for k, (_, s) in ROWS.items() if s in ("refused", "default only")))

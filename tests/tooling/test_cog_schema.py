@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import GenerationRequest, LoraSpec
+from sd_core.schema import GenerationRequest, HiresSpec, LoraSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -22,13 +22,17 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale), and a second LoRA as extra_lora +
 #                  extra_lora_scale: Replicate's LoRA convention. These adapter-only inputs are declared here, each
 #                  with the LoraSpec field it fills (one entry of `loras` per source given).
+#   hires       -> hires_scale, hires_upscaler, hires_steps, hires_denoising_strength (HiresSpec's fields; the rest
+#                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras"}
+REPLACED = {"loras", "hires"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
+HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
+                "hires_denoising_strength": "denoising_strength"}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
-EXCLUSIVE_BOUNDS = {("strength", "minimum")}
+EXCLUSIVE_BOUNDS = {("strength", "minimum"), ("denoising_strength", "minimum")}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +84,7 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS)
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
     assert set(cog_inputs) == expected
 
 
@@ -96,7 +100,7 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
-    assert {field for field, _ in LORA_INPUTS.values()} == REPLACED
+    assert {field for field, _ in LORA_INPUTS.values()} | {"hires"} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
 
 
@@ -107,6 +111,16 @@ def test_lora_inputs_follow_lora_spec(cog_inputs, name):
     expected = pydantic_field(LoraSpec, spec_field)
     if spec_field == "source":  # each LoRA source input is optional: none given, no entry in `loras`
         expected = {**expected, "nullable": True, "default": None}
+    assert comparable(cog_inputs[name]) == expected
+
+
+@pytest.mark.parametrize("name", sorted(HIRES_INPUTS))
+def test_hires_inputs_follow_hires_spec(cog_inputs, name):
+    expected = pydantic_field(HiresSpec, HIRES_INPUTS[name])
+    assert GenerationRequest.model_fields["hires"].default is None  # no hires fix unless asked
+    if name == "hires_scale":  # the one difference: 0, its default, is "off" (HiresSpec's scale starts at 1)
+        assert (expected["minimum"], expected["default"]) == (1.0, 2.0)
+        expected = {**expected, "minimum": 0.0, "default": 0.0}
     assert comparable(cog_inputs[name]) == expected
 
 
