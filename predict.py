@@ -16,6 +16,7 @@ import cog
 from cog import BaseRunner, Input, Path
 
 import cog_inputs
+from sd_core.embeddings import parse_embedding_list
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import GenerationResult, parse_request, resolve_seed
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
@@ -97,6 +98,10 @@ class Runner(BaseRunner):
             default=None, min_length=1, max_length=2048, description="LoRA: a model's LoRA name, s3:// or https:// URL"
         ),
         lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of lora_weights"),
+        embeddings: str | None = Input(
+            default=None, max_length=40000,
+            description="Embeddings by URL: name=https://... pairs, comma separated; the name triggers it in a prompt",
+        ),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
@@ -123,6 +128,7 @@ class Runner(BaseRunner):
                 "clip_skip": clip_skip,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
+                "embeddings": parse_embedding_list(embeddings),
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

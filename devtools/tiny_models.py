@@ -11,6 +11,7 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/tiny-A/config/               the weight-less config folder ``from_single_file(..., config=...)`` needs
     DIR/loras/tiny-A-peft.safetensors   rank-4 LoRA (UNet + text encoders), peft keys, as save_lora_weights writes
     DIR/loras/tiny-A-kohya.safetensors  the same matrices in kohya's layout with alpha 2 (= the peft LoRA at 0.5)
+    DIR/embeddings/tiny-A-neg.safetensors  a 2-vector textual-inversion embedding, A1111 layout (tiny_embeddings.py)
 
 and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
 the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:
@@ -60,6 +61,8 @@ from transformers import (  # noqa: E402
     CLIPTokenizer,
 )
 from transformers.utils import logging as transformers_logging  # noqa: E402
+
+from devtools.tiny_embeddings import write_embeddings  # noqa: E402
 
 ARCHS = ("sd15", "sdxl")
 MAX_TOKENS = 77  # CLIP's context length, as in the real models
@@ -598,6 +601,7 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     save_file(original_checkpoint(pipe, arch), checkpoint, metadata={"format": "pt"})
     paths = {f"tiny-{arch}": root}
     paths.update(write_loras(pipe, arch, out / "loras", seed))
+    paths.update(write_embeddings(pipe, arch, out / "embeddings", seed))
     return paths
 
 

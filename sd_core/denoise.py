@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
+from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quote
 from .jobs import Job
 from .lora import LoraManager
@@ -22,6 +23,7 @@ class Denoiser:
     pool: PipelinePool
     loras: LoraManager
     placement: Placement
+    embeddings: EmbeddingManager | None = None
     _gpu_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def run(self, jobs: list[Job]) -> list[list]:
@@ -41,6 +43,8 @@ class Denoiser:
             # Exactly this batch's LoRA set (all jobs of a batch share it), or none: inside the lock, so no
             # request ever runs with another's adapters.
             self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
+            if self.embeddings is not None:  # every embedding of the batch's prompts (jobs may use different ones)
+                self.embeddings.activate(model, tuple({e.sha256: e for j in jobs for e in j.embeddings}.values()))
             lora_s = time.perf_counter() - t
             t = time.perf_counter()
             images = self._call_pipeline(pipe, jobs, clip_skip)

@@ -51,6 +51,19 @@ class LoraEntry(BaseModel):
     trigger: str | None = None  # a word the LoRA was trained on, for documentation
 
 
+class EmbeddingEntry(BaseModel):
+    """A textual-inversion embedding (A1111 .safetensors) of a model: used where its name is a word of a prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)  # the trigger word, matched as A1111 does (whole word, any case)
+    uri: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    size: int | None = Field(None, ge=0)
+    vectors: int | None = Field(None, ge=1, description="for the A1111 listing when the file is not local")
+    shape: int | None = Field(None, ge=1, description="vector width, for the A1111 listing when the file is not local")
+
+
 class ModelManifest(BaseModel):
     """One model: a diffusers folder, or a single-file checkpoint plus the config folder it needs."""
 
@@ -70,6 +83,7 @@ class ModelManifest(BaseModel):
     size: int | None = Field(None, ge=0, description="total bytes, for progress and cache planning")
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     loras: list[LoraEntry] = Field(default_factory=list)
+    embeddings: list[EmbeddingEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -153,6 +167,17 @@ class ModelCatalog:
                 if lora.name == name:
                     return lora
         return None
+
+
+    def embeddings_for(self, model: ModelManifest) -> dict[str, EmbeddingEntry]:
+        """The embeddings a prompt for ``model`` may name, by lower-cased name: its own, then other manifests' of the
+        same architecture (the first of a name wins)."""
+        found: dict[str, EmbeddingEntry] = {}
+        for manifest in [model] + [m for m in self.manifests.values() if m is not model]:
+            if manifest.architecture == model.architecture:
+                for entry in manifest.embeddings:
+                    found.setdefault(entry.name.lower(), entry)
+        return found
 
 
 def fetch_model(manifest: ModelManifest, settings: Settings) -> LocalModel:

@@ -117,6 +117,11 @@ class Settings:
                                    doc="fuse a LoRA set into the weights once N requests in a row used it (faster "
                                        "steps; unfused exactly on the next change)")
 
+    # --- textual-inversion embeddings (sd_core/embeddings.py) ---
+    max_embeddings: int = setting(32, shown="32", section="Embeddings",
+                                  doc="textual-inversion embeddings kept loaded per model; the least recently used is "
+                                      "unloaded beyond that")
+
     # --- safety checker (sd_core/safety.py) ---
     safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",
                                           section="Safety checker",

@@ -20,8 +20,9 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 # GenerationRequest fields that Cog exposes differently, on purpose:
 #   image, mask -> Cog file inputs (cog.Path, format uri); run() gets the data URI / URL text (cog_inputs.py).
 #   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale): Replicate's LoRA convention.
+#   embeddings  -> one string of name=URL pairs (sd_core.embeddings.parse_embedding_list).
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras"}
+REPLACED = {"loras", "embeddings"}
 LORA_INPUTS = {"lora_weights": "source", "lora_scale": "scale"}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
@@ -77,7 +78,7 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS)
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | {"embeddings"}
     assert set(cog_inputs) == expected
 
 
@@ -97,6 +98,17 @@ def test_lora_inputs_follow_lora_spec(cog_inputs):
     assert GenerationRequest.model_fields["loras"].default_factory() == []  # no LoRA unless asked: input optional
     assert comparable(cog_inputs["lora_weights"]) == {**source, "nullable": True, "default": None}
     assert comparable(cog_inputs["lora_scale"]) == pydantic_field(LoraSpec, "scale")
+
+
+def test_embeddings_input_is_an_optional_string_of_pairs(cog_inputs):
+    from sd_core.embeddings import parse_embedding_list
+
+    assert GenerationRequest.model_fields["embeddings"].default_factory() == []
+    assert comparable(cog_inputs["embeddings"]) == {"type": "string", "maxLength": 40000, "nullable": True,
+                                                    "default": None}
+    assert parse_embedding_list(None) == []
+    assert parse_embedding_list(" neg=https://h.example/a.safetensors, x=s3://b/k ") == [
+        {"name": "neg", "source": "https://h.example/a.safetensors"}, {"name": "x", "source": "s3://b/k"}]
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):
