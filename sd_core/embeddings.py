@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from .checkpoints import is_readable_safetensors
 from .errors import InvalidRequest, ModelNotFound, quote
-from .lora import _quiet_libraries, fetch_weights, pickle_message
+from .lora import fetch_weights, pickle_message, quiet_libraries
 from .manifests import EmbeddingEntry, ModelCatalog, ModelManifest, resolve_uri
 from .schema import GenerationRequest
 from .settings import Settings
@@ -101,7 +102,8 @@ def parse_embedding_list(text: str | None) -> list[dict[str, str]]:
     return specs
 
 
-def find_names(names: list[str]) -> re.Pattern:
+@functools.lru_cache(maxsize=64)  # one pattern per set of known names (the catalog's, plus a request's own)
+def find_names(names: tuple[str, ...]) -> re.Pattern:
     """The pattern of ``names`` (any case, longest first) where A1111 finds them in a prompt: as whole CLIP words."""
 
     def edge(char: str) -> str | None:
@@ -158,7 +160,7 @@ class EmbeddingManager:
                 known[key] = (spec.name, checked)
         if not known:
             return request, ()
-        pattern = find_names([name for name, _ in known.values()])
+        pattern = find_names(tuple(sorted(name for name, _ in known.values())))
         used: dict[str, ResolvedEmbedding] = {}
 
         def token(match: re.Match) -> str:
@@ -231,7 +233,7 @@ class EmbeddingManager:
                 if item.token in tokenizer.get_vocab():  # 64 bits of two different files' hashes agree
                     raise InvalidRequest(f"{item.source}: its token collides with a loaded embedding's", field=FIELD)
                 tokens = [item.token] + [f"{item.token}_{i}" for i in range(1, tensor.shape[0])]
-                with _quiet_libraries():
+                with quiet_libraries():
                     pipe.load_textual_inversion(tensor, token=item.token, tokenizer=tokenizer, text_encoder=encoder)
                 added[key] = tokens
         except BaseException:
@@ -244,7 +246,7 @@ class EmbeddingManager:
     def _unload(pipe, added: dict[str, list[str]]) -> None:
         for key, tokens in added.items():
             tokenizer_name, encoder_name = ENCODERS[key]
-            with _quiet_libraries():
+            with quiet_libraries():
                 pipe.unload_textual_inversion(tokens, tokenizer=getattr(pipe, tokenizer_name),
                                               text_encoder=getattr(pipe, encoder_name))
 

@@ -66,7 +66,7 @@ class _AdapterState:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """diffusers/transformers/peft log page-long reports while loading adapters; our own messages replace them."""
     import diffusers
     import transformers
@@ -229,7 +229,7 @@ class LoraManager:
             self._unfuse(pipe, state)
         previous, loaded_any = state.active, False
         try:
-            with _quiet_libraries():
+            with quiet_libraries():
                 for lora in loras:
                     if lora.adapter in state.loaded:
                         state.loaded.move_to_end(lora.adapter)
@@ -245,7 +245,7 @@ class LoraManager:
                     self._apply(pipe, state, wanted)
         except BaseException as exc:
             try:
-                with _quiet_libraries():
+                with quiet_libraries():
                     self._apply(pipe, state, tuple(k for k in previous if k[0] in state.loaded))
             except Exception:  # keep the original error; the next request applies its own set anyway
                 log.exception("could not restore the previous LoRA set of %s", model.name)
@@ -330,13 +330,13 @@ class LoraManager:
                 backup[key] = {name: tensor.detach().to("cpu", copy=True)
                                for name, tensor in (("weight", base.weight), ("bias", getattr(base, "bias", None)))
                                if tensor is not None}
-        with _quiet_libraries():
+        with quiet_libraries():
             pipe.fuse_lora(components=[name for name, _ in _components(pipe)], adapter_names=adapters)
         state.fused, state.fused_backup = True, backup
         log.info("LoRA set fused into the base weights in %.2fs", time.perf_counter() - started)
 
     def _unfuse(self, pipe, state: _AdapterState) -> None:
-        with _quiet_libraries():
+        with quiet_libraries():
             pipe.unfuse_lora(components=[name for name, _ in _components(pipe)])
         layers = dict(_tuner_layers(pipe))
         for key, saved in state.fused_backup.items():

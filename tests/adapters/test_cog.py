@@ -253,6 +253,16 @@ def test_lora_weights_change_the_image(cog_server):
     assert unknown["status"] == "failed" and "no-such-lora" in unknown["error"]
 
 
+# --- textual-inversion embeddings -----------------------------------------------------------------------------------
+def test_embedding_named_in_the_negative_prompt_changes_the_image(cog_server):
+    base = cog_server.predict({**FAST, "seed": 7, "negative_prompt": "fog"})
+    negated = cog_server.predict({**FAST, "seed": 7, "negative_prompt": "fog, tiny-neg"})
+    assert base["status"] == "succeeded" and negated["status"] == "succeeded", negated.get("error")
+    assert decode_output(negated["output"][0])[1].tobytes() != decode_output(base["output"][0])[1].tobytes()
+    refused = cog_server.predict({**FAST, "negative_prompt": "neg", "embeddings": "neg=https://127.0.0.1/n.safetensors"})
+    assert refused["status"] == "failed" and "embeddings.0.source: host '127.0.0.1'" in refused["error"]
+
+
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
 def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
     prediction = cog_server.predict({**FAST, "num_outputs": 2, "seed": 8})

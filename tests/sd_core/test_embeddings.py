@@ -40,8 +40,11 @@ def extra_files(tiny_bucket, tmp_path_factory) -> dict[str, str]:
     torch.save({"string_to_param": {"*": vectors}}, folder / "pickled.pt")
     torch.save({"emb_params": vectors}, folder / "pickled-in-disguise.safetensors")
     save_file({"a": torch.zeros(2, 32), "b": torch.zeros(2, 32)}, folder / "two-tensors.safetensors")
+    first, _second = load_file(tiny_bucket / "embeddings" / "tiny-sd15-neg.safetensors")["emb_params"]
+    save_file({"emb_params": torch.stack([first, -first])}, folder / "same-first-vector.safetensors")
     return {name: str(folder / name) for name in
-            ("other.safetensors", "pickled.pt", "pickled-in-disguise.safetensors", "two-tensors.safetensors")}
+            ("other.safetensors", "pickled.pt", "pickled-in-disguise.safetensors", "two-tensors.safetensors",
+             "same-first-vector.safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +55,7 @@ def catalog(engine_settings, extra_files, tiny_bucket) -> ModelCatalog:
              EmbeddingEntry(name="pickled", uri=extra_files["pickled.pt"]),
              EmbeddingEntry(name="disguised", uri=extra_files["pickled-in-disguise.safetensors"]),
              EmbeddingEntry(name="two-tensors", uri=extra_files["two-tensors.safetensors"]),
+             EmbeddingEntry(name="same-first", uri=extra_files["same-first-vector.safetensors"]),
              EmbeddingEntry(name="xl-file", uri=str(tiny_bucket / "embeddings" / "tiny-sdxl-neg.safetensors"))]
     manifests = dict(catalog.manifests)
     manifests["tiny-sd15"] = manifests["tiny-sd15"].model_copy(
@@ -130,7 +134,7 @@ def test_negative_embedding_changes_the_image_and_leaves_no_trace(emb_engine, fr
 
 
 def test_names_are_found_where_a1111_finds_them():
-    pattern = find_names(["bad", "EasyNegative", "EasyNegativeV2"])
+    pattern = find_names(("bad", "EasyNegative", "EasyNegativeV2"))
     assert [pattern.findall(text) for text in ("a badger", "xbad", "bad, dog", "[bad]", "(easynegative:1.2)",
                                                "EasyNegativeV2", "EasyNegative2", "bad_hands")] == [
         [], [], ["bad"], ["bad"], ["easynegative"], ["EasyNegativeV2"], ["EasyNegative"], ["bad"]]
@@ -144,6 +148,14 @@ def test_embedding_in_the_prompt_and_by_request_field(emb_engine):
                        embeddings=[{"name": "myneg", "source": "tiny-neg"}])
     assert np.array_equal(pixels(aliased), pixels(in_prompt))
     assert infotext_parameters(aliased.parameters)["TI hashes"].startswith("myneg: ")
+
+
+def test_every_vector_counts_with_clip_skip_too(emb_engine):
+    # Same first vector, different second one: the images differ only if both vectors reach the text encoder (clip
+    # skip encodes the prompts itself: the multi-vector token must be expanded there as in diffusers' encode_prompt).
+    for skip in (0, 1):
+        one, other = (generate(emb_engine, negative_prompt=name, clip_skip=skip) for name in ("tiny-neg", "same-first"))
+        assert np.abs(pixels(one) - pixels(other)).mean() > 0.5, skip
 
 
 def test_lru_eviction_unloads_and_reloads(make, emb_engine):
