@@ -16,6 +16,7 @@ import cog
 from cog import BaseRunner, Input, Path
 
 import cog_inputs
+from sd_core.embeddings import parse_embedding_list
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import GenerationResult, parse_request, resolve_seed
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
@@ -104,6 +105,10 @@ class Runner(BaseRunner):
             default=None, min_length=1, max_length=2048, description="A second LoRA, applied with lora_weights"
         ),
         extra_lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of extra_lora"),
+        embeddings: str | None = Input(
+            default=None, max_length=40000,
+            description="Embeddings by URL: name=https://... pairs, comma separated; the name triggers it in a prompt",
+        ),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
         vae: str | None = Input(
@@ -146,6 +151,7 @@ class Runner(BaseRunner):
                           if source is not None],
                 "hires": {"scale": hires_scale, "upscaler": hires_upscaler, "steps": hires_steps,
                           "denoising_strength": hires_denoising_strength} if hires_scale else None,
+                "embeddings": parse_embedding_list(embeddings),
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

@@ -12,6 +12,7 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/loras/tiny-A-peft.safetensors   rank-4 LoRA (UNet + text encoders), peft keys, as save_lora_weights writes
     DIR/loras/tiny-A-kohya.safetensors  the same matrices in kohya's layout with alpha 2 (= the peft LoRA at 0.5)
     DIR/vaes/tiny-A-vae[.safetensors]   an alternate VAE, folder and single file (devtools/tiny_vae.py)
+    DIR/embeddings/tiny-A-neg.safetensors  a 2-vector textual-inversion embedding, A1111 layout (tiny_embeddings.py)
 
 and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
 the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:
@@ -62,6 +63,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+from devtools.tiny_embeddings import write_embeddings  # noqa: E402
 from devtools.tiny_upscaler import write_tiny_upscalers  # noqa: E402
 
 ARCHS = ("sd15", "sdxl")
@@ -604,6 +606,7 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     from devtools.tiny_vae import write_tiny_vaes  # its own module, which imports this one
 
     paths.update(write_tiny_vaes(arch, out / "vaes", seed))
+    paths.update(write_embeddings(pipe, arch, out / "embeddings", seed))
     return paths
 
 

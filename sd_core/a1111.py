@@ -332,7 +332,8 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
         sampler, schedule = split_sampler(effective.scheduler)
     extra = {"Schedule type": schedule if schedule != "Automatic" else None, "Denoising strength": strength,
              **{key: value for key, value in written.items() if key.startswith("Hires ")},
-             "Lora hashes": written.get("Lora hashes")}  # A1111 lists the schedule only when it is not Automatic
+             "Lora hashes": written.get("Lora hashes"), "TI hashes": written.get("TI hashes")}
+    # (A1111 lists the schedule only when it is not Automatic)
     model_hash = written.get("Model hash")
     count = len(result.images)
     subseeds = result.subseeds or [-1] * count  # the variation seeds used (A1111 reports them for every image)

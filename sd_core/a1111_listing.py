@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .errors import InvalidRequest, quote, scrub
 from .schedulers import KARRAS, SAMPLER_ALIASES, SAMPLERS, SCHEDULES, UNIFORM
 
@@ -56,7 +58,12 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
                                            "filename": scrub(vae.uri)[:MAX_LORA_PATH_CHARS]})
         return list(seen.values())
     if endpoint == "embeddings":
-        return {"loaded": {}, "skipped": {}}  # textual-inversion embeddings: none on this worker
+        loaded: dict[str, dict] = {}
+        for manifest in manifests:
+            for entry in manifest.embeddings:  # a name several manifests share is listed once (the first)
+                if entry.name not in loaded:
+                    loaded[entry.name] = _embedding_item(entry, engine.settings)
+        return {"loaded": loaded, "skipped": {}}
     if endpoint == "options":
         default = engine.catalog.manifests.get(engine.settings.default_model)
         return {"sd_model_checkpoint": _title(default) if default else engine.settings.default_model,
@@ -76,6 +83,17 @@ def _model_item(manifest) -> dict:
     return {"title": _title(manifest), "model_name": manifest.name,
             "hash": manifest.sha256[:10] if manifest.sha256 else None, "sha256": manifest.sha256,
             "filename": scrub(manifest.uri)[:MAX_LORA_PATH_CHARS], "config": None}
+
+
+def _embedding_item(entry, settings) -> dict:
+    """A1111's embedding entry: vectors and width from a local file's header, else from the manifest (or null)."""
+    from .embeddings import embedding_header
+    from .manifests import resolve_uri
+
+    uri = resolve_uri(entry.uri, settings)
+    header = embedding_header(Path(uri)) if "://" not in uri and Path(uri).is_file() else None
+    vectors, shape = header if header else (entry.vectors, entry.shape)
+    return {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": shape, "vectors": vectors}
 
 
 def _sampler_item(name: str) -> dict:

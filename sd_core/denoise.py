@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
+from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quote
 from .jobs import Job
 from .lora import LoraManager
@@ -26,6 +27,7 @@ class Denoiser:
     loras: LoraManager
     placement: Placement
     vaes: VaeManager | None = None
+    embeddings: EmbeddingManager | None = None
     # Reentrant: a post-pass that holds it (hires fix) may call the upscalers, which take it too.
     _gpu_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -51,6 +53,8 @@ class Denoiser:
             # Exactly this batch's LoRA set (all jobs of a batch share it), or none: inside the lock, so no
             # request ever runs with another's adapters.
             self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
+            if self.embeddings is not None:  # every embedding of the batch's prompts (jobs may use different ones)
+                self.embeddings.activate(model, tuple({e.sha256: e for j in jobs for e in j.embeddings}.values()))
             lora_s = time.perf_counter() - t
             vae, loaded = self.vaes.module(model, jobs[0].vae) if self.vaes else (None, False)  # shared (batch_key)
             if loaded:

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .batching import MicroBatcher
 from .denoise import Denoiser
 from .device import choose_placement
+from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, quote
 from .hires import HiresFix, infotext_fields
 from .hires import plan as plan_hires
@@ -48,8 +49,9 @@ class Engine:
         self.loader = ModelLoader(self.catalog, self.settings, self.placement)
         self.loras = LoraManager(self.settings, self.catalog)
         self.vaes = VaeManager(self.settings)
+        self.embeddings = EmbeddingManager(self.settings, self.catalog)
         self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement,
-                                 self.vaes)
+                                 vaes=self.vaes, embeddings=self.embeddings)
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
@@ -98,8 +100,9 @@ class Engine:
                 req.image, req.mask, width, height, self.settings.max_pixels, self.settings
             )
         self._check_pixel_budget(width, height, req.num_outputs)
-        # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off
-        user_prompt = req.prompt
+        # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off, embedding names (whole
+        # words, prompt and negative prompt) replaced with the tokens they are loaded under
+        user_prompt, user_negative = req.prompt, req.negative_prompt
         prompt, tagged = parse_prompt_tags(user_prompt)
         hires = None
         if req.hires is not None:  # the hires fix, sized; the budget holds the final size too
@@ -107,6 +110,7 @@ class Engine:
             self._check_pixel_budget(hires.width, hires.height, req.num_outputs)
         if tagged:
             req = req.model_copy(update={"prompt": prompt})
+        req, embeddings = self.embeddings.prepare(req, manifest)
         # 4. adapters: the LoRAs (field first, then tags) fetched here, outside the GPU lock; activated in stage 5
         loras = self.loras.resolve_all([*req.loras, *tagged], manifest)
         vae = self.vaes.resolve(req.vae, manifest)  # fetched here too; swapped in for the call in stage 5
@@ -120,7 +124,8 @@ class Engine:
             req = req.model_copy(update={"subseed": first_subseed})
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, vae=vae, hires=hires, timings={"prepare_s": time.perf_counter() - started})
+                   negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
+                   timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""
@@ -130,19 +135,21 @@ class Engine:
             strength = job.hires.spec.denoising_strength
         hires_fields = infotext_fields(job)
         prompt, lora_hashes = _infotext_prompt(job)
+        negative = req.negative_prompt if job.negative_prompt is None else job.negative_prompt
+        ti_hashes = {item.name: item.sha256 for item in job.embeddings}
 
         varied = job.subseeds is not None and req.subseed_strength > 0
         subseeds = job.subseeds if varied else [None] * len(job.seeds)
 
         def parameters(seed: int, subseed: int | None) -> str:
             return infotext(
-                prompt=prompt, negative_prompt=req.negative_prompt, steps=req.num_inference_steps,
+                prompt=prompt, negative_prompt=negative, steps=req.num_inference_steps,
                 sampler=req.scheduler, cfg_scale=req.guidance_scale, seed=seed, width=job.width, height=job.height,
                 model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
                 clip_skip=req.clip_skip,
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
                 eta=req.eta, tiling=req.tiling, vae=job.vae.name if job.vae else None,
-                vae_hash=job.vae.sha256 if job.vae else None, hires=hires_fields,
+                vae_hash=job.vae.sha256 if job.vae else None, hires=hires_fields, ti_hashes=ti_hashes,
             )
 
         def encode(item):
@@ -158,7 +165,8 @@ class Engine:
         result = GenerationResult(images=encoded, seeds=job.seeds, model=req.model,
                                   parameters=parameters(job.seeds[0], subseeds[0]), timings=job.timings,
                                   subseeds=job.subseeds if varied else None,
-                                  request=req.model_copy(update={"prompt": job.prompt or req.prompt}))
+                                  request=req.model_copy(update={"prompt": job.prompt or req.prompt,
+                                                                 "negative_prompt": negative}))
         if job.nsfw is not None:  # the safety checker ran (stage 6)
             result.safety_checked = True
             for image, flag in zip(result.images, job.nsfw, strict=True):

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .embeddings import ResolvedEmbedding
 from .lora import ResolvedLora
 from .manifests import ModelManifest
 from .schema import GenerationRequest
@@ -35,6 +36,10 @@ class Job:
     timings: dict[str, float] = field(default_factory=dict)
     loras: tuple[ResolvedLora, ...] = ()  # fetched LoRAs with their scales (request field + prompt tags)
     prompt: str = ""  # the prompt as the user gave it, <lora:...> tags included (request.prompt has them stripped)
+    # The negative prompt as the user gave it (None: request.negative_prompt), and the embeddings the prompts use:
+    # request.prompt / negative_prompt hold their internal tokens instead of their names.
+    negative_prompt: str | None = None
+    embeddings: tuple[ResolvedEmbedding, ...] = ()
     nsfw: list[bool] | None = None  # the safety checker's flag per image (None: not checked)
     subseeds: list[int] | None = None  # variation seeds, one per image (None: the plain seeds' noise)
     vae: ResolvedVae | None = None  # the alternate VAE chosen (None: the model's own)
@@ -57,6 +62,8 @@ class Job:
 
         Empty and non-empty negative prompts never share a batch: an all-empty batch is run with no negative prompt
         (SDXL then uses a zero negative embedding, as diffusers and A1111 do; see ``ModelFamily.prompt_kwargs``).
+        Embeddings are not part of the key: they are tokens in the prompts, and the denoiser loads the union of a
+        batch's embeddings.
         """
         r = self.request
         if self.mode != "txt2img":

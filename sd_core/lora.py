@@ -67,7 +67,7 @@ class _AdapterState:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """diffusers/transformers/peft log page-long reports while loading adapters; our own messages replace them."""
     import diffusers
     import transformers
@@ -199,35 +199,14 @@ class LoraManager:
             uri, sha256, size = checked.url, None, None
             label, shown, unet = lora_label(checked.url), redact_url(checked.url), spec.scale
         te = unet if spec.text_encoder_scale is None else spec.text_encoder_scale
-        suffix = Path(urlsplit(uri).path if "://" in uri else uri).suffix.lower()
-        if suffix in PICKLE_SUFFIXES and not self.settings.allow_pickle:
-            raise InvalidRequest(self._pickle_message(shown), field=FIELD)
-        path = self._fetch(uri, sha256, size, shown, user_given=not isinstance(checked, str))
-        if not self.settings.allow_pickle and not is_readable_safetensors(path):
-            raise InvalidRequest(self._pickle_message(shown), field=FIELD)
-        digest = sha256 or storage.file_sha256(path)  # remembered per (path, size, mtime)
+        path, digest = fetch_weights(self.settings, uri, sha256, size, shown, user_given=not isinstance(checked, str),
+                                     field=FIELD, what="LoRA")
         return ResolvedLora(label=label, source=shown, path=path, sha256=digest, unet_scale=unet,
                             text_encoder_scale=te)
 
     @staticmethod
     def _pickle_message(shown: str) -> str:
-        return (f"{shown}: not a .safetensors file; pickle LoRAs (.ckpt/.pt/.bin) can execute code when loaded and "
-                "are refused (convert it to .safetensors, or set SD_ALLOW_PICKLE=1 if you trust the file)")
-
-    def _fetch(self, uri: str, sha256: str | None, size: int | None, shown: str, user_given: bool) -> Path:
-        started = time.perf_counter()
-        try:
-            path = storage.fetch(uri, self.settings, sha256=sha256, size=size, user_url=user_given)
-        except (FetchError, InvalidRequest) as exc:  # InvalidRequest: the URL policy refused a redirect or a size
-            message = f"LoRA {shown}: {exc.message}"  # SDError messages are scrubbed of URL secrets already
-            if user_given:  # the request named something we cannot get: the caller can fix it
-                raise InvalidRequest(message, field=FIELD) from None
-            raise type(exc)(message, field=FIELD) from None
-        path = Path(path)
-        if path.is_dir():
-            raise InvalidRequest(f"{shown}: is a folder; name the LoRA .safetensors file itself", field=FIELD)
-        log.debug("LoRA %s ready at %s in %.2fs", shown, path, time.perf_counter() - started)
-        return path
+        return pickle_message(shown, "LoRA")
 
     # --- inside the GPU lock ------------------------------------------------------------------------------
     def loaded(self, model) -> list[str]:
@@ -254,7 +233,7 @@ class LoraManager:
             self._unfuse(pipe, state)
         previous, loaded_any = state.active, False
         try:
-            with _quiet_libraries():
+            with quiet_libraries():
                 for lora in loras:
                     if lora.adapter in state.loaded:
                         state.loaded.move_to_end(lora.adapter)
@@ -270,7 +249,7 @@ class LoraManager:
                     self._apply(pipe, state, wanted)
         except BaseException as exc:
             try:
-                with _quiet_libraries():
+                with quiet_libraries():
                     self._apply(pipe, state, tuple(k for k in previous if k[0] in state.loaded))
             except Exception:  # keep the original error; the next request applies its own set anyway
                 log.exception("could not restore the previous LoRA set of %s", model.name)
@@ -355,13 +334,13 @@ class LoraManager:
                 backup[key] = {name: tensor.detach().to("cpu", copy=True)
                                for name, tensor in (("weight", base.weight), ("bias", getattr(base, "bias", None)))
                                if tensor is not None}
-        with _quiet_libraries():
+        with quiet_libraries():
             pipe.fuse_lora(components=[name for name, _ in _components(pipe)], adapter_names=adapters)
         state.fused, state.fused_backup = True, backup
         log.info("LoRA set fused into the base weights in %.2fs", time.perf_counter() - started)
 
     def _unfuse(self, pipe, state: _AdapterState) -> None:
-        with _quiet_libraries():
+        with quiet_libraries():
             pipe.unfuse_lora(components=[name for name, _ in _components(pipe)])
         layers = dict(_tuner_layers(pipe))
         for key, saved in state.fused_backup.items():
@@ -369,6 +348,36 @@ class LoraManager:
             for name, tensor in saved.items():
                 getattr(base, name).data.copy_(tensor)
         state.fused, state.fused_backup, state.streak = False, {}, 0
+
+
+def pickle_message(shown: str, what: str) -> str:
+    """Why a pickle weights file (LoRA, embedding) is refused, and what to do instead."""
+    return (f"{shown}: not a .safetensors file; pickle {what}s (.ckpt/.pt/.bin) can execute code when loaded and "
+            "are refused (convert it to .safetensors, or set SD_ALLOW_PICKLE=1 if you trust the file)")
+
+
+def fetch_weights(settings: Settings, uri: str, sha256: str | None, size: int | None, shown: str, *, user_given: bool,
+                  field: str, what: str) -> tuple[Path, str]:
+    """Fetch one adapter file (a LoRA, an embedding) through the weights cache: pickle refused (by suffix before the
+    download, by content after it) unless SD_ALLOW_PICKLE; returns the local file and its sha256."""
+    suffix = Path(urlsplit(uri).path if "://" in uri else uri).suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not settings.allow_pickle:
+        raise InvalidRequest(pickle_message(shown, what), field=field)
+    started = time.perf_counter()
+    try:
+        path = storage.fetch(uri, settings, sha256=sha256, size=size, user_url=user_given)
+    except (FetchError, InvalidRequest) as exc:  # InvalidRequest: the URL policy refused a redirect or a size
+        message = f"{what} {shown}: {exc.message}"  # SDError messages are scrubbed of URL secrets already
+        if user_given:  # the request named something we cannot get: the caller can fix it
+            raise InvalidRequest(message, field=field) from None
+        raise type(exc)(message, field=field) from None
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidRequest(f"{shown}: is a folder; name the {what} .safetensors file itself", field=field)
+    log.debug("%s %s ready at %s in %.2fs", what, shown, path, time.perf_counter() - started)
+    if not settings.allow_pickle and not is_readable_safetensors(path):
+        raise InvalidRequest(pickle_message(shown, what), field=field)
+    return path, sha256 or storage.file_sha256(path)  # the hash is remembered per (path, size, mtime)
 
 
 def _is_oom(exc: BaseException) -> bool:

@@ -76,6 +76,17 @@ class VaeEntry(BaseModel):
         if not self.is_folder and self.files:
             raise ValueError("files: only for a VAE folder (a uri ending in '/')")
         return self
+class EmbeddingEntry(BaseModel):
+    """A textual-inversion embedding (A1111 .safetensors) of a model: used where its name is a word of a prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)  # the trigger word, matched as A1111 does (whole word, any case)
+    uri: str = Field(min_length=1)
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    size: int | None = Field(None, ge=0)
+    vectors: int | None = Field(None, ge=1, description="for the A1111 listing when the file is not local")
+    shape: int | None = Field(None, ge=1, description="vector width, for the A1111 listing when the file is not local")
 
 
 class ModelManifest(BaseModel):
@@ -98,6 +109,7 @@ class ModelManifest(BaseModel):
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     loras: list[LoraEntry] = Field(default_factory=list)
     vaes: list[VaeEntry] = Field(default_factory=list, description="alternate VAEs a request may choose (`vae`)")
+    embeddings: list[EmbeddingEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -184,6 +196,17 @@ class ModelCatalog:
                 if lora.name == name:
                     return lora
         return None
+
+
+    def embeddings_for(self, model: ModelManifest) -> dict[str, EmbeddingEntry]:
+        """The embeddings a prompt for ``model`` may name, by lower-cased name: its own, then other manifests' of the
+        same architecture (the first of a name wins)."""
+        found: dict[str, EmbeddingEntry] = {}
+        for manifest in [model] + [m for m in self.manifests.values() if m is not model]:
+            if manifest.architecture == model.architecture:
+                for entry in manifest.embeddings:
+                    found.setdefault(entry.name.lower(), entry)
+        return found
 
 
 def fetch_vae(entry: VaeEntry, settings: Settings) -> Path:

@@ -54,7 +54,7 @@ def infotext(
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
     lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
     subseed_strength: float | None = None, eta: float | None = None, tiling: bool = False, vae: str | None = None,
-    vae_hash: str | None = None, hires: dict[str, object] | None = None,
+    vae_hash: str | None = None, hires: dict[str, object] | None = None, ti_hashes: dict[str, str] | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -64,6 +64,7 @@ def infotext(
     `subseed` and `subseed_strength` (A1111's `Variation seed`, `Variation seed strength`) only when varied.
     `vae` the alternate VAE's name and `vae_hash` its file's sha256 (A1111's `VAE hash`, `VAE`), when one was chosen.
     `hires`: the hires fix's `Hires ...` fields in order (sd_core/hires.py), after `RNG` as A1111 writes them.
+    `ti_hashes` {embedding name: its file's sha256} for the textual-inversion embeddings the prompts used.
     """
     sampler_name, schedule = split_sampler(sampler)
     default_eta = SAMPLERS[sampler_name].eta
@@ -82,6 +83,9 @@ def infotext(
         **(hires or {}),
         "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())
         if lora_hashes else None,
+        # A1111: the embeddings the prompts used, as {name: 12 hex digits of the file's sha256}
+        "TI hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in ti_hashes.items())
+        if ti_hashes else None,
         "Version": GENERATOR,
     }
     lines = [prompt]

@@ -20,6 +20,8 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000
 MAX_LORAS = 8
 MAX_LORA_SCALE = 5.0
+MAX_EMBEDDINGS = 16  # textual-inversion embeddings a request may bring in `embeddings`
+EMBEDDING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # as manifest names: the word that triggers it
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
@@ -73,6 +75,16 @@ class HiresSpec(BaseModel):
     def _canonical_scheduler(cls, value):
         return _scheduler_name(value)
 
+class EmbeddingSpec(BaseModel):
+    """A textual-inversion embedding a request brings: the word that triggers it, and where its file is."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=EMBEDDING_NAME_PATTERN, description="The word in the prompt that triggers it")
+    source: str = Field(
+        min_length=1, max_length=2048, description="Embedding name from a manifest, or an s3:// / https:// URI"
+    )
+
 
 class GenerationRequest(BaseModel):
     """Everything one generation needs. ``None`` means "the model's default" (from its manifest)."""
@@ -108,6 +120,10 @@ class GenerationRequest(BaseModel):
         0.8, gt=0.0, le=1.0, allow_inf_nan=False, description="How much img2img/inpaint changes the init image"
     )
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS, description="LoRAs to apply")
+    embeddings: list[EmbeddingSpec] = Field(
+        default_factory=list, max_length=MAX_EMBEDDINGS,
+        description="Textual-inversion embeddings by URL, used where their name is a word of a prompt",
+    )
     clip_skip: int = Field(
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",

@@ -133,6 +133,11 @@ class Settings:
                                   doc="alternate VAEs (a manifest's `vaes:`) kept loaded per model, counted in its "
                                       "memory; the least recently used is unloaded beyond that")
 
+    # --- textual-inversion embeddings (sd_core/embeddings.py) ---
+    max_embeddings: int = setting(32, shown="32", section="Embeddings",
+                                  doc="textual-inversion embeddings kept loaded per model; the least recently used is "
+                                      "unloaded beyond that")
+
     # --- safety checker (sd_core/safety.py) ---
     safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",
                                           section="Safety checker",

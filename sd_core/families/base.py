@@ -70,6 +70,7 @@ class ModelFamily:
         import torch
 
         encoder = pipe.text_encoder
+        texts = pipe.maybe_convert_prompt(texts, pipe.tokenizer)  # a multi-vector embedding's token -> all of its
         ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
                              return_tensors="pt").input_ids.to(encoder.device)
         # transformers >= 5.6 flattened CLIPTextModel: the final layer norm moved from .text_model onto the model

@@ -303,6 +303,14 @@ def test_hires_inputs_upscale_and_run_the_second_pass(cog_server):
     assert decode_output(plain["output"][0])[1].size == (64, 64)
     unknown = cog_server.predict({**hires, "hires_upscaler": "4x-Nope"})
     assert unknown["status"] == "failed" and "hires.upscaler: unknown upscaler '4x-Nope'" in unknown["error"]
+# --- textual-inversion embeddings -----------------------------------------------------------------------------------
+def test_embedding_named_in_the_negative_prompt_changes_the_image(cog_server):
+    base = cog_server.predict({**FAST, "seed": 7, "negative_prompt": "fog"})
+    negated = cog_server.predict({**FAST, "seed": 7, "negative_prompt": "fog, tiny-neg"})
+    assert base["status"] == "succeeded" and negated["status"] == "succeeded", negated.get("error")
+    assert decode_output(negated["output"][0])[1].tobytes() != decode_output(base["output"][0])[1].tobytes()
+    refused = cog_server.predict({**FAST, "negative_prompt": "neg", "embeddings": "neg=https://127.0.0.1/n.safetensors"})
+    assert refused["status"] == "failed" and "embeddings.0.source: host '127.0.0.1'" in refused["error"]
 
 
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)

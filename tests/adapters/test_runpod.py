@@ -181,6 +181,22 @@ def test_a1111_infotext_round_trips_in_png_info_and_info(server, tiny_bucket):
     assert info["extra_generation_params"] == {"Schedule type": "Karras", "Lora hashes": f"tiny-style: {lora_hash}"}
 
 
+def test_a1111_negative_embedding_by_name(server, tiny_bucket):
+    payload = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
+    negated = completed(server.runsync({**payload, "negative_prompt": "fog, (tiny-neg:1.2)"}))
+    plain = completed(server.runsync({**payload, "negative_prompt": "fog, tiny-negative"}))  # another word
+    before = completed(server.runsync({**payload, "negative_prompt": "fog, tiny-negative"}))
+    assert decode(negated["images"][0]).tobytes() != decode(plain["images"][0]).tobytes()
+    assert decode(before["images"][0]).tobytes() == decode(plain["images"][0]).tobytes()
+    digest = hashlib.sha256((tiny_bucket / "embeddings" / "tiny-sd15-neg.safetensors").read_bytes()).hexdigest()
+    info = json.loads(negated["info"])
+    assert info["negative_prompt"] == "fog, (tiny-neg:1.2)"
+    assert info["extra_generation_params"]["TI hashes"] == f"tiny-neg: {digest[:12]}"
+    for text in (read_parameters(base64.b64decode(negated["images"][0])), info["infotexts"][0]):
+        assert a1111.parse(text)["TI hashes"] == f"tiny-neg: {digest[:12]}"
+    assert "TI hashes" not in json.loads(plain["info"])["extra_generation_params"]
+
+
 def test_a1111_clip_skip_from_override_settings(server):
     payload = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "seed": 9, "sampler_name": "Euler"}
     skipped = completed(server.runsync({**payload, "override_settings": {"CLIP_stop_at_last_layers": 2}}))

@@ -24,8 +24,9 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #                  with the LoraSpec field it fills (one entry of `loras` per source given).
 #   hires       -> hires_scale, hires_upscaler, hires_steps, hires_denoising_strength (HiresSpec's fields; the rest
 #                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
+#   embeddings  -> one string of name=URL pairs (sd_core.embeddings.parse_embedding_list).
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras", "hires"}
+REPLACED = {"loras", "hires", "embeddings"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
 HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
@@ -84,7 +85,7 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS) | {"embeddings"}
     assert set(cog_inputs) == expected
 
 
@@ -100,7 +101,7 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
-    assert {field for field, _ in LORA_INPUTS.values()} | {"hires"} == REPLACED
+    assert {field for field, _ in LORA_INPUTS.values()} | {"hires", "embeddings"} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
 
 
@@ -122,6 +123,17 @@ def test_hires_inputs_follow_hires_spec(cog_inputs, name):
         assert (expected["minimum"], expected["default"]) == (1.0, 2.0)
         expected = {**expected, "minimum": 0.0, "default": 0.0}
     assert comparable(cog_inputs[name]) == expected
+
+
+def test_embeddings_input_is_an_optional_string_of_pairs(cog_inputs):
+    from sd_core.embeddings import parse_embedding_list
+
+    assert GenerationRequest.model_fields["embeddings"].default_factory() == []
+    assert comparable(cog_inputs["embeddings"]) == {"type": "string", "maxLength": 40000, "nullable": True,
+                                                    "default": None}
+    assert parse_embedding_list(None) == []
+    assert parse_embedding_list(" neg=https://h.example/a.safetensors, x=s3://b/k ") == [
+        {"name": "neg", "source": "https://h.example/a.safetensors"}, {"name": "x", "source": "s3://b/k"}]
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):

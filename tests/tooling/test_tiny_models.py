@@ -95,6 +95,11 @@ def test_layout(tiny_bucket, arch):
     assert (root / f"tiny-{arch}.safetensors").is_file()
     for kind in ("peft", "kohya"):
         assert (tiny_bucket / "loras" / f"tiny-{arch}-{kind}.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    embedding = load_file(tiny_bucket / "embeddings" / f"tiny-{arch}-neg.safetensors")  # A1111's layouts
+    expected_shapes = {"clip_l": (2, 32), "clip_g": (2, 64)} if arch == "sdxl" else {"emb_params": (2, 32)}
+    assert {key: tuple(tensor.shape) for key, tensor in embedding.items()} == expected_shapes
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -143,6 +148,8 @@ def test_build_is_deterministic(tiny_bucket, tmp_path):
     for kind in ("peft", "kohya"):
         name = f"loras/tiny-sd15-{kind}.safetensors"
         assert sha256(tmp_path / "again" / name) == sha256(tiny_bucket / name)
+    name = "embeddings/tiny-sd15-neg.safetensors"
+    assert sha256(tmp_path / "again" / name) == sha256(tiny_bucket / name)
     builder.build_tiny_models(tmp_path / "other", archs=("sd15",), seed=1)
     name = "tiny-sd15/tiny-sd15.safetensors"
     assert sha256(tmp_path / "other" / name) != sha256(tiny_bucket / name)
