@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from . import inpainting
 from .batching import MicroBatcher
 from .denoise import Denoiser
 from .device import choose_placement
@@ -22,7 +23,7 @@ from .pipelines import ModelLoader, PipelinePool
 from .prompt_tags import TAG, parse_prompt_tags
 from .safety import SafetyChecker
 from .schedulers import check_eta
-from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
+from .schema import MAX_SEED, GenerationRequest, GenerationResult, outpaint_size_problem, resolve_seed
 from .settings import Settings
 
 log = logging.getLogger("sd_core.engine")
@@ -48,8 +49,10 @@ class Engine:
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
         # SD_SAFETY_CHECKER (None, when no adapter set a platform default, means off): loaded by preload or first use.
         self.safety = SafetyChecker(self.settings, self.placement) if self.settings.safety_checker else None
-        # Stage 6, in order: the safety checker today; hires fix, refiner and upscalers plug in before it.
-        self.post_passes: list[PostPass] = [self.safety.post_pass] if self.safety is not None else []
+        # Stage 6, in order: the inpainting overlay, the safety checker; hires fix, refiner, upscalers before it.
+        self.post_passes: list[PostPass] = [inpainting.overlay_pass]  # inpainting: paste into the original
+        if self.safety is not None:
+            self.post_passes.append(self.safety.post_pass)
 
     @property
     def pool(self) -> PipelinePool:
@@ -83,10 +86,16 @@ class Engine:
         # 2. inputs: init image and mask decoded and sized; the pixel budget
         image = mask = None
         width, height = req.width, req.height
+        plan = None
         if req.image is not None:
             image, mask, width, height = prepare_init_images(
-                req.image, req.mask, width, height, self.settings.max_pixels, self.settings
+                req.image, req.mask, width, height, self.settings.max_pixels, self.settings, req.resize_mode,
+                keep_size=req.padding_mask_crop is not None and req.outpaint is None,
             )
+            # mask invert/blur, only-masked crop, fills; outpainting's canvas and mask (sd_core/inpainting.py)
+            image, mask, width, height, plan = inpainting.prepare(req, image, mask, width, height)
+            if req.outpaint is not None and (problem := outpaint_size_problem(width, height)):
+                raise InvalidRequest(problem, field="outpaint")
         self._check_pixel_budget(width, height, req.num_outputs)
         # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off
         user_prompt = req.prompt
@@ -104,7 +113,7 @@ class Engine:
             req = req.model_copy(update={"subseed": first_subseed})
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, timings={"prepare_s": time.perf_counter() - started})
+                   subseeds=subseeds, inpaint=plan, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""

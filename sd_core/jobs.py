@@ -33,6 +33,7 @@ class Job:
     prompt: str = ""  # the prompt as the user gave it, <lora:...> tags included (request.prompt has them stripped)
     nsfw: list[bool] | None = None  # the safety checker's flag per image (None: not checked)
     subseeds: list[int] | None = None  # variation seeds, one per image (None: the plain seeds' noise)
+    inpaint: Any = None  # sd_core.inpainting.InpaintPlan: the overlay post-pass (None: none)
 
     @property
     def batch_key(self) -> tuple | None:
