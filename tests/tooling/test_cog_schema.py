@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import GenerationRequest, LoraSpec
+from sd_core.schema import GenerationRequest, LoraSpec, OutpaintSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -20,9 +20,11 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 # GenerationRequest fields that Cog exposes differently, on purpose:
 #   image, mask -> Cog file inputs (cog.Path, format uri); run() gets the data URI / URL text (cog_inputs.py).
 #   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale): Replicate's LoRA convention.
+#   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras"}
+REPLACED = {"loras", "outpaint"}
 LORA_INPUTS = {"lora_weights": "source", "lora_scale": "scale"}
+OUTPAINT_INPUTS = {f"outpaint_{side}": side for side in ("left", "right", "top", "bottom")}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
 EXCLUSIVE_BOUNDS = {("strength", "minimum")}
@@ -77,7 +79,7 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS)
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(OUTPAINT_INPUTS)
     assert set(cog_inputs) == expected
 
 
@@ -97,6 +99,12 @@ def test_lora_inputs_follow_lora_spec(cog_inputs):
     assert GenerationRequest.model_fields["loras"].default_factory() == []  # no LoRA unless asked: input optional
     assert comparable(cog_inputs["lora_weights"]) == {**source, "nullable": True, "default": None}
     assert comparable(cog_inputs["lora_scale"]) == pydantic_field(LoraSpec, "scale")
+
+
+@pytest.mark.parametrize("name", sorted(OUTPAINT_INPUTS))
+def test_outpaint_inputs_follow_outpaint_spec(cog_inputs, name):
+    assert GenerationRequest.model_fields["outpaint"].default is None  # all four 0: no outpainting
+    assert comparable(cog_inputs[name]) == pydantic_field(OutpaintSpec, OUTPAINT_INPUTS[name])
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):
