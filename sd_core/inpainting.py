@@ -31,9 +31,8 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str) -> Imag
     diffusers' resize modes "default", "crop", "fill")."""
     if image.size == (width, height):
         return image
-    if mode == "resize":
-        resample = Image.Resampling.NEAREST if image.mode == "L" else Image.Resampling.LANCZOS
-        return image.resize((width, height), resample)
+    if mode == "resize":  # masks too: Lanczos, as A1111 and diffusers' mask processor resize them
+        return image.resize((width, height), Image.Resampling.LANCZOS)
     out = _processor().resize(image, height=height, width=width, resize_mode=mode)
     return out.convert(image.mode)
 

@@ -72,6 +72,14 @@ def test_plain_inpaint_equals_bare_diffusers(engine, bare, init, mask):
     assert np.array_equal(pixels(generate(engine, image=png(init), mask=png(mask))), bare(init, mask))
 
 
+def test_image_and_mask_of_another_size_are_resized_as_diffusers_does(engine, bare, init):
+    big_init = init.resize((96, 80))
+    big_mask = Image.new("L", (96, 80), 0)
+    big_mask.paste(255, (30, 20, 61, 47))  # edges that fall between pixels at 64x64
+    result = generate(engine, image=png(big_init), mask=png(big_mask), width=64, height=64)
+    assert np.array_equal(pixels(result), bare(big_init, big_mask))
+
+
 def test_mask_blur_changes_the_inpaint_and_equals_diffusers_given_the_blurred_mask(engine, bare, init, mask):
     plain = pixels(generate(engine, image=png(init), mask=png(mask)))
     blurred = pixels(generate(engine, image=png(init), mask=png(mask), mask_blur=8))
