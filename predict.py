@@ -40,6 +40,8 @@ SCHEDULERS = [
     "DPM++ SDE Exponential", "DPM++ SDE Beta", "DPM++ SDE SGM Uniform", "DDIM", "PLMS", "UniPC", "LCM", "TCD",
 ]
 OUTPUT_FORMATS = ["png", "webp", "jpeg"]
+RESIZE_MODES = ["resize", "crop", "fill"]  # sd_core.inpainting.RESIZE_MODES
+INPAINT_FILLS = ["fill", "original", "latent_noise", "latent_nothing"]  # sd_core.inpainting.INPAINT_FILLS
 # Output files are kept this long: Cog reads (and uploads) them after run() returns, then they are removed.
 OUTPUT_KEEP_S = 600
 
@@ -94,6 +96,25 @@ class Runner(BaseRunner):
         strength: float = Input(
             default=0.8, ge=0.0, le=1.0, description="How much img2img/inpaint changes the image (above 0)"
         ),
+        resize_mode: str = Input(
+            default="resize", choices=RESIZE_MODES, description="Init image of another size: resize, crop or fill"
+        ),
+        mask_blur: int = Input(default=0, ge=0, le=64, description="Gaussian blur of the mask (std, pixels)"),
+        mask_blur_y: int | None = Input(
+            default=None, ge=0, le=64, description="Vertical mask blur when it differs; empty: mask_blur"
+        ),
+        invert_mask: bool = Input(default=False, description="Invert the mask: repaint the black part"),
+        inpaint_fill: str = Input(
+            default="original", choices=INPAINT_FILLS, description="Masked area before denoising (docs/api.md)"
+        ),
+        padding_mask_crop: int | None = Input(
+            default=None, ge=0, le=1024, description="Only masked: inpaint the mask's box plus this padding"
+        ),
+        inpaint_overlay: bool = Input(default=False, description="Keep the original image outside the mask"),
+        outpaint_left: int = Input(default=0, ge=0, le=1024, description="Outpaint: pixels added on the left"),
+        outpaint_right: int = Input(default=0, ge=0, le=1024, description="Outpaint: pixels added on the right"),
+        outpaint_top: int = Input(default=0, ge=0, le=1024, description="Outpaint: pixels added at the top"),
+        outpaint_bottom: int = Input(default=0, ge=0, le=1024, description="Outpaint: pixels added at the bottom"),
         lora_weights: str | None = Input(
             default=None,
             min_length=1,
@@ -144,7 +165,11 @@ class Runner(BaseRunner):
                 "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
                 "strength": strength, "output_format": output_format, "eta": eta,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-                "clip_skip": clip_skip, "tiling": tiling, "vae": vae,
+                "clip_skip": clip_skip, "tiling": tiling, "vae": vae, "resize_mode": resize_mode,
+                "mask_blur": mask_blur,
+                "mask_blur_y": mask_blur_y, "invert_mask": invert_mask, "inpaint_fill": inpaint_fill,
+                "padding_mask_crop": padding_mask_crop, "inpaint_overlay": inpaint_overlay,
+                "outpaint": _outpaint(outpaint_left, outpaint_right, outpaint_top, outpaint_bottom),
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": source, "scale": scale}
                           for source, scale in ((lora_weights, lora_scale), (extra_lora, extra_lora_scale))
@@ -173,6 +198,12 @@ class Runner(BaseRunner):
             path.write_bytes(item.data)
             outputs.append(path)
         return outputs
+
+
+def _outpaint(left: int, right: int, top: int, bottom: int) -> dict | None:
+    """The four outpaint inputs as GenerationRequest's `outpaint` (None when all are 0: no outpainting)."""
+    sides = {"left": left, "right": right, "top": top, "bottom": bottom}
+    return sides if any(sides.values()) else None
 
 
 def _new_output_folder() -> Path:

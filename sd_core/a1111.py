@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from . import a1111_hires, a1111_listing, a1111_options, a1111_scripts
+from . import a1111_hires, a1111_inpaint, a1111_listing, a1111_options, a1111_scripts
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .prompt_tags import strip_prompt_tags
@@ -47,7 +47,7 @@ A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequ
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
 UNSUPPORTED = ("styles", "restore_faces", "refiner_checkpoint", "script_name", "script_args",
-               "inpainting_mask_invert", "include_init_images", "latent_mask")
+               "include_init_images", "latent_mask")
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
 # k-diffusion's noise knobs and A1111's negative-guidance cut-off: accepted at A1111's defaults only (they change the
@@ -55,8 +55,9 @@ UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
 SAMPLER_KNOB_DEFAULTS = {"s_churn": (0,), "s_tmin": (0,), "s_tmax": (0, float("inf")), "s_noise": (1,),
                          "s_min_uncond": (0,), "infotext": ("",), "initial_noise_multiplier": (1,)}
 # Everything else in KNOWN_KEYS that is not translated below is accepted and has no effect (saving on the server,
-# mask blur/fill, resize mode; override_settings other than those read here and a1111_options' image options):
-# docs/a1111.md gives every key's status; tests/tooling/test_a1111_table.py fails when a row stops matching.
+# override_settings other than those read here and a1111_options' image options). The inpainting keys and
+# resize_mode: sd_core/a1111_inpaint.py. docs/a1111.md gives every key's status; tests/tooling/test_a1111_table.py
+# fails when a row stops matching.
 
 A1111_DEFAULT_DENOISING_STRENGTH = 0.75  # A1111's img2img default (GenerationRequest's own is for native requests)
 # GenerationRequest field -> the A1111 key it comes from, to name A1111's keys in error messages.
@@ -66,6 +67,7 @@ FIELD_NAMES = {
     "model": "override_settings.sd_model_checkpoint", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
     "vae": "override_settings.sd_vae",
     **a1111_hires.FIELD_NAMES,
+    **a1111_inpaint.FIELD_NAMES,
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
@@ -279,6 +281,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
             fields["image"] = images[0]
         if "mask" in p:
             fields["mask"] = p["mask"]
+        fields.update(a1111_inpaint.inpaint_fields(p, errors))
         fields["strength"] = p.get("denoising_strength", A1111_DEFAULT_DENOISING_STRENGTH)
     if errors:
         raise InvalidRequest("; ".join(errors))

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
 from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quote
+from .inpainting import latent_fill_kwargs
 from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
@@ -109,6 +110,7 @@ class Denoiser:
             kwargs.update(image=first.image, strength=req.strength)
         if first.mode == "inpaint":
             kwargs.update(mask_image=first.mask, width=first.width, height=first.height)
+            kwargs.update(latent_fill_kwargs(pipe, first))  # A1111's latent noise / latent nothing fills
 
         def step_end(pipeline, step, timestep, callback_kwargs):
             cancels = [j.should_cancel() if j.should_cancel else False for j in jobs]

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from . import inpainting
 from .batching import MicroBatcher
 from .denoise import Denoiser
 from .device import choose_placement
@@ -25,7 +26,7 @@ from .pipelines import ModelLoader, PipelinePool
 from .prompt_tags import TAG, parse_prompt_tags
 from .safety import SafetyChecker
 from .schedulers import check_eta
-from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
+from .schema import MAX_SEED, GenerationRequest, GenerationResult, outpaint_size_problem, resolve_seed
 from .settings import Settings
 from .upscalers import Upscalers
 from .vae import VaeManager
@@ -57,9 +58,9 @@ class Engine:
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
         # SD_SAFETY_CHECKER (None, when no adapter set a platform default, means off): loaded by preload or first use.
         self.safety = SafetyChecker(self.settings, self.placement) if self.settings.safety_checker else None
-        # Stage 6, in order: the hires fix's second pass, the safety checker; refiner and upscalers plug in between.
+        # Stage 6, in order: the inpainting overlay, the hires fix's second pass, the safety checker.
         self.hires = HiresFix(self)
-        self.post_passes: list[PostPass] = [self.hires.post_pass]
+        self.post_passes: list[PostPass] = [inpainting.overlay_pass, self.hires.post_pass]
         if self.safety is not None:
             self.post_passes.append(self.safety.post_pass)
 
@@ -95,10 +96,16 @@ class Engine:
         # 2. inputs: init image and mask decoded and sized; the pixel budget
         image = mask = None
         width, height = req.width, req.height
+        plan = None
         if req.image is not None:
             image, mask, width, height = prepare_init_images(
-                req.image, req.mask, width, height, self.settings.max_pixels, self.settings
+                req.image, req.mask, width, height, self.settings.max_pixels, self.settings, req.resize_mode,
+                keep_size=req.padding_mask_crop is not None and req.outpaint is None,
             )
+            # mask invert/blur, only-masked crop, fills; outpainting's canvas and mask (sd_core/inpainting.py)
+            image, mask, width, height, plan = inpainting.prepare(req, image, mask, width, height)
+            if req.outpaint is not None and (problem := outpaint_size_problem(width, height)):
+                raise InvalidRequest(problem, field="outpaint")
         self._check_pixel_budget(width, height, req.num_outputs)
         # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off, embedding names (whole
         # words, prompt and negative prompt) replaced with the tokens they are loaded under
@@ -125,7 +132,7 @@ class Engine:
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
                    negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
-                   timings={"prepare_s": time.perf_counter() - started})
+                   inpaint=plan, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""

@@ -11,6 +11,7 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidRequest
+from .inpainting import resize_image
 from .settings import Settings
 from .user_downloads import download_user_url
 
@@ -72,9 +73,11 @@ def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 def prepare_init_images(
     image_value: str, mask_value: str | None, width: int | None, height: int | None, max_pixels: int,
-    settings: Settings | None = None,
+    settings: Settings | None = None, resize_mode: str = "resize", keep_size: bool = False,
 ) -> tuple[Image.Image, Image.Image | None, int, int]:
-    """Decode init image (+ mask), pick the output size, and resize both to it. The mask must match the image."""
+    """Decode init image (+ mask), pick the output size, and bring both to it (``resize_mode``: see
+    sd_core.inpainting.resize_image). The mask must match the image. ``keep_size`` (only-masked inpainting): both
+    stay at their own size and width x height is the size the masked region is inpainted at."""
     image = load_image(image_value, "image", settings).convert("RGB")
     mask = None
     if mask_value is not None:
@@ -86,8 +89,7 @@ def prepare_init_images(
             )
     if width is None or height is None:
         width, height = fit_size(width or image.width, height or image.height, max_pixels)
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-        if mask is not None:
-            mask = mask.resize((width, height), Image.Resampling.NEAREST)
+    if not keep_size:
+        image = resize_image(image, width, height, resize_mode)
+        mask = resize_image(mask, width, height, resize_mode) if mask is not None else None
     return image, mask, width, height

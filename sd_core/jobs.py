@@ -45,6 +45,7 @@ class Job:
     vae: ResolvedVae | None = None  # the alternate VAE chosen (None: the model's own)
     hires: HiresPlan | None = None  # the hires fix's second pass, run by stage 6 (sd_core/hires.py)
     pass_mode: str | None = None  # a pipeline mode other than the request's: "img2img" for a hires second pass
+    inpaint: Any = None  # sd_core.inpainting.InpaintPlan: the overlay post-pass (None: none)
 
     @property
     def mode(self) -> str:

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidRequest, quote
+from .inpainting import INPAINT_FILLS, RESIZE_MODES
 from .schedulers import SCHEDULER_NAMES, checked_name
 
 MIN_SIZE, MAX_SIZE = 64, 2048
@@ -26,6 +27,9 @@ MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model i
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
 MAX_MESSAGE_PARTS = 10  # validation errors described in one message; the rest are counted
+MAX_MASK_BLUR = 64  # std in pixels of the mask's Gaussian blur
+MAX_CROP_PADDING = 1024  # only-masked inpainting: pixels around the mask's bounding box
+MAX_OUTPAINT = 1024  # pixels added on one side
 MAX_REASON_CHARS = 1500  # one reason's length: room for the lists of valid values we write ourselves
 
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
@@ -84,6 +88,28 @@ class EmbeddingSpec(BaseModel):
     source: str = Field(
         min_length=1, max_length=2048, description="Embedding name from a manifest, or an s3:// / https:// URI"
     )
+class OutpaintSpec(BaseModel):
+    """Pixels to add on each side of the init image (multiples of 8); the new area is painted by inpainting."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    left: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added on the left, multiple of 8")
+    right: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added on the right, multiple of 8")
+    top: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added at the top, multiple of 8")
+    bottom: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added at the bottom, multiple of 8")
+
+    @field_validator("left", "right", "top", "bottom")
+    @classmethod
+    def _multiple_of_8(cls, value):
+        if value % 8:
+            raise ValueError(f"must be a multiple of 8 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _grows(self):
+        if not (self.left or self.right or self.top or self.bottom):
+            raise ValueError("outpaint: give at least one side above 0")
+        return self
 
 
 class GenerationRequest(BaseModel):
@@ -119,6 +145,23 @@ class GenerationRequest(BaseModel):
     strength: float = Field(
         0.8, gt=0.0, le=1.0, allow_inf_nan=False, description="How much img2img/inpaint changes the init image"
     )
+    resize_mode: Literal[RESIZE_MODES] = Field(  # type: ignore[valid-type]
+        "resize", description="Init image of another size than width x height: resize (stretch), crop, fill"
+    )
+    mask_blur: int = Field(0, ge=0, le=MAX_MASK_BLUR, description="Gaussian blur of the mask (std, pixels)")
+    mask_blur_y: int | None = Field(
+        None, ge=0, le=MAX_MASK_BLUR, description="Vertical mask blur when it differs; empty: mask_blur"
+    )
+    invert_mask: bool = Field(False, description="Invert the mask: repaint the black part")
+    inpaint_fill: Literal[INPAINT_FILLS] = Field(  # type: ignore[valid-type]
+        "original", description="Masked area before denoising: fill, original, latent_noise, latent_nothing"
+    )
+    padding_mask_crop: int | None = Field(
+        None, ge=0, le=MAX_CROP_PADDING,
+        description="Only masked: inpaint the mask's box plus this padding at width x height, paste it back",
+    )
+    inpaint_overlay: bool = Field(False, description="Keep the original image outside the (blurred) mask")
+    outpaint: OutpaintSpec | None = Field(None, description="Grow the canvas: pixels per side, repainted")
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS, description="LoRAs to apply")
     embeddings: list[EmbeddingSpec] = Field(
         default_factory=list, max_length=MAX_EMBEDDINGS,
@@ -169,14 +212,46 @@ class GenerationRequest(BaseModel):
             raise ValueError("hires: the hires fix is for txt2img only, not with an init image")
         if self.hires is not None and self.subseed_strength > 0:
             raise ValueError("hires: not combined with variation seeds (subseed_strength) by this worker; use 0")
+        self._check_inpainting()
         return self
+
+    def _check_inpainting(self) -> None:
+        """Inpainting options need something to inpaint; outpainting makes its own mask."""
+        if self.outpaint is not None:
+            if self.image is None:
+                raise ValueError("outpaint: needs an image to grow")
+            if self.mask is not None:
+                raise ValueError("outpaint: makes its own mask; give no mask")
+            if self.invert_mask:
+                raise ValueError("invert_mask: not with outpaint (its mask is made here)")
+        if self.resize_mode != "resize" and self.image is None:
+            raise ValueError("resize_mode: needs an image")
+        if self.mask is None and self.outpaint is None:
+            for name, default in (("mask_blur", 0), ("mask_blur_y", None), ("invert_mask", False),
+                                  ("inpaint_fill", "original"), ("padding_mask_crop", None),
+                                  ("inpaint_overlay", False)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"{name}: needs a mask (or outpaint)")
+        if self.outpaint is not None and self.width and self.height:
+            o = self.outpaint
+            problem = outpaint_size_problem(self.width + o.left + o.right, self.height + o.top + o.bottom)
+            if problem:
+                raise ValueError(f"outpaint: {problem}")
 
     @property
     def mode(self) -> str:
         """txt2img, img2img or inpaint, from which images are given."""
         if self.image is None:
             return "txt2img"
-        return "inpaint" if self.mask is not None else "img2img"
+        return "inpaint" if self.mask is not None or self.outpaint is not None else "img2img"
+
+
+def outpaint_size_problem(width: int, height: int) -> str | None:
+    """Why a grown canvas of this size is refused (None: it is not): within MAX_SIZE a side and MAX_IMAGE_PIXELS."""
+    if max(width, height) > MAX_SIZE or width * height > MAX_IMAGE_PIXELS:
+        return (f"the grown canvas is {width}x{height}; the limits are {MAX_SIZE} pixels a side and "
+                f"{MAX_IMAGE_PIXELS} pixels in all")
+    return None
 
 
 def _scheduler_name(value):

@@ -141,6 +141,22 @@ def test_img2img_and_inpaint_take_cog_file_inputs(cog_server):
         assert decode_output(prediction["output"][0])[1].size == (72, 64)
 
 
+def test_inpainting_options_and_outpaint_inputs(cog_server):
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    inpaint = {**FAST, "num_inference_steps": 2, "image": data_uri(init), "mask": data_uri(mask), "mask_blur": 4,
+               "invert_mask": True, "inpaint_fill": "fill", "padding_mask_crop": 8, "inpaint_overlay": True}
+    prediction = cog_server.predict(inpaint)
+    assert prediction["status"] == "succeeded", prediction.get("error")
+    grown = cog_server.predict({**FAST, "num_inference_steps": 2, "image": data_uri(init), "outpaint_left": 16,
+                                "outpaint_bottom": 8})
+    assert grown["status"] == "succeeded", grown.get("error")
+    assert decode_output(grown["output"][0])[1].size == (80, 72)
+    refused = cog_server.predict({**FAST, "image": data_uri(init), "mask": data_uri(mask), "outpaint_top": 8})
+    assert refused["status"] == "failed" and "outpaint: makes its own mask" in refused["error"]
+
+
 # --- invalid input -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("inputs", "field"),

@@ -160,6 +160,27 @@ def test_a1111_img2img_in_runpods_api_wrapper(server):
     assert info["denoising_strength"] == 0.5 and "Denoising strength: 0.5" in info["infotexts"][0]
 
 
+def test_a1111_inpaint_does_what_a1111_does_and_equals_the_native_fields(server):
+    init = Image.effect_noise((80, 64), 60).convert("RGB")
+    mask = Image.new("L", (80, 64), 0)
+    mask.paste(255, (32, 16, 56, 40))
+    common = {"prompt": "a boat", "seed": 5, "denoising_strength": 0.9, "steps": 3, "sampler_name": "Euler"}
+    payload = {**common, "init_images": [png_b64(init)], "mask": png_b64(mask), "inpainting_mask_invert": 1,
+               "mask_blur_x": 2, "mask_blur_y": 6, "inpaint_full_res_padding": 8, "width": 64, "height": 64}
+    output = completed(server.runsync({"api": "img2img", **payload}))
+    image = decode(output["images"][0])
+    assert image.size == (80, 64)  # only masked (A1111's default): the image keeps its size
+    native = completed(server.runsync({
+        "prompt": "a boat", "seed": 5, "strength": 0.9, "num_inference_steps": 3, "scheduler": "Euler",
+        "image": png_b64(init), "mask": png_b64(mask), "invert_mask": True, "mask_blur": 2, "mask_blur_y": 6,
+        "inpaint_fill": "fill", "padding_mask_crop": 8, "inpaint_overlay": True, "width": 64, "height": 64}))
+    assert decode(native["images"][0]["image"]).tobytes() == image.tobytes()
+    whole = completed(server.runsync({"api": "img2img", **payload, "inpaint_full_res": False, "width": 80}))
+    assert decode(whole["images"][0]).tobytes() != image.tobytes()
+    refused = server.runsync({"api": "img2img", **payload, "resize_mode": 3})
+    assert refused["status"] == "FAILED" and "resize_mode: 3 (latent upscale) is not supported" in refused["error"]
+
+
 def test_a1111_infotext_round_trips_in_png_info_and_info(server, tiny_bucket):
     payload = {"prompt": "a fox, at night <lora:tiny-style:0.6>", "negative_prompt": "fog", "steps": 3,
                "cfg_scale": 6, "width": 64, "height": 64, "sampler_name": "DPM++ 2M", "scheduler": "Karras",

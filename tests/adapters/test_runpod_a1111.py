@@ -248,3 +248,51 @@ def test_image_changing_sampler_knobs_are_honoured_at_their_defaults_or_refused(
     with pytest.raises(InvalidRequest) as caught:
         a1111.to_request(call)
     assert refused in str(caught.value)
+
+
+def _img2img(**extra):
+    return a1111.to_request(a1111.parse_call({"api": "img2img", "init_images": [INIT], **extra}))
+
+
+def test_inpainting_keys_take_a1111s_defaults():
+    request = _img2img(mask=INIT)
+    assert (request.mask_blur, request.mask_blur_y, request.invert_mask) == (4, None, False)
+    assert (request.inpaint_fill, request.padding_mask_crop, request.inpaint_overlay) == ("fill", 0, True)
+    assert request.resize_mode == "resize"
+
+
+@pytest.mark.parametrize(("extra", "fields"), [
+    ({"mask_blur": 0}, {"mask_blur": 0, "mask_blur_y": None}),
+    ({"mask_blur_x": 2, "mask_blur_y": 6}, {"mask_blur": 2, "mask_blur_y": 6}),
+    ({"mask_blur_x": 2, "mask_blur_y": 6, "mask_blur": 3}, {"mask_blur": 3, "mask_blur_y": None}),
+    ({"inpainting_mask_invert": 1}, {"invert_mask": True}),
+    ({"inpainting_fill": 1}, {"inpaint_fill": "original"}),
+    ({"inpainting_fill": 2}, {"inpaint_fill": "latent_noise"}),
+    ({"inpainting_fill": 3}, {"inpaint_fill": "latent_nothing"}),
+    ({"inpaint_full_res": False, "inpaint_full_res_padding": 32}, {"padding_mask_crop": None}),
+    ({"inpaint_full_res": True, "inpaint_full_res_padding": 32}, {"padding_mask_crop": 32}),
+    ({"resize_mode": 1}, {"resize_mode": "crop"}),
+    ({"resize_mode": 2}, {"resize_mode": "fill"}),
+])
+def test_inpainting_keys_are_translated(extra, fields):
+    request = _img2img(mask=INIT, **extra)
+    assert {name: getattr(request, name) for name in fields} == fields
+
+
+def test_mask_keys_without_a_mask_change_nothing_as_in_a1111():
+    assert _img2img(mask_blur=9, inpainting_fill=2, inpainting_mask_invert=1) == _img2img()
+
+
+@pytest.mark.parametrize(("extra", "refused"), [
+    ({"resize_mode": 3}, "resize_mode: 3 (latent upscale) is not supported"),
+    ({"resize_mode": 7}, "resize_mode: must be a whole number from 0 to 2"),
+    ({"mask": INIT, "inpainting_fill": 4}, "inpainting_fill: must be a whole number from 0 to 3"),
+    ({"mask": INIT, "mask_blur": 65}, "mask_blur: must be a whole number from 0 to 64"),
+    ({"mask": INIT, "inpainting_mask_invert": 2}, "inpainting_mask_invert: must be a whole number from 0 to 1"),
+    ({"mask": INIT, "inpaint_full_res_padding": -1}, "inpaint_full_res_padding: must be a whole number"),
+    ({"mask": INIT, "mask_round": False}, "mask_round: only true"),
+])
+def test_bad_inpainting_keys_are_refused(extra, refused):
+    with pytest.raises(InvalidRequest) as caught:
+        _img2img(**extra)
+    assert refused in str(caught.value)

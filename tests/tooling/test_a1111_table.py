@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sd_core import a1111, a1111_hires, a1111_options
+from sd_core import a1111, a1111_hires, a1111_inpaint, a1111_options
 from sd_core.errors import InvalidRequest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,13 +28,18 @@ HONOURED = {
     "disable_extra_networks": True, "override_settings.sd_vae": "tiny-vae.safetensors", "enable_hr": True,
     "hr_scale": 1.5, "hr_upscaler": "Lanczos", "hr_second_pass_steps": 3, "hr_resize_x": 128, "hr_resize_y": 128,
     "hr_sampler_name": "DDIM", "hr_scheduler": "Karras", "hr_prompt": "a dog", "hr_negative_prompt": "blurry",
-    "hr_cfg": 3.0,
+    "hr_cfg": 3.0, "resize_mode": 1, "mask_blur": 8, "mask_blur_x": 8, "mask_blur_y": 8, "inpainting_fill": 2,
+    "inpaint_full_res": False, "inpaint_full_res_padding": 32, "inpainting_mask_invert": 1,
 }
 HIRES_ON = {"enable_hr": True}
+WITH_MASK = {"mask": "bWFzaw=="}
 CONTEXT = {"scheduler": {"sampler_name": "Euler"}, "hr_scheduler": {**HIRES_ON, "sampler_name": "Euler"},
            **{key: HIRES_ON for key in ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
                                         "hr_resize_y", "hr_sampler_name", "hr_prompt", "hr_negative_prompt", "hr_cfg",
                                         *a1111_hires.REFUSED_WITH_HIRES, *a1111_hires.DEFAULT_ONLY)},
+           **{key: WITH_MASK for key in ("mask_blur", "mask_blur_x", "mask_blur_y", "inpainting_fill",
+                                         "inpaint_full_res", "inpaint_full_res_padding", "inpainting_mask_invert",
+                                         *a1111_inpaint.DEFAULT_ONLY)},
            "disable_extra_networks": {"prompt": "a fox <lora:ink:0.5>"}}
 # Honoured keys that act on the response or refuse per entry rather than change the request: checked on their own.
 NOT_IN_REQUEST = {"send_images", "alwayson_scripts"}
@@ -89,7 +94,7 @@ def test_the_endpoint_column_is_where_the_key_is_known(key):
 def test_statuses_agree_with_the_codes_tables():
     refused = {*a1111.UNSUPPORTED, *a1111.UNSUPPORTED_SIZES, *a1111_hires.LEGACY_SIZES, *a1111_hires.REFUSED_WITH_HIRES}
     assert {key for key, (_, status) in ROWS.items() if status == "refused"} == refused
-    default_only = {*a1111.SAMPLER_KNOB_DEFAULTS, *a1111_hires.DEFAULT_ONLY}
+    default_only = {*a1111.SAMPLER_KNOB_DEFAULTS, *a1111_hires.DEFAULT_ONLY, *a1111_inpaint.DEFAULT_ONLY}
     assert {key for key, (_, status) in ROWS.items() if status == "default only"} == default_only
 
 
@@ -141,9 +146,9 @@ def test_alwayson_scripts_rule():
 def test_the_checks_can_fail(monkeypatch):
     with pytest.raises(InvalidRequest):  # a refused key documented as ignored
         test_ignored_keys_change_nothing("restore_faces")
-    monkeypatch.setitem(HONOURED, "resize_mode", 1)
+    monkeypatch.setitem(HONOURED, "do_not_save_samples", True)
     with pytest.raises(AssertionError):  # an ignored key documented as honoured
-        test_honoured_keys_change_the_request("resize_mode")
+        test_honoured_keys_change_the_request("do_not_save_samples")
 
 
 @pytest.mark.parametrize("option", sorted(a1111_options.IMAGE_OPTION_DEFAULTS))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import GenerationRequest, HiresSpec, LoraSpec
+from sd_core.schema import GenerationRequest, HiresSpec, LoraSpec, OutpaintSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -25,12 +25,14 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #   hires       -> hires_scale, hires_upscaler, hires_steps, hires_denoising_strength (HiresSpec's fields; the rest
 #                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
 #   embeddings  -> one string of name=URL pairs (sd_core.embeddings.parse_embedding_list).
+#   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras", "hires", "embeddings"}
+REPLACED = {"loras", "hires", "embeddings", "outpaint"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
 HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
                 "hires_denoising_strength": "denoising_strength"}
+OUTPAINT_INPUTS = {f"outpaint_{side}": side for side in ("left", "right", "top", "bottom")}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
 EXCLUSIVE_BOUNDS = {("strength", "minimum"), ("denoising_strength", "minimum")}
@@ -85,7 +87,8 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS) | {"embeddings"}
+    expected = ((set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
+                | {"embeddings"} | set(OUTPAINT_INPUTS))
     assert set(cog_inputs) == expected
 
 
@@ -101,7 +104,7 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
-    assert {field for field, _ in LORA_INPUTS.values()} | {"hires", "embeddings"} == REPLACED
+    assert {field for field, _ in LORA_INPUTS.values()} | {"hires", "embeddings", "outpaint"} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
 
 
@@ -134,6 +137,12 @@ def test_embeddings_input_is_an_optional_string_of_pairs(cog_inputs):
     assert parse_embedding_list(None) == []
     assert parse_embedding_list(" neg=https://h.example/a.safetensors, x=s3://b/k ") == [
         {"name": "neg", "source": "https://h.example/a.safetensors"}, {"name": "x", "source": "s3://b/k"}]
+
+
+@pytest.mark.parametrize("name", sorted(OUTPAINT_INPUTS))
+def test_outpaint_inputs_follow_outpaint_spec(cog_inputs, name):
+    assert GenerationRequest.model_fields["outpaint"].default is None  # all four 0: no outpainting
+    assert comparable(cog_inputs[name]) == pydantic_field(OutpaintSpec, OUTPAINT_INPUTS[name])
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):
