@@ -61,6 +61,8 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+from devtools.tiny_refiner import build_refiners  # noqa: E402
+
 ARCHS = ("sd15", "sdxl")
 MAX_TOKENS = 77  # CLIP's context length, as in the real models
 LORA_RANK = 4
@@ -598,6 +600,8 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     save_file(original_checkpoint(pipe, arch), checkpoint, metadata={"format": "pt"})
     paths = {f"tiny-{arch}": root}
     paths.update(write_loras(pipe, arch, out / "loras", seed))
+    if arch == "sdxl":
+        paths.update(build_refiners(out, seed))  # devtools/tiny_refiner.py: reuses this model's VAE, text_encoder_2
     return paths
 
 

@@ -20,6 +20,7 @@ from .manifests import ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
 from .prompt_tags import TAG, parse_prompt_tags
+from .refiner import Refiner, infotext_fields
 from .safety import SafetyChecker
 from .schedulers import check_eta
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, resolve_seed
@@ -48,8 +49,11 @@ class Engine:
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
         # SD_SAFETY_CHECKER (None, when no adapter set a platform default, means off): loaded by preload or first use.
         self.safety = SafetyChecker(self.settings, self.placement) if self.settings.safety_checker else None
-        # Stage 6, in order: the safety checker today; hires fix, refiner and upscalers plug in before it.
-        self.post_passes: list[PostPass] = [self.safety.post_pass] if self.safety is not None else []
+        self.refiner = Refiner(self.denoiser, self.loras, self.catalog, self.settings)
+        # Stage 6, in order: the refiner, then the safety checker; hires fix and upscalers plug in before it.
+        self.post_passes: list[PostPass] = [self.refiner.post_pass]
+        if self.safety is not None:
+            self.post_passes.append(self.safety.post_pass)
 
     @property
     def pool(self) -> PipelinePool:
@@ -102,9 +106,12 @@ class Engine:
             first_subseed = resolve_seed(req.subseed)
             subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
             req = req.model_copy(update={"subseed": first_subseed})
-        return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
-                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, timings={"prepare_s": time.perf_counter() - started})
+        job = Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
+                  on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
+                  subseeds=subseeds)
+        self.refiner.plan(job)  # a refined job: its refiner found and checked, latents asked of stage 5
+        job.timings["prepare_s"] = time.perf_counter() - started
+        return job
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""
@@ -122,7 +129,7 @@ class Engine:
                 model=req.model, model_hash=job.manifest.sha256, strength=strength, lora_hashes=lora_hashes,
                 clip_skip=req.clip_skip,
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
-                eta=req.eta,
+                eta=req.eta, extra=infotext_fields(job),
             )
 
         def encode(item):

@@ -33,6 +33,10 @@ class Job:
     prompt: str = ""  # the prompt as the user gave it, <lora:...> tags included (request.prompt has them stripped)
     nsfw: list[bool] | None = None  # the safety checker's flag per image (None: not checked)
     subseeds: list[int] | None = None  # variation seeds, one per image (None: the plain seeds' noise)
+    # extra keyword arguments of the stage-5 pipeline call, for a post-pass that continues it (the refiner:
+    # output_type="latent", denoising_end); jobs with different ones never share a batch
+    pipe_kwargs: dict[str, Any] = field(default_factory=dict)
+    refiner: ModelManifest | None = None  # the refiner model of a refined job (sd_core/refiner.py), else None
 
     @property
     def batch_key(self) -> tuple | None:
@@ -45,7 +49,8 @@ class Job:
         if r.mode != "txt2img":
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
-                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta)
+                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta,
+                tuple(sorted(self.pipe_kwargs.items())))
 
     @property
     def steps_run(self) -> int:

@@ -70,6 +70,8 @@ class ModelManifest(BaseModel):
     size: int | None = Field(None, ge=0, description="total bytes, for progress and cache planning")
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     loras: list[LoraEntry] = Field(default_factory=list)
+    refiner: str | None = Field(None, pattern=NAME_PATTERN, description="the refiner model a request's `refine` uses "
+                                "when it names none (an sdxl-refiner manifest)")
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -53,7 +53,7 @@ def infotext(
     *, prompt: str, negative_prompt: str, steps: int, sampler: str, cfg_scale: float, seed: int, width: int,
     height: int, model: str, model_hash: str | None = None, strength: float | None = None,
     lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
-    subseed_strength: float | None = None, eta: float | None = None,
+    subseed_strength: float | None = None, eta: float | None = None, extra: dict[str, object] | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -61,6 +61,7 @@ def infotext(
     file's sha256 and `lora_hashes` {LoRA name: its file's sha256} (A1111 writes 10 and 12 hex digits of them);
     `clip_skip` the layers skipped (diffusers' count), written as A1111's `Clip skip` (one more) when any.
     `subseed` and `subseed_strength` (A1111's `Variation seed`, `Variation seed strength`) only when varied.
+    `extra`: further fields of a post-pass (the refiner's), written where A1111 writes its extra parameters.
     """
     sampler_name, schedule = split_sampler(sampler)
     default_eta = SAMPLERS[sampler_name].eta
@@ -76,6 +77,7 @@ def infotext(
         "RNG": "CPU",  # every image's noise comes from a CPU generator seeded with its seed (A1111's RNG: CPU)
         "Lora hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in lora_hashes.items())
         if lora_hashes else None,
+        **(extra or {}),
         "Version": GENERATOR,
     }
     lines = [prompt]

@@ -22,6 +22,9 @@ MAX_LORAS = 8
 MAX_LORA_SCALE = 5.0
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
+# Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's
+# schedule (ensemble of experts); the refiner runs img2img on the base's finished image (sd_core/refiner.py)
+REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
 MAX_MESSAGE_PARTS = 10  # validation errors described in one message; the rest are counted
 MAX_REASON_CHARS = 1500  # one reason's length: room for the lists of valid values we write ourselves
@@ -82,6 +85,19 @@ class GenerationRequest(BaseModel):
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
     )
+    refine: Literal[REFINE_MODES] = Field(  # type: ignore[valid-type]
+        "no_refiner", description="SDXL refiner pass: no_refiner, expert_ensemble_refiner or base_image_refiner"
+    )
+    refiner: str | None = Field(
+        None, max_length=200, description="Refiner model; empty: the model's manifest `refiner`, else the worker's"
+    )
+    high_noise_frac: float = Field(
+        0.8, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="expert_ensemble_refiner: fraction of the steps the base model runs before the refiner (1: none)",
+    )
+    refine_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="base_image_refiner: the refiner's steps; empty: num_inference_steps"
+    )
     output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
     disable_safety_checker: bool = Field(
@@ -116,6 +132,13 @@ class GenerationRequest(BaseModel):
             raise ValueError("mask: needs an image too (inpainting repaints the masked part of `image`)")
         if self.subseed_strength > 0 and self.image is not None:
             raise ValueError("subseed_strength: variation seeds work for txt2img only, not with an init image; use 0")
+        if self.refine != "no_refiner" and self.image is not None:
+            raise ValueError("refine: the refiner pass works for txt2img only here, not with an init image")
+        if self.refine == "no_refiner" and self.refiner:
+            raise ValueError("refiner: set refine (expert_ensemble_refiner or base_image_refiner) to use a refiner")
+        if self.refine == "expert_ensemble_refiner" and self.high_noise_frac == 0:
+            raise ValueError("high_noise_frac: must be above 0 (the base model runs this fraction of the steps); "
+                             "for an img2img pass of the refiner on the finished image use base_image_refiner")
         return self
 
     @property
