@@ -98,6 +98,19 @@ class Runner(BaseRunner):
         ),
         lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of lora_weights"),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
+        refine: str = Input(
+            default="no_refiner", choices=["no_refiner", "expert_ensemble_refiner", "base_image_refiner"],
+            description="SDXL refiner pass: no_refiner, expert_ensemble_refiner or base_image_refiner",
+        ),
+        refiner: str | None = Input(
+            default=None, max_length=200, description="Refiner model; empty: the model's `refiner`, else the worker's"
+        ),
+        high_noise_frac: float = Input(
+            default=0.8, ge=0.0, le=1.0, description="expert_ensemble_refiner: fraction of steps the base model runs"
+        ),
+        refine_steps: int | None = Input(
+            default=None, ge=1, le=150, description="base_image_refiner: refiner steps; empty: num_inference_steps"
+        ),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
@@ -120,7 +133,8 @@ class Runner(BaseRunner):
                 "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
                 "strength": strength, "output_format": output_format, "eta": eta,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-                "clip_skip": clip_skip,
+                "clip_skip": clip_skip, "refine": refine, "refiner": refiner, "high_noise_frac": high_noise_frac,
+                "refine_steps": refine_steps,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
             })

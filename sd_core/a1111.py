@@ -43,7 +43,7 @@ KNOWN_KEYS = {TXT2IMG: _COMMON | _TXT2IMG_ONLY, IMG2IMG: _COMMON | _IMG2IMG_ONLY
 A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequest.model_fields)
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
-UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "refiner_checkpoint", "script_name", "script_args",
+UNSUPPORTED = ("styles", "restore_faces", "tiling", "enable_hr", "script_name", "script_args",
                "inpainting_mask_invert", "include_init_images")
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
@@ -60,6 +60,7 @@ FIELD_NAMES = {
     "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "scheduler": "sampler_name",
     "num_outputs": "batch_size x n_iter", "strength": "denoising_strength", "image": "init_images",
     "model": "override_settings.sd_model_checkpoint", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "refine": "refiner_checkpoint", "refiner": "refiner_checkpoint", "high_noise_frac": "refiner_switch_at",
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
@@ -177,12 +178,12 @@ def _sampler(payload: dict, errors: list[str]) -> str | None:
         return sampler
 
 
-def _checkpoint_name(value, errors: list[str]) -> str | None:
+def _checkpoint_name(value, errors: list[str], key: str = CHECKPOINT_KEY) -> str | None:
     """A1111's sd_model_checkpoint ("my-model.safetensors [3f1c2a]") -> the manifest name ("my-model")."""
     if not isinstance(value, str):
         return None
     if len(value) > MAX_CHECKPOINT_CHARS:  # refused before any parsing
-        errors.append(f"{CHECKPOINT_KEY}: longer than {MAX_CHECKPOINT_CHARS} characters (got {len(value)})")
+        errors.append(f"{key}: longer than {MAX_CHECKPOINT_CHARS} characters (got {len(value)})")
         return None
     name = value.strip()
     if name.endswith("]"):  # " [3f1c2a]": A1111's short hash of the file
@@ -203,6 +204,26 @@ def _clip_skip(value, errors: list[str]) -> int | None:
                       f"(got {quote(value)})")
         return None
     return value - 1
+
+
+def _refiner(p: dict, errors: list[str]) -> dict:
+    """refiner_checkpoint + refiner_switch_at -> the expert ensemble (sd_core/refiner.py): the base model runs that
+    fraction of the steps, the refiner the rest. A switch at 1 runs no refiner, as in A1111. Without a switch A1111
+    hands over at the first step: refused, as the refiner never starts an image here."""
+    checkpoint = p.get("refiner_checkpoint")
+    if _is_off(checkpoint) or (isinstance(checkpoint, str) and checkpoint.strip().lower() == "none"):
+        return {}  # refiner_switch_at alone changes nothing in A1111 either
+    name = _checkpoint_name(checkpoint, errors, key="refiner_checkpoint")
+    if name is None:
+        if not isinstance(checkpoint, str):
+            errors.append(f"refiner_checkpoint: expected a checkpoint name (as /sdapi/v1/sd-models lists them), got "
+                          f"{quote(checkpoint)}")
+        return {}
+    if p.get("refiner_switch_at") is None:
+        errors.append("refiner_switch_at: required with refiner_checkpoint: the fraction of the steps after which the "
+                      "refiner takes over (A1111's default in its UI: 0.8)")
+        return {}
+    return {"refine": "expert_ensemble_refiner", "refiner": name, "high_noise_frac": p["refiner_switch_at"]}
 
 
 def to_request(call: A1111Call) -> GenerationRequest:
@@ -252,6 +273,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
             fields["model"] = model
         if (clip_skip := _clip_skip(overrides.get("CLIP_stop_at_last_layers"), errors)) is not None:
             fields["clip_skip"] = clip_skip
+    fields.update(_refiner(p, errors))
     if call.endpoint == IMG2IMG:
         images = p.get("init_images")
         if not isinstance(images, list) or len(images) != 1:
@@ -308,8 +330,11 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
     sampler, schedule = written.get("Sampler"), written.get("Schedule type")
     if not sampler and effective.scheduler:
         sampler, schedule = split_sampler(effective.scheduler)
+    switch_at = written.get("Refiner switch at")
+    # A1111 lists the schedule only when it is not Automatic, the refiner only when it ran
     extra = {"Schedule type": schedule if schedule != "Automatic" else None, "Denoising strength": strength,
-             "Lora hashes": written.get("Lora hashes")}  # A1111 lists the schedule only when it is not Automatic
+             "Lora hashes": written.get("Lora hashes"), "Refiner": written.get("Refiner"),
+             "Refiner switch at": float(switch_at) if switch_at else None}
     model_hash = written.get("Model hash")
     count = len(result.images)
     subseeds = result.subseeds or [-1] * count  # the variation seeds used (A1111 reports them for every image)

@@ -79,8 +79,8 @@ class Refiner:
     def _refiner(self, manifest: ModelManifest, name: str | None) -> ModelManifest:
         name = name or manifest.refiner or self.settings.default_refiner
         if not name:
-            raise InvalidRequest(f"refine needs a refiner model: name one, or give {quote(manifest.name)}'s manifest "
-                                 "a `refiner:` (or set SD_DEFAULT_REFINER)", field="refiner")
+            raise InvalidRequest("refine needs a refiner model: name one, or give the manifest of "
+                                 f"{quote(manifest.name)} a `refiner:` (or set SD_DEFAULT_REFINER)", field="refiner")
         try:
             refiner = self.catalog.get(name)
         except ModelNotFound as exc:

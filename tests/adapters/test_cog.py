@@ -253,6 +253,18 @@ def test_lora_weights_change_the_image(cog_server):
     assert unknown["status"] == "failed" and "no-such-lora" in unknown["error"]
 
 
+# --- SDXL refiner (more in tests/sd_core/test_refiner.py) -----------------------------------------------------------
+def test_refine_runs_the_sdxl_refiner(cog_server):
+    sdxl = {**FAST, "model": "tiny-sdxl", "width": 64, "height": 64, "seed": 4}
+    base = cog_server.predict(sdxl)
+    refined = cog_server.predict({**sdxl, "refine": "base_image_refiner", "refine_steps": 4})
+    assert base["status"] == "succeeded" and refined["status"] == "succeeded", refined.get("error")
+    assert decode_output(refined["output"][0])[1].tobytes() != decode_output(base["output"][0])[1].tobytes()
+    sd15 = cog_server.predict({**FAST, "refine": "expert_ensemble_refiner", "refiner": "tiny-sdxl-refiner"})
+    assert sd15["status"] == "failed"
+    assert sd15["error"].startswith("refiner: 'tiny-sdxl-refiner' refines sdxl models, not 'tiny-sd15'")
+
+
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
 def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
     prediction = cog_server.predict({**FAST, "num_outputs": 2, "seed": 8})

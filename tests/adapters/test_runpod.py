@@ -201,6 +201,28 @@ def test_a1111_clip_skip_from_override_settings(server):
                                     "which takes no clip skip")
 
 
+def test_a1111_refiner_checkpoint_runs_the_expert_ensemble(server):
+    payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "sampler_name": "Euler",
+               "seed": 12, "override_settings": {"sd_model_checkpoint": "tiny-sdxl"},
+               "refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5}
+    refined = completed(server.runsync(payload, timeout=240))
+    native = completed(server.runsync({"prompt": "a lighthouse", "num_inference_steps": 2, "guidance_scale": 5,
+                                       "width": 64, "height": 64, "scheduler": "Euler", "seed": 12,
+                                       "model": "tiny-sdxl", "refine": "expert_ensemble_refiner",
+                                       "high_noise_frac": 0.5}, timeout=240))
+    assert decode(refined["images"][0]).tobytes() == decode(native["images"][0]["image"]).tobytes()
+    info = json.loads(refined["info"])
+    assert info["extra_generation_params"]["Refiner"] == "tiny-sdxl-refiner"
+    assert info["extra_generation_params"]["Refiner switch at"] == 0.5
+    got = a1111.parse(read_parameters(base64.b64decode(refined["images"][0])))
+    assert (got["Refiner"], got["Refiner switch at"]) == ("tiny-sdxl-refiner", "0.5")
+    sd15 = server.runsync({**payload, "override_settings": {"sd_model_checkpoint": "tiny-sd15"}}, timeout=120)
+    assert sd15["status"] == "FAILED"
+    assert sd15["error"].startswith("refiner_checkpoint: 'tiny-sdxl-refiner' refines sdxl models, not 'tiny-sd15'")
+    no_switch = server.runsync({k: v for k, v in payload.items() if k != "refiner_switch_at"}, timeout=120)
+    assert no_switch["status"] == "FAILED" and no_switch["error"].startswith("refiner_switch_at: required")
+
+
 def test_a1111_variation_seeds_reach_the_image_info_and_infotext(server):
     payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "sampler_name": "Euler",
                "seed": 40, "subseed": 50, "subseed_strength": 1, "batch_size": 2, "seed_resize_from_w": -1}
