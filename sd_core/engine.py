@@ -199,7 +199,8 @@ class Engine:
             for manifest, fetching in zip(manifests, fetches, strict=True):
                 if fetching is not None:
                     self.loader.prefetched[manifest.name] = fetching.result()
-                self.pool.get(manifest.name, expected_bytes=manifest.size or 0)
+                refined = [m.name for m in manifests if m.refiner == manifest.name]  # a refiner shares with its base
+                self.pool.get(manifest.name, expected_bytes=manifest.size or 0, share_from=next(iter(refined), None))
                 self.loader.prefetched.pop(manifest.name, None)  # unused if the model was loaded already
                 timings[manifest.name] = time.perf_counter() - started
                 started = time.perf_counter()

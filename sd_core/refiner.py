@@ -68,6 +68,10 @@ class Refiner:
                 f"{' or '.join(manifest.family.refines)} model", field="model")
         if not refines(req):
             return
+        if req.refine == BASE_IMAGE and refiner_steps(req) < 1:  # diffusers' img2img refuses to run no step
+            raise InvalidRequest(
+                f"base_image_refiner runs {BASE_IMAGE_STRENGTH:g} of its steps (img2img strength): give at least 4 "
+                f"(got {req.refine_steps or req.num_inference_steps})", field="refine_steps")
         job.refiner = self._refiner(manifest, req.refiner)
         job.request = req.model_copy(update={"refiner": job.refiner.name})  # reported as used
         job.pipe_kwargs = {"output_type": "latent"}

@@ -262,7 +262,7 @@ def test_refine_runs_the_sdxl_refiner(cog_server):
     assert decode_output(refined["output"][0])[1].tobytes() != decode_output(base["output"][0])[1].tobytes()
     sd15 = cog_server.predict({**FAST, "refine": "expert_ensemble_refiner", "refiner": "tiny-sdxl-refiner"})
     assert sd15["status"] == "failed"
-    assert sd15["error"].startswith("refiner: 'tiny-sdxl-refiner' refines sdxl models, not 'tiny-sd15'")
+    assert "refiner: 'tiny-sdxl-refiner' refines sdxl models, not 'tiny-sd15' (sd15)" in sd15["error"]
 
 
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)

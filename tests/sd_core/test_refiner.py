@@ -40,12 +40,17 @@ def bare(tiny_bucket):
         pipe.set_progress_bar_config(disable=True)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 
-    def run(refine: str, frac: float = 0.8) -> np.ndarray:
+    def run(refine: str, frac: float = 0.8, lora: str | None = None) -> np.ndarray:
         common = {"prompt": PROMPT, "num_inference_steps": STEPS, "guidance_scale": CFG}
+        if lora:  # on the base pass only: off again before the refiner, which shares text_encoder_2
+            base.load_lora_weights(tiny_bucket / "loras" / lora, adapter_name="style")
         with torch.inference_mode():
             first = {"denoising_end": frac} if refine == "expert_ensemble_refiner" else {}
             latents = base(**common, **first, width=64, height=64, output_type="latent",
                            generator=torch.Generator("cpu").manual_seed(SEED)).images
+        if lora:
+            base.unload_lora_weights()
+        with torch.inference_mode():
             second = {"denoising_start": frac} if refine == "expert_ensemble_refiner" else {}  # else strength 0.3
             image = refiner(**common, **second, image=latents,
                             generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
@@ -95,6 +100,13 @@ def test_base_image_refiner_equals_bare_diffusers(engine, bare, plain):
     assert infotext_parameters(refined.parameters)["Refiner steps"] == str(STEPS)
 
 
+def test_base_loras_apply_to_the_base_pass_only(engine, bare):
+    refined = engine.generate(GenerationRequest(**FAST, refine="expert_ensemble_refiner", high_noise_frac=0.5,
+                                                loras=[{"source": "tiny-xl-style"}]))
+    assert np.array_equal(pixels(refined), bare("expert_ensemble_refiner", 0.5, lora="tiny-sdxl-peft.safetensors"))
+    assert np.abs(pixels(refined) - bare("expert_ensemble_refiner", 0.5)).mean() > 0.5  # the LoRA did something
+
+
 def test_refiner_modules_are_the_base_modules(engine, plain, tiny_bucket):
     engine.generate(GenerationRequest(**{**FAST, "num_inference_steps": 2}, refine="expert_ensemble_refiner"))
     base = engine.pool.get("tiny-sdxl").pipeline("txt2img")
@@ -116,6 +128,8 @@ def test_refiner_modules_are_the_base_modules(engine, plain, tiny_bucket):
     ({"model": "tiny-sdxl-single", "refine": "expert_ensemble_refiner"},
      "refiner: refine needs a refiner model: name one, or give the manifest of 'tiny-sdxl-single' a `refiner:`"),
     ({"model": "tiny-sdxl-refiner"}, "model: 'tiny-sdxl-refiner' is a refiner: use it as `refiner`"),
+    ({"model": "tiny-sdxl", "refine": "base_image_refiner", "refine_steps": 3},
+     "refine_steps: base_image_refiner runs 0.3 of its steps (img2img strength): give at least 4 (got 3)"),
 ])
 def test_refused_refiner_requests(engine, request_fields, message):
     with pytest.raises(InvalidRequest) as caught:
