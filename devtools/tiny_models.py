@@ -11,6 +11,7 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/tiny-A/config/               the weight-less config folder ``from_single_file(..., config=...)`` needs
     DIR/loras/tiny-A-peft.safetensors   rank-4 LoRA (UNet + text encoders), peft keys, as save_lora_weights writes
     DIR/loras/tiny-A-kohya.safetensors  the same matrices in kohya's layout with alpha 2 (= the peft LoRA at 0.5)
+    DIR/tiny-sdxl-refiner*/diffusers/   with sdxl: two tiny SDXL refiners (devtools/tiny_refiner.py)
 
 and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
 the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:

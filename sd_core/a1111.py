@@ -213,15 +213,20 @@ def _refiner(p: dict, errors: list[str]) -> dict:
     checkpoint = p.get("refiner_checkpoint")
     if _is_off(checkpoint) or (isinstance(checkpoint, str) and checkpoint.strip().lower() == "none"):
         return {}  # refiner_switch_at alone changes nothing in A1111 either
+    found = len(errors)
     name = _checkpoint_name(checkpoint, errors, key="refiner_checkpoint")
     if name is None:
-        if not isinstance(checkpoint, str):
+        if len(errors) == found:  # not already refused as too long
             errors.append(f"refiner_checkpoint: expected a checkpoint name (as /sdapi/v1/sd-models lists them), got "
                           f"{quote(checkpoint)}")
         return {}
     if p.get("refiner_switch_at") is None:
         errors.append("refiner_switch_at: required with refiner_checkpoint: the fraction of the steps after which the "
                       "refiner takes over (A1111's default in its UI: 0.8)")
+        return {}
+    if p["refiner_switch_at"] == 0 and not isinstance(p["refiner_switch_at"], bool):
+        errors.append("refiner_switch_at: 0 (the refiner from the first step) is not supported by this worker: the "
+                      "base model runs the first steps; use a fraction above 0")
         return {}
     return {"refine": "expert_ensemble_refiner", "refiner": name, "high_noise_frac": p["refiner_switch_at"]}
 

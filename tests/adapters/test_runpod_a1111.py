@@ -223,3 +223,24 @@ def test_image_changing_sampler_knobs_are_honoured_at_their_defaults_or_refused(
     with pytest.raises(InvalidRequest) as caught:
         a1111.to_request(call)
     assert refused in str(caught.value)
+
+
+def test_refiner_checkpoint_translation():
+    request = a1111.to_request(a1111.parse_call({"steps": 4, "refiner_checkpoint": "my-refiner.safetensors [0123abcd]",
+                                                 "refiner_switch_at": 0.75}))
+    assert (request.refine, request.refiner, request.high_noise_frac) == ("expert_ensemble_refiner", "my-refiner", 0.75)
+    for off in ("", "None", "none", None):  # A1111's "no refiner"; a switch alone changes nothing
+        request = a1111.to_request(a1111.parse_call({"steps": 4, "refiner_checkpoint": off, "refiner_switch_at": 0.5}))
+        assert (request.refine, request.refiner) == ("no_refiner", None)
+    for payload, message in (
+        ({"refiner_checkpoint": "r"}, "refiner_switch_at: required with refiner_checkpoint"),
+        ({"refiner_checkpoint": "r", "refiner_switch_at": 0}, "refiner_switch_at: 0 (the refiner from the first step)"),
+        ({"refiner_checkpoint": "r", "refiner_switch_at": 1.5}, "refiner_switch_at: Input should be less than"),
+        ({"refiner_checkpoint": ".safetensors", "refiner_switch_at": 0.5}, "refiner_checkpoint: expected a checkpoint"),
+        ({"refiner_checkpoint": "r", "refiner_switch_at": 0.5, "init_images": [INIT]},
+         "refine: the refiner pass works for txt2img only"),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            a1111.to_request(a1111.parse_call({"steps": 4, **payload}))
+        assert a1111.rename_fields(str(caught.value)).startswith(message.replace("refine:", "refiner_checkpoint:")), \
+            str(caught.value)
