@@ -122,6 +122,11 @@ class PipelinePool:
     def loaded(self) -> list[str]:
         return list(self._models)
 
+    @property
+    def used_bytes(self) -> int:
+        """The loaded models' weights; a module several models share (sd_core/shared_modules.py) counted once."""
+        return sum({key: size for m in self._models.values() for key, size in m.module_bytes.items()}.values())
+
     def get(self, name: str, expected_bytes: int = 0, share_from: str | None = None) -> LoadedModel:
         """The loaded model ``name``, loading it (after making room) if needed; a new load takes the components it
         has in common with the loaded model ``share_from`` from it (sd_core/shared_modules.py)."""
@@ -136,11 +141,7 @@ class PipelinePool:
             return model
 
     def _evict(self, keep: str | None, incoming: int) -> None:
-        def used() -> int:  # modules shared by several models counted once
-            return sum({key: size for m in self._models.values() for key, size in m.module_bytes.items()}.values()
-                       ) + incoming
-
-        while used() > self.budget:
+        while self.used_bytes + incoming > self.budget:
             victim = next((n for n in self._models if n != keep), None)
             if victim is None:
                 break

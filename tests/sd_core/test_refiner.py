@@ -113,6 +113,10 @@ def test_refiner_modules_are_the_base_modules(engine, plain, tiny_bucket):
     refiner = engine.pool.get("tiny-sdxl-refiner").pipeline("txt2img")
     assert refiner.vae is base.vae and refiner.text_encoder_2 is base.text_encoder_2
     assert refiner.unet is not base.unet and refiner.text_encoder is None
+    loaded = {name: engine.pool.get(name) for name in engine.pool.loaded}
+    shared = sum(t.numel() * t.element_size()
+                 for module in (base.vae, base.text_encoder_2) for t in (*module.parameters(), *module.buffers()))
+    assert engine.pool.used_bytes == sum(m.nbytes for m in loaded.values()) - shared  # counted once in the budget
     # a refiner whose VAE and encoder files differ from the base's gets its own
     own = ModelManifest(name="own", architecture="sdxl-refiner", format="diffusers", uri="x/")
     local = LocalModel(manifest=own, weights=tiny_bucket / "tiny-sdxl-refiner-own" / "diffusers", config=None)
