@@ -143,6 +143,19 @@ class Runner(BaseRunner):
         hires_denoising_strength: float = Input(
             default=0.7, ge=0.0, le=1.0, description="How much the hires second pass changes the image (above 0)"
         ),
+        refine: str = Input(
+            default="no_refiner", choices=["no_refiner", "expert_ensemble_refiner", "base_image_refiner"],
+            description="SDXL refiner pass: no_refiner, expert_ensemble_refiner or base_image_refiner",
+        ),
+        refiner: str | None = Input(
+            default=None, max_length=200, description="Refiner model; empty: the model's `refiner`, else the worker's"
+        ),
+        high_noise_frac: float = Input(
+            default=0.8, ge=0.0, le=1.0, description="expert_ensemble_refiner: fraction of steps the base model runs"
+        ),
+        refine_steps: int | None = Input(
+            default=None, ge=1, le=150, description="base_image_refiner: refiner steps; empty: num_inference_steps"
+        ),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
@@ -170,6 +183,7 @@ class Runner(BaseRunner):
                 "mask_blur_y": mask_blur_y, "invert_mask": invert_mask, "inpaint_fill": inpaint_fill,
                 "padding_mask_crop": padding_mask_crop, "inpaint_overlay": inpaint_overlay,
                 "outpaint": _outpaint(outpaint_left, outpaint_right, outpaint_top, outpaint_bottom),
+                "refine": refine, "refiner": refiner, "high_noise_frac": high_noise_frac, "refine_steps": refine_steps,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": source, "scale": scale}
                           for source, scale in ((lora_weights, lora_scale), (extra_lora, extra_lora_scale))

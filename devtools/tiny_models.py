@@ -13,6 +13,7 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/loras/tiny-A-kohya.safetensors  the same matrices in kohya's layout with alpha 2 (= the peft LoRA at 0.5)
     DIR/vaes/tiny-A-vae[.safetensors]   an alternate VAE, folder and single file (devtools/tiny_vae.py)
     DIR/embeddings/tiny-A-neg.safetensors  a 2-vector textual-inversion embedding, A1111 layout (tiny_embeddings.py)
+    DIR/tiny-sdxl-refiner*/diffusers/   with sdxl: two tiny SDXL refiners (devtools/tiny_refiner.py)
 
 and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
 the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:
@@ -64,6 +65,7 @@ from transformers import (  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from devtools.tiny_embeddings import write_embeddings  # noqa: E402
+from devtools.tiny_refiner import build_refiners  # noqa: E402
 from devtools.tiny_upscaler import write_tiny_upscalers  # noqa: E402
 
 ARCHS = ("sd15", "sdxl")
@@ -607,6 +609,8 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
 
     paths.update(write_tiny_vaes(arch, out / "vaes", seed))
     paths.update(write_embeddings(pipe, arch, out / "embeddings", seed))
+    if arch == "sdxl":
+        paths.update(build_refiners(out, seed))  # devtools/tiny_refiner.py: reuses this model's VAE, text_encoder_2
     return paths
 
 

@@ -46,8 +46,7 @@ KNOWN_KEYS = {TXT2IMG: _COMMON | _TXT2IMG_ONLY, IMG2IMG: _COMMON | _IMG2IMG_ONLY
 A1111_ONLY_KEYS = (_COMMON | _TXT2IMG_ONLY | _IMG2IMG_ONLY) - set(GenerationRequest.model_fields)
 
 # Features this worker does not have: accepted only when off (absent, null, false, 0, "", [], {}).
-UNSUPPORTED = ("styles", "restore_faces", "refiner_checkpoint", "script_name", "script_args",
-               "include_init_images", "latent_mask")
+UNSUPPORTED = ("styles", "restore_faces", "script_name", "script_args", "include_init_images", "latent_mask")
 # Off also at -1: noise drawn at another size (A1111's "resize seed from") is not implemented.
 UNSUPPORTED_SIZES = ("seed_resize_from_w", "seed_resize_from_h")
 # k-diffusion's noise knobs and A1111's negative-guidance cut-off: accepted at A1111's defaults only (they change the
@@ -68,6 +67,7 @@ FIELD_NAMES = {
     "vae": "override_settings.sd_vae",
     **a1111_hires.FIELD_NAMES,
     **a1111_inpaint.FIELD_NAMES,
+    "refine": "refiner_checkpoint", "refiner": "refiner_checkpoint", "high_noise_frac": "refiner_switch_at",
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
@@ -186,12 +186,12 @@ def _sampler(payload: dict, errors: list[str]) -> str | None:
         return sampler
 
 
-def _checkpoint_name(value, errors: list[str]) -> str | None:
+def _checkpoint_name(value, errors: list[str], key: str = CHECKPOINT_KEY) -> str | None:
     """A1111's sd_model_checkpoint ("my-model.safetensors [3f1c2a]") -> the manifest name ("my-model")."""
     if not isinstance(value, str):
         return None
     if len(value) > MAX_CHECKPOINT_CHARS:  # refused before any parsing
-        errors.append(f"{CHECKPOINT_KEY}: longer than {MAX_CHECKPOINT_CHARS} characters (got {len(value)})")
+        errors.append(f"{key}: longer than {MAX_CHECKPOINT_CHARS} characters (got {len(value)})")
         return None
     name = value.strip()
     if name.endswith("]"):  # " [3f1c2a]": A1111's short hash of the file
@@ -212,6 +212,31 @@ def _clip_skip(value, errors: list[str]) -> int | None:
                       f"(got {quote(value)})")
         return None
     return value - 1
+
+
+def _refiner(p: dict, errors: list[str]) -> dict:
+    """refiner_checkpoint + refiner_switch_at -> the expert ensemble (sd_core/refiner.py): the base model runs that
+    fraction of the steps, the refiner the rest. A switch at 1 runs no refiner, as in A1111. Without a switch A1111
+    hands over at the first step: refused, as the refiner never starts an image here."""
+    checkpoint = p.get("refiner_checkpoint")
+    if _is_off(checkpoint) or (isinstance(checkpoint, str) and checkpoint.strip().lower() == "none"):
+        return {}  # refiner_switch_at alone changes nothing in A1111 either
+    found = len(errors)
+    name = _checkpoint_name(checkpoint, errors, key="refiner_checkpoint")
+    if name is None:
+        if len(errors) == found:  # not already refused as too long
+            errors.append(f"refiner_checkpoint: expected a checkpoint name (as /sdapi/v1/sd-models lists them), got "
+                          f"{quote(checkpoint)}")
+        return {}
+    if p.get("refiner_switch_at") is None:
+        errors.append("refiner_switch_at: required with refiner_checkpoint: the fraction of the steps after which the "
+                      "refiner takes over (A1111's default in its UI: 0.8)")
+        return {}
+    if p["refiner_switch_at"] == 0 and not isinstance(p["refiner_switch_at"], bool):
+        errors.append("refiner_switch_at: 0 (the refiner from the first step) is not supported by this worker: the "
+                      "base model runs the first steps; use a fraction above 0")
+        return {}
+    return {"refine": "expert_ensemble_refiner", "refiner": name, "high_noise_frac": p["refiner_switch_at"]}
 
 
 def to_request(call: A1111Call) -> GenerationRequest:
@@ -271,6 +296,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
         a1111_options.check_image_options(overrides, errors)
     if call.endpoint == TXT2IMG and (hires := a1111_hires.hires_spec(p, errors, _sampler)) is not None:
         fields["hires"] = hires  # enable_hr and the hr_* keys (txt2img's denoising_strength is the second pass's)
+    fields.update(_refiner(p, errors))
     if call.endpoint == IMG2IMG:
         images = p.get("init_images")
         if not isinstance(images, list) or len(images) != 1:
@@ -333,9 +359,12 @@ def to_response(call: A1111Call, result: GenerationResult, images: list[str]) ->
     sampler, schedule = written.get("Sampler"), written.get("Schedule type")
     if not sampler and effective.scheduler:
         sampler, schedule = split_sampler(effective.scheduler)
+    switch_at = written.get("Refiner switch at")
+    # A1111 lists the schedule only when it is not Automatic, the refiner only when it ran
     extra = {"Schedule type": schedule if schedule != "Automatic" else None, "Denoising strength": strength,
              **{key: value for key, value in written.items() if key.startswith("Hires ")},
-             "Lora hashes": written.get("Lora hashes"), "TI hashes": written.get("TI hashes")}
+             "Lora hashes": written.get("Lora hashes"), "TI hashes": written.get("TI hashes"),
+             "Refiner": written.get("Refiner"), "Refiner switch at": float(switch_at) if switch_at else None}
     # (A1111 lists the schedule only when it is not Automatic)
     model_hash = written.get("Model hash")
     count = len(result.images)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
@@ -72,6 +74,31 @@ class Denoiser:
             offset += len(job.seeds)
         return results
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the GPU lock, for a post-pass's own pipeline calls (the refiner's second pass): no batch runs
+        meanwhile."""
+        with self._gpu_lock:
+            yield
+
+    def invoke(self, pipe, kwargs: dict) -> list:
+        """``pipe(**kwargs).images`` without autograd (hold ``exclusive``); an out-of-memory or device error
+        becomes OutOfMemory (caches released) or WorkerUnhealthy."""
+        import torch
+
+        try:
+            with torch.inference_mode():
+                return pipe(**kwargs).images
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                free_memory(self.placement)
+                raise OutOfMemory(
+                    "ran out of memory during generation; try fewer or smaller images", field="num_outputs"
+                ) from None
+            if is_fatal_device_error(exc):
+                raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
+            raise
+
     def _call_pipeline(self, pipe, jobs: list[Job], clip_skip: int | None = None) -> list:
         import torch
 
@@ -122,18 +149,8 @@ class Denoiser:
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = step_end
-        try:
-            with torch.inference_mode():
-                return pipe(**kwargs).images
-        except Exception as exc:
-            if is_out_of_memory(exc):
-                free_memory(self.placement)
-                raise OutOfMemory(
-                    "ran out of memory during generation; try fewer or smaller images", field="num_outputs"
-                ) from None
-            if is_fatal_device_error(exc):
-                raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
-            raise
+        kwargs.update(first.pipe_kwargs)  # what a post-pass needs of this call (same for the batch: Job.batch_key)
+        return self.invoke(pipe, kwargs)
 
 
 def _clip_skip(job: Job, pipe) -> int | None:

@@ -15,7 +15,8 @@ from .denoise import Denoiser
 from .device import choose_placement
 from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, quote
-from .hires import HiresFix, infotext_fields
+from .hires import HiresFix
+from .hires import infotext_fields as hires_infotext
 from .hires import plan as plan_hires
 from .input_images import prepare_init_images
 from .jobs import CancelCheck, Job, StepCallback
@@ -24,6 +25,8 @@ from .manifests import ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
 from .prompt_tags import TAG, parse_prompt_tags
+from .refiner import Refiner
+from .refiner import infotext_fields as refiner_infotext
 from .safety import SafetyChecker
 from .schedulers import check_eta
 from .schema import MAX_SEED, GenerationRequest, GenerationResult, outpaint_size_problem, resolve_seed
@@ -58,9 +61,10 @@ class Engine:
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
         # SD_SAFETY_CHECKER (None, when no adapter set a platform default, means off): loaded by preload or first use.
         self.safety = SafetyChecker(self.settings, self.placement) if self.settings.safety_checker else None
-        # Stage 6, in order: the inpainting overlay, the hires fix's second pass, the safety checker.
+        self.refiner = Refiner(self.denoiser, self.loras, self.catalog, self.settings)
+        # Stage 6, in order: the inpainting overlay, the hires fix's second pass, the refiner, the safety checker.
         self.hires = HiresFix(self)
-        self.post_passes: list[PostPass] = [inpainting.overlay_pass, self.hires.post_pass]
+        self.post_passes: list[PostPass] = [inpainting.overlay_pass, self.hires.post_pass, self.refiner.post_pass]
         if self.safety is not None:
             self.post_passes.append(self.safety.post_pass)
 
@@ -129,10 +133,13 @@ class Engine:
             first_subseed = resolve_seed(req.subseed)
             subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
             req = req.model_copy(update={"subseed": first_subseed})
-        return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
-                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
-                   inpaint=plan, timings={"prepare_s": time.perf_counter() - started})
+        job = Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
+                  on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
+                  negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
+                  inpaint=plan)
+        self.refiner.plan(job)  # a refined job: its refiner found and checked, latents asked of stage 5
+        job.timings["prepare_s"] = time.perf_counter() - started
+        return job
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""
@@ -140,7 +147,7 @@ class Engine:
         strength = req.strength if req.image is not None else None
         if job.hires is not None:
             strength = job.hires.spec.denoising_strength
-        hires_fields = infotext_fields(job)
+        hires_fields = hires_infotext(job)
         prompt, lora_hashes = _infotext_prompt(job)
         negative = req.negative_prompt if job.negative_prompt is None else job.negative_prompt
         ti_hashes = {item.name: item.sha256 for item in job.embeddings}
@@ -157,6 +164,7 @@ class Engine:
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
                 eta=req.eta, tiling=req.tiling, vae=job.vae.name if job.vae else None,
                 vae_hash=job.vae.sha256 if job.vae else None, hires=hires_fields, ti_hashes=ti_hashes,
+                extra=refiner_infotext(job),
             )
 
         def encode(item):
@@ -227,7 +235,8 @@ class Engine:
             for manifest, fetching in zip(manifests, fetches, strict=True):
                 if fetching is not None:
                     self.loader.prefetched[manifest.name] = fetching.result()
-                self.pool.get(manifest.name, expected_bytes=manifest.size or 0)
+                refined = [m.name for m in manifests if m.refiner == manifest.name]  # a refiner shares with its base
+                self.pool.get(manifest.name, expected_bytes=manifest.size or 0, share_from=next(iter(refined), None))
                 self.loader.prefetched.pop(manifest.name, None)  # unused if the model was loaded already
                 timings[manifest.name] = time.perf_counter() - started
                 started = time.perf_counter()

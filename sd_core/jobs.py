@@ -46,6 +46,10 @@ class Job:
     hires: HiresPlan | None = None  # the hires fix's second pass, run by stage 6 (sd_core/hires.py)
     pass_mode: str | None = None  # a pipeline mode other than the request's: "img2img" for a hires second pass
     inpaint: Any = None  # sd_core.inpainting.InpaintPlan: the overlay post-pass (None: none)
+    # extra keyword arguments of the stage-5 pipeline call, for a post-pass that continues it (the refiner:
+    # output_type="latent", denoising_end); jobs with different ones never share a batch
+    pipe_kwargs: dict[str, Any] = field(default_factory=dict)
+    refiner: ModelManifest | None = None  # the refiner model of a refined job (sd_core/refiner.py), else None
 
     @property
     def mode(self) -> str:
@@ -71,7 +75,7 @@ class Job:
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
                 tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling,
-                self.vae.key if self.vae else None, self.output_type)
+                self.vae.key if self.vae else None, self.output_type, tuple(sorted(self.pipe_kwargs.items())))
 
     @property
     def steps_run(self) -> int:

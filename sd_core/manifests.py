@@ -110,6 +110,8 @@ class ModelManifest(BaseModel):
     loras: list[LoraEntry] = Field(default_factory=list)
     vaes: list[VaeEntry] = Field(default_factory=list, description="alternate VAEs a request may choose (`vae`)")
     embeddings: list[EmbeddingEntry] = Field(default_factory=list)
+    refiner: str | None = Field(None, pattern=NAME_PATTERN, description="the refiner model a request's `refine` uses "
+                                "when it names none (an sdxl-refiner manifest)")
 
     @model_validator(mode="after")
     def _consistent(self):

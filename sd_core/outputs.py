@@ -55,6 +55,7 @@ def infotext(
     lora_hashes: dict[str, str] | None = None, clip_skip: int = 0, subseed: int | None = None,
     subseed_strength: float | None = None, eta: float | None = None, tiling: bool = False, vae: str | None = None,
     vae_hash: str | None = None, hires: dict[str, object] | None = None, ti_hashes: dict[str, str] | None = None,
+    extra: dict[str, object] | None = None,
 ) -> str:
     """The generation parameters in A1111's infotext format (what its PNG Info tab reads back).
 
@@ -65,6 +66,7 @@ def infotext(
     `vae` the alternate VAE's name and `vae_hash` its file's sha256 (A1111's `VAE hash`, `VAE`), when one was chosen.
     `hires`: the hires fix's `Hires ...` fields in order (sd_core/hires.py), after `RNG` as A1111 writes them.
     `ti_hashes` {embedding name: its file's sha256} for the textual-inversion embeddings the prompts used.
+    `extra`: further fields of a post-pass (the refiner's), written where A1111 writes its extra parameters.
     """
     sampler_name, schedule = split_sampler(sampler)
     default_eta = SAMPLERS[sampler_name].eta
@@ -86,6 +88,7 @@ def infotext(
         # A1111: the embeddings the prompts used, as {name: 12 hex digits of the file's sha256}
         "TI hashes": ", ".join(f"{lora_name(name)}: {digest[:12]}" for name, digest in ti_hashes.items())
         if ti_hashes else None,
+        **(extra or {}),
         "Version": GENERATOR,
     }
     lines = [prompt]

@@ -14,6 +14,7 @@ from .device import Placement, free_memory, optimize, total_memory_bytes
 from .manifests import LocalModel, ModelCatalog, fetch_model
 from .schedulers import build_scheduler
 from .settings import Settings
+from .shared_modules import shared_components
 
 log = logging.getLogger("sd_core.pipelines")
 
@@ -31,6 +32,7 @@ class LoadedModel:
     """One model in memory: the txt2img pipeline, img2img/inpaint views sharing its weights, built schedulers."""
 
     def __init__(self, local: LocalModel, pipe, placement: Placement):
+        self.local = local
         self.manifest = local.manifest
         self.name = local.manifest.name
         self.placement = placement
@@ -40,13 +42,19 @@ class LoadedModel:
         self.config_dir = local.config or local.weights  # diffusers configs (vae/config.json: alternate VAE files)
         self.own_vae = pipe.vae
         self.vaes: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # alternate VAEs loaded (sd_core/vae.py)
-        self.base_nbytes = sum(module_bytes(module) for module in pipe.components.values()
-                               if isinstance(module, torch.nn.Module))
+        # bytes per component (by identity): a module shared with another loaded model is counted once by the pool
+        self.component_bytes = {id(module): module_bytes(module) for module in pipe.components.values()
+                                if isinstance(module, torch.nn.Module)}
+
+    @property
+    def module_bytes(self) -> dict[int, int]:
+        """Bytes per module held (by identity): the pipeline's components and the alternate VAEs loaded for it."""
+        return {**self.component_bytes, **{id(vae): module_bytes(vae) for vae in self.vaes.values()}}
 
     @property
     def nbytes(self) -> int:
         """Memory held: the pipeline's weights and the alternate VAEs loaded for it."""
-        return self.base_nbytes + sum(module_bytes(vae) for vae in self.vaes.values())
+        return sum(self.module_bytes.values())
 
     def pipeline(self, mode: str):
         """The pipeline for ``mode``; img2img/inpaint are made once with from_pipe (no second copy of weights)."""
@@ -65,8 +73,9 @@ def module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -> LoadedModel:
-    """Load a fetched model onto the device. Single files use the manifest's local config folder, never the hub."""
+def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, share_from=None) -> LoadedModel:
+    """Load a fetched model onto the device. Single files use the manifest's local config folder, never the hub.
+    Components equal to those of ``share_from`` (a LoadedModel) are taken from it, not loaded again."""
     manifest = local.manifest
     cls = manifest.family.pipeline_class("txt2img")
     quiet_loaders()
@@ -81,7 +90,8 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement) -
                 refuse_pickle(path, settings)
         # True: safetensors only. None (SD_ALLOW_PICKLE): safetensors first, pickle files where there are no others.
         safetensors_only = None if settings.allow_pickle else True
-        pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, **common)
+        shared = shared_components(local, share_from)
+        pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, **common, **shared)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # sd_core.safety runs the checker as a post-pass (docs/security.md).
     pipe.to(placement.device)
@@ -102,9 +112,9 @@ class ModelLoader:
         self.placement = placement
         self.prefetched: dict[str, LocalModel] = {}  # fetched by preload's background thread, not loaded yet
 
-    def load(self, name: str) -> LoadedModel:
+    def load(self, name: str, share_from: LoadedModel | None = None) -> LoadedModel:
         local = self.prefetched.pop(name, None) or fetch_model(self.catalog.get(name), self.settings)
-        return load_pipeline(local, self.settings, self.placement)
+        return load_pipeline(local, self.settings, self.placement, share_from)
 
 
 class PipelinePool:
@@ -125,14 +135,20 @@ class PipelinePool:
     def loaded(self) -> list[str]:
         return list(self._models)
 
-    def get(self, name: str, expected_bytes: int = 0) -> LoadedModel:
-        """The loaded model ``name``, loading it (after making room) if needed."""
+    @property
+    def used_bytes(self) -> int:
+        """The loaded models' weights; a module several models share (sd_core/shared_modules.py) counted once."""
+        return sum({key: size for m in self._models.values() for key, size in m.module_bytes.items()}.values())
+
+    def get(self, name: str, expected_bytes: int = 0, share_from: str | None = None) -> LoadedModel:
+        """The loaded model ``name``, loading it (after making room) if needed; a new load takes the components it
+        has in common with the loaded model ``share_from`` from it (sd_core/shared_modules.py)."""
         with self._lock:
             if name in self._models:
                 self._models.move_to_end(name)
                 return self._models[name]
             self._evict(keep=None, incoming=expected_bytes)
-            model = self._loader.load(name)
+            model = self._loader.load(name, self._models.get(share_from) if share_from else None)
             self._models[name] = model
             self._evict(keep=name, incoming=0)
             return model
@@ -143,10 +159,7 @@ class PipelinePool:
             self._evict(keep=keep, incoming=0)
 
     def _evict(self, keep: str | None, incoming: int) -> None:
-        def used() -> int:
-            return sum(m.nbytes for m in self._models.values()) + incoming
-
-        while used() > self.budget:
+        while self.used_bytes + incoming > self.budget:
             victim = next((n for n in self._models if n != keep), None)
             if victim is None:
                 break

@@ -25,6 +25,9 @@ MAX_EMBEDDINGS = 16  # textual-inversion embeddings a request may bring in `embe
 EMBEDDING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # as manifest names: the word that triggers it
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
+# Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's
+# schedule (ensemble of experts); the refiner runs img2img on the base's finished image (sd_core/refiner.py)
+REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
 MAX_MESSAGE_PARTS = 10  # validation errors described in one message; the rest are counted
 MAX_MASK_BLUR = 64  # std in pixels of the mask's Gaussian blur
@@ -179,6 +182,19 @@ class GenerationRequest(BaseModel):
         description="VAE from the model's manifest (`vaes`); empty, Automatic or None: the model's own",
     )
     hires: HiresSpec | None = Field(None, description="Hires fix (docs/api.md); empty: one pass")
+    refine: Literal[REFINE_MODES] = Field(  # type: ignore[valid-type]
+        "no_refiner", description="SDXL refiner pass: no_refiner, expert_ensemble_refiner or base_image_refiner"
+    )
+    refiner: str | None = Field(
+        None, max_length=200, description="Refiner model; empty: the model's manifest `refiner`, else the worker's"
+    )
+    high_noise_frac: float = Field(
+        0.8, ge=0.0, le=1.0, allow_inf_nan=False,
+        description="expert_ensemble_refiner: fraction of the steps the base model runs before the refiner (1: none)",
+    )
+    refine_steps: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="base_image_refiner: the refiner's steps; empty: num_inference_steps"
+    )
     output_format: Literal[OUTPUT_FORMATS] = Field("png", description="Image file format")  # type: ignore[valid-type]
     output_quality: int = Field(90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)")
     disable_safety_checker: bool = Field(
@@ -213,6 +229,15 @@ class GenerationRequest(BaseModel):
         if self.hires is not None and self.subseed_strength > 0:
             raise ValueError("hires: not combined with variation seeds (subseed_strength) by this worker; use 0")
         self._check_inpainting()
+        if self.refine != "no_refiner" and self.image is not None:
+            raise ValueError("refine: the refiner pass works for txt2img only here, not with an init image")
+        if self.refine != "no_refiner" and self.hires is not None:
+            raise ValueError("refine: not combined with the hires fix by this worker; use one of them")
+        if self.refine == "no_refiner" and self.refiner:
+            raise ValueError("refiner: set refine (expert_ensemble_refiner or base_image_refiner) to use a refiner")
+        if self.refine == "expert_ensemble_refiner" and self.high_noise_frac == 0:
+            raise ValueError("high_noise_frac: must be above 0 (the base model runs this fraction of the steps); "
+                             "for an img2img pass of the refiner on the finished image use base_image_refiner")
         return self
 
     def _check_inpainting(self) -> None:

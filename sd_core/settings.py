@@ -68,6 +68,8 @@ class Settings:
                                doc="base URI that relative manifest URIs are joined onto (`s3://bucket/prefix`, "
                                    "`https://…`, a path)")
     default_model: str = setting("tiny-sd15", doc="model used when a request names none", shown="`tiny-sd15`")
+    default_refiner: str | None = setting(None, shown="none", doc="refiner model (an sdxl-refiner manifest) a "
+                                          "request's `refine` uses when neither it nor its model's manifest names one")
     preload_models: tuple[str, ...] = setting((), doc="comma list of models fetched and loaded at cold start",
                                               shown="the default model")
     cache_dir: Path = setting(default_factory=_default_cache_dir, doc="weights cache",

@@ -34,6 +34,8 @@ class ModelFamily:
     clip_skip: bool = True
     # Align Your Steps' sigmas for this architecture (A1111 uses the SD 1.5 table for every non-SDXL model)
     ays_sigmas: tuple[float, ...] = AYS_SD15
+    # a refiner family: the architectures whose images it refines (sd_core/refiner.py); () for a model of its own
+    refines: tuple[str, ...] = ()
 
     @property
     def defaults(self) -> dict[str, Any]:

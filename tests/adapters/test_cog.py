@@ -75,6 +75,8 @@ def reported_seed(prediction: dict) -> int:
 
 
 # --- lifecycle ---------------------------------------------------------------------------------------------------
+
+
 def test_health_check_goes_from_starting_to_ready(cog_server, weights_bucket):
     assert cog_server.statuses_seen[0] == "STARTING"
     assert cog_server.statuses_seen[-1] == "READY"
@@ -93,6 +95,8 @@ def test_health_check_goes_from_starting_to_ready(cog_server, weights_bucket):
     ],
     ids=["unknown-model", "weights-nowhere"],
 )
+
+
 def test_failing_setup_shows_setup_failed_with_a_readable_reason(cog_server_factory, weights_env, broken, reason):
     server = cog_server_factory({**weights_env, **broken})
     body, seen = server.wait_for_status("SETUP_FAILED", "READY", timeout=240)
@@ -103,7 +107,11 @@ def test_failing_setup_shows_setup_failed_with_a_readable_reason(cog_server_fact
 
 
 # --- synchronous predictions -------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(("fmt", "pil_format"), [("png", "PNG"), ("webp", "WEBP"), ("jpeg", "JPEG")])
+
+
 def test_prediction_returns_files_of_the_requested_size_count_and_format(cog_server, fmt, pil_format):
     prediction = cog_server.predict(
         {**FAST, "width": 64, "height": 80, "num_outputs": 2, "output_format": fmt, "seed": 1234}
@@ -158,6 +166,8 @@ def test_inpainting_options_and_outpaint_inputs(cog_server):
 
 
 # --- invalid input -----------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     ("inputs", "field"),
     [
@@ -174,6 +184,8 @@ def test_inpainting_options_and_outpaint_inputs(cog_server):
         ({"seed": 2**32}, "seed"),
     ],
 )
+
+
 def test_invalid_input_is_rejected_with_422_naming_the_field(cog_server, inputs, field):
     response = cog_server.post_prediction({"input": {**FAST, **inputs}})
     assert response.status_code == 422, response.text
@@ -191,6 +203,8 @@ def test_invalid_input_is_rejected_with_422_naming_the_field(cog_server, inputs,
     ],
     ids=["width-not-multiple-of-8", "unknown-model", "mask-without-image", "strength-zero", "image-garbage"],
 )
+
+
 def test_engine_rejection_fails_the_prediction_with_field_and_reason(cog_server, inputs, message):
     prediction = cog_server.predict({**FAST, **inputs})
     assert prediction["status"] == "failed"
@@ -199,6 +213,8 @@ def test_engine_rejection_fails_the_prediction_with_field_and_reason(cog_server,
 
 
 # --- async, webhooks, concurrency, cancel -------------------------------------------------------------------------
+
+
 def test_async_prediction_delivers_succeeded_by_webhook(cog_server, webhook_receiver):
     response = cog_server.start_async("cog-async-ok", {**FAST, "seed": 99}, webhook_receiver.url)
     assert response.status_code == 202, response.text
@@ -238,6 +254,8 @@ def test_two_predictions_run_at_once_and_cancel_stops_the_engine(cog_server, web
 
 
 # --- schema ------------------------------------------------------------------------------------------------------
+
+
 def test_openapi_json_shows_the_inputs_with_their_bounds(cog_server):
     response = cog_server.openapi()
     assert response.status_code == 200
@@ -258,6 +276,8 @@ def test_openapi_json_shows_the_inputs_with_their_bounds(cog_server):
 
 
 # --- LoRA --------------------------------------------------------------------------------------------------------
+
+
 def test_lora_weights_change_the_image(cog_server):
     base = cog_server.predict({**FAST, "seed": 7})
     styled = cog_server.predict({**FAST, "seed": 7, "lora_weights": "tiny-style", "lora_scale": 1.0})
@@ -292,6 +312,8 @@ def test_extra_lora_is_a_second_lora_applied_with_lora_weights(cog_server, engin
 
 
 # --- VAE -------------------------------------------------------------------------------------------------------
+
+
 def test_vae_input_swaps_the_vae_and_automatic_is_the_models_own(cog_server):
     base = cog_server.predict({**FAST, "seed": 7})
     swapped = cog_server.predict({**FAST, "seed": 7, "vae": "tiny-vae"})
@@ -305,6 +327,8 @@ def test_vae_input_swaps_the_vae_and_automatic_is_the_models_own(cog_server):
 
 
 # --- hires fix ---------------------------------------------------------------------------------------------------
+
+
 def test_hires_inputs_upscale_and_run_the_second_pass(cog_server):
     hires = {**FAST, "width": 64, "height": 64, "seed": 5, "hires_scale": 2, "hires_upscaler": "Lanczos",
              "hires_steps": 2, "hires_denoising_strength": 0.5}
@@ -319,7 +343,11 @@ def test_hires_inputs_upscale_and_run_the_second_pass(cog_server):
     assert decode_output(plain["output"][0])[1].size == (64, 64)
     unknown = cog_server.predict({**hires, "hires_upscaler": "4x-Nope"})
     assert unknown["status"] == "failed" and "hires.upscaler: unknown upscaler '4x-Nope'" in unknown["error"]
+
+
 # --- textual-inversion embeddings -----------------------------------------------------------------------------------
+
+
 def test_embedding_named_in_the_negative_prompt_changes_the_image(cog_server):
     base = cog_server.predict({**FAST, "seed": 7, "negative_prompt": "fog"})
     negated = cog_server.predict({**FAST, "seed": 7, "negative_prompt": "fog, tiny-neg"})
@@ -329,7 +357,23 @@ def test_embedding_named_in_the_negative_prompt_changes_the_image(cog_server):
     assert refused["status"] == "failed" and "embeddings.0.source: host '127.0.0.1'" in refused["error"]
 
 
+# --- SDXL refiner (more in tests/sd_core/test_refiner.py) -----------------------------------------------------------
+
+
+def test_refine_runs_the_sdxl_refiner(cog_server):
+    sdxl = {**FAST, "model": "tiny-sdxl", "width": 64, "height": 64, "seed": 4}
+    base = cog_server.predict(sdxl)
+    refined = cog_server.predict({**sdxl, "refine": "base_image_refiner", "refine_steps": 4})
+    assert base["status"] == "succeeded" and refined["status"] == "succeeded", refined.get("error")
+    assert decode_output(refined["output"][0])[1].tobytes() != decode_output(base["output"][0])[1].tobytes()
+    sd15 = cog_server.predict({**FAST, "refine": "expert_ensemble_refiner", "refiner": "tiny-sdxl-refiner"})
+    assert sd15["status"] == "failed"
+    assert "refiner: 'tiny-sdxl-refiner' refines sdxl models, not 'tiny-sd15' (sd15)" in sd15["error"]
+
+
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
+
+
 def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
     prediction = cog_server.predict({**FAST, "num_outputs": 2, "seed": 8})
     assert prediction["status"] == "succeeded", prediction.get("error")

@@ -49,6 +49,8 @@ def completed(job: dict) -> dict:
 
 
 # --- lifecycle -----------------------------------------------------------------------------------------------------
+
+
 def test_cold_start_fetched_the_model_from_s3_and_logged_progress(server, runpod_weights_env):
     log = server.log_text()
     assert "cold start: preloading tiny-sd15" in log
@@ -57,6 +59,8 @@ def test_cold_start_fetched_the_model_from_s3_and_logged_progress(server, runpod
 
 
 # --- native requests -----------------------------------------------------------------------------------------------
+
+
 def test_runsync_returns_images_of_the_requested_size_count_and_seed(server):
     started = time.perf_counter()
     output = completed(server.runsync({**FAST, "width": 64, "height": 80, "num_outputs": 2, "seed": 1234}))
@@ -73,6 +77,8 @@ def test_runsync_returns_images_of_the_requested_size_count_and_seed(server):
 
 
 @pytest.mark.parametrize(("fmt", "pil"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+
+
 def test_output_formats(server, fmt, pil):
     output = completed(server.runsync({**FAST, "output_format": fmt, "seed": 3}))
     entry = output["images"][0]
@@ -127,6 +133,8 @@ def test_the_event_loop_stays_free_while_a_job_runs(server, progress_receiver):
 
 
 # --- A1111 payloads ------------------------------------------------------------------------------------------------
+
+
 def test_a1111_txt2img_answers_in_a1111_shape_with_the_native_image(server):
     payload = {"prompt": "a lighthouse", "negative_prompt": "fog", "steps": 2, "cfg_scale": 5, "width": 64,
                "height": 72, "sampler_name": "Euler a", "batch_size": 2, "n_iter": 1, "seed": 77,
@@ -261,6 +269,28 @@ def test_a1111_sd_vae_from_override_settings(server, tiny_bucket):
                                        "available: tiny-vae, tiny-vae-folder"), unknown["error"]
 
 
+def test_a1111_refiner_checkpoint_runs_the_expert_ensemble(server):
+    payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "sampler_name": "Euler",
+               "seed": 12, "override_settings": {"sd_model_checkpoint": "tiny-sdxl"},
+               "refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5}
+    refined = completed(server.runsync(payload, timeout=240))
+    native = completed(server.runsync({"prompt": "a lighthouse", "num_inference_steps": 2, "guidance_scale": 5,
+                                       "width": 64, "height": 64, "scheduler": "Euler", "seed": 12,
+                                       "model": "tiny-sdxl", "refine": "expert_ensemble_refiner",
+                                       "high_noise_frac": 0.5}, timeout=240))
+    assert decode(refined["images"][0]).tobytes() == decode(native["images"][0]["image"]).tobytes()
+    info = json.loads(refined["info"])
+    assert info["extra_generation_params"]["Refiner"] == "tiny-sdxl-refiner"
+    assert info["extra_generation_params"]["Refiner switch at"] == 0.5
+    got = a1111.parse(read_parameters(base64.b64decode(refined["images"][0])))
+    assert (got["Refiner"], got["Refiner switch at"]) == ("tiny-sdxl-refiner", "0.5")
+    sd15 = server.runsync({**payload, "override_settings": {"sd_model_checkpoint": "tiny-sd15"}}, timeout=120)
+    assert sd15["status"] == "FAILED"
+    assert sd15["error"].startswith("refiner_checkpoint: 'tiny-sdxl-refiner' refines sdxl models, not 'tiny-sd15'")
+    no_switch = server.runsync({k: v for k, v in payload.items() if k != "refiner_switch_at"}, timeout=120)
+    assert no_switch["status"] == "FAILED" and no_switch["error"].startswith("refiner_switch_at: required")
+
+
 def test_a1111_variation_seeds_reach_the_image_info_and_infotext(server):
     payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "sampler_name": "Euler",
                "seed": 40, "subseed": 50, "subseed_strength": 1, "batch_size": 2, "seed_resize_from_w": -1}
@@ -324,6 +354,8 @@ def test_a1111_send_images_false_returns_no_images(server):
 
 
 # --- bad inputs ----------------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     ("job_input", "expected"),
     [
@@ -347,6 +379,8 @@ def test_a1111_send_images_false_returns_no_images(server):
          "scheduler: sampler 'Euler a' with schedule 'Karras' is not supported"),
     ],
 )
+
+
 def test_bad_input_fails_with_the_field_named(server, job_input, expected):
     job = server.runsync(job_input, timeout=60)
     assert job["status"] == "FAILED", job
@@ -371,6 +405,8 @@ def test_an_over_limit_base64_result_fails_clearly(server):
 
 
 # --- LoRAs ---------------------------------------------------------------------------------------------------------
+
+
 def test_loras_reach_the_engine_from_native_and_a1111_payloads(server):
     base = {**FAST, "prompt": "a fox", "seed": 21}
 
@@ -393,6 +429,8 @@ def test_loras_reach_the_engine_from_native_and_a1111_payloads(server):
 
 
 # --- safety checker: off by default on RunPod (tests/sd_core/test_safety.py turns it on)
+
+
 def test_safety_checker_is_off_by_default_and_images_report_nsfw_false(server):
     assert "safety checker" not in server.log_text()  # nothing fetched or loaded
     output = completed(server.runsync({**FAST, "num_outputs": 2, "seed": 5}))

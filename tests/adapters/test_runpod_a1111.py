@@ -22,6 +22,8 @@ INIT = "iVBORw0KGgo="  # any string: images are decoded later, by the engine
         ({"prompt": "x", "init_images": [INIT], "denoising_strength": 0.5}, "img2img"),
     ],
 )
+
+
 def test_a1111_payloads_are_recognised(data, endpoint):
     call = a1111.parse_call(data)
     assert call is not None and call.endpoint == endpoint
@@ -29,6 +31,8 @@ def test_a1111_payloads_are_recognised(data, endpoint):
 
 
 @pytest.mark.parametrize("data", [{"prompt": "x", "num_inference_steps": 4, "seed": 1}, {}, "text", None, [1]])
+
+
 def test_native_inputs_are_not_a1111(data):
     assert a1111.parse_call(data) is None
 
@@ -80,6 +84,8 @@ def test_variation_seed_translation():
     ("Euler", "Karras", "Euler Karras"),
     ("Euler a", "Uniform", "Euler a"),
 ])
+
+
 def test_sampler_and_schedule_translation(sampler, schedule, expected):
     payload = {"steps": 4, "sampler_name": sampler} | ({"scheduler": schedule} if schedule else {})
     assert a1111.to_request(a1111.parse_call(payload)).scheduler == expected
@@ -154,6 +160,8 @@ def test_hires_translation():
         ({"api": {"endpoint": "/sdapi/v1/txt2img"}, "payload": []}, "payload: expected a JSON object"),
     ],
 )
+
+
 def test_errors_name_a1111_keys(data, expected):
     with pytest.raises(InvalidRequest) as caught:
         a1111.to_request(a1111.parse_call(data))
@@ -168,12 +176,16 @@ def test_engine_error_messages_get_a1111_names():
 
 
 # --- listings and extension units (sd_core/a1111_listing.py, a1111_scripts.py) ---------------------------------------
+
+
 @pytest.mark.parametrize(("data", "endpoint"), [
     ({"api": {"method": "GET", "endpoint": "/sdapi/v1/sd-models"}}, "sd-models"),
     ({"api": {"method": "get", "endpoint": "/sdapi/v1/samplers/"}, "payload": {}}, "samplers"),
     ({"api": {"endpoint": "/sdapi/v1/options"}}, "options"),
     ({"api": "embeddings"}, "embeddings"),
 ])
+
+
 def test_listing_calls_are_recognised(data, endpoint):
     assert a1111.parse_call(data).endpoint == endpoint
 
@@ -185,6 +197,8 @@ def test_listing_calls_are_recognised(data, endpoint):
     {"controlnet": {"args": []}, "Regional Prompter": {}, "x": None},
     {},
 ])
+
+
 def test_disabled_extension_units_leave_the_request_unchanged(scripts):
     payload = {"prompt": "x", "steps": 3, "seed": 4, "sampler_name": "Euler"}
     with_scripts = a1111.to_request(a1111.parse_call({**payload, "alwayson_scripts": scripts}))
@@ -202,6 +216,8 @@ def test_disabled_extension_units_leave_the_request_unchanged(scripts):
     ({f"ext{i}": {"args": [True]} for i in range(8)}, "alwayson_scripts: 3 more extensions not supported"),
     ("ADetailer", "alwayson_scripts: expected a JSON object"),
 ])
+
+
 def test_enabled_extension_units_are_refused_by_name(scripts, expected):
     with pytest.raises(InvalidRequest) as caught:
         a1111.to_request(a1111.parse_call({"steps": 3, "alwayson_scripts": scripts}))
@@ -240,6 +256,8 @@ def test_a_hashed_checkpoint_title_names_its_model_when_sent_back():
     ({"s_min_uncond": 1.5}, "s_min_uncond: only A1111's default (0)"),
     ({"infotext": "a fox\nSteps: 20"}, "infotext: only A1111's default ('')"),
 ])
+
+
 def test_image_changing_sampler_knobs_are_honoured_at_their_defaults_or_refused(extra, refused):
     call = a1111.parse_call({"prompt": "x", "steps": 2, **extra})
     if refused is None:
@@ -274,6 +292,8 @@ def test_inpainting_keys_take_a1111s_defaults():
     ({"resize_mode": 1}, {"resize_mode": "crop"}),
     ({"resize_mode": 2}, {"resize_mode": "fill"}),
 ])
+
+
 def test_inpainting_keys_are_translated(extra, fields):
     request = _img2img(mask=INIT, **extra)
     assert {name: getattr(request, name) for name in fields} == fields
@@ -292,7 +312,30 @@ def test_mask_keys_without_a_mask_change_nothing_as_in_a1111():
     ({"mask": INIT, "inpaint_full_res_padding": -1}, "inpaint_full_res_padding: must be a whole number"),
     ({"mask": INIT, "mask_round": False}, "mask_round: only true"),
 ])
+
+
 def test_bad_inpainting_keys_are_refused(extra, refused):
     with pytest.raises(InvalidRequest) as caught:
         _img2img(**extra)
     assert refused in str(caught.value)
+
+
+def test_refiner_checkpoint_translation():
+    request = a1111.to_request(a1111.parse_call({"steps": 4, "refiner_checkpoint": "my-refiner.safetensors [0123abcd]",
+                                                 "refiner_switch_at": 0.75}))
+    assert (request.refine, request.refiner, request.high_noise_frac) == ("expert_ensemble_refiner", "my-refiner", 0.75)
+    for off in ("", "None", "none", None):  # A1111's "no refiner"; a switch alone changes nothing
+        request = a1111.to_request(a1111.parse_call({"steps": 4, "refiner_checkpoint": off, "refiner_switch_at": 0.5}))
+        assert (request.refine, request.refiner) == ("no_refiner", None)
+    for payload, message in (
+        ({"refiner_checkpoint": "r"}, "refiner_switch_at: required with refiner_checkpoint"),
+        ({"refiner_checkpoint": "r", "refiner_switch_at": 0}, "refiner_switch_at: 0 (the refiner from the first step)"),
+        ({"refiner_checkpoint": "r", "refiner_switch_at": 1.5}, "refiner_switch_at: Input should be less than"),
+        ({"refiner_checkpoint": ".safetensors", "refiner_switch_at": 0.5}, "refiner_checkpoint: expected a checkpoint"),
+        ({"refiner_checkpoint": "r", "refiner_switch_at": 0.5, "init_images": [INIT]},
+         "refine: the refiner pass works for txt2img only"),
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            a1111.to_request(a1111.parse_call({"steps": 4, **payload}))
+        assert a1111.rename_fields(str(caught.value)).startswith(message.replace("refine:", "refiner_checkpoint:")), \
+            str(caught.value)

@@ -30,10 +30,14 @@ HONOURED = {
     "hr_sampler_name": "DDIM", "hr_scheduler": "Karras", "hr_prompt": "a dog", "hr_negative_prompt": "blurry",
     "hr_cfg": 3.0, "resize_mode": 1, "mask_blur": 8, "mask_blur_x": 8, "mask_blur_y": 8, "inpainting_fill": 2,
     "inpaint_full_res": False, "inpaint_full_res_padding": 32, "inpainting_mask_invert": 1,
+    "refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.5,
 }
 HIRES_ON = {"enable_hr": True}
+REFINER = {"refiner_checkpoint": "tiny-sdxl-refiner", "refiner_switch_at": 0.8}
+REQUIRED_WITH_CONTEXT = {"refiner_switch_at": 0.8}
 WITH_MASK = {"mask": "bWFzaw=="}
-CONTEXT = {"scheduler": {"sampler_name": "Euler"}, "hr_scheduler": {**HIRES_ON, "sampler_name": "Euler"},
+CONTEXT = {"scheduler": {"sampler_name": "Euler"}, "refiner_checkpoint": REFINER, "refiner_switch_at": REFINER,
+           "hr_scheduler": {**HIRES_ON, "sampler_name": "Euler"},
            **{key: HIRES_ON for key in ("hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
                                         "hr_resize_y", "hr_sampler_name", "hr_prompt", "hr_negative_prompt", "hr_cfg",
                                         *a1111_hires.REFUSED_WITH_HIRES, *a1111_hires.DEFAULT_ONLY)},
@@ -112,6 +116,8 @@ def without(endpoint: str, key: str, body: dict) -> dict:
     body = {k: v for k, v in body.items() if k != top}
     if top in BASE[endpoint]:
         body[top] = BASE[endpoint][top]
+    if top in REQUIRED_WITH_CONTEXT:  # a key its context cannot go without: compared with another value instead
+        body[top] = REQUIRED_WITH_CONTEXT[top]
     return body
 
 
@@ -127,7 +133,7 @@ def test_ignored_keys_change_nothing(key):
 def test_honoured_keys_change_the_request(key):
     changed = []
     for endpoint in endpoints(key):
-        if key == "subseed_strength" and endpoint == a1111.IMG2IMG:
+        if key in ("subseed_strength", "refiner_checkpoint", "refiner_switch_at") and endpoint == a1111.IMG2IMG:
             continue  # refused with an init image (the row says so)
         body = payload(endpoint, key, HONOURED[key])
         changed.append(translate(endpoint, body) != translate(endpoint, without(endpoint, key, body)))
