@@ -19,6 +19,7 @@ from .lora import LoraManager, ResolvedLora
 from .manifests import ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
+from .prompt_encoding import plan_prompts
 from .prompt_tags import TAG, parse_prompt_tags
 from .safety import SafetyChecker
 from .schedulers import check_eta
@@ -102,9 +103,11 @@ class Engine:
             first_subseed = resolve_seed(req.subseed)
             subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
             req = req.model_copy(update={"subseed": first_subseed})
+        # the A1111 prompt syntax (weights, BREAK, editing) parsed here, so a malformed weight fails before the GPU
+        prompts = plan_prompts(req.prompt, req.negative_prompt, req.num_inference_steps)
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, timings={"prepare_s": time.perf_counter() - started})
+                   subseeds=subseeds, prompts=prompts, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""

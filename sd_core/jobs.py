@@ -8,6 +8,7 @@ from typing import Any
 
 from .lora import ResolvedLora
 from .manifests import ModelManifest
+from .prompt_encoding import JobPrompts
 from .schema import GenerationRequest
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps total)
@@ -33,19 +34,22 @@ class Job:
     prompt: str = ""  # the prompt as the user gave it, <lora:...> tags included (request.prompt has them stripped)
     nsfw: list[bool] | None = None  # the safety checker's flag per image (None: not checked)
     subseeds: list[int] | None = None  # variation seeds, one per image (None: the plain seeds' noise)
+    prompts: JobPrompts | None = None  # the prompts' A1111 syntax, parsed (None: plain text, as before)
 
     @property
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) never batch.
 
+        Plain and A1111-syntax prompts batch apart; prompt editing never batches (``JobPrompts.batch_key``).
         Empty and non-empty negative prompts never share a batch: an all-empty batch is run with no negative prompt
         (SDXL then uses a zero negative embedding, as diffusers and A1111 do; see ``ModelFamily.prompt_kwargs``).
         """
         r = self.request
-        if r.mode != "txt2img":
+        prompts = self.prompts.batch_key if self.prompts is not None else ("plain",)
+        if r.mode != "txt2img" or prompts is None:  # prompt editing / alternation: never batched
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
-                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta)
+                tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, prompts)
 
     @property
     def steps_run(self) -> int:
