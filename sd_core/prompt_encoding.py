@@ -131,10 +131,11 @@ def encode_fragments(pipe, fragments: Conditioning, clip_skip: int = 0) -> Encod
         for (tokenizer, encoder), chunks in zip(encoders(pipe), chunked, strict=True):
             chunks = chunks + [([], [])] * (count - len(chunks))  # a tokenizer that made fewer: empty chunks
             ids, weights = _chunk_tensors(tokenizer, chunks, encoder.device)
-            z, pool = _hidden(pipe, encoder, ids, clip_skip)
-            per_encoder.append(_emphasis(z, weights))
-            if pool is not None:
-                pooled = pool[:1]  # A1111: the pooled embedding of the first chunk
+            # one chunk per call, as A1111: a chunk's embedding never depends on how many chunks the prompt has
+            outputs = [_hidden(pipe, encoder, ids[i:i + 1], clip_skip) for i in range(len(chunks))]
+            per_encoder.append(_emphasis(torch.cat([z for z, _ in outputs]), weights))
+            if outputs[0][1] is not None:
+                pooled = outputs[0][1]  # A1111: the pooled embedding of the first chunk
         z = torch.cat(per_encoder, dim=-1) if len(per_encoder) > 1 else per_encoder[0]
         last = encoders(pipe)[-1][1] if pooled is not None else encoders(pipe)[0][1]
         embeds = z.reshape(1, -1, z.shape[-1]).to(dtype=last.dtype)
