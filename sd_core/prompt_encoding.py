@@ -11,11 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import InvalidRequest
 from .prompt_syntax import Conditioning, Fragment, PromptSchedule, has_syntax, parse_attention, parse_prompt
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
 BACKTRACK = 20  # A1111's comma_padding_backtrack: a chunk cut this close after a comma breaks after the comma
 EMPTY: Conditioning = (Fragment(""),)
+# Editing and alternation multiply a prompt into distinct texts, each encoded: their characters in all are bounded
+MAX_SCHEDULED_CHARS = 40_000
 
 
 @dataclass
@@ -184,4 +187,11 @@ def plan_prompts(prompt: str, negative: str, steps: int) -> JobPrompts:
         single = ((0, steps - 1, 0),)
         return JobPrompts(PromptSchedule(((Fragment(prompt),),), single),
                           PromptSchedule(((Fragment(negative),),), single), plain=True, negative_text=negative)
-    return JobPrompts(parse_prompt(prompt, steps), parse_prompt(negative, steps), plain=False, negative_text=negative)
+    schedules = {}
+    for field, text in (("prompt", prompt), ("negative_prompt", negative)):
+        schedule = schedules[field] = parse_prompt(text, steps)
+        total = sum(len(f.text) for conditioning in schedule.conditionings for f in conditioning)
+        if total > MAX_SCHEDULED_CHARS:
+            raise InvalidRequest(f"prompt editing / alternation make {len(schedule.conditionings)} distinct prompts of "
+                                 f"{total} characters in all; at most {MAX_SCHEDULED_CHARS}", field=field)
+    return JobPrompts(schedules["prompt"], schedules["negative_prompt"], plain=False, negative_text=negative)

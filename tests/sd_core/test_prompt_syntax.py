@@ -110,3 +110,13 @@ def test_hostile_prompts_parse(text):
     distinct text (the scanners are linear; no timing asserted here)."""
     schedule = parse_prompt(text, 150)
     assert 1 <= len(schedule.conditionings) <= 2
+
+
+def test_editing_that_multiplies_the_prompt_too_much_is_refused():
+    from sd_core.prompt_encoding import plan_prompts
+
+    many = "[a|b][c|d|e][f|g|h|i|j] " + "x" * 9000  # ~20 distinct texts over 20 steps, 9000+ characters each
+    with pytest.raises(InvalidRequest) as caught:
+        plan_prompts("a cat", many, 20)
+    assert str(caught.value).startswith("negative_prompt: prompt editing / alternation make ")
+    assert plan_prompts("[cat|dog] " + "x" * 9000, "", 20).prompt.edited  # two texts: fine
