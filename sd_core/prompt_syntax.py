@@ -296,7 +296,7 @@ def parse_attention(text: str) -> Conditioning:
     uppercase word) starts a new chunk. Adjacent fragments of equal weight are merged."""
     import numpy as np
 
-    res: list[list] = []  # [text, weight, is_break]
+    res: list[tuple[str, bool]] = []  # (text, is BREAK); weights from ``ops``
     round_open: list[int] = []
     square_open: list[int] = []
     ops: list[tuple[int, int, float]] = []  # A1111's range multiplications, applied in order at the end
@@ -309,10 +309,10 @@ def parse_attention(text: str) -> Conditioning:
         char = text[i]
         if char == "\\":
             if i + 1 < n and text[i + 1] in "()[]\\":
-                res.append([text[i + 1], 1.0, False])
+                res.append((text[i + 1], False))
                 i += 2
             else:  # a lone backslash is dropped, as A1111 does
-                res.append(["", 1.0, False])
+                res.append(("", False))
                 i += 1
         elif char == "(":
             round_open.append(len(res))
@@ -328,7 +328,7 @@ def parse_attention(text: str) -> Conditioning:
             else:
                 # A1111 keeps the whole ``:1.2)`` as text when no ( is open; otherwise the ``:`` alone
                 literal = text[i:end] if weight is not None else ":"
-                res.append([literal, 1.0, False])
+                res.append((literal, False))
                 i += len(literal)
         elif char == ")" and round_open:
             multiply(round_open.pop(), ROUND)
@@ -337,7 +337,7 @@ def parse_attention(text: str) -> Conditioning:
             multiply(square_open.pop(), 1 / ROUND)
             i += 1
         elif char in ")]":
-            res.append([char, 1.0, False])
+            res.append((char, False))
             i += 1
         else:
             j = i
@@ -353,7 +353,7 @@ def parse_attention(text: str) -> Conditioning:
     for start, end, factor in ops:  # float64 products in A1111's order: the same floats as its in-place loop
         weights[start:end] *= factor
     merged: list[Fragment] = []
-    for (piece, _, brk), weight in zip(res, weights.tolist(), strict=True):
+    for (piece, brk), weight in zip(res, weights.tolist(), strict=True):
         if brk:
             merged.append(BREAK)
         elif merged and not merged[-1].brk and merged[-1].weight == weight:
@@ -399,7 +399,7 @@ def _is_word(char: str) -> bool:
     return char.isalnum() or char == "_"
 
 
-def _split_breaks(text: str, res: list[list]) -> None:
+def _split_breaks(text: str, res: list[tuple[str, bool]]) -> None:
     """Plain text with A1111's ``\\s*\\bBREAK\\b\\s*`` separators as BREAK markers."""
     start = search = 0
     while True:
@@ -415,7 +415,7 @@ def _split_breaks(text: str, res: list[list]) -> None:
             left -= 1
         while right < len(text) and text[right].isspace():
             right += 1
-        res.append([text[start:left], 1.0, False])
-        res.append(["", 1.0, True])
+        res.append((text[start:left], False))
+        res.append(("", True))
         start = search = right
-    res.append([text[start:], 1.0, False])
+    res.append((text[start:], False))
