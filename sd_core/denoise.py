@@ -15,6 +15,7 @@ from .inpainting import latent_fill_kwargs
 from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
+from .prompt_conditioning import BatchConditioning, plan_groups
 from .schedulers import pipeline_kwargs
 from .tiling import seamless
 from .vae import VaeManager, swapped
@@ -63,15 +64,21 @@ class Denoiser:
             if loaded:
                 self.pool.fit(model.name)  # the model grew by a VAE: stay within the memory budget
             t = time.perf_counter()
+            results: list = [None] * len(jobs)
             # the model's own VAE and padding are back afterwards, whatever happens; a batch shares both (batch_key)
             with swapped(pipe, model, vae), seamless(pipe, first.tiling):
-                images = self._call_pipeline(pipe, jobs, clip_skip)
+                # One pipeline call per conditioning layout: the text as is (plain prompts), or embeddings of one length
+                for members, conditioning in plan_groups(pipe, jobs, clip_skip):
+                    group = [jobs[i] for i in members]
+                    images = self._call_pipeline(pipe, group, clip_skip, conditioning)
+                    offset = 0
+                    for i, job in zip(members, group, strict=True):
+                        results[i] = images[offset:offset + len(job.seeds)]
+                        job.timings["batch_size"] = len(group)
+                        offset += len(job.seeds)
             inference_s = time.perf_counter() - t
-        results, offset = [], 0
         for job in jobs:
-            job.timings.update(load_s=load_s, lora_s=lora_s, inference_s=inference_s, batch_size=len(jobs))
-            results.append(images[offset:offset + len(job.seeds)])
-            offset += len(job.seeds)
+            job.timings.update(load_s=load_s, lora_s=lora_s, inference_s=inference_s)
         return results
 
     @contextlib.contextmanager
@@ -99,15 +106,19 @@ class Denoiser:
                 raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
             raise
 
-    def _call_pipeline(self, pipe, jobs: list[Job], clip_skip: int | None = None) -> list:
+    def _call_pipeline(self, pipe, jobs: list[Job], clip_skip: int | None = None,
+                       conditioning: BatchConditioning | None = None) -> list:
         import torch
 
         first = jobs[0]
         req = first.request
         seeds = [s for j in jobs for s in j.seeds]
-        prompts = [j.request.prompt for j in jobs for _ in j.seeds]
-        negative_prompts = [j.request.negative_prompt for j in jobs for _ in j.seeds]
-        kwargs = first.manifest.family.prompt_kwargs(prompts, negative_prompts)
+        if conditioning is None:  # the hot path: plain prompts, the pipeline encodes them itself
+            prompts = [j.request.prompt for j in jobs for _ in j.seeds]
+            negative_prompts = [j.request.negative_prompt for j in jobs for _ in j.seeds]
+            kwargs = first.manifest.family.prompt_kwargs(prompts, negative_prompts)
+        else:  # A1111 syntax, long prompts, clip skip: embeddings (prompt_encoding)
+            kwargs = conditioning.kwargs()
         # One CPU generator per image, so image i's initial (and ancestral) noise depends only on its own seed,
         # on every device. The same request alone gives the same pixels every time; in a batch (micro-batching,
         # num_outputs > 1) kernels that depend on the batch size may move a few pixels by 1-2 levels.
@@ -119,10 +130,6 @@ class Denoiser:
             output_type=first.output_type,  # latents for a hires fix upscaled in latent space (Job.batch_key)
         )
         family = first.manifest.family
-        if clip_skip:  # A1111's clip skip: prompts and negative prompts encoded from the same earlier layer
-            negatives = kwargs.pop("negative_prompt") or [""] * len(prompts)
-            kwargs.update(prompt_embeds=family.skipped_prompt_embeds(pipe, kwargs.pop("prompt"), clip_skip),
-                          negative_prompt_embeds=family.skipped_prompt_embeds(pipe, negatives, clip_skip))
         if first.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
             kwargs["latents"] = variation_latents(pipe, jobs, generators)
         # Align Your Steps' sigmas (they set the step count), DDIM's / TCD's eta
@@ -146,6 +153,8 @@ class Denoiser:
             for job in jobs:
                 if job.on_step is not None:
                     job.on_step(step + 1, job.steps_run)  # a hires job's total counts both passes
+            if conditioning is not None:  # prompt editing / alternation: the next step's conditioning
+                return conditioning.on_step_end(pipeline, step, callback_kwargs)
             return callback_kwargs
 
         kwargs["callback_on_step_end"] = step_end

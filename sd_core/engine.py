@@ -24,6 +24,7 @@ from .lora import LoraManager, ResolvedLora
 from .manifests import ModelCatalog, ModelManifest, fetch_model
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
+from .prompt_encoding import plan_prompts
 from .prompt_tags import TAG, parse_prompt_tags
 from .refiner import Refiner
 from .refiner import infotext_fields as refiner_infotext
@@ -133,10 +134,12 @@ class Engine:
             first_subseed = resolve_seed(req.subseed)
             subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
             req = req.model_copy(update={"subseed": first_subseed})
+        # the A1111 prompt syntax (weights, BREAK, editing) parsed here, so a malformed weight fails before the GPU
+        prompts = plan_prompts(req.prompt, req.negative_prompt, req.num_inference_steps)
         job = Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
                   negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
-                  inpaint=plan)
+                  inpaint=plan, prompts=prompts)
         self.refiner.plan(job)  # a refined job: its refiner found and checked, latents asked of stage 5
         job.timings["prepare_s"] = time.perf_counter() - started
         return job

@@ -12,6 +12,7 @@ from .errors import Cancelled, InvalidRequest, quote
 from .jobs import Job
 from .manifests import ModelManifest
 from .outputs import split_sampler
+from .prompt_encoding import plan_prompts
 from .prompt_tags import parse_prompt_tags
 from .schedulers import check_eta
 from .schema import MAX_SIZE, MIN_SIZE, GenerationRequest, HiresSpec
@@ -180,6 +181,9 @@ class HiresFix:
         second = dataclasses.replace(
             job, request=second_request, image=init, width=plan.width, height=plan.height, hires=None,
             pass_mode="img2img", on_step=on_step, subseeds=None, timings={},
+            # the second pass's own prompts (hr_prompt), their editing counted over the steps it runs
+            prompts=plan_prompts(second_request.prompt, second_request.negative_prompt,
+                                 max(1, int(plan.schedule_steps * spec.denoising_strength))),
             started=time.perf_counter(),
         )
         if job.should_cancel is not None and job.should_cancel():  # an upscaler model may take a while

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .embeddings import ResolvedEmbedding
 from .lora import ResolvedLora
 from .manifests import ModelManifest
+from .prompt_encoding import JobPrompts
 from .schema import GenerationRequest
 from .vae import ResolvedVae
 
@@ -50,6 +51,7 @@ class Job:
     # output_type="latent", denoising_end); jobs with different ones never share a batch
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)
     refiner: ModelManifest | None = None  # the refiner model of a refined job (sd_core/refiner.py), else None
+    prompts: JobPrompts | None = None  # the prompts' A1111 syntax, parsed (None: plain text, as before)
 
     @property
     def mode(self) -> str:
@@ -65,17 +67,19 @@ class Job:
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) never batch.
 
+        Plain and A1111-syntax prompts batch apart; prompt editing never batches (``JobPrompts.batch_key``).
         Empty and non-empty negative prompts never share a batch: an all-empty batch is run with no negative prompt
         (SDXL then uses a zero negative embedding, as diffusers and A1111 do; see ``ModelFamily.prompt_kwargs``).
         Embeddings are not part of the key: they are tokens in the prompts, and the denoiser loads the union of a
         batch's embeddings.
         """
         r = self.request
-        if self.mode != "txt2img":
+        prompts = self.prompts.batch_key if self.prompts is not None else ("plain",)
+        if self.mode != "txt2img" or prompts is None:  # prompt editing / alternation: never batched
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
                 tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling,
-                self.vae.key if self.vae else None, self.output_type, tuple(sorted(self.pipe_kwargs.items())))
+                self.vae.key if self.vae else None, self.output_type, tuple(sorted(self.pipe_kwargs.items())), prompts)
 
     @property
     def steps_run(self) -> int:

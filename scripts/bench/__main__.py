@@ -4,6 +4,7 @@ Run from the repository root (one module per benchmark: scripts/bench/<name>.py)
 
     python -m scripts.bench imports     # python -X importtime: sd_core, the engine, the Cog and RunPod adapters
     python -m scripts.bench overhead    # warm request: Engine.generate (and the Cog / RunPod servers) vs bare diffusers
+    python -m scripts.bench prompt      # warm: plain prompt engine vs bare; weighted/long/edited prompts' cost
     python -m scripts.bench batch       # micro-batching: images/s at 1/2/4/8 concurrent requests vs sequential
     python -m scripts.bench coldstart   # process start -> ready (python, import, fetch, load): warm cache vs S3
     python -m scripts.bench lora        # LoRA switch vs base reload (options it does not know go on to lora.py)
@@ -33,16 +34,18 @@ from pathlib import Path
 from scripts.bench.common import ROOT, libraries, log, machine
 
 # The benchmarks, in the order `all` runs them; scripts/bench/<name>.py's bench(args, work) runs one.
-BENCHES = ("imports", "overhead", "batch", "coldstart", "lora", "fetch")
+BENCHES = ("imports", "overhead", "prompt", "batch", "coldstart", "lora", "fetch")
 
 # Per mode: defaults a command line option leaves alone when given. None = keep the option's own default.
 PRESETS = {
-    "full": {"overhead": dict(rounds=7), "batch": dict(requests=48), "coldstart": dict(rounds=3)},
-    "quick": {"overhead": dict(rounds=3, size=128), "batch": dict(requests=16), "coldstart": dict(rounds=1)},
-    "smoke": {"overhead": dict(rounds=1, size=64, steps=2, adapters=False), "batch": dict(requests=4, levels=[1, 2]),
+    "full": {"overhead": dict(rounds=7), "prompt": dict(rounds=7), "batch": dict(requests=48),
+             "coldstart": dict(rounds=3)},
+    "quick": {"overhead": dict(rounds=3, size=128), "prompt": dict(rounds=3, size=128), "batch": dict(requests=16),
               "coldstart": dict(rounds=1)},
+    "smoke": {"overhead": dict(rounds=1, size=64, steps=2, adapters=False), "prompt": dict(rounds=1, size=64, steps=2),
+              "batch": dict(requests=4, levels=[1, 2]), "coldstart": dict(rounds=1)},
 }
-DEFAULTS = {"overhead": dict(size=256, steps=None, adapters=True),
+DEFAULTS = {"overhead": dict(size=256, steps=None, adapters=True), "prompt": dict(size=256, steps=8),
             "batch": dict(size=64, steps=4, levels=[1, 2, 4, 8]),
             "coldstart": dict(size=64)}
 
@@ -83,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_text in (("imports", "python -X importtime of sd_core, the engine and the adapters"),
                             ("overhead", "warm request overhead vs a bare diffusers call"),
+                            ("prompt", "A1111 prompt syntax: plain vs bare, weighted/long/edited vs plain"),
                             ("batch", "micro-batch throughput vs sequential"),
                             ("coldstart", "process start -> ready: warm cache vs S3"),
                             ("all", "every benchmark, one after the other")):
@@ -95,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rounds", type=int, help="timed rounds (default 7; quick 3)")
             p.add_argument("--no-adapters", dest="adapters", action="store_false", default=None,
                            help="skip the Cog and RunPod servers")
+        if name == "prompt":
+            p.add_argument("--size", type=int, help="image side in pixels (default 256)")
+            p.add_argument("--steps", type=int, help="denoising steps (default 8)")
+            p.add_argument("--rounds", type=int, help="timed rounds (default 7; quick 3)")
         if name in ("batch", "all"):
             p.add_argument("--batch-size", dest="batch_image_size", type=int, help="batch bench image side (64)")
             p.add_argument("--batch-steps", type=int, help="batch bench steps (default 4)")
@@ -127,6 +135,8 @@ def options_for(bench: str, args) -> argparse.Namespace:
         "batch": {"size": getattr(args, "batch_image_size", None), "steps": getattr(args, "batch_steps", None),
                   "levels": getattr(args, "levels", None), "requests": getattr(args, "requests", None)},
         "coldstart": {"rounds": getattr(args, "cold_rounds", None)},
+        "prompt": ({"size": getattr(args, "size", None), "steps": getattr(args, "steps", None),
+                    "rounds": getattr(args, "rounds", None)} if args.command == "prompt" else {}),
     }.get(bench, {})
     values.update({k: v for k, v in given.items() if v is not None})
     opts = argparse.Namespace(**vars(args))
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": machine(), "command": " ".join(sys.argv[1:] if argv is None else argv)}
     failed = []
     try:
-        if any(n in ("overhead", "batch", "coldstart") for n in names):
+        if any(n in ("overhead", "prompt", "batch", "coldstart") for n in names):
             report["libraries"] = libraries()
         log(f"machine: {json.dumps({**report['machine'], **report.get('libraries', {})})}")
         for name in names:

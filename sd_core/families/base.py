@@ -65,22 +65,6 @@ class ModelFamily:
         depth = pipe.text_encoder.config.num_hidden_layers
         return depth, depth - 1
 
-    def skipped_prompt_embeds(self, pipe, texts: list[str], skip: int):
-        """A1111's clip skip for ``texts`` (prompts and negative prompts alike, as A1111 does; diffusers' own
-        ``clip_skip`` skips the prompt only): the text encoder's hidden state ``skip`` layers before the last,
-        through its final layer norm, tokenized as diffusers' ``encode_prompt`` does."""
-        import torch
-
-        encoder = pipe.text_encoder
-        texts = pipe.maybe_convert_prompt(texts, pipe.tokenizer)  # a multi-vector embedding's token -> all of its
-        ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt").input_ids.to(encoder.device)
-        # transformers >= 5.6 flattened CLIPTextModel: the final layer norm moved from .text_model onto the model
-        norm = encoder.final_layer_norm if hasattr(encoder, "final_layer_norm") else encoder.text_model.final_layer_norm
-        with torch.inference_mode():
-            states = encoder(ids, output_hidden_states=True).hidden_states[-(skip + 1)]
-            return norm(states).to(dtype=encoder.dtype)
-
     def schedulers(self) -> tuple[str, ...]:
         """The scheduler names this family can run (every one today; flow-matching families will differ)."""
         return SCHEDULER_NAMES

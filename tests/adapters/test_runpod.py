@@ -291,6 +291,22 @@ def test_a1111_refiner_checkpoint_runs_the_expert_ensemble(server):
     assert no_switch["status"] == "FAILED" and no_switch["error"].startswith("refiner_switch_at: required")
 
 
+def test_a1111_prompt_syntax_reaches_the_encoder(server):
+    prompt = "a (fox:1.0) in the [snow:forest:1] BREAK night"
+    payload = {"prompt": prompt, "negative_prompt": "(blurry:1.3)", "steps": 4, "width": 64, "height": 64,
+               "seed": 9, "sampler_name": "Euler"}
+    output = completed(server.runsync(payload))
+    native = completed(server.runsync({"prompt": prompt, "negative_prompt": "(blurry:1.3)", "num_inference_steps": 4,
+                                       "width": 64, "height": 64, "seed": 9, "scheduler": "Euler"}))
+    literal = completed(server.runsync({**payload, "negative_prompt": "blurry"}))
+    assert decode(output["images"][0]).tobytes() == decode(native["images"][0]["image"]).tobytes()
+    assert decode(output["images"][0]).tobytes() != decode(literal["images"][0]).tobytes()
+    info = json.loads(output["info"])
+    assert info["prompt"] == prompt and a1111.parse(info["infotexts"][0])["Prompt"] == prompt
+    bad = server.runsync({**payload, "prompt": "a (fox:1.2.3)"})
+    assert bad["status"] == "FAILED" and bad["error"] == "prompt: attention weight '1.2.3' is not a number"
+
+
 def test_a1111_variation_seeds_reach_the_image_info_and_infotext(server):
     payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "sampler_name": "Euler",
                "seed": 40, "subseed": 50, "subseed_strength": 1, "batch_size": 2, "seed_resize_from_w": -1}

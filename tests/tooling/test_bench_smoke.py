@@ -26,10 +26,11 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 def test_imports_overhead_batch_and_fetch_benchmarks_print_their_figures(tmp_path):
     text, figures = run_bench(tmp_path, "all", "--skip", "coldstart,lora")
-    for section in ("imports", "overhead", "batch", "fetch"):
+    for section in ("imports", "overhead", "prompt", "batch", "fetch"):
         assert f"===== {section} =====" in text
     assert "ratio engine / bare diffusers:" in text
     assert "ratio engine with batching off / bare (same thread):" in text
+    assert "ratio plain prompt engine / bare diffusers:" in text and "ratio weighted prompt / plain prompt" in text
     assert "ratio 2 concurrent (batched) / sequential:" in text
     assert "ours/boto3" in text  # scripts/bench/fetch.py's summary
 
