@@ -51,6 +51,11 @@ def _refuse(message: str) -> InvalidRequest:
     return InvalidRequest(message, field=FIELD)
 
 
+def _failed(shown: str, exc: FetchError | InvalidRequest) -> InvalidRequest:
+    """A fetch or policy failure of the URL the caller gave: theirs to fix, naming the model URL's own size limit."""
+    return _refuse(f"{shown}: {exc.message}".replace("(SD_URL_MAX_BYTES)", "(SD_MAX_MODEL_URL_BYTES)"))
+
+
 class ModelUrls:
     """Resolves model URLs into synthetic manifests (remembered per URL) and fetches their files."""
 
@@ -125,7 +130,7 @@ class ModelUrls:
             path = Path(storage.fetch(manifest.uri, self.fetch_settings, user_url=True))
             config = storage.fetch(manifest.config_uri, self.settings, files=manifest.config_files or None)
         except (FetchError, InvalidRequest) as exc:  # the caller gave a URL we cannot get: theirs to fix
-            raise _refuse(f"{shown}: {exc.message}") from None
+            raise _failed(shown, exc) from None
         if not is_readable_safetensors(path):
             raise _refuse(f"{shown}: not a valid .safetensors file (a pickle under that name, or damaged); refused")
         if families.detect_architecture(checkpoint_keys(path)) != manifest.architecture:  # changed since the probe
@@ -178,7 +183,7 @@ def _read(checked: CheckedURL, settings: Settings, start: int, count: int) -> by
             return _read_s3(checked, settings, start, count)
         return _read_http(checked, settings, start, count)
     except (FetchError, InvalidRequest) as exc:
-        raise _refuse(f"{checked.redacted}: {exc.message}") from None
+        raise _failed(checked.redacted, exc) from None
 
 
 def _read_http(checked: CheckedURL, settings: Settings, start: int, count: int) -> bytes:

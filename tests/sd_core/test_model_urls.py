@@ -185,7 +185,7 @@ def test_size_limit_of_its_own(url_settings, server):
     from sd_core.engine import Engine
 
     small = Engine(dataclasses.replace(url_settings, max_model_url_bytes=1000))
-    with pytest.raises(InvalidRequest, match="larger than the limit of 1000 bytes"):
+    with pytest.raises(InvalidRequest, match=r"larger than the limit of 1000 bytes \(SD_MAX_MODEL_URL_BYTES\)"):
         small.generate(GenerationRequest(model=f"{server.url}/tiny-sd15.safetensors", **FAST))
     assert url_settings.max_model_url_bytes >= 24 * 10**9 and url_settings.url_max_bytes < 24 * 10**9
 
@@ -211,3 +211,17 @@ def test_a1111_checkpoint_override_takes_names_only():
         a1111.to_request(a1111.A1111Call("txt2img", {"prompt": "x", "override_settings": {
             "sd_model_checkpoint": "https://example.com/m.safetensors?sig=abc"}}))
     assert "sig=abc" not in str(caught.value)
+
+
+def test_s3_url_is_detected_from_a_ranged_read_of_its_header(url_settings, s3_env, s3_bucket, s3_proxy, tiny_bucket):
+    from sd_core.manifests import ModelCatalog
+    from sd_core.model_urls import ModelUrls
+
+    body = (tiny_bucket / "tiny-sd15" / "tiny-sd15.safetensors").read_bytes()
+    s3_env.client().put_object(Bucket=s3_bucket, Key="ckpt/model.safetensors", Body=body)
+    settings = dataclasses.replace(url_settings, s3_endpoint_url=s3_proxy.endpoint_url)
+    urls = ModelUrls(ModelCatalog.from_dir(settings.models_dir), settings)
+    manifest = urls.resolve(f"s3://{s3_bucket}/ckpt/model.safetensors")
+    assert manifest.architecture == "sd15" and manifest.name.startswith("url-")
+    assert 0 < s3_proxy.bytes_sent("GET") < len(body) // 4  # the header, not the file
+    assert urls.fetch(manifest).weights.read_bytes() == body
