@@ -68,6 +68,7 @@ def server(tiny_bucket):
         "/tiny-sd15.safetensors": (tiny_bucket / "tiny-sd15" / "tiny-sd15.safetensors").read_bytes(),
         "/tiny-sdxl.safetensors": (tiny_bucket / "tiny-sdxl" / "tiny-sdxl.safetensors").read_bytes(),
         "/lora.safetensors": (tiny_bucket / "loras" / "tiny-sd15-peft.safetensors").read_bytes(),
+        "/api/download/models/42": (tiny_bucket / "tiny-sd15" / "tiny-sd15.safetensors").read_bytes(),
         "/model.ckpt": b"\x80\x04pickle",
         "/notes.safetensors": b"just some text, not a safetensors file",
     })
@@ -152,6 +153,14 @@ def test_sdxl_single_file_is_detected_as_sdxl(url_engine, server):
     assert before < len(server.files["/tiny-sdxl.safetensors"])  # the header only, not the file
     result = url_engine.generate(GenerationRequest(model=f"{server.url}/tiny-sdxl.safetensors", prompt="a cat"))
     assert result.images and result.request.width == 64
+
+
+def test_a_url_without_the_suffix_is_loaded_as_safetensors(url_engine, server):
+    # diffusers picks its loader by the file's suffix: anything but .safetensors would be unpickled
+    manifest = url_engine.model_urls.resolve(f"{server.url}/api/download/models/42")
+    local = url_engine.model_urls.fetch(manifest)
+    assert local.weights.name.endswith(".safetensors") and local.weights.read_bytes() == server.files[
+        "/api/download/models/42"]
 
 
 @pytest.mark.parametrize(("path", "words"), [
