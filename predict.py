@@ -68,7 +68,10 @@ class Runner(BaseRunner):
         self,
         prompt: str = Input(default="", max_length=10000, description="Text prompt; A1111 <lora:name:scale> tags work"),
         negative_prompt: str = Input(default="", max_length=10000, description="What the image should not contain"),
-        model: str | None = Input(default=None, max_length=200, description="Model name; empty: the worker's default"),
+        model: str | None = Input(
+            default=None, max_length=2048,
+            description="Model name, or the https:// / s3:// URL of a .safetensors checkpoint; empty: the default",
+        ),
         width: int | None = Input(
             default=None, ge=64, le=2048, description="Width in pixels, multiple of 8; empty: the model's default"
         ),

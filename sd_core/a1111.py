@@ -194,6 +194,10 @@ def _checkpoint_name(value, errors: list[str], key: str = CHECKPOINT_KEY) -> str
         errors.append(f"{key}: longer than {MAX_CHECKPOINT_CHARS} characters (got {len(value)})")
         return None
     name = value.strip()
+    if "://" in name:  # A1111 names checkpoints it has on disk; a URL model is the native API's (never echoed here)
+        errors.append(f"{CHECKPOINT_KEY}: takes a checkpoint name, not a URL; a checkpoint URL goes in the native "
+                      "API's `model` (docs/models.md)")
+        return None
     if name.endswith("]"):  # " [3f1c2a]": A1111's short hash of the file
         head, bracket, digits = name[:-1].rpartition("[")
         if bracket and digits and _HEX.issuperset(digits):

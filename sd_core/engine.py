@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import inpainting
 from .batching import MicroBatcher
+from .catalog_storage import with_local_catalog
 from .denoise import Denoiser
 from .device import choose_placement
 from .embeddings import EmbeddingManager
@@ -22,6 +23,7 @@ from .input_images import prepare_init_images
 from .jobs import CancelCheck, Job, StepCallback
 from .lora import LoraManager, ResolvedLora
 from .manifests import ModelCatalog, ModelManifest, fetch_model
+from .model_urls import ModelUrls, is_model_url
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool
 from .prompt_encoding import plan_prompts
@@ -48,10 +50,12 @@ class Engine:
     """
 
     def __init__(self, settings: Settings | None = None, catalog: ModelCatalog | None = None):
-        self.settings = settings or Settings.from_env()
+        # SD_MODELS_DIR in storage (s3:// or https:// prefix): its manifests copied to a local folder, read once here
+        self.settings = with_local_catalog(settings or Settings.from_env())
         self.catalog = catalog or ModelCatalog.from_dir(self.settings.models_dir)
         self.placement = choose_placement(self.settings)
-        self.loader = ModelLoader(self.catalog, self.settings, self.placement)
+        self.model_urls = ModelUrls(self.catalog, self.settings)  # `model` given as a checkpoint URL
+        self.loader = ModelLoader(self.catalog, self.settings, self.placement, self.model_urls)
         self.loras = LoraManager(self.settings, self.catalog)
         self.vaes = VaeManager(self.settings)
         self.embeddings = EmbeddingManager(self.settings, self.catalog)
@@ -126,6 +130,8 @@ class Engine:
         # 4. adapters: the LoRAs (field first, then tags) fetched here, outside the GPU lock; activated in stage 5
         loras = self.loras.resolve_all([*req.loras, *tagged], manifest)
         vae = self.vaes.resolve(req.vae, manifest)  # fetched here too; swapped in for the call in stage 5
+        if self.model_urls.owns(manifest.name) and manifest.name not in self.pool:  # a model URL: fetched here too
+            self.loader.prefetched[manifest.name] = self.model_urls.fetch(manifest)
         req = req.model_copy(update={"vae": vae.name if vae else None})
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
@@ -193,7 +199,8 @@ class Engine:
 
     def resolve(self, request: GenerationRequest) -> tuple[ModelManifest, GenerationRequest]:
         """Stage 1: the request's model, and its empty parameters filled from that model's manifest defaults."""
-        manifest = self.catalog.get(request.model or self.settings.default_model)
+        name = request.model or self.settings.default_model
+        manifest = self.model_urls.resolve(name) if is_model_url(name) else self.catalog.get(name)
         defaults = manifest.defaults
         filled = request.model_copy(update={
             "model": manifest.name,

@@ -170,7 +170,13 @@ class ModelCatalog:
         self.manifests = manifests
 
     @classmethod
-    def from_dir(cls, directory: Path) -> ModelCatalog:
+    def from_dir(cls, directory: Path | str, settings: Settings | None = None) -> ModelCatalog:
+        """The manifests of a folder, or of an s3:// / https:// prefix (copied locally: sd_core/catalog_storage.py)."""
+        from .catalog_storage import is_remote, snapshot
+
+        if is_remote(directory):
+            directory = snapshot(str(directory), settings or Settings.from_env())
+        directory = Path(directory)
         manifests: dict[str, ModelManifest] = {}
         for path in sorted(directory.glob("*.y*ml")):
             if path.name.startswith("_"):  # not a model: _safety_checker.yaml (sd_core/safety.py)

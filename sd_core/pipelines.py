@@ -106,15 +106,22 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
 class ModelLoader:
     """Fetch + load of one model by name, for the pool; preload puts models it fetched ahead in ``prefetched``."""
 
-    def __init__(self, catalog: ModelCatalog, settings: Settings, placement: Placement):
+    def __init__(self, catalog: ModelCatalog, settings: Settings, placement: Placement, model_urls=None):
         self.catalog = catalog
         self.settings = settings
         self.placement = placement
-        self.prefetched: dict[str, LocalModel] = {}  # fetched by preload's background thread, not loaded yet
+        self.model_urls = model_urls  # sd_core.model_urls.ModelUrls: models requested by URL (synthetic manifests)
+        # fetched ahead (preload's background thread; a model URL's file in stage 4), not loaded yet
+        self.prefetched: dict[str, LocalModel] = {}
 
     def load(self, name: str, share_from: LoadedModel | None = None) -> LoadedModel:
-        local = self.prefetched.pop(name, None) or fetch_model(self.catalog.get(name), self.settings)
+        local = self.prefetched.pop(name, None) or self._fetch(name)
         return load_pipeline(local, self.settings, self.placement, share_from)
+
+    def _fetch(self, name: str) -> LocalModel:
+        if self.model_urls is not None and self.model_urls.owns(name):
+            return self.model_urls.fetch(self.model_urls.manifest(name))
+        return fetch_model(self.catalog.get(name), self.settings)
 
 
 class PipelinePool:

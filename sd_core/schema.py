@@ -23,6 +23,8 @@ MAX_LORAS = 8
 MAX_LORA_SCALE = 5.0
 MAX_EMBEDDINGS = 16  # textual-inversion embeddings a request may bring in `embeddings`
 EMBEDDING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # as manifest names: the word that triggers it
+MAX_MODEL_NAME_CHARS = 200  # a manifest name; a `model` URL may be longer (MAX_MODEL_URL_CHARS)
+MAX_MODEL_URL_CHARS = 2048
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 # Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's
@@ -122,7 +124,11 @@ class GenerationRequest(BaseModel):
 
     prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Text prompt; A1111 <lora:name:scale> tags work")
     negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What the image should not contain")
-    model: str | None = Field(None, max_length=200, description="Model name from models/*.yaml; default: the worker's")
+    model: str | None = Field(
+        None, max_length=MAX_MODEL_URL_CHARS,
+        description="Model name from models/*.yaml, or an https:// / s3:// URL of a .safetensors checkpoint; "
+                    "default: the worker's",
+    )
     width: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, description="Width in pixels, multiple of 8")
     height: int | None = Field(None, ge=MIN_SIZE, le=MAX_SIZE, description="Height in pixels, multiple of 8")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Denoising steps")
@@ -205,6 +211,14 @@ class GenerationRequest(BaseModel):
     @classmethod
     def _canonical_scheduler(cls, value):
         return _scheduler_name(value)
+
+    @field_validator("model")
+    @classmethod
+    def _bounded_name(cls, value):
+        if value is not None and "://" not in value and len(value) > MAX_MODEL_NAME_CHARS:
+            raise ValueError(f"a model name has at most {MAX_MODEL_NAME_CHARS} characters (a URL: "
+                             f"{MAX_MODEL_URL_CHARS})")
+        return value
 
     @field_validator("width", "height")
     @classmethod

@@ -62,8 +62,10 @@ class Settings:
     """One worker's configuration. ``Settings.from_env()`` reads it; everything else receives it explicitly."""
 
     # --- models and weights ---
-    models_dir: Path = setting(REPO_ROOT / "models", doc="folder of model manifests", shown="`./models`",
-                               section="Models and weights")
+    models_dir: Path | str = setting(REPO_ROOT / "models", shown="`./models`", section="Models and weights",
+                                     doc="model manifests: a folder, or an `s3://bucket/prefix/` (its `*.yaml` "
+                                         "listed) or `https://…/` prefix (its `models.txt` names them), read at cold "
+                                         "start: docs/models.md")
     weights_uri: str = setting(str(REPO_ROOT / "bucket"), shown="`./bucket`",
                                doc="base URI that relative manifest URIs are joined onto (`s3://bucket/prefix`, "
                                    "`https://…`, a path)")
@@ -172,6 +174,10 @@ class Settings:
     url_max_bytes: int = setting(1024 * 1024 * 1024, doc="size limit of any one download from a user URL",
                                  shown="1073741824")
     url_timeout_s: float = setting(300.0, doc="time limit of any one download from a user URL", shown="300")
+    allow_model_urls: bool = setting(True, shown="1", doc="requests may give `model` as the URL of a `.safetensors` "
+                                                          "checkpoint (under this URL policy): docs/models.md")
+    max_model_url_bytes: int = setting(32 * 1024**3, shown="34359738368",
+                                       doc="size limit of a checkpoint downloaded from a `model` URL")
 
     # --- result delivery and the RunPod worker (sd_core/uploads.py, handler.py) ---
     output_uri: str | None = setting(None, shown="none", section="Results and the RunPod worker",
@@ -202,7 +208,8 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         parsers = {"Path": lambda v: Path(v).expanduser(), "bool": _bool, "int": int, "float": float,
-                   "tuple[str, ...]": _list, "bool | None": _switch, "Path | None": lambda v: Path(v).expanduser()}
+                   "tuple[str, ...]": _list, "bool | None": _switch, "Path | None": lambda v: Path(v).expanduser(),
+                   "Path | str": lambda v: v if "://" in v else Path(v).expanduser()}
         values: dict[str, object] = {}
         for f in fields(cls):
             raw = env.get("SD_" + f.name.upper(), "")
