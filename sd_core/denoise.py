@@ -8,9 +8,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
+from .device import Placement, raise_device_failure
 from .embeddings import EmbeddingManager
-from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quote
+from .errors import Cancelled, InvalidRequest, quote
 from .inpainting import latent_fill_kwargs
 from .jobs import Job
 from .lora import LoraManager
@@ -97,13 +97,8 @@ class Denoiser:
             with torch.inference_mode():
                 return pipe(**kwargs).images
         except Exception as exc:
-            if is_out_of_memory(exc):
-                free_memory(self.placement)
-                raise OutOfMemory(
-                    "ran out of memory during generation; try fewer or smaller images", field="num_outputs"
-                ) from None
-            if is_fatal_device_error(exc):
-                raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
+            raise_device_failure(exc, self.placement, "ran out of memory during generation; try fewer or smaller "
+                                 "images", field="num_outputs")
             raise
 
     def _call_pipeline(self, pipe, jobs: list[Job], clip_skip: int | None = None,

@@ -85,6 +85,18 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def raise_device_failure(exc: BaseException, placement: Placement, out_of_memory: str, field: str) -> None:
+    """For a failed call on the device: raise OutOfMemory(``out_of_memory``) after freeing the caches, or
+    WorkerUnhealthy after an unrecoverable device error; return (the caller re-raises) for anything else."""
+    from .errors import OutOfMemory, WorkerUnhealthy
+
+    if is_out_of_memory(exc):
+        free_memory(placement)
+        raise OutOfMemory(out_of_memory, field=field) from None
+    if is_fatal_device_error(exc):
+        raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
+
+
 def total_memory_bytes(placement: Placement) -> int:
     """Memory the device has: GPU memory on CUDA, physical RAM on CPU."""
     if placement.is_cuda:

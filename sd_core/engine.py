@@ -215,6 +215,10 @@ class Engine:
         if filled.scheduler not in runs:
             raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family; valid: "
                                  f"{', '.join(runs)}", field="scheduler")
+        steps = filled.num_inference_steps
+        if filled.image is not None and int(steps * filled.strength) < 1:  # diffusers' img2img would run no step
+            raise InvalidRequest(f"{filled.strength:g} x {steps} steps leaves no denoising step to run; raise "
+                                 f"strength to at least {1 / steps:.3g} or the steps", field="strength")
         return manifest, filled
 
     def _check_pixel_budget(self, width: int, height: int, count: int) -> None:

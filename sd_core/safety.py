@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import storage
 from .checkpoints import refuse_pickle
-from .device import free_memory, is_fatal_device_error, is_out_of_memory
-from .errors import ManifestError, OutOfMemory, SDError, WorkerUnhealthy
+from .device import raise_device_failure
+from .errors import ManifestError, SDError
 from .jobs import Job
 from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
 from .pipelines import quiet_loaders
@@ -145,12 +145,8 @@ class SafetyChecker:
                     # The checker blacks out the arrays it is given; it gets placeholders and only its flags count.
                     _, flags = self._model(clip_input=pixels, images=[np.zeros(1) for _ in images])
             except Exception as exc:
-                if is_out_of_memory(exc):
-                    free_memory(self.placement)
-                    raise OutOfMemory("ran out of memory in the safety checker; try fewer or smaller images",
-                                      field="num_outputs") from None
-                if is_fatal_device_error(exc):
-                    raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
+                raise_device_failure(exc, self.placement, "ran out of memory in the safety checker; try fewer or "
+                                     "smaller images", field="num_outputs")
                 raise
         flags = [bool(flag) for flag in flags]
         blacked = [Image.new(image.mode, image.size) if flag else image

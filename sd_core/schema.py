@@ -337,14 +337,20 @@ def field_label(key) -> str:
     return text if 0 < len(text) <= 64 else quote(text, 64)
 
 
-def parse_request(data: dict) -> GenerationRequest:
-    """Validate a plain dict into a GenerationRequest; raise InvalidRequest naming the field(s) otherwise."""
+def parse_model(model: type[BaseModel], data, field: str):
+    """Validate a plain dict into ``model``; raise InvalidRequest naming the field(s) otherwise (``field`` when the
+    input is no JSON object at all)."""
     if not isinstance(data, dict):
-        raise InvalidRequest(f"expected a JSON object, got {type(data).__name__}", field="input")
+        raise InvalidRequest(f"expected a JSON object, got {type(data).__name__}", field=field)
     try:
-        return GenerationRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(describe_validation_error(exc)) from None
+
+
+def parse_request(data: dict) -> GenerationRequest:
+    """Validate a plain dict into a GenerationRequest; raise InvalidRequest naming the field(s) otherwise."""
+    return parse_model(GenerationRequest, data, "input")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import InvalidRequest, quote
 from .input_images import load_image
 from .outputs import encode_image
-from .schema import OUTPUT_FORMATS, GeneratedImage, describe_validation_error, field_label
+from .schema import OUTPUT_FORMATS, GeneratedImage, describe_validation_error, field_label, parse_model
 
 MAX_SIDE = 8192  # of an upscaled image, whatever SD_MAX_PIXELS allows
 EXTRAS_ENDPOINT = "extra-single-image"
@@ -78,12 +78,7 @@ class UpscaleResult:
 
 def parse_upscale(data) -> UpscaleRequest:
     """A native ``upscale`` input -> UpscaleRequest; InvalidRequest naming the field (``upscale.scale: ...``)."""
-    if not isinstance(data, dict):
-        raise InvalidRequest(f"expected a JSON object, got {type(data).__name__}", field="upscale")
-    try:
-        return UpscaleRequest.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
+    return parse_model(UpscaleRequest, data, "upscale")
 
 
 def from_extras(payload: dict) -> UpscaleRequest:

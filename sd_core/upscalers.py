@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
 from .checkpoints import refuse_pickle
-from .device import free_memory, is_fatal_device_error, is_out_of_memory
-from .errors import Cancelled, InvalidRequest, ManifestError, OutOfMemory, WorkerUnhealthy, quote, scrub
+from .device import raise_device_failure
+from .errors import Cancelled, InvalidRequest, ManifestError, quote, scrub
 from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
 from .settings import Settings
 
@@ -199,12 +199,8 @@ class Upscalers:
         except Cancelled:
             raise
         except Exception as exc:
-            if is_out_of_memory(exc):
-                free_memory(self.placement)
-                raise OutOfMemory("ran out of memory in the upscaler; try a smaller SD_UPSCALER_TILE",
-                                  field="upscaler") from None
-            if is_fatal_device_error(exc):
-                raise WorkerUnhealthy(f"device error, this worker must be replaced: {exc}") from exc
+            raise_device_failure(exc, self.placement, "ran out of memory in the upscaler; try a smaller "
+                                 "SD_UPSCALER_TILE", field="upscaler")
             raise
 
 

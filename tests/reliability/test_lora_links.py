@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -20,6 +20,7 @@ from sd_core.lora_links import HubRepo, credential_headers, rewrite_lora_link
 from sd_core.schema import GenerationRequest
 from sd_core.settings import Settings
 from sd_core.user_urls import check_user_url
+from tests.fixtures.http_files import FileHandler
 
 HF = "https://huggingface.co"
 CIVITAI = "https://civitai.com"
@@ -100,22 +101,19 @@ def test_civitai_token_goes_to_the_civitai_endpoint_only():
 
 
 # --- a loopback hub and Civitai --------------------------------------------------------------------------------------
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(FileHandler):
     files: dict[str, bytes] = {}
     listings: dict[str, list] = {}
     seen: list[tuple[str, str | None]] = []
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):
         parts = urlsplit(self.path)
         self.seen.append((self.path, self.headers.get("Authorization")))
         if parts.path in self.listings:
-            self._send(200, json.dumps(self.listings[parts.path]).encode())
+            self.send_body(200, json.dumps(self.listings[parts.path]).encode())
         elif parts.path.startswith("/api/download/models/"):  # Civitai: a token is needed, then a CDN redirect
             if self.headers.get("Authorization") != f"Bearer {TOKEN}" and f"token={TOKEN}" not in parts.query:
-                self._send(401, b"unauthorized")
+                self.send_body(401, b"unauthorized")
                 return
             self.send_response(307)
             port = self.server.server_address[1]  # the CDN is another host (localhost), as Civitai's is
@@ -132,30 +130,11 @@ class _Handler(BaseHTTPRequestHandler):
             name = parts.path.removeprefix("/cdn")
             body = self.files.get(name) or self.files.get("/civitai/" + name.lstrip("/"))
             if body is None:
-                self._send(404, b"not found")
+                self.send_body(404, b"not found")
             else:
-                self._send_ranged(body)
+                self.send_file(body)
         else:
-            self._send(404, b"not found")
-
-    def _send_ranged(self, body: bytes):
-        ranged = self.headers.get("Range", "").removeprefix("bytes=")
-        if ranged:
-            first, _, last = ranged.partition("-")
-            start, end = int(first), min(int(last or len(body) - 1), len(body) - 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
-            self.send_header("Content-Length", str(end - start + 1))
-            self.end_headers()
-            self.wfile.write(body[start:end + 1])
-        else:
-            self._send(200, body)
-
-    def _send(self, status: int, body: bytes):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            self.send_body(404, b"not found")
 
 
 @pytest.fixture(scope="module")

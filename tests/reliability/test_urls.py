@@ -8,7 +8,7 @@ import gzip
 import io
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -20,6 +20,7 @@ from sd_core.schema import GenerationRequest
 from sd_core.settings import Settings
 from sd_core.user_downloads import download_user_url
 from sd_core.user_urls import check_lora_source, check_name, check_user_url, redact_url
+from tests.fixtures.http_files import FileHandler
 
 STRICT = Settings()  # the defaults: nothing private allowed
 LOCAL = Settings(url_allowed_hosts=("127.0.0.1",))
@@ -31,21 +32,18 @@ def png_bytes(size=(64, 64)) -> bytes:
     return buffer.getvalue()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(FileHandler):
     protocol_version = "HTTP/1.1"
     hits: dict[str, int]
-
-    def log_message(self, *args):
-        pass
 
     def do_GET(self):  # noqa: N802 - http.server's naming
         parts = urlsplit(self.path)
         query = {k: v[0] for k, v in parse_qs(parts.query).items()}
         self.hits[parts.path] = self.hits.get(parts.path, 0) + 1
         if parts.path == "/png":
-            self._send(200, png_bytes())
+            self.send_body(200, png_bytes())
         elif parts.path in self.files:
-            self._send_file(self.files[parts.path])
+            self.send_file(self.files[parts.path])
         elif parts.path == "/redirect":
             self._redirect(query["to"])
         elif parts.path == "/loop":
@@ -90,26 +88,7 @@ class _Handler(BaseHTTPRequestHandler):
             except OSError:
                 pass
         else:
-            self._send(404, b"not found")
-
-    def _send_file(self, body: bytes):  # answers Range requests, as the storage layer's ranged GETs want
-        ranged = self.headers.get("Range", "").removeprefix("bytes=")
-        if ranged:
-            first, _, last = ranged.partition("-")
-            start, end = int(first), min(int(last or len(body) - 1), len(body) - 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
-            self.send_header("Content-Length", str(end - start + 1))
-            self.end_headers()
-            self.wfile.write(body[start:end + 1])
-        else:
-            self._send(200, body)
-
-    def _send(self, status: int, body: bytes):
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            self.send_body(404, b"not found")
 
     def _redirect(self, location: str):
         self.send_response(302)

@@ -206,3 +206,22 @@ def test_mask_of_wrong_size_is_refused(engine, init_image):
     small = as_base64_png(np.zeros((32, 32, 3)))
     with pytest.raises(InvalidRequest, match="^mask: mask is 32x32 but image is 64x64"):
         generate(engine, image=init_image, mask=small)
+
+
+def test_a_strength_too_low_for_one_step_is_refused_clearly(engine):
+    """img2img runs int(steps x strength) steps: below one, diffusers fails deep inside; refused up front."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from sd_core.errors import InvalidRequest
+    from sd_core.schema import GenerationRequest
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "gray").save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    with pytest.raises(InvalidRequest) as caught:
+        engine.generate(GenerationRequest(prompt="a fox", image=image, strength=0.05, num_inference_steps=3))
+    assert str(caught.value).startswith("strength: 0.05 x 3 steps leaves no denoising step to run"), str(caught.value)
+    assert engine.generate(GenerationRequest(prompt="a fox", image=image, strength=0.34, num_inference_steps=3)).images
