@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .controlnet import ControlNets, pipe_kwargs
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quote
 from .jobs import Job
@@ -23,6 +24,7 @@ class Denoiser:
     pool: PipelinePool
     loras: LoraManager
     placement: Placement
+    controlnets: ControlNets | None = None
     # Reentrant: a post-pass that holds it (hires fix) may call the upscalers, which take it too.
     _gpu_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -41,7 +43,10 @@ class Denoiser:
                 job.timings["queue_s"] = t - job.started - job.timings.get("prepare_s", 0.0)
             model = self.pool.get(first.model, expected_bytes=jobs[0].manifest.size or 0)
             load_s = time.perf_counter() - t
-            pipe = model.pipeline(first.mode)
+            if jobs[0].controls:  # a job with ControlNet units runs alone (Job.batch_key)
+                pipe = self.controlnets.pipeline(model, first.mode, jobs[0].controls)
+            else:
+                pipe = model.pipeline(first.mode)
             pipe.scheduler = model.scheduler(first.scheduler)
             clip_skip = _clip_skip(jobs[0], pipe)  # all jobs of a batch share it (Job.batch_key)
             t = time.perf_counter()
@@ -98,6 +103,8 @@ class Denoiser:
             kwargs.update(image=first.image, strength=req.strength)
         if req.mode == "inpaint":
             kwargs.update(mask_image=first.mask, width=first.width, height=first.height)
+        if first.controls:
+            kwargs.update(pipe_kwargs(first.controls, req.mode))
         total = first.steps_run
 
         def step_end(pipeline, step, timestep, callback_kwargs):

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .batching import MicroBatcher
+from .controlnet import ControlNets
 from .denoise import Denoiser
 from .device import choose_placement
 from .errors import Cancelled, InvalidRequest, quote
@@ -44,7 +45,11 @@ class Engine:
         self.placement = choose_placement(self.settings)
         self.loader = ModelLoader(self.catalog, self.settings, self.placement)
         self.loras = LoraManager(self.settings, self.catalog)
-        self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement)
+        self.controlnets = ControlNets(self.settings, self.catalog, self.placement)
+        self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement,
+                                 controlnets=self.controlnets)
+        self.denoiser.pool.extra_bytes = self.controlnets.nbytes
+        self.controlnets.make_room = self.denoiser.pool.make_room
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
@@ -90,6 +95,7 @@ class Engine:
                 req.image, req.mask, width, height, self.settings.max_pixels, self.settings
             )
         self._check_pixel_budget(width, height, req.num_outputs)
+        controls = self.controlnets.resolve(req, manifest, width, height)  # control maps at the output size
         # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off
         user_prompt = req.prompt
         prompt, tagged = parse_prompt_tags(user_prompt)
@@ -106,7 +112,7 @@ class Engine:
             req = req.model_copy(update={"subseed": first_subseed})
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, timings={"prepare_s": time.perf_counter() - started})
+                   subseeds=subseeds, controls=controls, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""

@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -108,6 +109,7 @@ class PipelinePool:
         self._loader = loader
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self.extra_bytes: Callable[[], int] = lambda: 0  # other weights in the budget (loaded ControlNets)
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
@@ -128,9 +130,14 @@ class PipelinePool:
             self._evict(keep=name, incoming=0)
             return model
 
+    def make_room(self, keep: str, incoming: int) -> None:
+        """Evict other models until ``incoming`` more bytes (a ControlNet about to load) fit the budget."""
+        with self._lock:
+            self._evict(keep=keep, incoming=incoming)
+
     def _evict(self, keep: str | None, incoming: int) -> None:
         def used() -> int:
-            return sum(m.nbytes for m in self._models.values()) + incoming
+            return sum(m.nbytes for m in self._models.values()) + self.extra_bytes() + incoming
 
         while used() > self.budget:
             victim = next((n for n in self._models if n != keep), None)

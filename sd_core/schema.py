@@ -20,6 +20,11 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000
 MAX_LORAS = 8
 MAX_LORA_SCALE = 5.0
+MAX_CONTROLNETS = 4  # ControlNet units of one request
+MAX_CONTROL_SCALE = 2.0  # A1111's weight slider goes to 2
+CONTROL_PREPROCESSORS = ("none", "canny")  # built in (sd_core/control_images.py); weight-based ones are not
+CONTROL_MODES = ("balanced", "prompt", "control")
+RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
@@ -42,6 +47,45 @@ class LoraSpec(BaseModel):
         None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
         description="Text-encoder scale (defaults to `scale`)",
     )
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit: a manifest ControlNet, its control image and how strongly and when it steers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="ControlNet name from a model manifest's controlnets")
+    image: str = Field(min_length=1, description="Control image: base64, data URI or https URL")
+    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROL_SCALE, allow_inf_nan=False,
+                         description="Conditioning scale; 0 skips the unit")
+    start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it starts at")
+    end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it stops at")
+    mode: Literal[CONTROL_MODES] = Field(  # type: ignore[valid-type]
+        "balanced", description="balanced; control: ControlNet is more important (diffusers' guess_mode)")
+    preprocessor: str = Field("none", max_length=64, description="none (the image is the control map) or canny")
+    resize_mode: Literal[RESIZE_MODES] = Field(  # type: ignore[valid-type]
+        "just_resize", description="How the control image is fitted to the output size")
+    processor_res: int | None = Field(None, ge=64, le=MAX_SIZE,
+                                      description="Preprocessor resolution (short side); empty: the output size")
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold")
+    high_threshold: int = Field(200, ge=0, le=255, description="canny: high threshold")
+
+    @field_validator("preprocessor")
+    @classmethod
+    def _known_preprocessor(cls, value: str) -> str:
+        name = value.strip().lower()
+        if name not in CONTROL_PREPROCESSORS:
+            raise ValueError(f"{quote(value, 40)} is not available on this worker (weight-based preprocessors such "
+                             f"as depth or openpose are not built in); available: {', '.join(CONTROL_PREPROCESSORS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) above high_threshold ({self.high_threshold})")
+        return self
 
 
 class GenerationRequest(BaseModel):
@@ -82,6 +126,9 @@ class GenerationRequest(BaseModel):
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
     )
+    controlnets: list[ControlNetUnit] = Field(
+        default_factory=list, max_length=MAX_CONTROLNETS, description="ControlNet units (docs/api.md)"
+    )
     tiling: bool = Field(
         False, description="Seamless tiling: the image wraps around its edges (circular padding in UNet and VAE)"
     )
@@ -117,6 +164,8 @@ class GenerationRequest(BaseModel):
             )
         if self.mask is not None and self.image is None:
             raise ValueError("mask: needs an image too (inpainting repaints the masked part of `image`)")
+        if self.tiling and any(unit.scale > 0 for unit in self.controlnets):
+            raise ValueError("controlnets: not supported together with tiling")
         if self.subseed_strength > 0 and self.image is not None:
             raise ValueError("subseed_strength: variation seeds work for txt2img only, not with an init image; use 0")
         return self

@@ -116,6 +116,9 @@ class Settings:
     lora_fuse_after: int = setting(0, shown="0 = never",
                                    doc="fuse a LoRA set into the weights once N requests in a row used it (faster "
                                        "steps; unfused exactly on the next change)")
+    controlnet_max_loaded: int = setting(2, shown="2", section="ControlNet",
+                                         doc="ControlNet models kept loaded per worker; the least recently used is "
+                                             "unloaded beyond that (they count in the model memory budget)")
 
     # --- safety checker (sd_core/safety.py) ---
     safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",
