@@ -97,6 +97,15 @@ class Runner(BaseRunner):
             default=None, min_length=1, max_length=2048, description="LoRA: a model's LoRA name, s3:// or https:// URL"
         ),
         lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of lora_weights"),
+        control_image: Path | None = Input(
+            default=None, description="ControlNet control image (the control map itself, e.g. canny edges)"
+        ),
+        control_model: str | None = Input(
+            default=None, min_length=1, max_length=200, description="ControlNet name (GET /controlnet/model_list)"
+        ),
+        control_scale: float = Input(default=1.0, ge=0.0, le=2.0, description="ControlNet conditioning scale"),
+        control_start: float = Input(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps it starts at"),
+        control_end: float = Input(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps it stops at"),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
@@ -124,6 +133,8 @@ class Runner(BaseRunner):
                 "clip_skip": clip_skip, "tiling": tiling,
                 "image": cog_inputs.user_file_text(image, "image"), "mask": cog_inputs.user_file_text(mask, "mask"),
                 "loras": [{"source": lora_weights, "scale": lora_scale}] if lora_weights is not None else [],
+                "controlnets": cog_inputs.control_units(control_image, control_model, control_scale, control_start,
+                                                        control_end),
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

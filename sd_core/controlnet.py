@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class ControlNets:
         self.placement = placement
         self._loaded: OrderedDict[tuple[str, str], object] = OrderedDict()
         self._sizes: dict[tuple[str, str], int] = {}
+        self._pipes: weakref.WeakSet = weakref.WeakSet()  # the ControlNet pipelines made (held by their models)
         self._lock = threading.Lock()
         # (model kept, bytes incoming): the pipeline pool's make_room, so that loaded ControlNets count in its budget
         self.make_room: Callable[[str, int], None] | None = None
@@ -130,6 +132,7 @@ class ControlNets:
             pipe = cls.from_pipe(model.pipeline("txt2img"), controlnet=controlnet)
             pipe.set_progress_bar_config(disable=True)
             model.pipes[key] = pipe
+            self._pipes.add(pipe)
         else:
             pipe.controlnet = controlnet
         return pipe
@@ -146,8 +149,9 @@ class ControlNets:
             module = self._load(control)
             limit = max(1, self.settings.controlnet_max_loaded)
             while len(self._loaded) >= limit:
-                old, _ = self._loaded.popitem(last=False)
+                old, module = self._loaded.popitem(last=False)
                 self._sizes.pop(old, None)
+                self._detach(module)
                 log.info("ControlNet %s unloaded (SD_CONTROLNET_MAX_LOADED=%d)", old[1], limit)
                 free_memory(self.placement)
             self._loaded[control.key] = module
@@ -156,6 +160,13 @@ class ControlNets:
             if self.make_room is not None:  # evict other models if the budget is now exceeded
                 self.make_room(model.name, 0)
             return module
+
+    def _detach(self, module) -> None:
+        """Drop an unloaded ControlNet from the pipelines still holding it, so that its memory is freed."""
+        for pipe in list(self._pipes):
+            held = getattr(pipe, "controlnet", None)
+            if held is module or module in getattr(held, "nets", ()):
+                pipe.controlnet = None
 
     def _read_config(self, control: ResolvedControl) -> dict:
         from diffusers import ControlNetModel

@@ -197,6 +197,10 @@ def test_loaded_controlnets_are_a_small_lru_counted_in_the_memory_budget(make_en
     assert engine.controlnets.loaded == ["tiny-control-a"]
     size = engine.controlnets.nbytes()
     assert size > 0
-    engine.generate(GenerationRequest(**FAST, controlnets=[unit("tiny-control-b")]))
+    first = engine.controlnets._loaded[("tiny-sd15", "tiny-control-a")]
+    engine.generate(GenerationRequest(**FAST, image=b64(picture(7)), controlnets=[unit("tiny-control-b")]))
     assert engine.controlnets.loaded == ["tiny-control-b"]
+    pipes = engine.pool.get("tiny-sd15").pipes
+    assert pipes[("controlnet", "txt2img")].controlnet is None  # the unloaded one is not kept alive by a pipeline
+    assert pipes[("controlnet", "img2img")].controlnet is not first
     assert engine.pool.extra_bytes() == engine.controlnets.nbytes()

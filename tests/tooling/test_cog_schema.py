@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import GenerationRequest, LoraSpec
+from sd_core.schema import ControlNetUnit, GenerationRequest, LoraSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -20,9 +20,11 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 # GenerationRequest fields that Cog exposes differently, on purpose:
 #   image, mask -> Cog file inputs (cog.Path, format uri); run() gets the data URI / URL text (cog_inputs.py).
 #   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale): Replicate's LoRA convention.
+#   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end.
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras"}
+REPLACED = {"loras", "controlnets"}
 LORA_INPUTS = {"lora_weights": "source", "lora_scale": "scale"}
+CONTROL_INPUTS = {"control_model": "model", "control_scale": "scale", "control_start": "start", "control_end": "end"}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
 EXCLUSIVE_BOUNDS = {("strength", "minimum")}
@@ -77,7 +79,8 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS)
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(CONTROL_INPUTS) | {
+        "control_image"}
     assert set(cog_inputs) == expected
 
 
@@ -97,6 +100,15 @@ def test_lora_inputs_follow_lora_spec(cog_inputs):
     assert GenerationRequest.model_fields["loras"].default_factory() == []  # no LoRA unless asked: input optional
     assert comparable(cog_inputs["lora_weights"]) == {**source, "nullable": True, "default": None}
     assert comparable(cog_inputs["lora_scale"]) == pydantic_field(LoraSpec, "scale")
+
+
+def test_control_inputs_follow_controlnet_unit(cog_inputs):
+    assert GenerationRequest.model_fields["controlnets"].default_factory() == []  # no unit unless asked
+    assert cog_inputs["control_image"] == {"type": "string", "format": "uri", "nullable": True, "default": None}
+    model = pydantic_field(ControlNetUnit, "model")
+    assert comparable(cog_inputs["control_model"]) == {**model, "nullable": True, "default": None}
+    for name in ("control_scale", "control_start", "control_end"):
+        assert comparable(cog_inputs[name]) == pydantic_field(ControlNetUnit, CONTROL_INPUTS[name])
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):
