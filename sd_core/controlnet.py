@@ -149,9 +149,9 @@ class ControlNets:
             module = self._load(control)
             limit = max(1, self.settings.controlnet_max_loaded)
             while len(self._loaded) >= limit:
-                old, module = self._loaded.popitem(last=False)
+                old, unloaded = self._loaded.popitem(last=False)
                 self._sizes.pop(old, None)
-                self._detach(module)
+                self._detach(unloaded)
                 log.info("ControlNet %s unloaded (SD_CONTROLNET_MAX_LOADED=%d)", old[1], limit)
                 free_memory(self.placement)
             self._loaded[control.key] = module
