@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 RESAMPLE = Image.Resampling.LANCZOS
+MAX_PROCESSOR_PIXELS = 2048 * 2048  # the most pixels a preprocessor works on
 
 
 def fit(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.Image:
@@ -21,8 +22,9 @@ def fit(image: Image.Image, width: int, height: int, resize_mode: str) -> Image.
 
 
 def at_resolution(image: Image.Image, short_side: int) -> Image.Image:
-    """``image`` scaled so that its short side is ``short_side`` (a preprocessor's working resolution)."""
-    scale = short_side / min(image.size)
+    """``image`` scaled so that its short side is ``short_side`` (a preprocessor's working resolution), but never
+    past MAX_PROCESSOR_PIXELS (a long thin image would otherwise grow without bound)."""
+    scale = min(short_side / min(image.size), (MAX_PROCESSOR_PIXELS / (image.width * image.height)) ** 0.5)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image if size == image.size else image.resize(size, RESAMPLE)
 

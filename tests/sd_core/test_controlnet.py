@@ -123,6 +123,11 @@ def test_resize_modes_fit_the_output_size():
         assert control_image(wide, width=64, height=64, preprocessor="none", resize_mode=mode).size == (64, 64)
     filled = np.asarray(control_image(wide, width=64, height=64, preprocessor="none", resize_mode="resize_and_fill"))
     assert filled[:8].max() == 0 and filled[-8:].max() == 0  # padded above and below
+    thin = picture(4, (4000, 8))  # processor_res 2048 on its short side would be 1M x 2048 pixels: bounded
+    from sd_core.control_images import MAX_PROCESSOR_PIXELS, at_resolution
+
+    scaled = at_resolution(thin, 2048)
+    assert scaled.width * scaled.height <= MAX_PROCESSOR_PIXELS * 1.01
 
 
 def test_img2img_and_inpaint_with_a_unit_equal_bare_diffusers(engine, tiny_bucket):
