@@ -1,4 +1,4 @@
-"""Cog file inputs (image, mask) reach run() as the user's text, so sd_core's URL policy fetches them, not Cog."""
+"""Cog file inputs (image, mask, control_image) reach run() as text, so sd_core's URL policy fetches them, not Cog."""
 
 # Why: predict.py declares image/mask as `cog.Path`, which gives them `{"type": "string", "format": "uri"}` in the
 # OpenAPI schema (`cog build` reads the signature statically): Replicate's web form shows an upload widget for it and
@@ -54,6 +54,17 @@ def install() -> None:
     if not isinstance(PrimitiveType.PATH.normalize("https://example.com/x.png"), UserFileText):
         # Fail closed: without the hook Cog would fetch any URL itself. Re-check this module against the new cog.
         raise RuntimeError(f"cog_inputs: the Path.validate hook (checked on cog {CHECKED_COG_VERSION}) has no effect")
+
+
+def control_units(image: Any, model: str | None, scale: float, start: float, end: float) -> list[dict]:
+    """The Cog ControlNet inputs as GenerationRequest's ``controlnets`` (none without a control image)."""
+    if image is None and model is None:
+        return []
+    if image is None or model is None:
+        missing = "control_image" if image is None else "control_model"
+        raise InvalidRequest("control_image and control_model go together", field=missing)
+    return [{"model": model, "image": user_file_text(image, "control_image"), "scale": scale, "start": start,
+             "end": end}]
 
 
 def user_file_text(value: Any, field: str) -> str | None:

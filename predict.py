@@ -133,6 +133,15 @@ class Runner(BaseRunner):
             default=None, max_length=40000,
             description="Embeddings by URL: name=https://... pairs, comma separated; the name triggers it in a prompt",
         ),
+        control_image: Path | None = Input(
+            default=None, description="ControlNet control image (the control map itself, e.g. canny edges)"
+        ),
+        control_model: str | None = Input(
+            default=None, min_length=1, max_length=200, description="ControlNet name (GET /controlnet/model_list)"
+        ),
+        control_scale: float = Input(default=1.0, ge=0.0, le=2.0, description="ControlNet conditioning scale"),
+        control_start: float = Input(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps it starts at"),
+        control_end: float = Input(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps it stops at"),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
         vae: str | None = Input(
@@ -194,6 +203,8 @@ class Runner(BaseRunner):
                 "hires": {"scale": hires_scale, "upscaler": hires_upscaler, "steps": hires_steps,
                           "denoising_strength": hires_denoising_strength} if hires_scale else None,
                 "embeddings": parse_embedding_list(embeddings),
+                "controlnets": cog_inputs.control_units(control_image, control_model, control_scale, control_start,
+                                                        control_end),
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from . import a1111_hires, a1111_inpaint, a1111_listing, a1111_options, a1111_scripts
+from . import a1111_controlnet, a1111_hires, a1111_inpaint, a1111_listing, a1111_options, a1111_scripts
 from .errors import InvalidRequest, quote
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .prompt_tags import strip_prompt_tags
@@ -118,7 +118,10 @@ def parse_call(data) -> A1111Call | None:
 
 
 def _endpoint(value, field: str) -> str:
-    name = value.strip().rstrip("/").rsplit("/", 1)[-1] if isinstance(value, str) and len(value) <= 100 else ""
+    parts = value.strip().rstrip("/").rsplit("/", 2) if isinstance(value, str) and len(value) <= 100 else [""]
+    name = parts[-1]
+    if len(parts) > 1 and parts[-2] == "controlnet":  # the ControlNet extension's /controlnet/model_list, ...
+        name = f"controlnet/{name}"
     a1111_listing.check_endpoint(name, field)
     if name not in (TXT2IMG, IMG2IMG, EXTRAS, *a1111_listing.LISTINGS):
         raise InvalidRequest(f"expected /sdapi/v1/txt2img or /sdapi/v1/img2img (or txt2img, img2img), "
@@ -263,6 +266,7 @@ def to_request(call: A1111Call) -> GenerationRequest:
         if not _is_off(p.get(key)):
             errors.append(f"{key}: not supported by this worker")
     errors.extend(a1111_scripts.refusals(p.get("alwayson_scripts")))
+    controlnets = a1111_controlnet.units(p.get("alwayson_scripts"), errors)
     for key in UNSUPPORTED_SIZES:
         if not _is_off(p.get(key)) and p.get(key) != -1:
             errors.append(f"{key}: not supported by this worker (only -1 or 0, off)")
@@ -284,6 +288,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
     if sampler is not None:
         fields["scheduler"] = sampler
     fields["num_outputs"] = _whole(p, "batch_size", errors) * _whole(p, "n_iter", errors)
+    if controlnets:
+        fields["controlnets"] = controlnets
     overrides = p.get("override_settings") or {}
     if not isinstance(overrides, dict):
         errors.append("override_settings: expected a JSON object")

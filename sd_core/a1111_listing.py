@@ -6,9 +6,11 @@ from pathlib import Path
 
 from .errors import InvalidRequest, quote, scrub
 from .schedulers import KARRAS, SAMPLER_ALIASES, SAMPLERS, SCHEDULES, UNIFORM
+from .schema import CONTROL_PREPROCESSORS
 
 # Endpoint name -> what it lists. Each answer has the shape of A1111 1.10's response model for it.
-LISTINGS = ("sd-models", "samplers", "schedulers", "loras", "embeddings", "sd-vae", "options", "upscalers")
+LISTINGS = ("sd-models", "samplers", "schedulers", "loras", "embeddings", "sd-vae", "options", "upscalers",
+            "controlnet/model_list", "controlnet/module_list")  # the last two: the ControlNet extension's, /controlnet/
 # A1111 endpoints whose job RunPod itself does for every job: refused with a pointer to RunPod's own.
 PLATFORM_ENDPOINTS = {"progress": "RunPod's /status/<job id> (and the job's progress updates)",
                       "interrupt": "RunPod's /cancel/<job id>", "skip": "RunPod's /cancel/<job id>"}
@@ -22,20 +24,25 @@ def check_endpoint(name: str, field: str) -> None:
                              field=field)
 
 
+def path(endpoint: str) -> str:
+    """An endpoint's URL path as A1111 serves it."""
+    return f"/{endpoint}" if endpoint.startswith("controlnet/") else f"/sdapi/v1/{endpoint}"
+
+
 def check_method(endpoint: str, method) -> None:
     """A listing takes GET, a generation POST (an absent method is the endpoint's own)."""
     expected = "GET" if endpoint in LISTINGS else "POST"
     if method is None or (isinstance(method, str) and method.strip().upper() == expected):
         return
     why = "; options are read-only here (per job: override_settings)" if endpoint == "options" else ""
-    raise InvalidRequest(f"only {expected} is served for /sdapi/v1/{endpoint} (got {quote(method)}){why}",
+    raise InvalidRequest(f"only {expected} is served for {path(endpoint)} (got {quote(method)}){why}",
                          field="api.method")
 
 
 def answer(endpoint: str, payload: dict, engine) -> list | dict:
     """The listing ``endpoint`` for a worker's ``engine`` (its catalog and settings): A1111's response body."""
     if payload:
-        raise InvalidRequest(f"/sdapi/v1/{endpoint} takes no payload (got {len(payload)} field(s))", field="payload")
+        raise InvalidRequest(f"{path(endpoint)} takes no payload (got {len(payload)} field(s))", field="payload")
     manifests = list(engine.catalog.manifests.values())
     if endpoint == "sd-models":
         return [_model_item(manifest) for manifest in manifests]
@@ -69,6 +76,10 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
         return {"sd_model_checkpoint": _title(default) if default else engine.settings.default_model,
                 "sd_checkpoint_hash": default.sha256 if default else None, "CLIP_stop_at_last_layers": 1,
                 "sd_vae": "Automatic", "samples_format": "png"}
+    if endpoint == "controlnet/model_list":  # names as requests give them (no A1111 hash suffix needed)
+        return {"model_list": list(dict.fromkeys(e.name for m in manifests for e in m.controlnets))}
+    if endpoint == "controlnet/module_list":
+        return {"module_list": list(CONTROL_PREPROCESSORS)}
     if endpoint == "upscalers":
         return [_upscaler_item(name, engine.upscalers) for name in engine.upscalers.names()]
     return []

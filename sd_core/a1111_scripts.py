@@ -1,7 +1,9 @@
-"""A1111's `alwayson_scripts` (extension units): disabled units are accepted, enabled ones refused by extension."""
+"""A1111's `alwayson_scripts` (extension units): disabled units are accepted, enabled ones refused by extension
+(except ControlNet's, which sd_core/a1111_controlnet.py translates)."""
 
 from __future__ import annotations
 
+from .a1111_controlnet import is_controlnet
 from .schema import field_label
 
 MAX_LISTED = 5  # extensions named in one error; the rest are counted
@@ -37,12 +39,12 @@ def enabled(entry) -> bool:
 
 
 def refusals(scripts) -> list[str]:
-    """Error messages for ``alwayson_scripts``: one per extension switched on (this worker has none of them)."""
+    """Error messages for ``alwayson_scripts``: one per extension switched on that this worker does not have."""
     if _off(scripts):
         return []
     if not isinstance(scripts, dict):
         return [f"{FIELD}: expected a JSON object {{extension: {{\"args\": [...]}}}}, got {type(scripts).__name__}"]
-    on = [name for name, entry in scripts.items() if enabled(entry)]
+    on = [name for name, entry in scripts.items() if enabled(entry) and not is_controlnet(name)]
     errors = [f"{FIELD}.{field_label(name)}: not supported by this worker" for name in on[:MAX_LISTED]]
     if len(on) > MAX_LISTED:
         errors.append(f"{FIELD}: {len(on) - MAX_LISTED} more extensions not supported by this worker")

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from .controlnet import ControlNets, pipe_kwargs
 from .device import Placement, raise_device_failure
 from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, quote
@@ -32,6 +33,7 @@ class Denoiser:
     placement: Placement
     vaes: VaeManager | None = None
     embeddings: EmbeddingManager | None = None
+    controlnets: ControlNets | None = None
     # Reentrant: a post-pass that holds it (hires fix) may call the upscalers, which take it too.
     _gpu_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -50,7 +52,10 @@ class Denoiser:
                 job.timings["queue_s"] = t - job.started - job.timings.get("prepare_s", 0.0)
             model = self.pool.get(first.model, expected_bytes=jobs[0].manifest.size or 0)
             load_s = time.perf_counter() - t
-            pipe = model.pipeline(jobs[0].mode)
+            if jobs[0].controls:  # a job with ControlNet units runs alone (Job.batch_key)
+                pipe = self.controlnets.pipeline(model, jobs[0].mode, jobs[0].controls)
+            else:
+                pipe = model.pipeline(jobs[0].mode)
             pipe.scheduler = model.scheduler(first.scheduler)
             clip_skip = _clip_skip(jobs[0], pipe)  # all jobs of a batch share it (Job.batch_key)
             t = time.perf_counter()
@@ -140,6 +145,8 @@ class Denoiser:
         if first.mode == "inpaint":
             kwargs.update(mask_image=first.mask, width=first.width, height=first.height)
             kwargs.update(latent_fill_kwargs(pipe, first))  # A1111's latent noise / latent nothing fills
+        if first.controls:
+            kwargs.update(pipe_kwargs(first.controls, first.mode))
 
         def step_end(pipeline, step, timestep, callback_kwargs):
             cancels = [j.should_cancel() if j.should_cancel else False for j in jobs]

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import inpainting
 from .batching import MicroBatcher
 from .catalog_storage import with_local_catalog
+from .controlnet import ControlNets
 from .denoise import Denoiser
 from .device import choose_placement
 from .embeddings import EmbeddingManager
@@ -59,8 +60,11 @@ class Engine:
         self.loras = LoraManager(self.settings, self.catalog)
         self.vaes = VaeManager(self.settings)
         self.embeddings = EmbeddingManager(self.settings, self.catalog)
+        self.controlnets = ControlNets(self.settings, self.catalog, self.placement)
         self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement,
-                                 vaes=self.vaes, embeddings=self.embeddings)
+                                 vaes=self.vaes, embeddings=self.embeddings, controlnets=self.controlnets)
+        self.denoiser.pool.extra_bytes = self.controlnets.nbytes
+        self.controlnets.make_room = self.denoiser.pool.make_room
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
@@ -116,6 +120,7 @@ class Engine:
             if req.outpaint is not None and (problem := outpaint_size_problem(width, height)):
                 raise InvalidRequest(problem, field="outpaint")
         self._check_pixel_budget(width, height, req.num_outputs)
+        controls = self.controlnets.resolve(req, manifest, width, height)  # control maps at the output size
         # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off, embedding names (whole
         # words, prompt and negative prompt) replaced with the tokens they are loaded under
         user_prompt, user_negative = req.prompt, req.negative_prompt
@@ -145,7 +150,7 @@ class Engine:
         job = Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
                   negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
-                  inpaint=plan, prompts=prompts)
+                  inpaint=plan, prompts=prompts, controls=controls)
         self.refiner.plan(job)  # a refined job: its refiner found and checked, latents asked of stage 5
         job.timings["prepare_s"] = time.perf_counter() - started
         return job

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .controlnet import ResolvedControl
 from .embeddings import ResolvedEmbedding
 from .lora import ResolvedLora
 from .manifests import ModelManifest
@@ -52,6 +53,7 @@ class Job:
     pipe_kwargs: dict[str, Any] = field(default_factory=dict)
     refiner: ModelManifest | None = None  # the refiner model of a refined job (sd_core/refiner.py), else None
     prompts: JobPrompts | None = None  # the prompts' A1111 syntax, parsed (None: plain text, as before)
+    controls: tuple[ResolvedControl, ...] = ()  # ControlNet units with a scale above 0
 
     @property
     def mode(self) -> str:
@@ -65,7 +67,8 @@ class Job:
 
     @property
     def batch_key(self) -> tuple | None:
-        """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) never batch.
+        """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) and
+        jobs with ControlNet units never batch.
 
         Plain and A1111-syntax prompts batch apart; prompt editing never batches (``JobPrompts.batch_key``).
         Empty and non-empty negative prompts never share a batch: an all-empty batch is run with no negative prompt
@@ -75,7 +78,8 @@ class Job:
         """
         r = self.request
         prompts = self.prompts.batch_key if self.prompts is not None else ("plain",)
-        if self.mode != "txt2img" or prompts is None:  # prompt editing / alternation: never batched
+        # own init images, own control images; prompt editing / alternation: never batched
+        if self.mode != "txt2img" or self.controls or prompts is None:
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
                 tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling,

@@ -89,6 +89,32 @@ class EmbeddingEntry(BaseModel):
     shape: int | None = Field(None, ge=1, description="vector width, for the A1111 listing when the file is not local")
 
 
+class ControlNetEntry(BaseModel):
+    """A ControlNet for a model's architecture: a diffusers folder (``uri`` ending in '/', optional ``files``
+    checksums) or a single .safetensors file with a ``config_uri`` folder holding its config.json."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    uri: str = Field(min_length=1)
+    files: dict[str, str] = Field(default_factory=dict)
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    size: int | None = Field(None, ge=0)
+    config_uri: str | None = None
+
+    @property
+    def is_folder(self) -> bool:
+        return self.uri.endswith("/")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if not self.is_folder and not self.config_uri:
+            raise ValueError("config_uri: required for a single-file ControlNet (loading never asks the hub)")
+        if self.is_folder and self.sha256:
+            raise ValueError("sha256: a diffusers folder pins per-file checksums under `files`")
+        return self
+
+
 class ModelManifest(BaseModel):
     """One model: a diffusers folder, or a single-file checkpoint plus the config folder it needs."""
 
@@ -112,6 +138,7 @@ class ModelManifest(BaseModel):
     embeddings: list[EmbeddingEntry] = Field(default_factory=list)
     refiner: str | None = Field(None, pattern=NAME_PATTERN, description="the refiner model a request's `refine` uses "
                                 "when it names none (an sdxl-refiner manifest)")
+    controlnets: list[ControlNetEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -215,6 +242,15 @@ class ModelCatalog:
                 for entry in manifest.embeddings:
                     found.setdefault(entry.name.lower(), entry)
         return found
+
+    def find_controlnet(self, name: str, model: ModelManifest) -> tuple[ControlNetEntry, ModelManifest] | None:
+        """A ControlNet by name and the manifest listing it: the model's own first, then any other manifest's
+        (one listed for another architecture is refused when loaded, by its config)."""
+        for manifest in [model] + [m for m in self.manifests.values() if m is not model]:
+            for entry in manifest.controlnets:
+                if entry.name == name:
+                    return entry, manifest
+        return None
 
 
 def fetch_vae(entry: VaeEntry, settings: Settings) -> Path:

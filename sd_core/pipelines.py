@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 
@@ -134,6 +135,7 @@ class PipelinePool:
         self._loader = loader
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
+        self.extra_bytes: Callable[[], int] = lambda: 0  # other weights in the budget (loaded ControlNets)
 
     def __contains__(self, name: str) -> bool:
         return name in self._models
@@ -165,8 +167,13 @@ class PipelinePool:
         with self._lock:
             self._evict(keep=keep, incoming=0)
 
+    def make_room(self, keep: str, incoming: int) -> None:
+        """Evict other models until ``incoming`` more bytes (a ControlNet about to load) fit the budget."""
+        with self._lock:
+            self._evict(keep=keep, incoming=incoming)
+
     def _evict(self, keep: str | None, incoming: int) -> None:
-        while self.used_bytes + incoming > self.budget:
+        while self.used_bytes + self.extra_bytes() + incoming > self.budget:
             victim = next((n for n in self._models if n != keep), None)
             if victim is None:
                 break

@@ -25,6 +25,11 @@ MAX_EMBEDDINGS = 16  # textual-inversion embeddings a request may bring in `embe
 EMBEDDING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # as manifest names: the word that triggers it
 MAX_MODEL_NAME_CHARS = 200  # a manifest name; a `model` URL may be longer (MAX_MODEL_URL_CHARS)
 MAX_MODEL_URL_CHARS = 2048
+MAX_CONTROLNETS = 4  # ControlNet units of one request
+MAX_CONTROL_SCALE = 2.0  # A1111's weight slider goes to 2
+CONTROL_PREPROCESSORS = ("none", "canny")  # built in (sd_core/control_images.py); weight-based ones are not
+CONTROL_MODES = ("balanced", "prompt", "control")
+CONTROL_RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 # Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's
@@ -117,6 +122,45 @@ class OutpaintSpec(BaseModel):
         return self
 
 
+class ControlNetUnit(BaseModel):
+    """One ControlNet unit: a manifest ControlNet, its control image and how strongly and when it steers."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="ControlNet name from a model manifest's controlnets")
+    image: str = Field(min_length=1, description="Control image: base64, data URI or https URL")
+    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROL_SCALE, allow_inf_nan=False,
+                         description="Conditioning scale; 0 skips the unit")
+    start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it starts at")
+    end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it stops at")
+    mode: Literal[CONTROL_MODES] = Field(  # type: ignore[valid-type]
+        "balanced", description="balanced; control: ControlNet is more important (diffusers' guess_mode)")
+    preprocessor: str = Field("none", max_length=64, description="none (the image is the control map) or canny")
+    resize_mode: Literal[CONTROL_RESIZE_MODES] = Field(  # type: ignore[valid-type]
+        "just_resize", description="How the control image is fitted to the output size")
+    processor_res: int | None = Field(None, ge=64, le=MAX_SIZE,
+                                      description="Preprocessor resolution (short side); empty: the output size")
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold")
+    high_threshold: int = Field(200, ge=0, le=255, description="canny: high threshold")
+
+    @field_validator("preprocessor")
+    @classmethod
+    def _known_preprocessor(cls, value: str) -> str:
+        name = value.strip().lower()
+        if name not in CONTROL_PREPROCESSORS:
+            raise ValueError(f"{quote(value, 40)} is not available on this worker (weight-based preprocessors such "
+                             f"as depth or openpose are not built in); available: {', '.join(CONTROL_PREPROCESSORS)}")
+        return name
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
+        if self.low_threshold > self.high_threshold:
+            raise ValueError(f"low_threshold ({self.low_threshold}) above high_threshold ({self.high_threshold})")
+        return self
+
+
 class GenerationRequest(BaseModel):
     """Everything one generation needs. ``None`` means "the model's default" (from its manifest)."""
 
@@ -179,6 +223,9 @@ class GenerationRequest(BaseModel):
     clip_skip: int = Field(
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
+    )
+    controlnets: list[ControlNetUnit] = Field(
+        default_factory=list, max_length=MAX_CONTROLNETS, description="ControlNet units (docs/api.md)"
     )
     tiling: bool = Field(
         False, description="Seamless tiling: the image wraps around its edges (circular padding in UNet and VAE)"
@@ -243,6 +290,11 @@ class GenerationRequest(BaseModel):
         if self.hires is not None and self.subseed_strength > 0:
             raise ValueError("hires: not combined with variation seeds (subseed_strength) by this worker; use 0")
         self._check_inpainting()
+        controlled = any(unit.scale > 0 for unit in self.controlnets)
+        if controlled and self.tiling:
+            raise ValueError("controlnets: not supported together with tiling")
+        if controlled and (self.hires is not None or self.refine != "no_refiner"):
+            raise ValueError("controlnets: not combined with the hires fix or the refiner by this worker yet; use one")
         if self.refine != "no_refiner" and self.image is not None:
             raise ValueError("refine: the refiner pass works for txt2img only here, not with an init image")
         if self.refine != "no_refiner" and self.hires is not None:

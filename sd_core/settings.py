@@ -141,6 +141,9 @@ class Settings:
     max_embeddings: int = setting(32, shown="32", section="Embeddings",
                                   doc="textual-inversion embeddings kept loaded per model; the least recently used is "
                                       "unloaded beyond that")
+    controlnet_max_loaded: int = setting(2, shown="2", section="ControlNet",
+                                         doc="ControlNet models kept loaded per worker; the least recently used is "
+                                             "unloaded beyond that (they count in the model memory budget)")
 
     # --- safety checker (sd_core/safety.py) ---
     safety_checker: bool | None = setting(None, shown="Cog: on; RunPod and `python -m sd_core`: off",

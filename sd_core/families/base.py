@@ -36,6 +36,8 @@ class ModelFamily:
     ays_sigmas: tuple[float, ...] = AYS_SD15
     # a refiner family: the architectures whose images it refines (sd_core/refiner.py); () for a model of its own
     refines: tuple[str, ...] = ()
+    # diffusers ControlNet pipeline class per mode, built with from_pipe on the loaded model (sd_core/controlnet.py)
+    controlnet_pipelines: dict[str, str] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -48,6 +50,13 @@ class ModelFamily:
         import diffusers
 
         return getattr(diffusers, self.pipelines[mode])
+
+    def controlnet_pipeline_class(self, mode: str):
+        """The diffusers ControlNet pipeline class for ``mode``; None when this family has none."""
+        import diffusers
+
+        name = (self.controlnet_pipelines or {}).get(mode)
+        return getattr(diffusers, name) if name else None
 
     def prompt_kwargs(self, prompts: list[str], negative_prompts: list[str]) -> dict[str, Any]:
         """A batch's prompts (one per image) as pipeline keyword arguments.

@@ -10,6 +10,11 @@ FAMILY = ModelFamily(
         "img2img": "StableDiffusionXLImg2ImgPipeline",
         "inpaint": "StableDiffusionXLInpaintPipeline",
     },
+    controlnet_pipelines={
+        "txt2img": "StableDiffusionXLControlNetPipeline",
+        "img2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLControlNetInpaintPipeline",
+    },
     width=1024, height=1024, num_inference_steps=30, guidance_scale=7.0,
     checkpoint_prefixes=("conditioner.embedders.",),  # SGM layout: both encoders under conditioner.embedders
     clip_skip=False,  # A1111 ignores CLIP_stop_at_last_layers for this family

@@ -369,6 +369,27 @@ def test_refine_runs_the_sdxl_refiner(cog_server):
     sd15 = cog_server.predict({**FAST, "refine": "expert_ensemble_refiner", "refiner": "tiny-sdxl-refiner"})
     assert sd15["status"] == "failed"
     assert "refiner: 'tiny-sdxl-refiner' refines sdxl models, not 'tiny-sd15' (sd15)" in sd15["error"]
+# --- ControlNet ---------------------------------------------------------------------------------------------------
+def test_control_image_and_model_steer_the_image(cog_server):
+    import numpy as np
+
+    control = Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    control.save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    base = cog_server.predict({**FAST, "seed": 7})
+    steered = cog_server.predict({**FAST, "seed": 7, "control_image": uri, "control_model": "tiny-control-a",
+                                  "control_scale": 1.5})
+    off = cog_server.predict({**FAST, "seed": 7, "control_image": uri, "control_model": "tiny-control-a",
+                              "control_scale": 0})
+    for prediction in (base, steered, off):
+        assert prediction["status"] == "succeeded", prediction.get("error")
+    base_pixels = decode_output(base["output"][0])[1].tobytes()
+    assert decode_output(steered["output"][0])[1].tobytes() != base_pixels
+    assert decode_output(off["output"][0])[1].tobytes() == base_pixels  # scale 0: exactly the image without it
+    alone = cog_server.predict({**FAST, "control_image": uri})
+    assert alone["status"] == "failed"
+    assert "control_model: control_image and control_model go together" in alone["error"]
 
 
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)

@@ -208,9 +208,13 @@ def test_disabled_extension_units_leave_the_request_unchanged(scripts):
 @pytest.mark.parametrize(("scripts", "expected"), [
     ({"ADetailer": {"args": [True, False, {"ad_model": "face_yolov8n.pt"}]}},
      "alwayson_scripts.ADetailer: not supported by this worker"),
+    # ControlNet units are translated (tests/adapters/test_runpod_controlnet.py): an incomplete one is refused by key
     ({"ControlNet": {"args": [{"enabled": False}, {"enabled": True, "module": "canny"}]}},
-     "alwayson_scripts.ControlNet: not supported by this worker"),
-    ({"controlnet": {"args": [{"module": "canny"}]}}, "alwayson_scripts.controlnet: not supported by this worker"),
+     "alwayson_scripts.ControlNet.args.1.image: expected the control image"),
+    ({"controlnet": {"args": [{"module": "canny", "image": "abc"}]}},
+     "alwayson_scripts.controlnet.args.0.model: expected a ControlNet model name"),
+    ({"controlnet": {"args": [{"module": "openpose", "image": "abc", "model": "m"}]}},
+     "alwayson_scripts.controlnet.args.0.module: 'openpose' is not available on this worker"),
     ({"Seed": {"args": [-1, False]}}, "alwayson_scripts.Seed: not supported by this worker"),
     ({"e" * 500: {"args": [True]}}, "alwayson_scripts.'eeeeee"),
     ({f"ext{i}": {"args": [True]} for i in range(8)}, "alwayson_scripts: 3 more extensions not supported"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import GenerationRequest, HiresSpec, LoraSpec, OutpaintSpec
+from sd_core.schema import ControlNetUnit, GenerationRequest, HiresSpec, LoraSpec, OutpaintSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -26,13 +26,15 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
 #   embeddings  -> one string of name=URL pairs (sd_core.embeddings.parse_embedding_list).
 #   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
+#   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end.
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras", "hires", "embeddings", "outpaint"}
+REPLACED = {"loras", "hires", "embeddings", "outpaint", "controlnets"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
 HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
                 "hires_denoising_strength": "denoising_strength"}
 OUTPAINT_INPUTS = {f"outpaint_{side}": side for side in ("left", "right", "top", "bottom")}
+CONTROL_INPUTS = {"control_model": "model", "control_scale": "scale", "control_start": "start", "control_end": "end"}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
 EXCLUSIVE_BOUNDS = {("strength", "minimum"), ("denoising_strength", "minimum")}
@@ -88,7 +90,7 @@ def comparable(cog: dict) -> dict:
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
     expected = ((set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
-                | {"embeddings"} | set(OUTPAINT_INPUTS))
+                | {"embeddings"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS) | {"control_image"})
     assert set(cog_inputs) == expected
 
 
@@ -104,7 +106,7 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
-    assert {field for field, _ in LORA_INPUTS.values()} | {"hires", "embeddings", "outpaint"} == REPLACED
+    assert {field for field, _ in LORA_INPUTS.values()} | {"hires", "embeddings", "outpaint", "controlnets"} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
 
 
@@ -143,6 +145,15 @@ def test_embeddings_input_is_an_optional_string_of_pairs(cog_inputs):
 def test_outpaint_inputs_follow_outpaint_spec(cog_inputs, name):
     assert GenerationRequest.model_fields["outpaint"].default is None  # all four 0: no outpainting
     assert comparable(cog_inputs[name]) == pydantic_field(OutpaintSpec, OUTPAINT_INPUTS[name])
+
+
+def test_control_inputs_follow_controlnet_unit(cog_inputs):
+    assert GenerationRequest.model_fields["controlnets"].default_factory() == []  # no unit unless asked
+    assert cog_inputs["control_image"] == {"type": "string", "format": "uri", "nullable": True, "default": None}
+    model = pydantic_field(ControlNetUnit, "model")
+    assert comparable(cog_inputs["control_model"]) == {**model, "nullable": True, "default": None}
+    for name in ("control_scale", "control_start", "control_end"):
+        assert comparable(cog_inputs[name]) == pydantic_field(ControlNetUnit, CONTROL_INPUTS[name])
 
 
 def test_the_comparison_notices_a_drifted_bound(cog_inputs):

@@ -150,6 +150,9 @@ def test_build_is_deterministic(tiny_bucket, tmp_path):
         assert sha256(tmp_path / "again" / name) == sha256(tiny_bucket / name)
     name = "embeddings/tiny-sd15-neg.safetensors"
     assert sha256(tmp_path / "again" / name) == sha256(tiny_bucket / name)
+    for variant in ("a", "b"):  # the tiny ControlNets (devtools/tiny_controlnet.py)
+        name = f"controlnets/tiny-sd15-control-{variant}"
+        assert tree_hashes(tmp_path / "again" / name) == tree_hashes(tiny_bucket / name)
     builder.build_tiny_models(tmp_path / "other", archs=("sd15",), seed=1)
     name = "tiny-sd15/tiny-sd15.safetensors"
     assert sha256(tmp_path / "other" / name) != sha256(tiny_bucket / name)
