@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh [--tiny] [--no-compile] [--skip ROWS] [--budget-s S]   (options: scripts/bench/gpu_check.py)
 # Missing Python packages (diffusers, pydantic) are installed from .gpu-wheels/ (made here by
 # scripts/ops/gpu_wheels.sh) into a scratch folder put on PYTHONPATH, so the machine's own torch is used.
-# Progress goes to stderr, the table to stdout. The whole run stops after GPU_CHECK_TIMEOUT_S (default 480) seconds.
+# Progress goes to stderr, the table to stdout. The whole run stops after GPU_CHECK_TIMEOUT_S (default 460) seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-}
@@ -35,4 +35,4 @@ for name in names:
         found.append(f"{name} missing")
 print("gpu_check: Python", sys.version.split()[0], "|", ", ".join(found))
 PY
-exec timeout --signal=TERM --kill-after=10 "${GPU_CHECK_TIMEOUT_S:-480}" "$PYTHON" -m scripts.bench.gpu_check "$@"
+exec timeout --signal=TERM --kill-after=10 "${GPU_CHECK_TIMEOUT_S:-460}" "$PYTHON" -m scripts.bench.gpu_check "$@"

@@ -28,7 +28,7 @@ def run_check(tmp_path: Path, *args: str) -> str:
     out.mkdir()
     proc = subprocess.run(
         ["scripts/gpu_check.sh", "--tiny", "--work", str(tmp_path / "work"), *args], cwd=ROOT, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=900,
+        capture_output=True, timeout=900,
         env={**os.environ, "OUT": str(out), "GPU_CHECK_TIMEOUT_S": "890"},
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
