@@ -61,6 +61,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
+from devtools.tiny_ip_adapter import write_tiny_ip_adapter  # noqa: E402
 from devtools.tiny_upscaler import write_tiny_upscalers  # noqa: E402
 
 ARCHS = ("sd15", "sdxl")
@@ -600,6 +601,7 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     save_file(original_checkpoint(pipe, arch), checkpoint, metadata={"format": "pt"})
     paths = {f"tiny-{arch}": root}
     paths.update(write_loras(pipe, arch, out / "loras", seed))
+    paths.update(write_tiny_ip_adapter(pipe, arch, out, seed))
     return paths
 
 

@@ -62,6 +62,7 @@ FIELD_NAMES = {
     "num_inference_steps": "steps", "guidance_scale": "cfg_scale", "scheduler": "sampler_name",
     "num_outputs": "batch_size x n_iter", "strength": "denoising_strength", "image": "init_images",
     "model": "override_settings.sd_model_checkpoint", "clip_skip": "override_settings.CLIP_stop_at_last_layers",
+    "ip_adapters": "alwayson_scripts.controlnet",
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
@@ -228,6 +229,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
         if not _is_off(p.get(key)):
             errors.append(f"{key}: not supported by this worker")
     errors.extend(a1111_scripts.refusals(p.get("alwayson_scripts")))
+    ip_adapters, unit_errors = a1111_scripts.ip_adapter_specs(p.get("alwayson_scripts"))
+    errors.extend(unit_errors)
     for key in UNSUPPORTED_SIZES:
         if not _is_off(p.get(key)) and p.get(key) != -1:
             errors.append(f"{key}: not supported by this worker (only -1 or 0, off)")
@@ -266,6 +269,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
         if "mask" in p:
             fields["mask"] = p["mask"]
         fields["strength"] = p.get("denoising_strength", A1111_DEFAULT_DENOISING_STRENGTH)
+    if ip_adapters:  # ControlNet's IP-Adapter units
+        fields["ip_adapters"] = ip_adapters
     if errors:
         raise InvalidRequest("; ".join(errors))
     try:

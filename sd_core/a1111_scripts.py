@@ -1,7 +1,10 @@
-"""A1111's `alwayson_scripts` (extension units): disabled units are accepted, enabled ones refused by extension."""
+"""A1111's `alwayson_scripts` (extension units): disabled units are accepted, ControlNet's IP-Adapter units become
+`ip_adapters` entries (sd_core/ip_adapter.py), other enabled ones are refused by extension."""
 
 from __future__ import annotations
 
+from .errors import InvalidRequest
+from .ip_adapter import a1111_unit_to_spec, is_ip_adapter_unit
 from .schema import field_label
 
 MAX_LISTED = 5  # extensions named in one error; the rest are counted
@@ -42,8 +45,46 @@ def refusals(scripts) -> list[str]:
         return []
     if not isinstance(scripts, dict):
         return [f"{FIELD}: expected a JSON object {{extension: {{\"args\": [...]}}}}, got {type(scripts).__name__}"]
-    on = [name for name, entry in scripts.items() if enabled(entry)]
+    on = [name for name, entry in scripts.items() if enabled(entry) and not _only_ip_adapter_units(name, entry)]
     errors = [f"{FIELD}.{field_label(name)}: not supported by this worker" for name in on[:MAX_LISTED]]
     if len(on) > MAX_LISTED:
         errors.append(f"{FIELD}: {len(on) - MAX_LISTED} more extensions not supported by this worker")
     return errors
+
+
+def _controlnet_units(name, entry) -> list | None:
+    """The units of ControlNet's entry (``{"args": [unit, ...]}``); None for another extension or another shape."""
+    if not isinstance(name, str) or name.lower() != "controlnet":
+        return None
+    args = entry.get("args") if isinstance(entry, dict) else entry
+    return args if isinstance(args, list) and args and not isinstance(args[0], bool) else None
+
+
+def _only_ip_adapter_units(name, entry) -> bool:
+    """ControlNet whose enabled units are all IP-Adapter units: translated (ip_adapter_specs), not refused."""
+    units = _controlnet_units(name, entry)
+    return units is not None and all(is_ip_adapter_unit(u) for u in units if _unit_enabled(u))
+
+
+def ip_adapter_specs(scripts) -> tuple[list, list[str]]:
+    """ControlNet's enabled IP-Adapter units as native ``ip_adapters`` entries, and error messages for refused ones
+    (FaceID, unknown keys, non-default guidance ranges...), each naming the unit (``alwayson_scripts.controlnet.
+    args[0].weight: ...``)."""
+    specs, errors = [], []
+    if not isinstance(scripts, dict):
+        return specs, errors
+    for name, entry in scripts.items():
+        units = _controlnet_units(name, entry)
+        if units is None or not _only_ip_adapter_units(name, entry):
+            continue  # other extensions, and ControlNet with non-IP-Adapter units: refused by refusals()
+        for index, unit in enumerate(units):
+            if not _unit_enabled(unit):
+                continue
+            try:
+                spec = a1111_unit_to_spec(unit)
+            except InvalidRequest as exc:
+                errors.append(f"{FIELD}.{field_label(name)}.args[{index}].{exc}")
+                continue
+            if spec is not None:
+                specs.append(spec)
+    return specs, errors

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .device import Placement, free_memory, is_fatal_device_error, is_out_of_memory
 from .errors import Cancelled, InvalidRequest, OutOfMemory, WorkerUnhealthy, quote
+from .ip_adapter import IpAdapterManager
 from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
@@ -23,6 +24,7 @@ class Denoiser:
     pool: PipelinePool
     loras: LoraManager
     placement: Placement
+    ip_adapters: IpAdapterManager | None = None
     # Reentrant: a post-pass that holds it (hires fix) may call the upscalers, which take it too.
     _gpu_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -48,6 +50,8 @@ class Denoiser:
             # Exactly this batch's LoRA set (all jobs of a batch share it), or none: inside the lock, so no
             # request ever runs with another's adapters.
             self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
+            if self.ip_adapters is not None:  # exactly this job's IP-Adapter, or none (such jobs never batch)
+                self.ip_adapters.activate(model, pipe, jobs[0].ip_adapter)
             lora_s = time.perf_counter() - t
             t = time.perf_counter()
             with seamless(pipe, first.tiling):  # all jobs of a batch share it (Job.batch_key)
@@ -92,6 +96,8 @@ class Denoiser:
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.
             pipe.scheduler.noise_sampler_seed = seeds
+        if first.ip_adapter is not None:  # one adapter: its reference images, as diffusers takes them
+            kwargs["ip_adapter_image"] = [list(first.ip_adapter.images)]
         if req.mode == "txt2img":
             kwargs.update(width=first.width, height=first.height)
         else:

@@ -14,6 +14,7 @@ from .denoise import Denoiser
 from .device import choose_placement
 from .errors import Cancelled, InvalidRequest, quote
 from .input_images import prepare_init_images
+from .ip_adapter import IpAdapterManager
 from .jobs import CancelCheck, Job, StepCallback
 from .lora import LoraManager, ResolvedLora
 from .manifests import ModelCatalog, ModelManifest, fetch_model
@@ -44,7 +45,9 @@ class Engine:
         self.placement = choose_placement(self.settings)
         self.loader = ModelLoader(self.catalog, self.settings, self.placement)
         self.loras = LoraManager(self.settings, self.catalog)
-        self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement)
+        self.ip_adapters = IpAdapterManager(self.settings, self.catalog)
+        self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement,
+                                 self.ip_adapters)
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")
@@ -97,6 +100,7 @@ class Engine:
             req = req.model_copy(update={"prompt": prompt})
         # 4. adapters: the LoRAs (field first, then tags) fetched here, outside the GPU lock; activated in stage 5
         loras = self.loras.resolve_all([*req.loras, *tagged], manifest)
+        ip_adapter = self.ip_adapters.prepare(req, manifest)  # image prompts: fetched and decoded here too
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
         subseeds = None  # variation seeds: with a strength, or a subseed given (txt2img only; strength 0 = the seed's)
@@ -106,7 +110,7 @@ class Engine:
             req = req.model_copy(update={"subseed": first_subseed})
         return Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                    on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
-                   subseeds=subseeds, timings={"prepare_s": time.perf_counter() - started})
+                   subseeds=subseeds, ip_adapter=ip_adapter, timings={"prepare_s": time.perf_counter() - started})
 
     def finish(self, job: Job, images: list) -> GenerationResult:
         """Stage 7: encode a job's images with their infotext and assemble its result."""

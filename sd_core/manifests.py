@@ -51,6 +51,20 @@ class LoraEntry(BaseModel):
     trigger: str | None = None  # a word the LoRA was trained on, for documentation
 
 
+class IpAdapterEntry(BaseModel):
+    """An IP-Adapter of a model (image prompts): its weights file (h94 layout: `image_proj.*` + `ip_adapter.*` keys)
+    and the CLIP vision image encoder folder it was trained with. Requests name it (sd_core/ip_adapter.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    uri: str = Field(min_length=1, description="the adapter's .safetensors file")
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    size: int | None = Field(None, ge=0)
+    image_encoder_uri: str = Field(min_length=1, description="CLIPVisionModelWithProjection folder, ending in '/'")
+    image_encoder_files: dict[str, str] = Field(default_factory=dict, description="{relative path: sha256}")
+
+
 class ModelManifest(BaseModel):
     """One model: a diffusers folder, or a single-file checkpoint plus the config folder it needs."""
 
@@ -70,6 +84,7 @@ class ModelManifest(BaseModel):
     size: int | None = Field(None, ge=0, description="total bytes, for progress and cache planning")
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     loras: list[LoraEntry] = Field(default_factory=list)
+    ip_adapters: list[IpAdapterEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self):

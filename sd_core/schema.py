@@ -20,6 +20,8 @@ MAX_SEED = 2**32 - 1
 MAX_PROMPT_CHARS = 10_000
 MAX_LORAS = 8
 MAX_LORA_SCALE = 5.0
+MAX_IP_ADAPTER_IMAGES = 4  # reference images of one request (one IP-Adapter model per request)
+MAX_IP_ADAPTER_SCALE = 2.0
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
@@ -41,6 +43,21 @@ class LoraSpec(BaseModel):
     text_encoder_scale: float | None = Field(
         None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
         description="Text-encoder scale (defaults to `scale`)",
+    )
+
+
+class IpAdapterSpec(BaseModel):
+    """One IP-Adapter image prompt: a reference image for an IP-Adapter of the model's manifest, with its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, max_length=200, description="IP-Adapter name from the model's manifest (`ip_adapters:`); empty: its first"
+    )
+    image: str = Field(min_length=1, description="Reference image: base64, data URI or https URL")
+    scale: float = Field(
+        1.0, ge=0.0, le=MAX_IP_ADAPTER_SCALE, allow_inf_nan=False,
+        description="How strongly the image steers generation; 0: not applied at all",
     )
 
 
@@ -78,6 +95,10 @@ class GenerationRequest(BaseModel):
         0.8, gt=0.0, le=1.0, allow_inf_nan=False, description="How much img2img/inpaint changes the init image"
     )
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS, description="LoRAs to apply")
+    ip_adapters: list[IpAdapterSpec] = Field(
+        default_factory=list, max_length=MAX_IP_ADAPTER_IMAGES,
+        description="Image prompts (IP-Adapter): reference images for one IP-Adapter of the model",
+    )
     clip_skip: int = Field(
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
