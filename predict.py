@@ -104,6 +104,12 @@ class Runner(BaseRunner):
             default=None, min_length=1, max_length=2048, description="A second LoRA, applied with lora_weights"
         ),
         extra_lora_scale: float = Input(default=1.0, ge=-5.0, le=5.0, description="Strength of extra_lora"),
+        ip_adapter_image: Path | None = Input(
+            default=None, description="Image prompt (IP-Adapter): a style or subject reference image"
+        ),
+        ip_adapter_scale: float = Input(
+            default=1.0, ge=0.0, le=2.0, description="Strength of ip_adapter_image; 0: not applied at all"
+        ),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
@@ -133,6 +139,8 @@ class Runner(BaseRunner):
                 "loras": [{"source": source, "scale": scale}
                           for source, scale in ((lora_weights, lora_scale), (extra_lora, extra_lora_scale))
                           if source is not None],
+                "ip_adapters": [{"image": cog_inputs.user_file_text(ip_adapter_image, "ip_adapter_image"),
+                                 "scale": ip_adapter_scale}] if ip_adapter_image is not None else [],
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

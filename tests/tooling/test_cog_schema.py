@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import GenerationRequest, LoraSpec
+from sd_core.schema import GenerationRequest, IpAdapterSpec, LoraSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -22,10 +22,13 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #   loras       -> lora_weights (LoraSpec.source) + lora_scale (LoraSpec.scale), and a second LoRA as extra_lora +
 #                  extra_lora_scale: Replicate's LoRA convention. These adapter-only inputs are declared here, each
 #                  with the LoraSpec field it fills (one entry of `loras` per source given).
+#   ip_adapters -> ip_adapter_image (a Cog file input, IpAdapterSpec.image) + ip_adapter_scale (IpAdapterSpec.scale):
+#                  one image for the model's first IP-Adapter.
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras"}
+REPLACED = {"loras", "ip_adapters"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
+IP_ADAPTER_INPUTS = {"ip_adapter_image": ("ip_adapters", "image"), "ip_adapter_scale": ("ip_adapters", "scale")}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
 EXCLUSIVE_BOUNDS = {("strength", "minimum")}
@@ -80,7 +83,7 @@ def comparable(cog: dict) -> dict:
 
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
-    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS)
+    expected = (set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(IP_ADAPTER_INPUTS)
     assert set(cog_inputs) == expected
 
 
@@ -96,8 +99,16 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
-    assert {field for field, _ in LORA_INPUTS.values()} == REPLACED
+    assert {field for field, _ in (*LORA_INPUTS.values(), *IP_ADAPTER_INPUTS.values())} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
+    assert {spec_field for _, spec_field in IP_ADAPTER_INPUTS.values()} <= set(IpAdapterSpec.model_fields)
+
+
+def test_ip_adapter_inputs_follow_ip_adapter_spec(cog_inputs):
+    assert GenerationRequest.model_fields["ip_adapters"].default_factory() == []  # no image prompt unless asked
+    assert pydantic_field(IpAdapterSpec, "image")["type"] == "string"
+    assert cog_inputs["ip_adapter_image"] == {"type": "string", "format": "uri", "nullable": True, "default": None}
+    assert comparable(cog_inputs["ip_adapter_scale"]) == pydantic_field(IpAdapterSpec, "scale")
 
 
 @pytest.mark.parametrize("name", sorted(LORA_INPUTS))
