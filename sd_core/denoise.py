@@ -50,9 +50,11 @@ class Denoiser:
             # Exactly this batch's LoRA set (all jobs of a batch share it), or none: inside the lock, so no
             # request ever runs with another's adapters.
             self.loras.activate(model, jobs[0].loras, should_cancel=jobs[0].should_cancel if len(jobs) == 1 else None)
+            lora_s = time.perf_counter() - t
+            t = time.perf_counter()
             if self.ip_adapters is not None:  # exactly this job's IP-Adapter, or none (such jobs never batch)
                 self.ip_adapters.activate(model, pipe, jobs[0].ip_adapter)
-            lora_s = time.perf_counter() - t
+            ip_adapter_s = time.perf_counter() - t
             t = time.perf_counter()
             with seamless(pipe, first.tiling):  # all jobs of a batch share it (Job.batch_key)
                 images = self._call_pipeline(pipe, jobs, clip_skip)
@@ -60,6 +62,8 @@ class Denoiser:
         results, offset = [], 0
         for job in jobs:
             job.timings.update(load_s=load_s, lora_s=lora_s, inference_s=inference_s, batch_size=len(jobs))
+            if job.ip_adapter is not None:
+                job.timings["ip_adapter_s"] = ip_adapter_s
             results.append(images[offset:offset + len(job.seeds)])
             offset += len(job.seeds)
         return results

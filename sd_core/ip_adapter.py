@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
@@ -49,7 +49,7 @@ class _LoadedState:
     feature_extractor: object = None
     created_feature_extractor: bool = False
     scale: float | None = None
-    loads: int = field(default=0)
+    loads: int = 0
 
 
 def is_face_id(name: str | None) -> bool:
@@ -175,6 +175,7 @@ class IpAdapterManager:
         from .lora import _quiet_libraries
 
         started = time.perf_counter()
+        encoder = None
         try:
             with _quiet_libraries():
                 encoder = CLIPVisionModelWithProjection.from_pretrained(
@@ -185,8 +186,8 @@ class IpAdapterManager:
                 pipe.register_modules(image_encoder=encoder)  # load_ip_adapter then loads no encoder of its own
                 pipe.load_ip_adapter(str(adapter.weights.parent), subfolder="", weight_name=adapter.weights.name,
                                      image_encoder_folder=None, local_files_only=True)
-        except Exception as exc:
-            state.key, state.encoder = ("failed", ""), encoder if "encoder" in locals() else None
+        except Exception as exc:  # half-loaded (a wrong-sized adapter): back to the plain model, then refuse
+            state.encoder = encoder
             self._unload(model, state)
             raise InvalidRequest(f"IP-Adapter {adapter.label} does not fit model {quote(model.name)}: "
                                  f"{_short_reason(exc)}", field=FIELD) from None

@@ -101,6 +101,7 @@ def test_scale_zero_and_a_later_plain_request_are_the_never_loaded_image(sd15_ru
 
 def test_adapter_jobs_never_batch_and_the_effective_request_keeps_the_entry(sd15_runs, fresh_engine):
     assert sd15_runs["result"].request.ip_adapters[0].scale == SCALE
+    assert sd15_runs["result"].timings["ip_adapter_s"] > 0
     job = fresh_engine.prepare(GenerationRequest(**FAST, ip_adapters=[{"image": REF}]))
     assert job.ip_adapter is not None and job.ip_adapter.label == "tiny-ip-adapter" and job.batch_key is None
     assert fresh_engine.prepare(GenerationRequest(**FAST)).batch_key is not None
@@ -164,6 +165,22 @@ def test_two_adapters_or_two_scales_are_refused(engine_settings):
                                                                                "image": REF}]))
     with pytest.raises(InvalidRequest, match="share one scale"):
         engine.prepare(GenerationRequest(**FAST, ip_adapters=[{"image": REF, "scale": 0.5}, {"image": REF}]))
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_refused_and_leaves_it_plain(engine_settings, sd15_runs):
+    """A manifest entry pointing an SD1.5 model at an SDXL adapter file: the load fails half-way (shapes), the
+    request is refused naming the adapter, and the next plain request is the never-loaded image."""
+    from sd_core.engine import Engine
+    from sd_core.manifests import ModelCatalog
+
+    catalog = ModelCatalog.from_dir(engine_settings.models_dir)
+    manifest = catalog.get("tiny-sd15")
+    manifest.ip_adapters[0] = manifest.ip_adapters[0].model_copy(
+        update={"uri": "ip-adapters/tiny-ip-adapter-sdxl.safetensors"})
+    engine = Engine(engine_settings, catalog)
+    with pytest.raises(InvalidRequest, match=r"^ip_adapters: IP-Adapter tiny-ip-adapter does not fit model 'tiny-sd"):
+        engine.generate(GenerationRequest(**FAST, ip_adapters=[{"image": REF}]))
+    assert np.array_equal(pixels(engine.generate(GenerationRequest(**FAST))), sd15_runs["never"])
 
 
 def test_a_bad_reference_image_is_refused_naming_it(fresh_engine):
