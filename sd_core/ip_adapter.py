@@ -13,7 +13,7 @@ from .checkpoints import checkpoint_keys, is_readable_safetensors, refuse_pickle
 from .errors import FetchError, InvalidRequest, UnsafeCheckpoint, quote
 from .input_images import load_image
 from .manifests import IpAdapterEntry, ModelCatalog, ModelManifest, resolve_uri
-from .schema import GenerationRequest, IpAdapterSpec
+from .schema import GenerationRequest, IpAdapterSpec, field_label
 from .settings import Settings
 
 log = logging.getLogger("sd_core.ip_adapter")
@@ -282,7 +282,7 @@ def a1111_unit_to_spec(unit) -> IpAdapterSpec | None:
         raise InvalidRequest(f"{quote(module)}: {FACE_ID_REASON}", field="module")
     for key in unit:
         if key not in _UNIT_IGNORED and key not in _UNIT_DEFAULTS:
-            raise InvalidRequest("unknown ControlNet unit key for an IP-Adapter unit", field=str(key)[:64])
+            raise InvalidRequest("unknown ControlNet unit key for an IP-Adapter unit", field=field_label(key))
     for key, defaults in _UNIT_DEFAULTS.items():
         value = unit.get(key)
         if value is not None and (isinstance(value, bool) and value is not False or value not in defaults):
