@@ -142,6 +142,12 @@ class Runner(BaseRunner):
         control_scale: float = Input(default=1.0, ge=0.0, le=2.0, description="ControlNet conditioning scale"),
         control_start: float = Input(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps it starts at"),
         control_end: float = Input(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps it stops at"),
+        ip_adapter_image: Path | None = Input(
+            default=None, description="Image prompt (IP-Adapter): a style or subject reference image"
+        ),
+        ip_adapter_scale: float = Input(
+            default=1.0, ge=0.0, le=2.0, description="Strength of ip_adapter_image; 0: not applied at all"
+        ),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
         vae: str | None = Input(
@@ -205,6 +211,8 @@ class Runner(BaseRunner):
                 "embeddings": parse_embedding_list(embeddings),
                 "controlnets": cog_inputs.control_units(control_image, control_model, control_scale, control_start,
                                                         control_end),
+                "ip_adapters": [{"image": cog_inputs.user_file_text(ip_adapter_image, "ip_adapter_image"),
+                                 "scale": ip_adapter_scale}] if ip_adapter_image is not None else [],
             })
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception

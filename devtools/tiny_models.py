@@ -66,6 +66,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from devtools.tiny_controlnet import write_tiny_controlnets  # noqa: E402
 from devtools.tiny_embeddings import write_embeddings  # noqa: E402
+from devtools.tiny_ip_adapter import write_tiny_ip_adapter  # noqa: E402
 from devtools.tiny_refiner import build_refiners  # noqa: E402
 from devtools.tiny_upscaler import write_tiny_upscalers  # noqa: E402
 
@@ -613,6 +614,7 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     if arch == "sdxl":
         paths.update(build_refiners(out, seed))  # devtools/tiny_refiner.py: reuses this model's VAE, text_encoder_2
     paths.update(write_tiny_controlnets(pipe.unet, arch, out, seed))
+    paths.update(write_tiny_ip_adapter(pipe, arch, out, seed))
     return paths
 
 

@@ -68,6 +68,7 @@ FIELD_NAMES = {
     **a1111_hires.FIELD_NAMES,
     **a1111_inpaint.FIELD_NAMES,
     "refine": "refiner_checkpoint", "refiner": "refiner_checkpoint", "high_noise_frac": "refiner_switch_at",
+    "ip_adapters": "alwayson_scripts.controlnet",
 }
 CHECKPOINT_KEY = "override_settings.sd_model_checkpoint"
 CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
@@ -267,6 +268,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
             errors.append(f"{key}: not supported by this worker")
     errors.extend(a1111_scripts.refusals(p.get("alwayson_scripts")))
     controlnets = a1111_controlnet.units(p.get("alwayson_scripts"), errors)
+    ip_adapters, unit_errors = a1111_scripts.ip_adapter_specs(p.get("alwayson_scripts"))
+    errors.extend(unit_errors)
     for key in UNSUPPORTED_SIZES:
         if not _is_off(p.get(key)) and p.get(key) != -1:
             errors.append(f"{key}: not supported by this worker (only -1 or 0, off)")
@@ -319,6 +322,8 @@ def to_request(call: A1111Call) -> GenerationRequest:
             fields["mask"] = p["mask"]
         fields.update(a1111_inpaint.inpaint_fields(p, errors))
         fields["strength"] = p.get("denoising_strength", A1111_DEFAULT_DENOISING_STRENGTH)
+    if ip_adapters:  # ControlNet's IP-Adapter units
+        fields["ip_adapters"] = ip_adapters
     if errors:
         raise InvalidRequest("; ".join(errors))
     try:

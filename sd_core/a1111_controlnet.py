@@ -7,6 +7,7 @@ import string
 from pydantic import ValidationError
 
 from .errors import quote
+from .ip_adapter import is_ip_adapter_unit
 from .schema import CONTROL_PREPROCESSORS, MAX_CONTROLNETS, ControlNetUnit, describe_validation_error, field_label
 
 SCRIPT = "controlnet"  # the extension's name in alwayson_scripts (A1111 matches it case-insensitively)
@@ -76,8 +77,8 @@ def units(scripts, errors: list[str]) -> list[dict]:
             if _on(unit):
                 errors.append(f"{prefix}: expected a unit object (JSON object with the extension's keys)")
             continue
-        if not _on(unit.get("enabled", True)):
-            continue
+        if not _on(unit.get("enabled", True)) or is_ip_adapter_unit(unit):
+            continue  # IP-Adapter units become `ip_adapters` entries (sd_core/a1111_scripts.py)
         native = _unit(unit, prefix, errors)
         if native is not None:
             translated.append(native)

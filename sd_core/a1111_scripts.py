@@ -1,9 +1,12 @@
-"""A1111's `alwayson_scripts` (extension units): disabled units are accepted, enabled ones refused by extension
-(except ControlNet's, which sd_core/a1111_controlnet.py translates)."""
+"""A1111's `alwayson_scripts` (extension units): disabled units are accepted; ControlNet's enabled units are
+translated (ControlNet units: sd_core/a1111_controlnet.py; IP-Adapter units become `ip_adapters` entries:
+sd_core/ip_adapter.py); other enabled extensions are refused by name."""
 
 from __future__ import annotations
 
 from .a1111_controlnet import is_controlnet
+from .errors import InvalidRequest
+from .ip_adapter import a1111_unit_to_spec, is_ip_adapter_unit
 from .schema import field_label
 
 MAX_LISTED = 5  # extensions named in one error; the rest are counted
@@ -49,3 +52,35 @@ def refusals(scripts) -> list[str]:
     if len(on) > MAX_LISTED:
         errors.append(f"{FIELD}: {len(on) - MAX_LISTED} more extensions not supported by this worker")
     return errors
+
+
+def _controlnet_units(name, entry) -> list | None:
+    """The units of ControlNet's entry (``{"args": [unit, ...]}``); None for another extension or another shape."""
+    if not isinstance(name, str) or name.lower() != "controlnet":
+        return None
+    args = entry.get("args") if isinstance(entry, dict) else entry
+    return args if isinstance(args, list) and args and not isinstance(args[0], bool) else None
+
+
+def ip_adapter_specs(scripts) -> tuple[list, list[str]]:
+    """ControlNet's enabled IP-Adapter units as native ``ip_adapters`` entries, and error messages for refused ones
+    (FaceID, unknown keys, non-default guidance ranges...), each naming the unit (``alwayson_scripts.controlnet.
+    args[0].weight: ...``)."""
+    specs, errors = [], []
+    if not isinstance(scripts, dict):
+        return specs, errors
+    for name, entry in scripts.items():
+        units = _controlnet_units(name, entry)
+        if units is None:
+            continue  # other extensions: refused by refusals()
+        for index, unit in enumerate(units):
+            if not _unit_enabled(unit) or not is_ip_adapter_unit(unit):
+                continue  # ControlNet units proper: sd_core/a1111_controlnet.py
+            try:
+                spec = a1111_unit_to_spec(unit)
+            except InvalidRequest as exc:
+                errors.append(f"{FIELD}.{field_label(name)}.args[{index}].{exc}")
+                continue
+            if spec is not None:
+                specs.append(spec)
+    return specs, errors

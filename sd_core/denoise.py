@@ -13,6 +13,7 @@ from .device import Placement, raise_device_failure
 from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, quote
 from .inpainting import latent_fill_kwargs
+from .ip_adapter import IpAdapterManager
 from .jobs import Job
 from .lora import LoraManager
 from .pipelines import PipelinePool
@@ -34,6 +35,7 @@ class Denoiser:
     vaes: VaeManager | None = None
     embeddings: EmbeddingManager | None = None
     controlnets: ControlNets | None = None
+    ip_adapters: IpAdapterManager | None = None
     # Reentrant: a post-pass that holds it (hires fix) may call the upscalers, which take it too.
     _gpu_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -69,6 +71,10 @@ class Denoiser:
             if loaded:
                 self.pool.fit(model.name)  # the model grew by a VAE: stay within the memory budget
             t = time.perf_counter()
+            if self.ip_adapters is not None:  # exactly this job's IP-Adapter, or none (such jobs never batch)
+                self.ip_adapters.activate(model, pipe, jobs[0].ip_adapter)
+            ip_adapter_s = time.perf_counter() - t
+            t = time.perf_counter()
             results: list = [None] * len(jobs)
             # the model's own VAE and padding are back afterwards, whatever happens; a batch shares both (batch_key)
             with swapped(pipe, model, vae), seamless(pipe, first.tiling):
@@ -84,6 +90,8 @@ class Denoiser:
             inference_s = time.perf_counter() - t
         for job in jobs:
             job.timings.update(load_s=load_s, lora_s=lora_s, inference_s=inference_s)
+            if job.ip_adapter is not None:
+                job.timings["ip_adapter_s"] = ip_adapter_s
         return results
 
     @contextlib.contextmanager
@@ -138,6 +146,8 @@ class Denoiser:
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.
             pipe.scheduler.noise_sampler_seed = seeds
+        if first.ip_adapter is not None:  # one adapter: its reference images, as diffusers takes them
+            kwargs["ip_adapter_image"] = [list(first.ip_adapter.images)]
         if first.mode == "txt2img":
             kwargs.update(width=first.width, height=first.height)
         else:

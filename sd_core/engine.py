@@ -21,6 +21,7 @@ from .hires import HiresFix
 from .hires import infotext_fields as hires_infotext
 from .hires import plan as plan_hires
 from .input_images import prepare_init_images
+from .ip_adapter import IpAdapterManager
 from .jobs import CancelCheck, Job, StepCallback
 from .lora import LoraManager, ResolvedLora
 from .manifests import ModelCatalog, ModelManifest, fetch_model
@@ -61,8 +62,10 @@ class Engine:
         self.vaes = VaeManager(self.settings)
         self.embeddings = EmbeddingManager(self.settings, self.catalog)
         self.controlnets = ControlNets(self.settings, self.catalog, self.placement)
+        self.ip_adapters = IpAdapterManager(self.settings, self.catalog)
         self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement,
-                                 vaes=self.vaes, embeddings=self.embeddings, controlnets=self.controlnets)
+                                 vaes=self.vaes, embeddings=self.embeddings, controlnets=self.controlnets,
+                                 ip_adapters=self.ip_adapters)
         self.denoiser.pool.extra_bytes = self.controlnets.nbytes
         self.controlnets.make_room = self.denoiser.pool.make_room
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
@@ -138,6 +141,7 @@ class Engine:
         if self.model_urls.owns(manifest.name) and manifest.name not in self.pool:  # a model URL: fetched here too
             self.loader.prefetched[manifest.name] = self.model_urls.fetch(manifest)
         req = req.model_copy(update={"vae": vae.name if vae else None})
+        ip_adapter = self.ip_adapters.prepare(req, manifest)  # image prompts: fetched and decoded here too
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
         subseeds = None  # variation seeds: with a strength, or a subseed given (txt2img only; strength 0 = the seed's)
@@ -150,7 +154,7 @@ class Engine:
         job = Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
                   negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
-                  inpaint=plan, prompts=prompts, controls=controls)
+                  inpaint=plan, prompts=prompts, controls=controls, ip_adapter=ip_adapter)
         self.refiner.plan(job)  # a refined job: its refiner found and checked, latents asked of stage 5
         job.timings["prepare_s"] = time.perf_counter() - started
         return job

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from .controlnet import ResolvedControl
 from .embeddings import ResolvedEmbedding
+from .ip_adapter import ResolvedIpAdapter
 from .lora import ResolvedLora
 from .manifests import ModelManifest
 from .prompt_encoding import JobPrompts
@@ -54,6 +55,7 @@ class Job:
     refiner: ModelManifest | None = None  # the refiner model of a refined job (sd_core/refiner.py), else None
     prompts: JobPrompts | None = None  # the prompts' A1111 syntax, parsed (None: plain text, as before)
     controls: tuple[ResolvedControl, ...] = ()  # ControlNet units with a scale above 0
+    ip_adapter: ResolvedIpAdapter | None = None  # image prompt: adapter, scale, reference images (None: none)
 
     @property
     def mode(self) -> str:
@@ -70,16 +72,17 @@ class Job:
         """Jobs with equal keys can share one denoising call; img2img/inpaint (own init images) and
         jobs with ControlNet units never batch.
 
-        Plain and A1111-syntax prompts batch apart; prompt editing never batches (``JobPrompts.batch_key``).
-        Empty and non-empty negative prompts never share a batch: an all-empty batch is run with no negative prompt
+        Plain and A1111-syntax prompts batch apart; prompt editing never batches (``JobPrompts.batch_key``). Jobs
+        with an IP-Adapter never batch (each has its own reference images). Empty and non-empty negative prompts
+        never share a batch: an all-empty batch is run with no negative prompt
         (SDXL then uses a zero negative embedding, as diffusers and A1111 do; see ``ModelFamily.prompt_kwargs``).
         Embeddings are not part of the key: they are tokens in the prompts, and the denoiser loads the union of a
         batch's embeddings.
         """
         r = self.request
         prompts = self.prompts.batch_key if self.prompts is not None else ("plain",)
-        # own init images, own control images; prompt editing / alternation: never batched
-        if self.mode != "txt2img" or self.controls or prompts is None:
+        # own init images, own control images, own reference images; prompt editing / alternation: never batched
+        if self.mode != "txt2img" or self.controls or self.ip_adapter is not None or prompts is None:
             return None
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
                 tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling,

@@ -115,6 +115,20 @@ class ControlNetEntry(BaseModel):
         return self
 
 
+class IpAdapterEntry(BaseModel):
+    """An IP-Adapter of a model (image prompts): its weights file (h94 layout: `image_proj.*` + `ip_adapter.*` keys)
+    and the CLIP vision image encoder folder it was trained with. Requests name it (sd_core/ip_adapter.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    uri: str = Field(min_length=1, description="the adapter's .safetensors file")
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    size: int | None = Field(None, ge=0)
+    image_encoder_uri: str = Field(min_length=1, description="CLIPVisionModelWithProjection folder, ending in '/'")
+    image_encoder_files: dict[str, str] = Field(default_factory=dict, description="{relative path: sha256}")
+
+
 class ModelManifest(BaseModel):
     """One model: a diffusers folder, or a single-file checkpoint plus the config folder it needs."""
 
@@ -139,6 +153,7 @@ class ModelManifest(BaseModel):
     refiner: str | None = Field(None, pattern=NAME_PATTERN, description="the refiner model a request's `refine` uses "
                                 "when it names none (an sdxl-refiner manifest)")
     controlnets: list[ControlNetEntry] = Field(default_factory=list)
+    ip_adapters: list[IpAdapterEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -30,6 +30,8 @@ MAX_CONTROL_SCALE = 2.0  # A1111's weight slider goes to 2
 CONTROL_PREPROCESSORS = ("none", "canny")  # built in (sd_core/control_images.py); weight-based ones are not
 CONTROL_MODES = ("balanced", "prompt", "control")
 CONTROL_RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+MAX_IP_ADAPTER_IMAGES = 4  # reference images of one request (one IP-Adapter model per request)
+MAX_IP_ADAPTER_SCALE = 2.0
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 # Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's
@@ -161,6 +163,21 @@ class ControlNetUnit(BaseModel):
         return self
 
 
+class IpAdapterSpec(BaseModel):
+    """One IP-Adapter image prompt: a reference image for an IP-Adapter of the model's manifest, with its scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, max_length=200, description="IP-Adapter name from the model's manifest (`ip_adapters:`); empty: its first"
+    )
+    image: str = Field(min_length=1, description="Reference image: base64, data URI or https URL")
+    scale: float = Field(
+        1.0, ge=0.0, le=MAX_IP_ADAPTER_SCALE, allow_inf_nan=False,
+        description="How strongly the image steers generation; 0: not applied at all",
+    )
+
+
 class GenerationRequest(BaseModel):
     """Everything one generation needs. ``None`` means "the model's default" (from its manifest)."""
 
@@ -223,6 +240,10 @@ class GenerationRequest(BaseModel):
     clip_skip: int = Field(
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
+    )
+    ip_adapters: list[IpAdapterSpec] = Field(
+        default_factory=list, max_length=MAX_IP_ADAPTER_IMAGES,
+        description="Image prompts (IP-Adapter): reference images for one IP-Adapter of the model",
     )
     controlnets: list[ControlNetUnit] = Field(
         default_factory=list, max_length=MAX_CONTROLNETS, description="ControlNet units (docs/api.md)"

@@ -400,3 +400,20 @@ def test_safety_checker_is_on_by_default_and_reported_as_a_metric(cog_server):
     assert prediction["status"] == "succeeded", prediction.get("error")
     assert prediction["metrics"]["has_nsfw_concepts"] == [False, False]
     assert "safety checker tiny-safety-checker loaded" in cog_server.log_text()
+
+
+# --- IP-Adapter: ip_adapter_image + ip_adapter_scale (more in tests/sd_core/test_ip_adapter.py) -----------------------
+def test_ip_adapter_image_is_the_native_ip_adapters_entry(cog_server, engine):
+    from sd_core.schema import GenerationRequest
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 48), (240, 60, 20)).save(buffer, format="PNG")
+    reference = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    adapted = cog_server.predict({**FAST, "seed": 13, "ip_adapter_image": reference, "ip_adapter_scale": 0.6})
+    plain = cog_server.predict({**FAST, "seed": 13})
+    for prediction in (adapted, plain):
+        assert prediction["status"] == "succeeded", prediction.get("error")
+    native = engine.generate(GenerationRequest(**FAST, seed=13, ip_adapters=[{"image": reference, "scale": 0.6}]))
+    got = np.asarray(decode_output(adapted["output"][0])[1].convert("RGB"))
+    assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(native.images[0].data)).convert("RGB")))
+    assert not np.array_equal(got, np.asarray(decode_output(plain["output"][0])[1].convert("RGB")))

@@ -453,3 +453,32 @@ def test_safety_checker_is_off_by_default_and_images_report_nsfw_false(server):
     assert [entry["nsfw"] for entry in output["images"]] == [False, False]
     a1111 = completed(server.runsync({"prompt": "a fox", "steps": 2, "seed": 5}))
     assert json.loads(a1111["info"])["nsfw"] == [False]
+
+
+# --- IP-Adapter image prompts (more in tests/sd_core/test_ip_adapter.py) ----------------------------------------------
+def test_ip_adapters_reach_the_engine_from_native_and_a1111_payloads(server, engine):
+    from sd_core.schema import GenerationRequest
+
+    reference = png_b64(Image.new("RGB", (48, 48), (20, 180, 240)))
+    base = {**FAST, "prompt": "a fox", "seed": 23}
+
+    def pixels(output: dict) -> bytes:
+        entry = output["images"][0]
+        return decode(entry if isinstance(entry, str) else entry["image"]).tobytes()
+
+    plain = pixels(completed(server.runsync(base)))
+    entry = {"model": "tiny-ip-adapter", "image": reference, "scale": 0.7}
+    native = pixels(completed(server.runsync({**base, "ip_adapters": [entry]})))
+    assert native != plain
+    in_process = engine.generate(GenerationRequest(**base, ip_adapters=[entry]))
+    assert native == Image.open(io.BytesIO(in_process.images[0].data)).tobytes()
+    unit = {"enabled": True, "module": "ip-adapter_clip_sd15", "model": "tiny-ip-adapter [0123abcd]", "weight": 0.7,
+            "image": reference}
+    a1111_payload = {"prompt": "a fox", "steps": 2, "width": 64, "height": 64, "seed": 23,
+                     "alwayson_scripts": {"controlnet": {"args": [unit]}}}
+    assert pixels(completed(server.runsync(a1111_payload))) == native
+    face_unit = {**unit, "module": "ip-adapter_face_id"}
+    face_id = {**a1111_payload, "alwayson_scripts": {"controlnet": {"args": [face_unit]}}}
+    job = server.runsync(face_id)
+    assert job["status"] == "FAILED" and "insightface" in job["error"]
+    assert pixels(completed(server.runsync(base))) == plain  # unloaded: the plain image again

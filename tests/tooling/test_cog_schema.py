@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from scripts.checks.write_cog_schema import build_schema
-from sd_core.schema import ControlNetUnit, GenerationRequest, HiresSpec, LoraSpec, OutpaintSpec
+from sd_core.schema import ControlNetUnit, GenerationRequest, HiresSpec, IpAdapterSpec, LoraSpec, OutpaintSpec
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
@@ -27,14 +27,17 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #   embeddings  -> one string of name=URL pairs (sd_core.embeddings.parse_embedding_list).
 #   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
 #   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end.
+#   ip_adapters -> ip_adapter_image (a Cog file input, IpAdapterSpec.image) + ip_adapter_scale (IpAdapterSpec.scale):
+#                  one image for the model's first IP-Adapter.
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras", "hires", "embeddings", "outpaint", "controlnets"}
+REPLACED = {"loras", "hires", "embeddings", "outpaint", "controlnets", "ip_adapters"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
 HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
                 "hires_denoising_strength": "denoising_strength"}
 OUTPAINT_INPUTS = {f"outpaint_{side}": side for side in ("left", "right", "top", "bottom")}
 CONTROL_INPUTS = {"control_model": "model", "control_scale": "scale", "control_start": "start", "control_end": "end"}
+IP_ADAPTER_INPUTS = {"ip_adapter_image": ("ip_adapters", "image"), "ip_adapter_scale": ("ip_adapters", "scale")}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
 EXCLUSIVE_BOUNDS = {("strength", "minimum"), ("denoising_strength", "minimum")}
@@ -90,7 +93,8 @@ def comparable(cog: dict) -> dict:
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
     expected = ((set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
-                | {"embeddings"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS) | {"control_image"})
+                | {"embeddings"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS) | {"control_image"}
+                | set(IP_ADAPTER_INPUTS))
     assert set(cog_inputs) == expected
 
 
@@ -106,8 +110,17 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
-    assert {field for field, _ in LORA_INPUTS.values()} | {"hires", "embeddings", "outpaint", "controlnets"} == REPLACED
+    replaced = {field for field, _ in (*LORA_INPUTS.values(), *IP_ADAPTER_INPUTS.values())}
+    assert replaced | {"hires", "embeddings", "outpaint", "controlnets"} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
+    assert {spec_field for _, spec_field in IP_ADAPTER_INPUTS.values()} <= set(IpAdapterSpec.model_fields)
+
+
+def test_ip_adapter_inputs_follow_ip_adapter_spec(cog_inputs):
+    assert GenerationRequest.model_fields["ip_adapters"].default_factory() == []  # no image prompt unless asked
+    assert pydantic_field(IpAdapterSpec, "image")["type"] == "string"
+    assert cog_inputs["ip_adapter_image"] == {"type": "string", "format": "uri", "nullable": True, "default": None}
+    assert comparable(cog_inputs["ip_adapter_scale"]) == pydantic_field(IpAdapterSpec, "scale")
 
 
 @pytest.mark.parametrize("name", sorted(LORA_INPUTS))
