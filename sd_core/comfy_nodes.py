@@ -167,7 +167,7 @@ class Translator:
         if node.class_type != "CheckpointLoaderSimple" or index != 0:
             raise sampler.error(f"its model must come from a CheckpointLoaderSimple (through LoRA loaders), "
                                 f"not from {node.label}")
-        return _Model(node, loras)
+        return _Model(node, dict(reversed(loras.items())))  # in the order ComfyUI applies them: checkpoint first
 
     def _text(self, sampler: Node, name: str, model: _Model) -> str:
         encoder, _ = self.graph.source(sampler, name)

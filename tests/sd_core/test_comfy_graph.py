@@ -1,0 +1,134 @@
+"""ComfyUI API workflows (sd_core/comfy_graph.py, comfy_nodes.py): validation and translation, before any GPU work."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from sd_core import comfy_jobs
+from sd_core.errors import InvalidRequest
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "comfy"
+
+
+def workflow(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def refused(graph: dict, images=None) -> str:
+    with pytest.raises(InvalidRequest) as info:
+        comfy_jobs.translate({"workflow": graph, **({"images": images} if images is not None else {})})
+    message = str(info.value)
+    assert message.startswith(("workflow: ", "images: ", "input: ")) and "Traceback" not in message
+    return message
+
+
+def edited(name: str, node: str, **inputs) -> dict:
+    graph = copy.deepcopy(workflow(name))
+    graph[node]["inputs"].update(inputs)
+    return graph
+
+
+def test_default_graph_translates_to_the_native_request():
+    [output] = comfy_jobs.translate({"workflow": workflow("txt2img")})
+    assert output.prefix == "ComfyUI" and output.node.id == "9"
+    assert output.request.model_dump(exclude_defaults=True) == {
+        "prompt": "a red fox in the snow", "negative_prompt": "blurry", "model": "tiny-sd15", "width": 64,
+        "height": 64, "num_inference_steps": 2, "guidance_scale": 7.5, "scheduler": "Euler", "seed": 42,
+        "num_outputs": 2}
+
+
+def test_lora_chain_clip_skip_and_whole_range_advanced_sampler():
+    [output] = comfy_jobs.translate({"workflow": workflow("lora_chain")})
+    request = output.request
+    assert [(s.source, s.scale, s.text_encoder_scale) for s in request.loras] == [
+        ("tiny-style", 0.8, 0.5), ("tiny-style-kohya", 0.6, 0.0)]  # from the checkpoint out, as ComfyUI applies
+    assert request.clip_skip == 1 and request.num_inference_steps == 2 and request.seed == 21
+
+
+@pytest.mark.parametrize(("steps", "denoise", "schedule"), [(2, 0.5, 4), (20, 0.75, 26), (4, 0.75, 5), (3, 1.0, 3)])
+def test_denoise_runs_the_last_steps_of_comfyuis_longer_schedule(steps, denoise, schedule):
+    graph = edited("hires", "11", steps=steps, denoise=denoise)
+    [output] = comfy_jobs.translate({"workflow": graph})
+    hires = output.request.hires
+    assert hires.steps == steps
+    assert int(schedule * hires.denoising_strength) == steps > int((schedule - 1) * hires.denoising_strength)
+
+
+def test_hires_graph_maps_to_the_hires_fix():
+    [output] = comfy_jobs.translate({"workflow": workflow("hires")})
+    hires = output.request.hires
+    assert (hires.width, hires.height, hires.upscaler, hires.steps, hires.denoising_strength) == (
+        128, 128, "Latent (nearest-exact)", 2, 0.5)
+    assert output.request.width == 64
+
+
+@pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
+    ("euler", "normal", "Euler"), ("dpmpp_2m", "karras", "DPM++ 2M Karras"), ("ddim", "normal", "Euler"),
+    ("dpmpp_2m_sde", "exponential", "DPM++ 2M SDE Exponential"), ("euler", "sgm_uniform", "Euler SGM Uniform"),
+    ("heun", "beta", "Heun Beta"), ("euler_ancestral", "normal", "Euler a"),
+])
+def test_sampler_and_scheduler_names(sampler, scheduler, expected):
+    [output] = comfy_jobs.translate({"workflow": edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler)})
+    assert output.request.scheduler == expected
+
+
+@pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
+    ("uni_pc", "normal", "sampler_name 'uni_pc' has no equivalent"),
+    ("dpmpp_3m_sde", "karras", "sampler_name 'dpmpp_3m_sde' has no equivalent"),
+    ("euler", "simple", "scheduler 'simple' has no equivalent in this worker (with sampler_name 'euler')"),
+    ("euler_ancestral", "karras", "sampler_name 'euler_ancestral' with scheduler 'karras' is not supported"),
+    ("nope", "normal", "sampler_name 'nope' is unknown"),
+])
+def test_samplers_without_an_exact_equivalent_are_refused(sampler, scheduler, expected):
+    message = refused(edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler))
+    assert "node '3' (KSampler)" in message and expected in message
+
+
+def test_unknown_and_controlnet_nodes_are_refused_naming_them():
+    graph = workflow("txt2img")
+    graph["20"] = {"class_type": "FancyUpscaler", "inputs": {}}
+    assert "node '20' (FancyUpscaler): class_type 'FancyUpscaler' is not supported" in refused(graph)
+    graph["20"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {}}
+    assert "node '20' (ControlNetApplyAdvanced): ControlNet nodes are not yet supported" in refused(graph)
+
+
+def test_cycles_missing_inputs_dangling_links_and_wrong_outputs_are_refused():
+    graph = edited("hires", "10", samples=["11", 0])  # the second sampler feeds its own latent
+    assert "workflow: node '10' (LatentUpscaleBy): is part of a cycle" in refused(graph)
+    graph = workflow("txt2img")
+    del graph["3"]["inputs"]["cfg"]
+    assert "workflow: node '3' (KSampler): missing input 'cfg'" in refused(graph)
+    assert "node '8' (VAEDecode): input 'samples' links to node '99', which is not in the workflow" in refused(
+        edited("txt2img", "8", samples=["99", 0]))
+    assert "node '8' (VAEDecode): input 'vae' links to output 5 of node '4' (CheckpointLoaderSimple), which has " \
+           "outputs 0 to 2" in refused(edited("txt2img", "8", vae=["4", 5]))
+    assert "node '8' (VAEDecode): input 'vae' needs a VAE but output 1 of node '4' (CheckpointLoaderSimple) is a " \
+           "CLIP" in refused(edited("txt2img", "8", vae=["4", 1]))
+    assert "node '5' (EmptyLatentImage): input 'width' must be a int" in refused(edited("txt2img", "5", width="x"))
+    assert "no output node" in refused({k: v for k, v in workflow("txt2img").items() if k != "9"})
+    assert "nodes; at most 200" in refused({str(i): {"class_type": "PreviewImage", "inputs": {}} for i in range(201)})
+
+
+def test_what_the_engine_cannot_do_is_refused():
+    assert "denoise below 1 (or a start_at_step) on an EmptyLatentImage is not supported" in refused(
+        edited("txt2img", "3", denoise=0.5))
+    assert "partial ranges are not supported" in refused(edited("lora_chain", "3", end_at_step=1))
+    assert "seed 18446744073709551615 is outside" in refused(edited("txt2img", "3", seed=2**64 - 1))
+    assert "<lora:...> tags are not ComfyUI syntax" in refused(edited("txt2img", "6", text="a <lora:tiny-style:1>"))
+    assert "upscale_method 'bislerp' is not supported" in refused(edited("hires", "10", upscale_method="bislerp"))
+    assert "runs with the first pass's seed" in refused(edited("hires", "11", seed=9))
+    message = refused(workflow("img2img"))
+    assert "node '2' (LoadImage): image 'init.png' is not among the job's images (named: none)" in message
+    assert "grow_mask_by must be 0" in refused({**workflow("txt2img"), "20": {
+        "class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["22", 0], "vae": ["4", 2], "mask": ["21", 0],
+                                                        "grow_mask_by": 6}},
+        "21": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"}},
+        "22": {"class_type": "LoadImage", "inputs": {"image": "i.png"}},
+        "3": {**workflow("txt2img")["3"], "inputs": {**workflow("txt2img")["3"]["inputs"], "latent_image": ["20", 0],
+                                                     "denoise": 1.0}}})
+    assert "input: unknown field 'prompt' next to workflow and images" in str(pytest.raises(
+        InvalidRequest, comfy_jobs.translate, {"workflow": workflow("txt2img"), "prompt": "x"}).value)
