@@ -147,7 +147,10 @@ class Translator:
             return (steps, steps) if denoise == 1 else (int(steps / denoise), steps)  # ComfyUI's own arithmetic
         inputs = node.inputs
         if inputs["add_noise"] != "enable":
-            raise node.error("add_noise 'disable' is not supported (only a sampler that adds its noise)")
+            raise node.error(f"add_noise {quote(inputs['add_noise'], 20)} is not supported (only 'enable': a sampler "
+                             "that adds its noise)")
+        if inputs["return_with_leftover_noise"] not in ("enable", "disable"):  # no effect on the whole range
+            raise node.error("return_with_leftover_noise must be 'enable' or 'disable'")
         start, end = int(inputs["start_at_step"]), int(inputs["end_at_step"])
         if end < steps:
             raise node.error(f"end_at_step {end} stops before the last step ({steps}): partial ranges are not "

@@ -6,10 +6,12 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from sd_core import comfy_jobs
+from sd_core import comfy_jobs, comfy_samplers
 from sd_core.errors import InvalidRequest
+from sd_core.schedulers import build_scheduler, pipeline_kwargs
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "comfy"
 
@@ -37,7 +39,7 @@ def test_default_graph_translates_to_the_native_request():
     assert output.prefix == "ComfyUI" and output.node.id == "9"
     assert output.request.model_dump(exclude_defaults=True) == {
         "prompt": "a red fox in the snow", "negative_prompt": "blurry", "model": "tiny-sd15", "width": 64,
-        "height": 64, "num_inference_steps": 2, "guidance_scale": 7.5, "scheduler": "Euler", "seed": 42,
+        "height": 64, "num_inference_steps": 2, "guidance_scale": 7.5, "scheduler": "Euler Normal", "seed": 42,
         "num_outputs": 2}
 
 
@@ -67,9 +69,9 @@ def test_hires_graph_maps_to_the_hires_fix():
 
 
 @pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
-    ("euler", "normal", "Euler"), ("dpmpp_2m", "karras", "DPM++ 2M Karras"), ("ddim", "normal", "Euler"),
-    ("dpmpp_2m_sde", "exponential", "DPM++ 2M SDE Exponential"), ("euler", "sgm_uniform", "Euler SGM Uniform"),
-    ("heun", "beta", "Heun Beta"), ("euler_ancestral", "normal", "Euler a"),
+    ("euler", "normal", "Euler Normal"), ("ddim", "normal", "Euler Normal"), ("dpmpp_2m", "karras", "DPM++ 2M Karras"),
+    ("dpmpp_2m", "exponential", "DPM++ 2M Exponential"), ("dpmpp_2m_sde", "karras", "DPM++ 2M SDE Karras"),
+    ("dpmpp_2m_sde_gpu", "exponential", "DPM++ 2M SDE Exponential"),
 ])
 def test_sampler_and_scheduler_names(sampler, scheduler, expected):
     [output] = comfy_jobs.translate({"workflow": edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler)})
@@ -77,15 +79,62 @@ def test_sampler_and_scheduler_names(sampler, scheduler, expected):
 
 
 @pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
-    ("uni_pc", "normal", "sampler_name 'uni_pc' has no equivalent"),
-    ("dpmpp_3m_sde", "karras", "sampler_name 'dpmpp_3m_sde' has no equivalent"),
-    ("euler", "simple", "scheduler 'simple' has no equivalent in this worker (with sampler_name 'euler')"),
-    ("euler_ancestral", "karras", "sampler_name 'euler_ancestral' with scheduler 'karras' is not supported"),
-    ("nope", "normal", "sampler_name 'nope' is unknown"),
+    ("uni_pc", "normal", "sampler_name 'uni_pc' and scheduler 'normal' has no exact equivalent"),
+    ("euler", "karras", "sampler_name 'euler' and scheduler 'karras' has no exact equivalent"),
+    ("euler", "sgm_uniform", "sampler_name 'euler' and scheduler 'sgm_uniform' has no exact equivalent"),
+    ("dpmpp_3m_sde", "karras", "sampler_name 'dpmpp_3m_sde' and scheduler 'karras' has no exact equivalent"),
+    ("euler", "simple", "sampler_name 'euler' and scheduler 'simple' has no exact equivalent"),
+    ("nope", "normal", "sampler_name 'nope' is unknown (with sampler_name 'nope' and scheduler 'normal')"),
+    ("euler", "bogus", "scheduler 'bogus' is unknown"),
 ])
 def test_samplers_without_an_exact_equivalent_are_refused(sampler, scheduler, expected):
     message = refused(edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler))
-    assert "node '3' (KSampler)" in message and expected in message
+    assert "node '3' (KSampler)" in message and expected in message and "supported: ddim + normal" in message
+
+
+# --- the facts behind comfy_samplers.EXACT: ComfyUI's schedules, recomputed here from their definitions -------------
+SD_CONFIG = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def comfy_sigmas(scheduler: str, steps: int) -> np.ndarray:
+    """ComfyUI's schedule for SD 1.5 / SDXL (comfy/samplers.py, k-diffusion's get_sigmas_karras/exponential)."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    cumprod = np.cumprod(1 - betas)
+    sigmas = ((1 - cumprod) / cumprod) ** 0.5
+    low, high = sigmas[0], sigmas[-1]
+    if scheduler == "normal":  # timesteps evenly spaced from 999 to 0, log sigma interpolated
+        t = np.linspace(999, 0, steps)
+        lo, hi = np.floor(t).astype(int), np.ceil(t).astype(int)
+        out = np.exp((1 - (t - lo)) * np.log(sigmas[lo]) + (t - lo) * np.log(sigmas[hi]))
+    elif scheduler == "karras":
+        ramp = np.linspace(0, 1, steps)
+        out = (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+    else:  # exponential
+        out = np.exp(np.linspace(np.log(high), np.log(low), steps))
+    return np.append(out, 0.0)
+
+
+@pytest.mark.parametrize("steps", [3, 10, 20, 33])
+@pytest.mark.parametrize(("sampler", "scheduler"), sorted(comfy_samplers.EXACT))
+def test_exact_pairs_run_comfyuis_sigmas(sampler, scheduler, steps):
+    name = comfy_samplers.scheduler_name(None, sampler, scheduler)
+    built = build_scheduler(name, SD_CONFIG)
+    sigmas = pipeline_kwargs(name, steps, None, (), built).get("sigmas")  # what the pipeline call gets
+    built.set_timesteps(**({"sigmas": sigmas} if sigmas else {"num_inference_steps": steps}))
+    np.testing.assert_allclose(np.asarray(built.sigmas, dtype=np.float64), comfy_sigmas(scheduler, steps),
+                               rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("sampler", "scheduler"), [("euler", "karras"), ("euler", "exponential"),
+                                                    ("heun", "karras"), ("lms", "karras"), ("dpmpp_2m", "normal")])
+def test_refused_pairs_would_not_run_comfyuis_sigmas(sampler, scheduler):
+    engine_name = comfy_samplers.combine(comfy_samplers.SAMPLERS[sampler], {
+        "normal": "Uniform", "karras": "Karras", "exponential": "Exponential"}[scheduler])
+    built = build_scheduler(engine_name, SD_CONFIG)
+    built.set_timesteps(20)
+    starts = np.unique(np.asarray(built.sigmas, dtype=np.float64))[::-1]  # Heun/DPM2 repeat their sigmas
+    assert abs(starts[0] - comfy_sigmas(scheduler, 20)[0]) > 1  # 11.0 (the leading spacing's first) vs 14.6
 
 
 def test_unknown_and_controlnet_nodes_are_refused_naming_them():
