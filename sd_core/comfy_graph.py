@@ -74,7 +74,8 @@ class Node:
 
     @property
     def label(self) -> str:
-        return f"node {quote(self.id)} ({self.class_type})"
+        known = self.class_type in NODE_TYPES or self.class_type in CONTROLNET_NODES
+        return f"node {quote(self.id)} ({self.class_type if known else quote(self.class_type, 60)})"
 
     def error(self, reason: str) -> InvalidRequest:
         return InvalidRequest(f"{self.label}: {reason}", field="workflow")

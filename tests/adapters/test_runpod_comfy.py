@@ -111,7 +111,7 @@ def test_two_pass_hires_graph_gives_the_native_hires(server):
 
 
 @pytest.mark.parametrize(("node", "change", "expected"), [
-    ("3", {"class_type": "MagicSampler"}, "node '3' (MagicSampler): class_type 'MagicSampler' is not supported"),
+    ("3", {"class_type": "MagicSampler"}, "node '3' ('MagicSampler'): class_type 'MagicSampler' is not supported"),
     ("8", {"inputs": {"samples": ["3", 0]}}, "node '8' (VAEDecode): missing input 'vae'"),
     ("8", {"inputs": {"samples": ["77", 0], "vae": ["4", 2]}}, "node '8' (VAEDecode): input 'samples' links to "
                                                                "node '77', which is not in the workflow"),

@@ -140,7 +140,7 @@ def test_refused_pairs_would_not_run_comfyuis_sigmas(sampler, scheduler):
 def test_unknown_and_controlnet_nodes_are_refused_naming_them():
     graph = workflow("txt2img")
     graph["20"] = {"class_type": "FancyUpscaler", "inputs": {}}
-    assert "node '20' (FancyUpscaler): class_type 'FancyUpscaler' is not supported" in refused(graph)
+    assert "node '20' ('FancyUpscaler'): class_type 'FancyUpscaler' is not supported" in refused(graph)
     graph["20"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {}}
     assert "node '20' (ControlNetApplyAdvanced): ControlNet nodes are not yet supported" in refused(graph)
 
@@ -181,3 +181,22 @@ def test_what_the_engine_cannot_do_is_refused():
                                                      "denoise": 1.0}}})
     assert "input: unknown field 'prompt' next to workflow and images" in str(pytest.raises(
         InvalidRequest, comfy_jobs.translate, {"workflow": workflow("txt2img"), "prompt": "x"}).value)
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("file:///etc/passwd", "file:// URLs are not accepted"),
+    ("https://user:pw@169.254.169.254/latest", "URLs with credentials (user:password@) are not accepted"),
+    ("http://127.0.0.1:1/x.png?token=secret", "use https://"),
+])
+def test_image_urls_go_through_the_url_policy(url, expected):
+    with pytest.raises(InvalidRequest) as info:
+        comfy_jobs.translate({"workflow": workflow("img2img"), "images": [{"name": "init.png", "image": url}]})
+    assert str(info.value).startswith("images.'init.png': ") and expected in str(info.value)
+    assert "secret" not in str(info.value) and "pw" not in str(info.value)
+
+
+def test_the_images_list_is_bounded_and_well_formed():
+    entry = {"name": "a.png", "image": "x"}
+    assert "at most 8" in refused(workflow("txt2img"), [entry] * 9)
+    assert "duplicate name 'a.png'" in refused(workflow("txt2img"), [entry, entry])
+    assert "images[0]: expected" in refused(workflow("txt2img"), [{"name": "a.png"}])
