@@ -132,6 +132,9 @@ class Translator:
         elif latent.class_type == "VAEEncodeForInpaint":
             if latent.inputs["grow_mask_by"] != 0:
                 raise latent.error("grow_mask_by must be 0 (growing the mask is not supported by this worker)")
+            if run != schedule:  # it greys the masked pixels out: only a full denoise leaves nothing of them
+                raise node.error("a VAEEncodeForInpaint latent needs denoise 1 here (it erases the masked pixels); "
+                                 "use SetLatentNoiseMask for a partial denoise")
             fields.update(self._init_image(latent, model), mask=self._mask(latent))
         else:
             raise node.error(f"its latent_image must come from EmptyLatentImage, VAEEncode, SetLatentNoiseMask, "

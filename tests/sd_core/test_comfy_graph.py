@@ -179,6 +179,12 @@ def test_what_the_engine_cannot_do_is_refused():
         "22": {"class_type": "LoadImage", "inputs": {"image": "i.png"}},
         "3": {**workflow("txt2img")["3"], "inputs": {**workflow("txt2img")["3"]["inputs"], "latent_image": ["20", 0],
                                                      "denoise": 1.0}}})
+    graph = copy.deepcopy(workflow("inpaint"))
+    graph["5"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["2", 0], "vae": ["1", 2],
+                                                                  "mask": ["3", 0], "grow_mask_by": 0}}
+    assert "node '8' (KSampler): a VAEEncodeForInpaint latent needs denoise 1" in refused(graph)
+    graph["8"]["inputs"]["denoise"] = 1.0
+    assert "not among the job's images" in refused(graph)  # past the node checks, to the images
     assert "input: unknown field 'prompt' next to workflow and images" in str(pytest.raises(
         InvalidRequest, comfy_jobs.translate, {"workflow": workflow("txt2img"), "prompt": "x"}).value)
 
