@@ -1,4 +1,4 @@
-"""RunPod serverless adapter: job input (native or A1111) -> GenerationRequest -> sd_core Engine -> images or URLs."""
+"""RunPod serverless adapter: native, A1111 or ComfyUI job input -> GenerationRequest -> sd_core Engine -> images."""
 
 # Output: a native job gets {"images": [{"image" (base64) | "url", "mime_type", "seed", "width", "height", "nsfw"}],
 # "seed", "seeds", "model", "parameters", "timings"}; an A1111 job A1111's shape (sd_core/a1111.py), a listing its
@@ -15,7 +15,7 @@ import runpod
 from runpod.serverless.modules import rp_http
 from runpod.serverless.modules.rp_logger import RunPodLogger
 
-from sd_core import a1111, a1111_listing, upscale_job
+from sd_core import a1111, a1111_listing, comfy_jobs, upscale_job
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import parse_request
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
@@ -61,6 +61,8 @@ class Worker(Server):
         call, name = None, f"job {job.get('id')}"
         try:
             data = job.get("input")
+            if comfy_jobs.is_workflow(data):  # a ComfyUI API workflow (RunPod worker-comfyui's shape): docs/comfyui.md
+                return await comfy_jobs.run_workflow(self, job, data)
             # Parsing user input is CPU work: in a thread, so one large payload never stalls the other jobs.
             call = await asyncio.to_thread(a1111.parse_call, data)
             if call is not None and call.endpoint in a1111_listing.LISTINGS:  # sd-models, samplers, ...: no GPU

@@ -30,6 +30,7 @@ cog_inputs.install()
 # A1111 sampler names, in sd_core.schedulers order (a test keeps this list equal to SCHEDULER_NAMES).
 SCHEDULERS = [
     "Euler", "Euler Karras", "Euler Exponential", "Euler Beta", "Euler SGM Uniform", "Euler Align Your Steps",
+    "Euler Normal",
     "Euler a", "Euler a SGM Uniform", "Heun", "Heun Karras", "Heun Exponential", "Heun Beta", "Heun SGM Uniform",
     "LMS", "LMS Karras", "LMS Exponential", "LMS Beta", "LMS SGM Uniform", "DPM2", "DPM2 Karras", "DPM2 Exponential",
     "DPM2 Beta", "DPM2 SGM Uniform", "DPM2 a", "DPM2 a Karras", "DPM2 a Exponential", "DPM2 a Beta",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import InvalidRequest, quote, scrub
-from .schedulers import KARRAS, SAMPLER_ALIASES, SAMPLERS, SCHEDULES, UNIFORM
+from .schedulers import KARRAS, NORMAL, SAMPLER_ALIASES, SAMPLERS, SCHEDULES, UNIFORM
 from .schema import CONTROL_PREPROCESSORS
 
 # Endpoint name -> what it lists. Each answer has the shape of A1111 1.10's response model for it.
@@ -117,7 +117,7 @@ def _sampler_item(name: str) -> dict:
 def _scheduler_item(label: str) -> dict:
     return {"name": label.lower().replace(" ", "_"), "label": label, "aliases": None,
             "default_rho": 7.0 if label == KARRAS else -1.0,
-            "need_inner_model": label == UNIFORM}
+            "need_inner_model": label in (UNIFORM, NORMAL)}
 
 
 def _upscaler_item(name: str, upscalers) -> dict:

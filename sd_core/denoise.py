@@ -140,8 +140,9 @@ class Denoiser:
         family = first.manifest.family
         if first.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
             kwargs["latents"] = variation_latents(pipe, jobs, generators)
-        # Align Your Steps' sigmas (they set the step count), DDIM's / TCD's eta
-        kwargs.update(pipeline_kwargs(req.scheduler, req.num_inference_steps, req.eta, family.ays_sigmas))
+        # Align Your Steps' / Normal's sigmas (they set the step count), DDIM's / TCD's eta
+        kwargs.update(pipeline_kwargs(req.scheduler, req.num_inference_steps, req.eta, family.ays_sigmas,
+                                      pipe.scheduler))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):
             # DPM++ SDE's Brownian noise: one tree per image seeded with its own seed (as A1111 does), instead of
             # torch's global RNG. set_timesteps() drops the previous run's trees.

@@ -8,7 +8,7 @@ from typing import Any
 from .errors import InvalidRequest, quote
 
 UNIFORM, KARRAS, EXPONENTIAL, BETA = "Uniform", "Karras", "Exponential", "Beta"
-SGM_UNIFORM, AYS = "SGM Uniform", "Align Your Steps"
+SGM_UNIFORM, AYS, NORMAL = "SGM Uniform", "Align Your Steps", "Normal"
 _ALL = (UNIFORM, KARRAS, EXPONENTIAL, BETA, SGM_UNIFORM)
 
 
@@ -28,7 +28,8 @@ class Sampler:
 
 # A1111 1.10 sampler name -> diffusers equivalent (flags follow diffusers' scheduler overview and k-diffusion).
 SAMPLERS: dict[str, Sampler] = {
-    "Euler": Sampler("EulerDiscreteScheduler", schedules=(*_ALL, AYS)),  # the only one taking `sigmas=` (AYS)
+    # the only one taking `sigmas=` (Align Your Steps, Normal)
+    "Euler": Sampler("EulerDiscreteScheduler", schedules=(*_ALL, AYS, NORMAL)),
     # diffusers has no Karras/Exponential/Beta sigmas for Euler a
     "Euler a": Sampler("EulerAncestralDiscreteScheduler", schedules=(UNIFORM, SGM_UNIFORM), eta=1.0),
     "Heun": Sampler("HeunDiscreteScheduler", schedules=_ALL),
@@ -62,6 +63,7 @@ SCHEDULES: dict[str, dict[str, bool]] = {
     # equivalent (integer timesteps: within one training timestep of A1111's). The Lightning/Turbo schedule.
     SGM_UNIFORM: {"timestep_spacing": "trailing"},
     AYS: {},  # sigmas passed to the pipeline: pipeline_kwargs()
+    NORMAL: {},  # likewise: normal_schedule()
 }
 # Align Your Steps: A1111's 11 sigmas per model family (the family picks: ModelFamily.ays_sigmas), log-linearly
 # interpolated to the step count, then 0 appended (A1111 1.10's ays_11_sigmas / ays_32_sigmas).
@@ -74,9 +76,9 @@ _SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"
 # k-diffusion's sample_dpmpp_3m_sde has (phi + 0.5), and drops to lower orders for the last steps: not the same.
 NOT_RUNNABLE = ("DPM++ 2S a", "DPM++ 3M SDE", "DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
 # A1111 1.10's other schedule types, recognised to say they are not supported (rather than "unknown sampler"):
-# diffusers has no Polyexponential or KL Optimal sigmas, and Simple / Normal / DDIM pick timesteps its spacings
-# only approximate.
-OTHER_A1111_SCHEDULES = ("Polyexponential", "KL Optimal", "Simple", "Normal", "DDIM")
+# diffusers has no Polyexponential or KL Optimal sigmas, and Simple / DDIM pick timesteps its spacings only
+# approximate (Normal runs with Euler: its sigmas are passed to the pipeline).
+OTHER_A1111_SCHEDULES = ("Polyexponential", "KL Optimal", "Simple", "DDIM")
 
 
 
@@ -180,12 +182,16 @@ def check_eta(name: str, eta: float | None) -> None:
                          f"no eta), got {eta:g}; eta is adjustable for {', '.join(takes)}", field="eta")
 
 
-def pipeline_kwargs(name: str, steps: int, eta: float | None, ays_sigmas: tuple[float, ...]) -> dict[str, Any]:
-    """What the scheduler ``name`` adds to the ``pipe(...)`` call: Align Your Steps' sigmas, an adjustable eta."""
+def pipeline_kwargs(name: str, steps: int, eta: float | None, ays_sigmas: tuple[float, ...],
+                    scheduler=None) -> dict[str, Any]:
+    """What the scheduler ``name`` adds to the ``pipe(...)`` call: Align Your Steps' or Normal's sigmas (Normal
+    reads the model's training sigmas from ``scheduler``, the pipeline's), an adjustable eta."""
     sampler_name, schedule = split_name(name)
     sampler, kwargs = SAMPLERS[sampler_name], {}
     if schedule == AYS:
         kwargs["sigmas"] = ays_schedule(ays_sigmas, steps)
+    if schedule == NORMAL:
+        kwargs["sigmas"] = normal_schedule(scheduler.alphas_cumprod, steps)
     if sampler.eta_adjustable:
         kwargs["eta"] = sampler.eta if eta is None else eta
     return kwargs
@@ -201,3 +207,17 @@ def ays_schedule(table: tuple[float, ...], steps: int) -> list[float]:
     ys = np.log(np.asarray(table)[::-1])
     sigmas = np.exp(np.interp(np.linspace(0, 1, steps), xs, ys))[::-1]
     return [*(float(s) for s in sigmas), 0.0]
+
+
+def normal_schedule(alphas_cumprod, steps: int) -> list[float]:
+    """A1111 1.10's and ComfyUI's Normal schedule: ``steps`` sigmas at timesteps evenly spaced from the last training
+    timestep to 0 (the model's sigmas interpolated log-linearly between whole timesteps, as k-diffusion), then 0."""
+    import numpy as np
+
+    cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
+    log_sigmas = np.log(((1 - cumprod) / cumprod) ** 0.5)
+    t = np.linspace(len(log_sigmas) - 1, 0, steps)
+    low = np.floor(t).astype(int)
+    high = np.ceil(t).astype(int)
+    weight = t - low
+    return [*(float(s) for s in np.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[high])), 0.0]

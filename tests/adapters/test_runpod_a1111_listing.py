@@ -56,14 +56,15 @@ def test_samplers_and_schedulers_in_a1111_shapes(server):
     assert by_name["Euler a"]["options"] == {} and "k_euler_a" in by_name["Euler a"]["aliases"]
     schedulers = completed(server.runsync(get("schedulers")))
     assert [item["label"] for item in schedulers] == ["Automatic", "Uniform", "Karras", "Exponential", "Beta",
-                                                      "SGM Uniform", "Align Your Steps"]
-    assert [item["name"] for item in schedulers][-2:] == ["sgm_uniform", "align_your_steps"]  # A1111's own names
+                                                      "SGM Uniform", "Align Your Steps", "Normal"]
+    assert [item["name"] for item in schedulers][-3:] == ["sgm_uniform", "align_your_steps", "normal"]  # A1111's
     karras = schedulers[2]
     assert karras == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
                       "need_inner_model": False}
     # Every listed sampler and schedule is accepted back.
     completed(server.runsync({"prompt": "x", "steps": 1, "sampler_name": "DPM++ 2M", "scheduler": karras["label"]}))
-    completed(server.runsync({"prompt": "x", "steps": 1, "sampler_name": "Euler", "scheduler": schedulers[-2]["name"]}))
+    completed(server.runsync({"prompt": "x", "steps": 1, "sampler_name": "Euler", "scheduler": schedulers[-3]["name"]}))
+    completed(server.runsync({"prompt": "x", "steps": 1, "sampler_name": "Euler", "scheduler": schedulers[-1]["name"]}))
 
 
 def test_loras_embeddings_vae_upscalers_and_options(server):

@@ -165,7 +165,7 @@ def test_runnable_pairs_are_the_documented_table():
     k_samplers = ("Heun", "LMS", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ SDE")
     sigma_schedules = ("Uniform", "Karras", "Exponential", "Beta", "SGM Uniform")
     assert runs == {*((s, sch) for s in k_samplers for sch in sigma_schedules),
-                    *(("Euler", sch) for sch in (*sigma_schedules, "Align Your Steps")),
+                    *(("Euler", sch) for sch in (*sigma_schedules, "Align Your Steps", "Normal")),
                     ("Euler a", "Uniform"), ("Euler a", "SGM Uniform"),
                     *((s, "Uniform") for s in ("DDIM", "PLMS", "UniPC", "LCM", "TCD"))}
 
@@ -185,6 +185,20 @@ def test_new_schedules_equal_bare_diffusers(engine, bare, name, cls, flags):
     assert np.array_equal(result, expected)
     plain = bare_image(pipe, getattr(diffusers, cls).from_config(pipe.base_config), 6)
     assert not np.array_equal(result, plain)  # the schedule changed the image
+
+
+def test_euler_normal_equals_bare_diffusers_with_comfyuis_normal_sigmas(engine, bare):
+    """A1111 1.10's / ComfyUI's Normal: sigmas at timesteps 999, 499.5, 0 (log-interpolated), then 0."""
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = bare("sd15")
+    cumprod = EulerDiscreteScheduler.from_config(pipe.base_config).alphas_cumprod.double().numpy()
+    train = ((1 - cumprod) / cumprod) ** 0.5  # the model's sigma at each training timestep
+    sigmas = [train[999], float(np.sqrt(train[499] * train[500])), train[0], 0.0]
+    expected = bare_image(pipe, EulerDiscreteScheduler.from_config(pipe.base_config), 8, sigmas=sigmas)
+    result = generate(engine, scheduler="Euler Normal", seed=8)
+    assert np.array_equal(pixels(result), expected)
+    assert not np.array_equal(pixels(generate(engine, scheduler="Euler", seed=8)), expected)
 
 
 # A1111's Align Your Steps tables at 3 steps: log-linear interpolation of 11 sigmas hits entries 0, 5 and 10, then 0.

@@ -1,0 +1,56 @@
+"""A ComfyUI workflow job (RunPod worker-comfyui's input and output shapes): translated, generated, delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from .comfy_graph import parse_workflow
+from .comfy_nodes import Translator
+from .errors import InvalidRequest, quote
+from .uploads import check_inline_size, inline_images
+
+log = logging.getLogger("sd_core.comfy")
+
+
+def is_workflow(data) -> bool:
+    """A ComfyUI job input: ``{"workflow": {...}, "images": [...]}`` (images optional)."""
+    return isinstance(data, dict) and "workflow" in data
+
+
+def translate(data: dict, settings=None, upscalers=None) -> list:
+    """The job input -> comfy_nodes.Output per output node, every check done (no GPU work yet)."""
+    extra = sorted(set(data) - {"workflow", "images"})
+    if extra:
+        raise InvalidRequest(f"unknown field {quote(extra[0], 40)} next to workflow and images", field="input")
+    graph = parse_workflow(data["workflow"])
+    scale = upscalers.scale if upscalers is not None else None
+    return Translator(graph, data.get("images"), settings, scale).outputs()
+
+
+async def run_workflow(worker, job: dict, data: dict) -> dict:
+    """Run a workflow job on ``worker`` (handler.Worker): ``{"images": [{"filename", "type", "data"}]}``, where
+    type is ``base64`` or, with an output bucket, ``s3_url`` (a presigned URL)."""
+    name = f"job {job.get('id')}"
+    upscalers = getattr(worker.engine, "upscalers", None)
+    outputs = await asyncio.to_thread(translate, data, worker.settings, upscalers)
+    results: dict[str, object] = {}  # identical requests (two outputs of one chain) generate once
+    images, names = [], []
+    for output in outputs:
+        key = output.request.model_dump_json()
+        if key not in results:
+            results[key] = await worker.generate(output.request, name=name)
+        for image in results[key].images:
+            images.append(image)
+            names.append(f"{output.prefix}_{len(names) + 1:05d}_.{image.extension}")
+    if worker.uploader is not None:
+        values = await asyncio.to_thread(worker.uploader.upload, images, str(job.get("id", "job")))
+        kind = "s3_url"
+    else:
+        values, kind = inline_images(images), "base64"
+    body = {"images": [{"filename": n, "type": kind, "data": v} for n, v in zip(names, values, strict=True)]}
+    if worker.uploader is None:
+        check_inline_size(len(json.dumps(body)), worker.settings)
+    log.info("%s: workflow with %d output node(s), %d image(s)", name, len(outputs), len(images))
+    return body

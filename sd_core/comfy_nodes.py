@@ -1,0 +1,352 @@
+"""ComfyUI workflow nodes -> GenerationRequests: each output node's chain back to its checkpoint becomes one request."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from .comfy_graph import Graph, Node
+from .comfy_samplers import scheduler_name
+from .errors import InvalidRequest, quote
+from .input_images import open_image, read_image_bytes
+from .prompt_tags import TAG
+from .schema import MAX_SEED, GenerationRequest, describe_validation_error
+
+MAX_IMAGES = 8  # named input images one job may carry
+_CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# ComfyUI's latent upscale_method -> the hires fix's latent upscaler doing the same torch interpolate call.
+LATENT_METHODS = {"bilinear": "Latent", "bicubic": "Latent (bicubic)", "nearest-exact": "Latent (nearest-exact)"}
+_CHANNELS = {"red": 0, "green": 1, "blue": 2, "alpha": 3}
+
+
+@dataclass
+class Output:
+    """One output node's request, and how its images are named."""
+
+    node: Node
+    prefix: str
+    request: GenerationRequest
+
+
+@dataclass
+class _Model:
+    """What a KSampler's model and prompts come from: one checkpoint, its LoRAs, the CLIP layers skipped."""
+
+    checkpoint: Node
+    loras: dict = field(default_factory=dict)  # LoRA node id -> [node, UNet scale, text-encoder scale]
+    clip_skip: int = 0
+    clip: tuple | None = None  # (LoRA node ids, clip skip) of the prompts' CLIP path, once read
+
+
+def model_name(value: str) -> str:
+    """A checkpoint, LoRA or upscaler file name as ComfyUI lists it ("tiny-sd15.safetensors") -> the manifest name."""
+    name = value.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    if name.lower().endswith(_CHECKPOINT_EXTENSIONS):
+        name = name[: name.rindex(".")]
+    return name
+
+
+class Translator:
+    """Turns a validated Graph (comfy_graph) and the job's named images into one request per output node."""
+
+    def __init__(self, graph: Graph, images, settings=None, upscaler_scale=None):
+        self.graph = graph
+        self.settings = settings
+        self.upscaler_scale = upscaler_scale  # name -> a model upscaler's native scale (None: unknown)
+        self.named = _named_images(images)
+        self._decoded: dict[str, tuple[bytes, object]] = {}
+
+    def outputs(self) -> list[Output]:
+        found = []
+        for node in self.graph.outputs():
+            prefix = str(node.inputs.get("filename_prefix", "ComfyUI"))[:100]
+            found.append(Output(node, prefix, self._output(node)))
+        return found
+
+    # --- images out: VAEDecode of a KSampler --------------------------------------------------------------------
+    def _output(self, out: Node) -> GenerationRequest:
+        decode, _ = self.graph.source(out, "images")
+        if decode.class_type in ("ImageScale", "ImageUpscaleWithModel"):
+            raise decode.error("upscaling the final image is not supported in a workflow; upscale with a second "
+                               "KSampler (hires fix: docs/comfyui.md) or a native upscale job")
+        if decode.class_type != "VAEDecode":
+            raise out.error(f"its images must come from a VAEDecode of a KSampler, not from {decode.label}")
+        sampler, _ = self.graph.source(decode, "samples")
+        if sampler.class_type not in ("KSampler", "KSamplerAdvanced"):
+            raise decode.error(f"its samples must come from a KSampler or KSamplerAdvanced, not from {sampler.label}")
+        fields, model = self._sampler(sampler)
+        self._check_vae(decode, model)
+        try:
+            return GenerationRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise sampler.error(describe_validation_error(exc)) from None
+
+    def _check_vae(self, node: Node, model: _Model) -> None:
+        source, index = self.graph.source(node, "vae")
+        if source is not model.checkpoint or index != 2:
+            raise node.error("its vae must be the VAE output (2) of the KSampler's CheckpointLoaderSimple")
+
+    # --- the sampler ---------------------------------------------------------------------------------------------
+    def _sampler(self, node: Node) -> tuple[dict, _Model]:
+        inputs = node.inputs
+        model = self._model(node)
+        positive, negative = self._text(node, "positive", model), self._text(node, "negative", model)
+        seed = inputs["seed" if node.class_type == "KSampler" else "noise_seed"]
+        if not 0 <= seed <= MAX_SEED:
+            raise node.error(f"seed {seed} is outside 0 to {MAX_SEED}, the seeds this worker takes")
+        steps = int(inputs["steps"])
+        if not 1 <= steps <= 1000:
+            raise node.error(f"steps must be 1 to 1000, got {steps}")
+        fields = {"prompt": positive, "negative_prompt": negative, "model": model_name(model.checkpoint.inputs[
+            "ckpt_name"]), "seed": int(seed), "guidance_scale": inputs["cfg"],
+            "scheduler": scheduler_name(node, inputs["sampler_name"], inputs["scheduler"]),
+            "clip_skip": model.clip_skip,
+            "loras": [{"source": model_name(n.inputs["lora_name"]), "scale": unet, "text_encoder_scale": te}
+                      for n, unet, te in model.loras.values()]}
+        schedule, run = self._schedule(node, steps)
+        latent, _ = self.graph.source(node, "latent_image")
+        if latent.class_type == "EmptyLatentImage":
+            if run != schedule:
+                raise node.error("denoise below 1 (or a start_at_step) on an EmptyLatentImage is not supported: "
+                                 "txt2img runs the whole schedule; use denoise 1 (a partial run needs an image)")
+            fields.update(num_inference_steps=steps, width=int(latent.inputs["width"]),
+                          height=int(latent.inputs["height"]), num_outputs=int(latent.inputs["batch_size"]))
+            return fields, model
+        fields.update(num_inference_steps=schedule, strength=_strength(node, run, schedule))
+        if latent.class_type in ("LatentUpscale", "LatentUpscaleBy"):
+            return self._latent_hires(node, latent, fields, model, run), model
+        if latent.class_type == "VAEEncode":
+            pixels, _ = self.graph.source(latent, "pixels")
+            if pixels.class_type == "ImageUpscaleWithModel":
+                return self._model_hires(node, latent, pixels, fields, model, run), model
+            fields.update(self._init_image(latent, model))
+        elif latent.class_type == "SetLatentNoiseMask":
+            encode, _ = self.graph.source(latent, "samples")
+            if encode.class_type != "VAEEncode":
+                raise latent.error(f"its samples must come from a VAEEncode of a LoadImage, not {encode.label}")
+            fields.update(self._init_image(encode, model), mask=self._mask(latent))
+        elif latent.class_type == "VAEEncodeForInpaint":
+            if latent.inputs["grow_mask_by"] != 0:
+                raise latent.error("grow_mask_by must be 0 (growing the mask is not supported by this worker)")
+            if run != schedule:  # it greys the masked pixels out: only a full denoise leaves nothing of them
+                raise node.error("a VAEEncodeForInpaint latent needs denoise 1 here (it erases the masked pixels); "
+                                 "use SetLatentNoiseMask for a partial denoise")
+            fields.update(self._init_image(latent, model), mask=self._mask(latent))
+        else:
+            raise node.error(f"its latent_image must come from EmptyLatentImage, VAEEncode, SetLatentNoiseMask, "
+                             f"VAEEncodeForInpaint or a latent upscale, not from {latent.label}")
+        return fields, model
+
+    def _schedule(self, node: Node, steps: int) -> tuple[int, int]:
+        """(steps in the whole schedule, steps run: its last ones), as ComfyUI's samplers count them."""
+        if node.class_type == "KSampler":
+            denoise = node.inputs["denoise"]
+            if not 0 < denoise <= 1:
+                raise node.error(f"denoise must be above 0 and at most 1, got {quote(denoise)}")
+            return (steps, steps) if denoise == 1 else (int(steps / denoise), steps)  # ComfyUI's own arithmetic
+        inputs = node.inputs
+        if inputs["add_noise"] != "enable":
+            raise node.error(f"add_noise {quote(inputs['add_noise'], 20)} is not supported (only 'enable': a sampler "
+                             "that adds its noise)")
+        if inputs["return_with_leftover_noise"] not in ("enable", "disable"):  # no effect on the whole range
+            raise node.error("return_with_leftover_noise must be 'enable' or 'disable'")
+        start, end = int(inputs["start_at_step"]), int(inputs["end_at_step"])
+        if end < steps:
+            raise node.error(f"end_at_step {end} stops before the last step ({steps}): partial ranges are not "
+                             "supported; use an end_at_step of at least steps")
+        if not 0 <= start < steps:
+            raise node.error(f"start_at_step must be 0 to steps - 1, got {start}")
+        return steps, steps - start
+
+    # --- model, LoRAs, CLIP, prompts --------------------------------------------------------------------------------
+    def _model(self, sampler: Node) -> _Model:
+        node, index = self.graph.source(sampler, "model")
+        loras: dict = {}
+        while node.class_type in ("LoraLoader", "LoraLoaderModelOnly"):
+            te = 0.0  # LoraLoaderModelOnly, or a LoraLoader whose CLIP output the prompts do not use: see _text
+            loras[node.id] = [node, float(node.inputs["strength_model"]), te]
+            node, index = self.graph.source(node, "model")
+        if node.class_type != "CheckpointLoaderSimple" or index != 0:
+            raise sampler.error(f"its model must come from a CheckpointLoaderSimple (through LoRA loaders), "
+                                f"not from {node.label}")
+        return _Model(node, dict(reversed(loras.items())))  # in the order ComfyUI applies them: checkpoint first
+
+    def _text(self, sampler: Node, name: str, model: _Model) -> str:
+        encoder, _ = self.graph.source(sampler, name)
+        if encoder.class_type != "CLIPTextEncode":
+            raise sampler.error(f"its {name} must come from a CLIPTextEncode, not from {encoder.label}")
+        text = encoder.inputs["text"]
+        if name == "positive" and TAG.search(text):
+            raise encoder.error("<lora:...> tags are not ComfyUI syntax (and would apply a LoRA here); use a "
+                                "LoraLoader node")
+        node, _ = self.graph.source(encoder, "clip")
+        loras, skip = [], None
+        while node.class_type in ("LoraLoader", "CLIPSetLastLayer"):
+            if node.class_type == "CLIPSetLastLayer":
+                layer = node.inputs["stop_at_clip_layer"]
+                if not -24 <= layer <= -1:
+                    raise node.error(f"stop_at_clip_layer must be -1 (the last layer) to -24, got {layer}")
+                skip = -int(layer) - 1 if skip is None else skip  # the one nearest the encoder applies
+            else:
+                loras.append(node)
+            node, _ = self.graph.source(node, "clip")
+        if node is not model.checkpoint:
+            raise encoder.error("its clip must come from the KSampler's CheckpointLoaderSimple (through LoRA "
+                                "loaders and CLIPSetLastLayer)")
+        clip = (sorted(n.id for n in loras), skip or 0)
+        seen = model.clip
+        if seen is not None and seen != clip:
+            raise encoder.error("the positive and negative prompts must use the same CLIP (same LoRAs and "
+                                "CLIPSetLastLayer)")
+        if seen is None:
+            model.clip, model.clip_skip = clip, skip or 0
+            for lora in loras:  # the text-encoder strength of each LoRA on the CLIP path
+                entry = model.loras.setdefault(lora.id, [lora, 0.0, 0.0])
+                entry[2] = float(lora.inputs["strength_clip"])
+        return text
+
+    # --- input images -------------------------------------------------------------------------------------------
+    def _init_image(self, encode: Node, model: _Model) -> dict:
+        self._check_vae(encode, model)
+        load, index = self.graph.source(encode, "pixels")
+        if load.class_type != "LoadImage":
+            raise encode.error(f"its pixels must come from a LoadImage, not from {load.label}")
+        data, image = self._image(load)
+        if image.width % 8 or image.height % 8:
+            raise load.error(f"the image is {image.width}x{image.height}; width and height must be multiples of 8 "
+                             "(ComfyUI would crop it): crop or resize it first")
+        return {"image": base64.b64encode(data).decode(), "width": image.width, "height": image.height}
+
+    def _mask(self, node: Node) -> str:
+        """The MASK wired into ``node`` as the engine's mask image (white = repaint), a base64 PNG."""
+        source, index = self.graph.source(node, "mask")
+        if source.class_type == "LoadImage":  # output 1: the inverted alpha channel
+            channel = "alpha"
+        elif source.class_type == "LoadImageMask":
+            channel = source.inputs["channel"]
+            if channel not in _CHANNELS:
+                raise source.error(f"channel must be one of {', '.join(_CHANNELS)}, got {quote(channel)}")
+        else:
+            raise node.error(f"its mask must come from a LoadImage or LoadImageMask, not from {source.label}")
+        _, image = self._image(source)
+        if channel == "alpha":
+            if "A" not in image.getbands():
+                raise source.error("the image has no alpha channel to take the mask from")
+            from PIL import ImageOps
+
+            mask = ImageOps.invert(image.getchannel("A"))  # ComfyUI: mask = 1 - alpha (transparent = repaint)
+        else:
+            mask = image.convert("RGBA").getchannel(_CHANNELS[channel])
+        buffer = io.BytesIO()
+        mask.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    def _image(self, load: Node) -> tuple[bytes, object]:
+        name = load.inputs["image"]
+        if name not in self.named:
+            listed = ", ".join(quote(n, 40) for n in list(self.named)[:MAX_IMAGES]) or "none"
+            raise load.error(f"image {quote(name, 60)} is not among the job's images (named: {listed})")
+        if name not in self._decoded:
+            field = f"images.{quote(name, 40)}"
+            data = read_image_bytes(self.named[name], field, self.settings)
+            self._decoded[name] = (data, open_image(data, field))
+        return self._decoded[name]
+
+    # --- hires fix: a second KSampler on an upscaled first pass ---------------------------------------------------
+    def _first_pass(self, second: Node, first_node: Node, model: _Model, fields: dict) -> dict:
+        if first_node.class_type not in ("KSampler", "KSamplerAdvanced"):
+            raise second.error(f"a hires second pass must upscale a KSampler's output, not {first_node.label}")
+        first, first_model = self._sampler(first_node)
+        if first.get("image") is not None or first.get("hires") is not None:
+            raise first_node.error("a hires first pass must be txt2img (an EmptyLatentImage)")
+        if (first_model.checkpoint, first_model.clip, first_model.loras.keys()) != (
+                model.checkpoint, model.clip, model.loras.keys()) or first["loras"] != fields["loras"]:
+            raise second.error("the hires second pass must use the first pass's checkpoint, LoRAs and CLIP")
+        if fields["seed"] != first["seed"]:
+            raise second.error(f"the hires second pass runs with the first pass's seed here ({first['seed']}), "
+                               f"got {fields['seed']}")
+        for key in ("prompt", "negative_prompt"):  # the hires fix reads an empty second-pass text as "the first's"
+            if fields[key] != first[key] and not fields[key]:
+                raise second.error(f"an empty second-pass {key.replace('_', ' ')} is not supported with a "
+                                   "non-empty first one")
+        return first
+
+    def _hires(self, first: dict, fields: dict, run: int, upscaler: str, **size) -> dict:
+        hires = {"upscaler": upscaler, "steps": run, "denoising_strength": fields["strength"], **size}
+        if fields["prompt"] != first["prompt"]:
+            hires["prompt"] = fields["prompt"]
+        if fields["negative_prompt"] != first["negative_prompt"]:
+            hires["negative_prompt"] = fields["negative_prompt"]
+        if fields["scheduler"] != first["scheduler"]:
+            hires["scheduler"] = fields["scheduler"]
+        if fields["guidance_scale"] != first["guidance_scale"]:
+            hires["guidance_scale"] = fields["guidance_scale"]
+        return {**first, "hires": hires}
+
+    def _latent_hires(self, second: Node, upscale: Node, fields: dict, model: _Model, run: int) -> dict:
+        source, _ = self.graph.source(upscale, "samples")
+        first = self._first_pass(second, source, model, fields)
+        method = upscale.inputs["upscale_method"]
+        if method not in LATENT_METHODS:
+            raise upscale.error(f"upscale_method {quote(method)} is not supported; use {', '.join(LATENT_METHODS)}")
+        cells_w, cells_h = first["width"] // 8, first["height"] // 8
+        if upscale.class_type == "LatentUpscaleBy":
+            scale = upscale.inputs["scale_by"]
+            width, height = round(cells_w * scale) * 8, round(cells_h * scale) * 8  # ComfyUI rounds latent cells
+        else:
+            width, height = int(upscale.inputs["width"]), int(upscale.inputs["height"])
+            if width % 8 or height % 8 or not width or not height:
+                raise upscale.error("width and height must be given, as multiples of 8")
+        if width * first["height"] != height * first["width"] or width < first["width"]:
+            raise upscale.error(f"{first['width']}x{first['height']} to {width}x{height}: only upscales keeping "
+                                "the aspect ratio are supported (the hires fix neither stretches nor shrinks)")
+        return self._hires(first, fields, run, LATENT_METHODS[method], width=width, height=height)
+
+    def _model_hires(self, second: Node, encode: Node, upscale: Node, fields: dict, model: _Model, run: int) -> dict:
+        self._check_vae(encode, model)
+        loader, _ = self.graph.source(upscale, "upscale_model")
+        decode, _ = self.graph.source(upscale, "image")
+        if decode.class_type != "VAEDecode":
+            raise upscale.error(f"its image must be a VAEDecode of the first KSampler, not {decode.label}")
+        self._check_vae(decode, model)
+        source, _ = self.graph.source(decode, "samples")
+        first = self._first_pass(second, source, model, fields)
+        name = model_name(loader.inputs["model_name"])
+        scale = self.upscaler_scale(name) if self.upscaler_scale is not None else None
+        if scale is None:
+            raise loader.error(f"unknown upscale model {quote(loader.inputs['model_name'])} (docs/models.md)")
+        return self._hires(first, fields, run, name, scale=scale)
+
+
+def _strength(node: Node, run: int, schedule: int) -> float:
+    """The img2img strength making diffusers run exactly the last ``run`` of ``schedule`` steps (it runs
+    int(schedule * strength) of them), as ComfyUI does."""
+    strength = run / schedule
+    while int(schedule * strength) < run:  # floating point: never one step short
+        strength = math.nextafter(strength, 2.0)
+    if strength > 1 or int(schedule * strength) != run:
+        raise node.error(f"cannot run {run} of {schedule} steps")
+    return strength
+
+
+def _named_images(images) -> dict[str, str]:
+    """The job's ``images``: [{"name": ..., "image": base64 or URL}] -> name -> value."""
+    if images is None:
+        return {}
+    if not isinstance(images, list) or len(images) > MAX_IMAGES:
+        raise InvalidRequest(f"expected a list of at most {MAX_IMAGES} {{\"name\", \"image\"}} objects",
+                             field="images")
+    named = {}
+    for index, entry in enumerate(images):
+        if not isinstance(entry, dict) or set(entry) != {"name", "image"} or not all(
+                isinstance(v, str) for v in entry.values()) or not 0 < len(entry["name"]) <= 200:
+            raise InvalidRequest(f"images[{index}]: expected {{\"name\": \"<file name>\", \"image\": \"<base64 or "
+                                 "URL>\"}}", field="images")
+        if entry["name"] in named:
+            raise InvalidRequest(f"images[{index}]: duplicate name {quote(entry['name'])}", field="images")
+        named[entry["name"]] = entry["image"]
+    return named

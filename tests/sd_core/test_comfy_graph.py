@@ -1,0 +1,208 @@
+"""ComfyUI API workflows (sd_core/comfy_graph.py, comfy_nodes.py): validation and translation, before any GPU work."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sd_core import comfy_jobs, comfy_samplers
+from sd_core.errors import InvalidRequest
+from sd_core.schedulers import build_scheduler, pipeline_kwargs
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "comfy"
+
+
+def workflow(name: str) -> dict:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def refused(graph: dict, images=None) -> str:
+    with pytest.raises(InvalidRequest) as info:
+        comfy_jobs.translate({"workflow": graph, **({"images": images} if images is not None else {})})
+    message = str(info.value)
+    assert message.startswith(("workflow: ", "images: ", "input: ")) and "Traceback" not in message
+    return message
+
+
+def edited(name: str, node: str, **inputs) -> dict:
+    graph = copy.deepcopy(workflow(name))
+    graph[node]["inputs"].update(inputs)
+    return graph
+
+
+def test_default_graph_translates_to_the_native_request():
+    [output] = comfy_jobs.translate({"workflow": workflow("txt2img")})
+    assert output.prefix == "ComfyUI" and output.node.id == "9"
+    assert output.request.model_dump(exclude_defaults=True) == {
+        "prompt": "a red fox in the snow", "negative_prompt": "blurry", "model": "tiny-sd15", "width": 64,
+        "height": 64, "num_inference_steps": 2, "guidance_scale": 7.5, "scheduler": "Euler Normal", "seed": 42,
+        "num_outputs": 2}
+
+
+def test_lora_chain_clip_skip_and_whole_range_advanced_sampler():
+    [output] = comfy_jobs.translate({"workflow": workflow("lora_chain")})
+    request = output.request
+    assert [(s.source, s.scale, s.text_encoder_scale) for s in request.loras] == [
+        ("tiny-style", 0.8, 0.5), ("tiny-style-kohya", 0.6, 0.0)]  # from the checkpoint out, as ComfyUI applies
+    assert request.clip_skip == 1 and request.num_inference_steps == 2 and request.seed == 21
+
+
+@pytest.mark.parametrize(("steps", "denoise", "schedule"), [(2, 0.5, 4), (20, 0.75, 26), (4, 0.75, 5), (3, 1.0, 3)])
+def test_denoise_runs_the_last_steps_of_comfyuis_longer_schedule(steps, denoise, schedule):
+    graph = edited("hires", "11", steps=steps, denoise=denoise)
+    [output] = comfy_jobs.translate({"workflow": graph})
+    hires = output.request.hires
+    assert hires.steps == steps
+    assert int(schedule * hires.denoising_strength) == steps > int((schedule - 1) * hires.denoising_strength)
+
+
+def test_hires_graph_maps_to_the_hires_fix():
+    [output] = comfy_jobs.translate({"workflow": workflow("hires")})
+    hires = output.request.hires
+    assert (hires.width, hires.height, hires.upscaler, hires.steps, hires.denoising_strength) == (
+        128, 128, "Latent (nearest-exact)", 2, 0.5)
+    assert output.request.width == 64
+
+
+@pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
+    ("euler", "normal", "Euler Normal"), ("ddim", "normal", "Euler Normal"), ("dpmpp_2m", "karras", "DPM++ 2M Karras"),
+    ("dpmpp_2m", "exponential", "DPM++ 2M Exponential"), ("dpmpp_2m_sde", "karras", "DPM++ 2M SDE Karras"),
+    ("dpmpp_2m_sde_gpu", "exponential", "DPM++ 2M SDE Exponential"),
+])
+def test_sampler_and_scheduler_names(sampler, scheduler, expected):
+    [output] = comfy_jobs.translate({"workflow": edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler)})
+    assert output.request.scheduler == expected
+
+
+@pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
+    ("uni_pc", "normal", "sampler_name 'uni_pc' and scheduler 'normal' has no exact equivalent"),
+    ("euler", "karras", "sampler_name 'euler' and scheduler 'karras' has no exact equivalent"),
+    ("euler", "sgm_uniform", "sampler_name 'euler' and scheduler 'sgm_uniform' has no exact equivalent"),
+    ("dpmpp_3m_sde", "karras", "sampler_name 'dpmpp_3m_sde' and scheduler 'karras' has no exact equivalent"),
+    ("euler", "simple", "sampler_name 'euler' and scheduler 'simple' has no exact equivalent"),
+    ("nope", "normal", "sampler_name 'nope' is unknown (with sampler_name 'nope' and scheduler 'normal')"),
+    ("euler", "bogus", "scheduler 'bogus' is unknown"),
+])
+def test_samplers_without_an_exact_equivalent_are_refused(sampler, scheduler, expected):
+    message = refused(edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler))
+    assert "node '3' (KSampler)" in message and expected in message and "supported: ddim + normal" in message
+
+
+# --- the facts behind comfy_samplers.EXACT: ComfyUI's schedules, recomputed here from their definitions -------------
+SD_CONFIG = {"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+             "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading"}
+
+
+def comfy_sigmas(scheduler: str, steps: int) -> np.ndarray:
+    """ComfyUI's schedule for SD 1.5 / SDXL (comfy/samplers.py, k-diffusion's get_sigmas_karras/exponential)."""
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+    cumprod = np.cumprod(1 - betas)
+    sigmas = ((1 - cumprod) / cumprod) ** 0.5
+    low, high = sigmas[0], sigmas[-1]
+    if scheduler == "normal":  # timesteps evenly spaced from 999 to 0, log sigma interpolated
+        t = np.linspace(999, 0, steps)
+        lo, hi = np.floor(t).astype(int), np.ceil(t).astype(int)
+        out = np.exp((1 - (t - lo)) * np.log(sigmas[lo]) + (t - lo) * np.log(sigmas[hi]))
+    elif scheduler == "karras":
+        ramp = np.linspace(0, 1, steps)
+        out = (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+    else:  # exponential
+        out = np.exp(np.linspace(np.log(high), np.log(low), steps))
+    return np.append(out, 0.0)
+
+
+@pytest.mark.parametrize("steps", [3, 10, 20, 33])
+@pytest.mark.parametrize(("sampler", "scheduler"), sorted(comfy_samplers.EXACT))
+def test_exact_pairs_run_comfyuis_sigmas(sampler, scheduler, steps):
+    name = comfy_samplers.scheduler_name(None, sampler, scheduler)
+    built = build_scheduler(name, SD_CONFIG)
+    sigmas = pipeline_kwargs(name, steps, None, (), built).get("sigmas")  # what the pipeline call gets
+    built.set_timesteps(**({"sigmas": sigmas} if sigmas else {"num_inference_steps": steps}))
+    np.testing.assert_allclose(np.asarray(built.sigmas, dtype=np.float64), comfy_sigmas(scheduler, steps),
+                               rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("sampler", "scheduler"), [("euler", "karras"), ("euler", "exponential"),
+                                                    ("heun", "karras"), ("lms", "karras"), ("dpmpp_2m", "normal")])
+def test_refused_pairs_would_not_run_comfyuis_sigmas(sampler, scheduler):
+    engine_name = comfy_samplers.combine(comfy_samplers.SAMPLERS[sampler], {
+        "normal": "Uniform", "karras": "Karras", "exponential": "Exponential"}[scheduler])
+    built = build_scheduler(engine_name, SD_CONFIG)
+    built.set_timesteps(20)
+    starts = np.unique(np.asarray(built.sigmas, dtype=np.float64))[::-1]  # Heun/DPM2 repeat their sigmas
+    assert abs(starts[0] - comfy_sigmas(scheduler, 20)[0]) > 1  # 11.0 (the leading spacing's first) vs 14.6
+
+
+def test_unknown_and_controlnet_nodes_are_refused_naming_them():
+    graph = workflow("txt2img")
+    graph["20"] = {"class_type": "FancyUpscaler", "inputs": {}}
+    assert "node '20' ('FancyUpscaler'): class_type 'FancyUpscaler' is not supported" in refused(graph)
+    graph["20"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {}}
+    assert "node '20' (ControlNetApplyAdvanced): ControlNet nodes are not yet supported" in refused(graph)
+
+
+def test_cycles_missing_inputs_dangling_links_and_wrong_outputs_are_refused():
+    graph = edited("hires", "10", samples=["11", 0])  # the second sampler feeds its own latent
+    assert "workflow: node '10' (LatentUpscaleBy): is part of a cycle" in refused(graph)
+    graph = workflow("txt2img")
+    del graph["3"]["inputs"]["cfg"]
+    assert "workflow: node '3' (KSampler): missing input 'cfg'" in refused(graph)
+    assert "node '8' (VAEDecode): input 'samples' links to node '99', which is not in the workflow" in refused(
+        edited("txt2img", "8", samples=["99", 0]))
+    assert "node '8' (VAEDecode): input 'vae' links to output 5 of node '4' (CheckpointLoaderSimple), which has " \
+           "outputs 0 to 2" in refused(edited("txt2img", "8", vae=["4", 5]))
+    assert "node '8' (VAEDecode): input 'vae' needs a VAE but output 1 of node '4' (CheckpointLoaderSimple) is a " \
+           "CLIP" in refused(edited("txt2img", "8", vae=["4", 1]))
+    assert "node '5' (EmptyLatentImage): input 'width' must be a int" in refused(edited("txt2img", "5", width="x"))
+    assert "no output node" in refused({k: v for k, v in workflow("txt2img").items() if k != "9"})
+    assert "nodes; at most 200" in refused({str(i): {"class_type": "PreviewImage", "inputs": {}} for i in range(201)})
+
+
+def test_what_the_engine_cannot_do_is_refused():
+    assert "denoise below 1 (or a start_at_step) on an EmptyLatentImage is not supported" in refused(
+        edited("txt2img", "3", denoise=0.5))
+    assert "partial ranges are not supported" in refused(edited("lora_chain", "3", end_at_step=1))
+    assert "seed 18446744073709551615 is outside" in refused(edited("txt2img", "3", seed=2**64 - 1))
+    assert "<lora:...> tags are not ComfyUI syntax" in refused(edited("txt2img", "6", text="a <lora:tiny-style:1>"))
+    assert "upscale_method 'bislerp' is not supported" in refused(edited("hires", "10", upscale_method="bislerp"))
+    assert "runs with the first pass's seed" in refused(edited("hires", "11", seed=9))
+    message = refused(workflow("img2img"))
+    assert "node '2' (LoadImage): image 'init.png' is not among the job's images (named: none)" in message
+    assert "grow_mask_by must be 0" in refused({**workflow("txt2img"), "20": {
+        "class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["22", 0], "vae": ["4", 2], "mask": ["21", 0],
+                                                        "grow_mask_by": 6}},
+        "21": {"class_type": "LoadImageMask", "inputs": {"image": "m.png", "channel": "red"}},
+        "22": {"class_type": "LoadImage", "inputs": {"image": "i.png"}},
+        "3": {**workflow("txt2img")["3"], "inputs": {**workflow("txt2img")["3"]["inputs"], "latent_image": ["20", 0],
+                                                     "denoise": 1.0}}})
+    graph = copy.deepcopy(workflow("inpaint"))
+    graph["5"] = {"class_type": "VAEEncodeForInpaint", "inputs": {"pixels": ["2", 0], "vae": ["1", 2],
+                                                                  "mask": ["3", 0], "grow_mask_by": 0}}
+    assert "node '8' (KSampler): a VAEEncodeForInpaint latent needs denoise 1" in refused(graph)
+    graph["8"]["inputs"]["denoise"] = 1.0
+    assert "not among the job's images" in refused(graph)  # past the node checks, to the images
+    assert "input: unknown field 'prompt' next to workflow and images" in str(pytest.raises(
+        InvalidRequest, comfy_jobs.translate, {"workflow": workflow("txt2img"), "prompt": "x"}).value)
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("file:///etc/passwd", "file:// URLs are not accepted"),
+    ("https://user:pw@169.254.169.254/latest", "URLs with credentials (user:password@) are not accepted"),
+    ("http://127.0.0.1:1/x.png?token=secret", "use https://"),
+])
+def test_image_urls_go_through_the_url_policy(url, expected):
+    with pytest.raises(InvalidRequest) as info:
+        comfy_jobs.translate({"workflow": workflow("img2img"), "images": [{"name": "init.png", "image": url}]})
+    assert str(info.value).startswith("images.'init.png': ") and expected in str(info.value)
+    assert "secret" not in str(info.value) and "pw" not in str(info.value)
+
+
+def test_the_images_list_is_bounded_and_well_formed():
+    entry = {"name": "a.png", "image": "x"}
+    assert "at most 8" in refused(workflow("txt2img"), [entry] * 9)
+    assert "duplicate name 'a.png'" in refused(workflow("txt2img"), [entry, entry])
+    assert "images[0]: expected" in refused(workflow("txt2img"), [{"name": "a.png"}])
