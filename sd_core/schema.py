@@ -10,172 +10,48 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InvalidRequest, quote
 from .inpainting import INPAINT_FILLS, RESIZE_MODES
-from .schedulers import SCHEDULER_NAMES, checked_name
-
-MIN_SIZE, MAX_SIZE = 64, 2048
-MAX_IMAGE_PIXELS = 1536 * 1536  # width * height of one image
-MAX_STEPS = 150
-MAX_GUIDANCE = 30.0
-MAX_OUTPUTS = 8
-MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 10_000
-MAX_LORAS = 8
-MAX_LORA_SCALE = 5.0
-MAX_EMBEDDINGS = 16  # textual-inversion embeddings a request may bring in `embeddings`
-EMBEDDING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"  # as manifest names: the word that triggers it
-MAX_MODEL_NAME_CHARS = 200  # a manifest name; a `model` URL may be longer (MAX_MODEL_URL_CHARS)
-MAX_MODEL_URL_CHARS = 2048
-MAX_CONTROLNETS = 4  # ControlNet units of one request
-MAX_CONTROL_SCALE = 2.0  # A1111's weight slider goes to 2
-CONTROL_PREPROCESSORS = ("none", "canny")  # built in (sd_core/control_images.py); weight-based ones are not
-CONTROL_MODES = ("balanced", "prompt", "control")
-CONTROL_RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
-MAX_IP_ADAPTER_IMAGES = 4  # reference images of one request (one IP-Adapter model per request)
-MAX_IP_ADAPTER_SCALE = 2.0
-MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
-OUTPUT_FORMATS = ("png", "webp", "jpeg")
-# Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's
-# schedule (ensemble of experts); the refiner runs img2img on the base's finished image (sd_core/refiner.py)
-REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
-MAX_SCHEDULER_CHARS = 64  # longer than any sampler name or alias: refused unread
-MAX_MESSAGE_PARTS = 10  # validation errors described in one message; the rest are counted
-MAX_MASK_BLUR = 64  # std in pixels of the mask's Gaussian blur
-MAX_CROP_PADDING = 1024  # only-masked inpainting: pixels around the mask's bounding box
-MAX_OUTPAINT = 1024  # pixels added on one side
-MAX_REASON_CHARS = 1500  # one reason's length: room for the lists of valid values we write ourselves
-
-SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
-
-
-class LoraSpec(BaseModel):
-    """One LoRA to apply: a manifest LoRA name or a URI (s3://, https://), with its scales."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(
-        min_length=1, max_length=2048, description="LoRA name from a manifest, or an s3:// / https:// URI"
-    )
-    scale: float = Field(1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False, description="UNet scale")
-    text_encoder_scale: float | None = Field(
-        None, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE, allow_inf_nan=False,
-        description="Text-encoder scale (defaults to `scale`)",
-    )
-
-
-class HiresSpec(BaseModel):
-    """Hires fix (A1111's enable_hr): the first pass at the request's size, upscaled, then an img2img second pass."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    scale: float = Field(
-        2.0, ge=1.0, le=4.0, allow_inf_nan=False, description="Upscale factor (unused when width or height is given)"
-    )
-    width: int = Field(0, ge=0, le=MAX_SIZE, description="Final width; 0: from height keeping the aspect, or scale")
-    height: int = Field(0, ge=0, le=MAX_SIZE, description="Final height; 0: from width keeping the aspect, or scale")
-    upscaler: str = Field(
-        "Latent", min_length=1, max_length=100, description="Latent (...), None, Lanczos, Nearest or an upscaler model"
-    )
-    steps: int = Field(0, ge=0, le=MAX_STEPS, description="Second-pass steps; 0: the first pass's")
-    denoising_strength: float = Field(
-        0.7, gt=0.0, le=1.0, allow_inf_nan=False, description="How much the second pass changes the upscaled image"
-    )
-    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Second-pass prompt; empty: the prompt")
-    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="Second-pass negative prompt")
-    scheduler: SchedulerName | None = Field(None, description="Second-pass sampler; empty: the first's")  # type: ignore[valid-type]
-    guidance_scale: float | None = Field(
-        None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Second-pass guidance; empty: the first's"
-    )
-
-    @field_validator("scheduler", mode="before")
-    @classmethod
-    def _canonical_scheduler(cls, value):
-        return _scheduler_name(value)
-
-class EmbeddingSpec(BaseModel):
-    """A textual-inversion embedding a request brings: the word that triggers it, and where its file is."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=EMBEDDING_NAME_PATTERN, description="The word in the prompt that triggers it")
-    source: str = Field(
-        min_length=1, max_length=2048, description="Embedding name from a manifest, or an s3:// / https:// URI"
-    )
-class OutpaintSpec(BaseModel):
-    """Pixels to add on each side of the init image (multiples of 8); the new area is painted by inpainting."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    left: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added on the left, multiple of 8")
-    right: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added on the right, multiple of 8")
-    top: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added at the top, multiple of 8")
-    bottom: int = Field(0, ge=0, le=MAX_OUTPAINT, description="Pixels added at the bottom, multiple of 8")
-
-    @field_validator("left", "right", "top", "bottom")
-    @classmethod
-    def _multiple_of_8(cls, value):
-        if value % 8:
-            raise ValueError(f"must be a multiple of 8 (got {value})")
-        return value
-
-    @model_validator(mode="after")
-    def _grows(self):
-        if not (self.left or self.right or self.top or self.bottom):
-            raise ValueError("outpaint: give at least one side above 0")
-        return self
-
-
-class ControlNetUnit(BaseModel):
-    """One ControlNet unit: a manifest ControlNet, its control image and how strongly and when it steers."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, max_length=200, description="ControlNet name from a model manifest's controlnets")
-    image: str = Field(min_length=1, description="Control image: base64, data URI or https URL")
-    scale: float = Field(1.0, ge=0.0, le=MAX_CONTROL_SCALE, allow_inf_nan=False,
-                         description="Conditioning scale; 0 skips the unit")
-    start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it starts at")
-    end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it stops at")
-    mode: Literal[CONTROL_MODES] = Field(  # type: ignore[valid-type]
-        "balanced", description="balanced; control: ControlNet is more important (diffusers' guess_mode)")
-    preprocessor: str = Field("none", max_length=64, description="none (the image is the control map) or canny")
-    resize_mode: Literal[CONTROL_RESIZE_MODES] = Field(  # type: ignore[valid-type]
-        "just_resize", description="How the control image is fitted to the output size")
-    processor_res: int | None = Field(None, ge=64, le=MAX_SIZE,
-                                      description="Preprocessor resolution (short side); empty: the output size")
-    low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold")
-    high_threshold: int = Field(200, ge=0, le=255, description="canny: high threshold")
-
-    @field_validator("preprocessor")
-    @classmethod
-    def _known_preprocessor(cls, value: str) -> str:
-        name = value.strip().lower()
-        if name not in CONTROL_PREPROCESSORS:
-            raise ValueError(f"{quote(value, 40)} is not available on this worker (weight-based preprocessors such "
-                             f"as depth or openpose are not built in); available: {', '.join(CONTROL_PREPROCESSORS)}")
-        return name
-
-    @model_validator(mode="after")
-    def _window(self):
-        if self.start >= self.end:
-            raise ValueError(f"start ({self.start}) must be below end ({self.end})")
-        if self.low_threshold > self.high_threshold:
-            raise ValueError(f"low_threshold ({self.low_threshold}) above high_threshold ({self.high_threshold})")
-        return self
-
-
-class IpAdapterSpec(BaseModel):
-    """One IP-Adapter image prompt: a reference image for an IP-Adapter of the model's manifest, with its scale."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(
-        None, max_length=200, description="IP-Adapter name from the model's manifest (`ip_adapters:`); empty: its first"
-    )
-    image: str = Field(min_length=1, description="Reference image: base64, data URI or https URL")
-    scale: float = Field(
-        1.0, ge=0.0, le=MAX_IP_ADAPTER_SCALE, allow_inf_nan=False,
-        description="How strongly the image steers generation; 0: not applied at all",
-    )
+from .limits import (  # noqa: F401 - re-exported: the request's limits are part of this module's interface
+    CONTROL_MODES,
+    CONTROL_PREPROCESSORS,
+    CONTROL_RESIZE_MODES,
+    EMBEDDING_NAME_PATTERN,
+    MAX_CLIP_SKIP,
+    MAX_CONTROL_SCALE,
+    MAX_CONTROLNETS,
+    MAX_CROP_PADDING,
+    MAX_EMBEDDINGS,
+    MAX_GUIDANCE,
+    MAX_IMAGE_PIXELS,
+    MAX_IP_ADAPTER_IMAGES,
+    MAX_IP_ADAPTER_SCALE,
+    MAX_LORA_SCALE,
+    MAX_LORAS,
+    MAX_MASK_BLUR,
+    MAX_MESSAGE_PARTS,
+    MAX_MODEL_NAME_CHARS,
+    MAX_MODEL_URL_CHARS,
+    MAX_OUTPAINT,
+    MAX_OUTPUTS,
+    MAX_PROMPT_CHARS,
+    MAX_REASON_CHARS,
+    MAX_SCHEDULER_CHARS,
+    MAX_SEED,
+    MAX_SIZE,
+    MAX_STEPS,
+    MIN_SIZE,
+    OUTPUT_FORMATS,
+    REFINE_MODES,
+)
+from .request_parts import (  # noqa: F401 - re-exported with the request
+    ControlNetUnit,
+    EmbeddingSpec,
+    HiresSpec,
+    IpAdapterSpec,
+    LoraSpec,
+    OutpaintSpec,
+    SchedulerName,
+    scheduler_name,
+)
 
 
 class GenerationRequest(BaseModel):
@@ -278,7 +154,7 @@ class GenerationRequest(BaseModel):
     @field_validator("scheduler", mode="before")
     @classmethod
     def _canonical_scheduler(cls, value):
-        return _scheduler_name(value)
+        return scheduler_name(value)
 
     @field_validator("model")
     @classmethod
@@ -364,16 +240,6 @@ def outpaint_size_problem(width: int, height: int) -> str | None:
         return (f"the grown canvas is {width}x{height}; the limits are {MAX_SIZE} pixels a side and "
                 f"{MAX_IMAGE_PIXELS} pixels in all")
     return None
-
-
-def _scheduler_name(value):
-    """A sampler name in its canonical spelling (other types are left to the field's own type check)."""
-    if isinstance(value, str):
-        if len(value) > MAX_SCHEDULER_CHARS:
-            raise ValueError(f"unknown scheduler {quote(value, 40)}: longer than {MAX_SCHEDULER_CHARS} "
-                             "characters, which no sampler name is")
-        return checked_name(value)
-    return value
 
 
 def resolve_seed(seed: int | None) -> int:
