@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from ..settings import Settings
-from .uris import Location
+from .uris import Location, safe_relpath
 
 log = logging.getLogger("sd_core.fetch")
 
@@ -27,10 +27,14 @@ def find_cached(loc: Location, settings: Settings) -> Path | None:
     nothing is downloaded, the hub is never asked and nothing is written (huggingface_hub's local-only lookups)."""
     from huggingface_hub import hf_hub_download, snapshot_download
 
+    sub = loc.path.rstrip("/")
+    if sub:
+        safe_relpath(sub, loc.display)  # never a path out of the snapshot
+    if loc.revision and loc.revision.strip(".") == "":
+        return None  # "." / "..": no branch, and no path into refs/ may leave it
     for root in model_cache_roots(settings):
         try:
             if loc.is_prefix:
-                sub = loc.path.rstrip("/")
                 snapshot = Path(snapshot_download(repo_id=loc.host, revision=loc.revision, cache_dir=root,
                                                   local_files_only=True,
                                                   allow_patterns=[f"{sub}/*"] if sub else None))

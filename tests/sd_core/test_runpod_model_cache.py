@@ -147,3 +147,11 @@ def test_the_model_cache_alone_is_no_network_volume(tmp_path):
     assert not runpod_network_volume(volume)  # RunPod's cached models only: the weights cache stays local
     (volume / "sd-cache").mkdir()
     assert runpod_network_volume(volume)
+
+
+def test_paths_out_of_the_snapshot_are_refused(engine_settings, hub, tmp_path):
+    settings = dataclasses.replace(engine_settings, hf_model_cache=hub, cache_dir=tmp_path / "sd-cache")
+    with pytest.raises(FetchError, match="refusing unsafe object path"):
+        storage.fetch(f"hf://{REPO}@main/../{COMMIT}/", settings)
+    with pytest.raises(FetchError, match="not in the local hub cache"):
+        storage.fetch(f"hf://{REPO}@../unet/config.json", settings)
