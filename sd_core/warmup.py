@@ -68,17 +68,28 @@ class WarmUp:
         return seconds
 
     def request(self, manifest: ModelManifest, names: list[str]) -> GenerationRequest | None:
-        """The warm-up request of one model: txt2img at the smallest size, 1 step, its default sampler and guidance;
-        a refiner's is an expert-ensemble request of a preloaded model it refines (None if there is none)."""
+        """The warm-up request of one model: txt2img at the smallest size, 1 step, its default sampler and guidance
+        (an inpainting model's: inpaint, all masked); a refiner's is an expert-ensemble request of a preloaded model
+        it refines (None if there is none)."""
         size = MIN_SIZE  # the least side a request may ask for (64, a multiple of the VAE's factor 8): every family
         common = {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": STEPS, "seed": SEED}
         if not manifest.family.refines:
+            if self._inpainting(manifest.name):  # a 9-channel UNet runs inpaint only: that is its main path
+                gray, white = _png(size, 128), _png(size, 255)
+                return GenerationRequest(model=manifest.name, image=gray, mask=white, strength=1.0, **common)
             return GenerationRequest(model=manifest.name, **common)
         bases = [n for n in names if self.engine.catalog.get(n).family.name in manifest.family.refines]
         if not bases:
             return None
         return GenerationRequest(model=bases[0], **{**common, "num_inference_steps": 2}, refine=ENSEMBLE,
                                  refiner=manifest.name, high_noise_frac=0.5)
+
+    def _inpainting(self, name: str) -> bool:
+        """Whether the loaded model ``name`` has an inpainting UNet (latents + mask + masked image: 9 channels)."""
+        if name not in self.engine.pool:
+            return False
+        unet = getattr(self.engine.pool.get(name).pipeline("txt2img"), "unet", None)
+        return unet is not None and unet.config.in_channels == 9
 
     @contextlib.contextmanager
     def _restored(self, names: list[str]) -> Iterator[None]:
@@ -93,3 +104,15 @@ class WarmUp:
                 for mode, pipe in model.pipes.items():
                     if (model.name, mode) in before:
                         pipe.scheduler = before[(model.name, mode)]
+
+
+def _png(size: int, level: int) -> str:
+    """A size x size PNG of one gray level, base64 (a request's init image or mask)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (level, level, level)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -120,6 +120,19 @@ def test_a_refiner_warms_up_through_a_base_it_refines(make_engine):
     assert "warmup" not in alone.preload() and calls == []  # nothing it refines is preloaded: skipped, logged
 
 
+def test_an_inpainting_model_warms_up_on_its_inpaint_path(make_engine, engine_settings, tmp_path):
+    """A 9-channel UNet runs no txt2img: its warm-up is an inpaint, and its worker still starts."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "inpaint.yaml").write_text(json.dumps({
+        "name": "inpaint", "architecture": "sd15", "format": "diffusers", "uri": "tiny-sd15-inpaint/diffusers/",
+        "defaults": {"width": 64, "height": 64, "num_inference_steps": 2}}))
+    engine = make_engine(models_dir=models, default_model="inpaint")
+    calls = spy_calls(engine)
+    assert "warmup" in engine.preload()
+    assert calls == [{"pipe": "StableDiffusionInpaintPipeline", "size": (64, 64), "steps": 1}]
+
+
 def test_warmup_runs_the_safety_checker_and_survives_a_flag(make_engine, tmp_path):
     for variant in ("passes", "flags"):
         manifest = tmp_path / f"_safety_checker-{variant}.yaml"
