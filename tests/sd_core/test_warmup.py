@@ -40,10 +40,14 @@ def test_setting_defaults_on_and_reads_off():
     assert Settings.from_env({"SD_WARMUP": "0"}).warmup is False
 
 
-def test_preload_runs_one_tiny_generation_per_model_and_reports_its_time(make_engine):
+def test_preload_runs_one_tiny_generation_per_model_and_reports_its_time(make_engine, caplog):
     engine = make_engine(preload_models=("tiny-sd15", "tiny-sdxl"))
     calls = spy_calls(engine)
-    timings = engine.preload()
+    with caplog.at_level("INFO", logger="sd_core"):
+        timings = engine.preload()
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("warm-up: tiny-sdxl in ") for line in logged), logged
+    assert any(line.startswith("warm-up done in ") for line in logged), logged
     assert set(timings) == {"tiny-sd15", "tiny-sdxl", "warmup"} and timings["warmup"] > 0
     assert calls == [{"pipe": "StableDiffusionPipeline", "size": (64, 64), "steps": 1},
                      {"pipe": "StableDiffusionXLPipeline", "size": (64, 64), "steps": 1}]
