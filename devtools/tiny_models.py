@@ -14,6 +14,7 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/vaes/tiny-A-vae[.safetensors]   an alternate VAE, folder and single file (devtools/tiny_vae.py)
     DIR/embeddings/tiny-A-neg.safetensors  a 2-vector textual-inversion embedding, A1111 layout (tiny_embeddings.py)
     DIR/tiny-sdxl-refiner*/diffusers/   with sdxl: two tiny SDXL refiners (devtools/tiny_refiner.py)
+    DIR/tiny-sd15-inpaint/diffusers/    with sd15: a 9-channel inpainting UNet on tiny-sd15 (devtools/tiny_inpaint.py)
 
 and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
 the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:
@@ -607,10 +608,13 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     save_file(original_checkpoint(pipe, arch), checkpoint, metadata={"format": "pt"})
     paths = {f"tiny-{arch}": root}
     paths.update(write_loras(pipe, arch, out / "loras", seed))
+    from devtools.tiny_inpaint import write_tiny_inpaint  # its own module, which imports this one
     from devtools.tiny_vae import write_tiny_vaes  # its own module, which imports this one
 
     paths.update(write_tiny_vaes(arch, out / "vaes", seed))
     paths.update(write_embeddings(pipe, arch, out / "embeddings", seed))
+    if arch == "sd15":
+        paths.update(write_tiny_inpaint(out, seed))  # devtools/tiny_inpaint.py: a 9-channel UNet on this model
     if arch == "sdxl":
         paths.update(build_refiners(out, seed))  # devtools/tiny_refiner.py: reuses this model's VAE, text_encoder_2
     paths.update(write_tiny_controlnets(pipe.unet, arch, out, seed))

@@ -38,6 +38,7 @@ from .schema import MAX_SEED, GenerationRequest, GenerationResult, outpaint_size
 from .settings import Settings
 from .upscalers import Upscalers
 from .vae import VaeManager
+from .warmup import WarmUp
 
 log = logging.getLogger("sd_core.engine")
 
@@ -79,6 +80,7 @@ class Engine:
         self.post_passes: list[PostPass] = [inpainting.overlay_pass, self.hires.post_pass, self.refiner.post_pass]
         if self.safety is not None:
             self.post_passes.append(self.safety.post_pass)
+        self.warmup = WarmUp(self)  # SD_WARMUP: preload's last step
 
     @property
     def pool(self) -> PipelinePool:
@@ -239,10 +241,11 @@ class Engine:
             )
 
     def preload(self) -> dict[str, float]:
-        """Cold start: fetch and load every model named by SD_PRELOAD_MODELS. Returns seconds per model.
+        """Cold start: fetch and load every model named by SD_PRELOAD_MODELS, then (SD_WARMUP) run one tiny generation
+        per model (sd_core/warmup.py). Returns seconds per model, ``safety_checker`` and ``warmup`` (all models).
 
         The downloads run in a background thread (in order) while diffusers is imported and earlier models load,
-        so a cold start pays max(fetch, import) rather than their sum.
+        so a cold start pays max(fetch, import) rather than their sum. A failed warm-up raises WarmUpFailed.
         """
         manifests = [self.catalog.get(name) for name in self.settings.models_to_preload]
         timings = {}
@@ -268,6 +271,11 @@ class Engine:
                 timings["safety_checker"] = checker.load(checker_fetch.result())
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+        if self.settings.warmup:
+            started = time.perf_counter()
+            if self.warmup.run([m.name for m in manifests]):
+                timings["warmup"] = time.perf_counter() - started
+                log.info("warm-up done in %.2fs", timings["warmup"])
         return timings
 
 

@@ -14,10 +14,28 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+RUNPOD_VOLUME = Path("/runpod-volume")
+RUNPOD_MODEL_CACHE = RUNPOD_VOLUME / "huggingface-cache" / "hub"  # RunPod's cached models (HF hub cache layout)
+
+
+def runpod_network_volume(root: Path = RUNPOD_VOLUME) -> bool:
+    """Whether a RunPod network volume is at ``root``: a mount point of its own, or a folder holding more than RunPod's
+    model cache. RunPod's cached models alone also make /runpod-volume exist (their own mount, local disk, below it):
+    that is no volume to fill with a weights cache."""
+    if not root.is_dir():
+        return False
+    if os.path.ismount(root):
+        return True
+    try:
+        return any(entry.name != RUNPOD_MODEL_CACHE.parent.name for entry in root.iterdir())
+    except OSError:
+        return False
+
+
 def _default_cache_dir() -> Path:
     # RunPod mounts a network volume at /runpod-volume: a cache there survives worker restarts.
-    if Path("/runpod-volume").is_dir():
-        return Path("/runpod-volume/sd-cache")
+    if runpod_network_volume():
+        return RUNPOD_VOLUME / "sd-cache"
     return Path(os.path.expanduser("~/.cache/sd-serverless"))
 
 
@@ -48,6 +66,7 @@ ENV_ALIASES = {
     "runpod_log_level": "RUNPOD_LOG_LEVEL",
     "hf_endpoint": "HF_ENDPOINT",
     "civitai_token": "CIVITAI_TOKEN",
+    "hf_hub_cache": "HF_HUB_CACHE",
 }
 
 
@@ -75,7 +94,8 @@ class Settings:
     preload_models: tuple[str, ...] = setting((), doc="comma list of models fetched and loaded at cold start",
                                               shown="the default model")
     cache_dir: Path = setting(default_factory=_default_cache_dir, doc="weights cache",
-                              shown="`/runpod-volume/sd-cache` if that volume exists, else `~/.cache/sd-serverless`")
+                              shown="`/runpod-volume/sd-cache` if a network volume is mounted there (RunPod's "
+                                    "model cache alone is none), else `~/.cache/sd-serverless`")
     cache_max_gb: float = setting(200.0, doc="weights cache size budget (LRU eviction)", shown="200")
     s3_endpoint_url: str | None = setting(None, shown="boto3's own (`AWS_ENDPOINT_URL`)",
                                           doc="S3-compatible endpoint override (R2, B2, MinIO, SeaweedFS)")
@@ -91,6 +111,13 @@ class Settings:
                                                           "logger: bytes, MB/s, ETA)")
     cache_head_on_hit: bool = setting(False, shown="0", doc="re-check cache hits not pinned by sha256 with one HEAD "
                                                             "(LIST for folders); refetch if changed")
+    hf_model_cache: Path = setting(RUNPOD_MODEL_CACHE, shown="`/runpod-volume/huggingface-cache/hub`",
+                                   doc="a read-only Hugging Face hub cache (RunPod's *cached models*): an `hf://org/"
+                                       "repo@rev` weights URI whose snapshot is there loads from it, with no download "
+                                       "and no hub call; never written or evicted")
+    hf_hub_cache: Path | None = setting(None, shown="none",
+                                       doc="huggingface_hub's own variable: another read-only hub cache searched "
+                                           "the same way, after `SD_HF_MODEL_CACHE`")
     allow_pickle: bool = setting(False, shown="0", doc="**unsafe**: allow `.ckpt`/`.pt`/`.bin` pickle checkpoints, "
                                                        "which can run code when loaded")
 
@@ -104,6 +131,10 @@ class Settings:
                                   shown="0")
     pipeline_memory_mb: int = setting(0, doc="budget for loaded models; least recently used are evicted",
                                       shown="0 = 80 % of GPU memory / 50 % of RAM")
+    warmup: bool = setting(True, shown="1",
+                           doc="cold start: after loading, one tiny generation per preloaded model (smallest size, 1 "
+                               "step; the safety checker too), so the first request pays no first-call costs; a "
+                               "failed warm-up fails the cold start")
 
     # --- throughput ---
     max_batch_images: int = setting(8, shown="8", section="Throughput",

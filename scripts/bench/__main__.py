@@ -6,7 +6,7 @@ Run from the repository root (one module per benchmark: scripts/bench/<name>.py)
     python -m scripts.bench overhead    # warm request: Engine.generate (and the Cog / RunPod servers) vs bare diffusers
     python -m scripts.bench prompt      # warm: plain prompt engine vs bare; weighted/long/edited prompts' cost
     python -m scripts.bench batch       # micro-batching: images/s at 1/2/4/8 concurrent requests vs sequential
-    python -m scripts.bench coldstart   # process start -> ready (python, import, fetch, load): warm cache vs S3
+    python -m scripts.bench coldstart   # process start -> ready -> first image: warm cache vs S3; first/warm request
     python -m scripts.bench lora        # LoRA switch vs base reload (options it does not know go on to lora.py)
     python -m scripts.bench fetch       # our fetch vs boto3 vs a loopback ceiling (likewise, fetch.py)
     python -m scripts.bench all         # all of the above, one after the other
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("overhead", "warm request overhead vs a bare diffusers call"),
                             ("prompt", "A1111 prompt syntax: plain vs bare, weighted/long/edited vs plain"),
                             ("batch", "micro-batch throughput vs sequential"),
-                            ("coldstart", "process start -> ready: warm cache vs S3"),
+                            ("coldstart", "process start -> ready -> first image: warm cache vs S3, warm-up on/off"),
                             ("all", "every benchmark, one after the other")):
         p = add(name, help_text)
         if name in ("overhead", "all"):
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-batch", type=int, default=8, help="SD_MAX_BATCH_IMAGES (default 8)")
         if name in ("coldstart", "all"):
             p.add_argument("--cold-rounds", type=int, help="cold start rounds (default 3; quick 1)")
+            p.add_argument("--cold-size", type=int, help="side of the first and the warm request after ready "
+                           "(default 64; the warm-up itself always runs at 64)")
         if name == "all":
             p.add_argument("--skip", type=lambda s: [x for x in s.split(",") if x], default=[],
                            help="comma list of benchmarks to leave out (e.g. lora,fetch)")
@@ -134,7 +136,7 @@ def options_for(bench: str, args) -> argparse.Namespace:
                      "rounds": getattr(args, "rounds", None), "adapters": getattr(args, "adapters", None)},
         "batch": {"size": getattr(args, "batch_image_size", None), "steps": getattr(args, "batch_steps", None),
                   "levels": getattr(args, "levels", None), "requests": getattr(args, "requests", None)},
-        "coldstart": {"rounds": getattr(args, "cold_rounds", None)},
+        "coldstart": {"rounds": getattr(args, "cold_rounds", None), "size": getattr(args, "cold_size", None)},
         "prompt": ({"size": getattr(args, "size", None), "steps": getattr(args, "steps", None),
                     "rounds": getattr(args, "rounds", None)} if args.command == "prompt" else {}),
     }.get(bench, {})

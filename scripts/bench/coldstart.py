@@ -1,4 +1,5 @@
-"""Benchmark `coldstart`: process start -> ready (python, imports, fetch, load), from a warm cache vs from S3."""
+"""Benchmark `coldstart`: process start -> ready (python, imports, fetch, load, warm-up) -> first image, from a warm
+cache vs from S3, and the first request after ready vs a warm request (target <= 1.2x), with the warm-up on vs off."""
 
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ def coldstart_child(args) -> int:
     """Runs in a fresh process: time each cold-start phase, print them as one JSON line.
 
     --mode split: the phases one after another (import diffusers, fetch, load), to see what each costs;
-    --mode preload: what the adapters do (Engine(settings).preload(): downloads overlap the diffusers import).
+    --mode preload: what the adapters do (Engine(settings).preload(): downloads overlap the diffusers import, then
+    the warm-up generation unless SD_WARMUP=0).
+    Then the first request, and the same request again (a warm request), side by side in the one process.
     """
     marks = {"main": time.time()}
     import sd_core.engine  # torch, pydantic, our modules
@@ -42,11 +45,15 @@ def coldstart_child(args) -> int:
 
         fetch_model(engine.catalog.get(args.name), settings)
         marks["fetch"] = time.time()
-    engine.preload()  # split: the fetch above filled the cache, so this is the load (plus a cache lookup)
+    timings = engine.preload()  # split: the fetch above filled the cache, so this is the load (plus a cache lookup)
     marks["load" if args.mode == "split" else "preload"] = time.time()
-    engine.generate(GenerationRequest(prompt=PROMPT, model=args.name, width=args.size, height=args.size,
-                                      num_inference_steps=2, seed=1))
+    request = GenerationRequest(prompt=PROMPT, model=args.name, width=args.size, height=args.size,
+                                num_inference_steps=2, seed=1)
+    engine.generate(request)
     marks["first_request"] = time.time()
+    engine.generate(request)
+    marks["warm_request"] = time.time()
+    marks["warmup_s"] = timings.get("warmup", 0.0)  # a duration (inside preload), not a time mark
     print(CHILD_TAG + json.dumps(marks), flush=True)
     return 0
 
@@ -55,9 +62,11 @@ COLD_LABELS = {
     "python": "python start", "import_sd_core": "import sd_core.engine (torch)",
     "import_diffusers": "import diffusers pipeline", "engine": "Engine() (manifests, device)",
     "fetch": "fetch (cache hit / S3 download)", "load": "load pipeline", "ready_split": "= ready, phases in a row",
-    "preload": "Engine.preload (fetch || import, load)", "ready": "= ready, as the adapters start",
-    "first_request": "first request (2 steps), after ready",
+    "preload": "Engine.preload (fetch || import, load, warm-up)", "warmup": "  of which the warm-up",
+    "ready": "= ready, as the adapters start", "first_request": "first request (2 steps), after ready",
+    "first_image": "= process start -> first image", "warm_request": "the same request again (warm)",
 }
+SOURCES = {"warm": "warm cache", "s3": "from S3", "nowarmup": "no warm-up"}  # columns: the last is a warm cache
 
 
 def bench(args, work: Path) -> dict:
@@ -88,36 +97,47 @@ def bench(args, work: Path) -> dict:
                               else f"preload {marks['preload']:.2f} s")
                     log(f"  round {r + 1}/{args.rounds} {source:>4} {mode:>7}: ready in {marks['ready']:.2f} s "
                         f"({detail})")
+                if mode == "preload":  # side by side: the same warm cache, the warm-up off
+                    marks = run_child(args, model, mode, {**env, "SD_CACHE_DIR": str(cache), "SD_WARMUP": "0"})
+                    runs.setdefault(("nowarmup", mode), []).append(marks)
+                    log(f"  round {r + 1}/{args.rounds} warm, no warm-up: ready in {marks['ready']:.2f} s, first "
+                        f"request {marks['first_request']:.2f} s")
                 shutil.rmtree(cache, ignore_errors=True)
     summary: dict[str, dict[str, float]] = {}
     nan = float("nan")
-    for source in ("warm", "s3"):
+    for source in SOURCES:
         split = {k: med(v) for k, v in _columns(runs.get((source, "split"), [])).items()}
         real = {k: med(v) for k, v in _columns(runs[(source, "preload")]).items()}
         row = {k: split.get(k, nan) for k in ("python", "import_sd_core", "import_diffusers", "engine", "fetch",
                                                "load")}
-        row.update(ready_split=split.get("ready", nan), preload=real["preload"], ready=real["ready"],
-                   first_request=real["first_request"])
+        row.update(ready_split=split.get("ready", nan), preload=real["preload"], warmup=real["warmup"],
+                   ready=real["ready"], first_request=real["first_request"], first_image=real["first_image"],
+                   warm_request=real["warm_request"])
         summary[source] = {k: round(v, 3) for k, v in row.items()}
     log("")
-    log(f"cold start, process start -> ready ({model.name}, {size_mb:.0f} MB, {args.device}/{args.dtype}; "
-        f"median of {args.rounds}; seconds):")
-    log(f"  {'phase':<40} {'warm cache':>11} {'from S3':>9}")
+    log(f"cold start, process start -> ready -> first image ({model.name}, {size_mb:.0f} MB, "
+        f"{args.device}/{args.dtype}, requests {args.size}x{args.size}; median of {args.rounds}; seconds):")
+    log(f"  {'phase':<48} {'warm cache':>11} {'from S3':>9} {'no warm-up':>11}")
     def cell(value: float, width: int) -> str:
         return f"{value:{width}.2f}" if math.isfinite(value) else " " * (width - 1) + "-"
 
     for key, label in COLD_LABELS.items():
-        log(f"  {label:<40} {cell(summary['warm'][key], 11)} {cell(summary['s3'][key], 9)}")
+        log(f"  {label:<48} {cell(summary['warm'][key], 11)} {cell(summary['s3'][key], 9)} "
+            f"{cell(summary['nowarmup'][key], 11)}")
     ratio = summary["s3"]["ready"] / summary["warm"]["ready"]
     fetch_mb_s = size_mb / summary["s3"]["fetch"] if summary["s3"]["fetch"] > 0 else float("nan")
     saved = summary["s3"]["ready_split"] - summary["s3"]["ready"]
     log(f"ratio cold start from S3 / from warm cache: {ratio:.2f}x")
+    first = {source: summary[source]["first_request"] / summary[source]["warm_request"] for source in SOURCES}
+    log(f"ratio first request after ready / warm request (target <= 1.2x): {first['warm']:.2f}x with the warm-up "
+        f"(from S3 {first['s3']:.2f}x), {first['nowarmup']:.2f}x without it")
     if math.isfinite(saved):
         overlap = summary["s3"]["ready"] / summary["s3"]["ready_split"]
         log(f"S3 fetch alone: {summary['s3']['fetch']:.2f} s = {fetch_mb_s:.0f} MB/s; ratio preload (fetch overlapped "
             f"with imports) / phases in a row, from S3: {overlap:.2f}x ({saved:.2f} s saved)")
     return {"model": model.name, "size_mb": round(size_mb, 1), "rounds": args.rounds, "seconds": summary,
-            "s3_vs_warm": round(ratio, 3), "s3_fetch_mb_s": round(fetch_mb_s, 1)}
+            "s3_vs_warm": round(ratio, 3), "s3_fetch_mb_s": round(fetch_mb_s, 1),
+            "first_vs_warm_request": {source: round(value, 3) for source, value in first.items()}}
 
 
 def _columns(marks: list[dict]) -> dict[str, list[float]]:
@@ -135,9 +155,11 @@ def run_child(args, model: BenchModel, mode: str, env: dict) -> dict:
         raise RuntimeError(f"cold-start child failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
     marks = json.loads(line[len(CHILD_TAG):])
     order = [k for k in ("main", "import_sd_core", "import_diffusers", "engine", "fetch", "load", "preload",
-                         "first_request") if k in marks]
+                         "first_request", "warm_request") if k in marks]
     out = {"python": marks["main"] - t0}
     for previous, key in zip(order, order[1:], strict=False):
         out[key] = marks[key] - marks[previous]
     out["ready"] = marks["load" if mode == "split" else "preload"] - t0
+    out["first_image"] = marks["first_request"] - t0
+    out["warmup"] = marks["warmup_s"]
     return out

@@ -9,8 +9,9 @@ never mixes two versions of an object. A pinned sha256 is computed while the par
 cache) and checked at the end: a mismatch deletes the bytes and fetches once more, then raises ChecksumMismatch.
 
 Modules: uris (parsing, redaction), s3 / http (sources; s3 also serves uploads), objects (what sources hand the
-transfer), partfile + transfer (the resumable download engine), verify (sha256, local paths, hf://), cache (layout,
-keys, locking, eviction), progress (log lines), fetching (fetch() and the cached-fetch shape).
+transfer), partfile + transfer (the resumable download engine), verify (sha256, local paths, hf://), hf_cache (hf://
+from a read-only hub cache: RunPod's cached models), cache (layout, keys, locking, eviction), progress (log lines),
+fetching (fetch() and the cached-fetch shape).
 """
 
 from .fetching import fetch

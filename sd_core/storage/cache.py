@@ -20,6 +20,8 @@ Keys are hex sha256 digests:
 
 An entry only ever appears under ``entries/`` complete: the download is assembled under ``staging/<key>/`` and then
 renamed into place in one step, with meta.json written before the rename. Entries are immutable afterwards.
+The cache never lives inside the read-only Hugging Face model cache (``SD_HF_MODEL_CACHE``, RunPod's cached models,
+read by ``hf_cache``): its default folder is on a RunPod *network volume* only (``settings.runpod_network_volume``).
 The first time a process opens a cache (``from_settings``) it deletes what no fetch can resume from staging/ folders
 nobody holds locked: partial files without a parts record, parts records without a partial file, temp files.
 """
@@ -123,8 +125,14 @@ class WeightsCache:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WeightsCache:
-        """The configured cache; the first open in this process sweeps unresumable leftovers from staging/."""
+        """The configured cache; the first open in this process sweeps unresumable leftovers from staging/.
+        Refused inside the read-only model cache (SD_HF_MODEL_CACHE, RunPod's cached models): never filled or
+        evicted."""
         cache = cls(settings.cache_dir, int(settings.cache_max_gb * GB))
+        model_cache = Path(settings.hf_model_cache).expanduser().resolve()
+        if cache.base.resolve().is_relative_to(model_cache):
+            raise FetchError(f"the weights cache {cache.base} is inside the read-only model cache {model_cache} "
+                             "(SD_HF_MODEL_CACHE); set SD_CACHE_DIR to another folder", field="SD_CACHE_DIR")
         with _SWEPT_LOCK:
             first = cache.root not in _SWEPT
             _SWEPT.add(cache.root)

@@ -58,7 +58,13 @@ def verify_local(path: Path, display: str, sha256: str | None, size: int | None,
 
 def fetch_hf(loc: Location, settings: Settings, sha256: str | None, size: int | None,
               files: dict[str, str] | None) -> Path:
-    """hf://org/repo[@rev][/path] through huggingface_hub into its own cache under SD_CACHE_DIR/hf (token: HF_TOKEN)."""
+    """hf://org/repo[@rev][/path] from a read-only hub cache that holds it (RunPod's cached models: hf_cache), else
+    through huggingface_hub into its own cache under SD_CACHE_DIR/hf (token: HF_TOKEN)."""
+    from .hf_cache import find_cached
+
+    cached = find_cached(loc, settings)
+    if cached is not None:
+        return verify_local(cached, loc.display, sha256, size, files)
     try:
         from huggingface_hub import errors as hf_errors
         from huggingface_hub import hf_hub_download, snapshot_download

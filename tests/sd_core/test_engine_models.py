@@ -45,7 +45,7 @@ def test_memory_budget_setting(make_engine):
 def test_preload_loads_the_configured_models(make_engine):
     engine = make_engine(preload_models=("tiny-sd15", "tiny-sdxl"))
     timings = engine.preload()
-    assert set(timings) == {"tiny-sd15", "tiny-sdxl"} and engine.pool.loaded == ["tiny-sd15", "tiny-sdxl"]
+    assert set(timings) == {"tiny-sd15", "tiny-sdxl", "warmup"} and engine.pool.loaded == ["tiny-sd15", "tiny-sdxl"]
 
 
 @pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".bin"])

@@ -50,4 +50,8 @@ def test_coldstart_and_lora_benchmarks_print_their_figures(tmp_path):
     assert "reload/warm" in text  # scripts/bench/lora.py's table
     seconds = figures["coldstart"]["seconds"]
     assert all(math.isfinite(seconds[source]["ready"]) and seconds[source]["ready"] > 0 for source in ("s3", "warm"))
+    assert "ratio first request after ready / warm request (target <= 1.2x):" in text
+    assert seconds["warm"]["first_image"] > seconds["warm"]["ready"] and seconds["warm"]["warmup"] > 0
+    assert seconds["nowarmup"]["warmup"] == 0 and set(figures["coldstart"]["first_vs_warm_request"]) == {
+        "warm", "s3", "nowarmup"}
     assert "error" not in figures["lora"]
