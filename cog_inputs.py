@@ -22,7 +22,7 @@ from typing import Any
 
 import cog.types
 
-from sd_core.errors import InvalidRequest
+from sd_core.errors import InvalidRequest, quote
 
 CHECKED_COG_VERSION = "0.23.1"
 _ACCEPTED = re.compile(r"^\s*(data:|https?://)", re.IGNORECASE)
@@ -74,3 +74,17 @@ def user_file_text(value: Any, field: str) -> str | None:
     if isinstance(value, str) and _ACCEPTED.match(value):  # a Path (Cog download, local file) is never read
         return str(value)
     raise InvalidRequest(REFUSED, field=field)
+
+
+def parse_embedding_list(text: str | None) -> list[dict[str, str]]:
+    """Cog's one-string form of `embeddings`: ``"name=https://..., name2=s3://..."`` -> [{name, source}, ...]."""
+    specs = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        name, sep, source = part.partition("=")
+        if not sep or not name.strip() or not source.strip():
+            raise InvalidRequest(f"expected name=URL pairs separated by commas; got {quote(part.strip())}",
+                                 field="embeddings")
+        specs.append({"name": name.strip(), "source": source.strip()})
+    return specs

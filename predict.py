@@ -16,7 +16,6 @@ import cog
 from cog import BaseRunner, Input, Path
 
 import cog_inputs
-from sd_core.embeddings import parse_embedding_list
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import GenerationResult, parse_request, resolve_seed
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
@@ -209,7 +208,7 @@ class Runner(BaseRunner):
                           if source is not None],
                 "hires": {"scale": hires_scale, "upscaler": hires_upscaler, "steps": hires_steps,
                           "denoising_strength": hires_denoising_strength} if hires_scale else None,
-                "embeddings": parse_embedding_list(embeddings),
+                "embeddings": cog_inputs.parse_embedding_list(embeddings),
                 "controlnets": cog_inputs.control_units(control_image, control_model, control_scale, control_start,
                                                         control_end),
                 "ip_adapters": [{"image": cog_inputs.user_file_text(ip_adapter_image, "ip_adapter_image"),

@@ -11,11 +11,11 @@ from pydantic import ValidationError
 
 from . import a1111_controlnet, a1111_hires, a1111_inpaint, a1111_listing, a1111_options, a1111_scripts
 from .errors import InvalidRequest, quote
+from .manifests import is_own_vae
 from .outputs import infotext_parameters, read_parameters, split_sampler
 from .prompt_tags import strip_prompt_tags
 from .schedulers import SAMPLERS, SCHEDULES, combine, schedule_label, split_name
 from .schema import MAX_CLIP_SKIP, GenerationRequest, GenerationResult, describe_validation_error, field_label
-from .vae import is_own as is_own_vae
 
 TXT2IMG, IMG2IMG = "txt2img", "img2img"
 EXTRAS = "extra-single-image"  # upscale-only: sd_core/upscale_job.py

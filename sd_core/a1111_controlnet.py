@@ -6,8 +6,8 @@ import string
 
 from pydantic import ValidationError
 
+from .a1111_ip_adapter import is_ip_adapter_unit
 from .errors import quote
-from .ip_adapter import is_ip_adapter_unit
 from .schema import CONTROL_PREPROCESSORS, MAX_CONTROLNETS, ControlNetUnit, describe_validation_error, field_label
 
 SCRIPT = "controlnet"  # the extension's name in alwayson_scripts (A1111 matches it case-insensitively)

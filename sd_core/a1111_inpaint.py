@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .errors import quote
-from .inpainting import INPAINT_FILLS, RESIZE_MODES
+from .limits import INPAINT_FILLS, RESIZE_MODES
 from .schema import MAX_CROP_PADDING, MAX_MASK_BLUR
 
 # A1111 1.10's API defaults (StableDiffusionProcessingImg2Img): blur 4 on both axes, fill 0 ("fill"), only masked

@@ -5,8 +5,8 @@ sd_core/ip_adapter.py); other enabled extensions are refused by name."""
 from __future__ import annotations
 
 from .a1111_controlnet import is_controlnet
+from .a1111_ip_adapter import a1111_unit_to_spec, is_ip_adapter_unit
 from .errors import InvalidRequest
-from .ip_adapter import a1111_unit_to_spec, is_ip_adapter_unit
 from .schema import field_label
 
 MAX_LISTED = 5  # extensions named in one error; the rest are counted

@@ -89,19 +89,6 @@ def read_vectors(path: Path, shown: str, allow_pickle: bool) -> dict:
     return found
 
 
-def parse_embedding_list(text: str | None) -> list[dict[str, str]]:
-    """Cog's one-string form of `embeddings`: ``"name=https://..., name2=s3://..."`` -> [{name, source}, ...]."""
-    specs = []
-    for part in (text or "").split(","):
-        if not part.strip():
-            continue
-        name, sep, source = part.partition("=")
-        if not sep or not name.strip() or not source.strip():
-            raise InvalidRequest(f"expected name=URL pairs separated by commas; got {quote(part.strip())}", field=FIELD)
-        specs.append({"name": name.strip(), "source": source.strip()})
-    return specs
-
-
 @functools.lru_cache(maxsize=64)  # one pattern per set of known names (the catalog's, plus a request's own)
 def find_names(names: tuple[str, ...]) -> re.Pattern:
     """The pattern of ``names`` (any case, longest first) where A1111 finds them in a prompt: as whole CLIP words."""
@@ -185,7 +172,7 @@ class EmbeddingManager:
         path, digest = fetch_weights(self.settings, uri, sha256, size, shown, user_given=user_given, field=FIELD,
                                      what="embedding")
         vectors = read_vectors(path, shown, self.settings.allow_pickle)
-        wanted = SDXL_KEYS if manifest.architecture == "sdxl" else ("clip_l",)
+        wanted = manifest.family.embedding_keys
         if set(vectors) != set(wanted):
             made_for = "SDXL (clip_l + clip_g)" if "clip_g" in vectors else "SD1.x/SD2 (one text encoder)"
             raise InvalidRequest(f"{shown}: is an embedding for {made_for} models; {manifest.name} is "

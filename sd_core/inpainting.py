@@ -9,11 +9,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-# inpainting_fill, in A1111's order (0-3): what the masked area of the init image holds before denoising.
-INPAINT_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
-# resize_mode, in A1111's order (0-2): how an init image of another size is brought to width x height.
-# A1111's 3 ("latent upscale") is refused: it would encode the image at its own size, up to 16 megapixels.
-RESIZE_MODES = ("resize", "crop", "fill")
+from .limits import INPAINT_FILLS, RESIZE_MODES  # noqa: F401 - re-exported
+
 OUTPAINT_OVERLAP = 8  # pixels of the original image, along each grown side, repainted with the new area
 # The fill cascade (blur radius, times composited): the masked area takes the colours around it, coarse to fine.
 _FILL_PASSES = ((256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1))

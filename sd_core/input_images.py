@@ -11,7 +11,6 @@ import warnings
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InvalidRequest
-from .inpainting import resize_image
 from .settings import Settings
 from .user_downloads import download_user_url
 
@@ -90,6 +89,8 @@ def prepare_init_images(
     if width is None or height is None:
         width, height = fit_size(width or image.width, height or image.height, max_pixels)
     if not keep_size:
+        from .inpainting import resize_image  # numpy: kept off the adapters' import path
+
         image = resize_image(image, width, height, resize_mode)
         mask = resize_image(mask, width, height, resize_mode) if mask is not None else None
     return image, mask, width, height

@@ -31,3 +31,8 @@ MAX_MASK_BLUR = 64  # std in pixels of the mask's Gaussian blur
 MAX_CROP_PADDING = 1024  # only-masked inpainting: pixels around the mask's bounding box
 MAX_OUTPAINT = 1024  # pixels added on one side
 MAX_REASON_CHARS = 1500  # one reason's length: room for the lists of valid values we write ourselves
+# inpainting_fill, in A1111's order (0-3): what the masked area of the init image holds before denoising.
+INPAINT_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
+# resize_mode, in A1111's order (0-2): how an init image of another size is brought to width x height.
+# A1111's 3 ("latent upscale") is refused: it would encode the image at its own size, up to 16 megapixels.
+RESIZE_MODES = ("resize", "crop", "fill")

@@ -22,6 +22,11 @@ ManifestT = TypeVar("ManifestT", bound=BaseModel)
 RESERVED_VAE_NAMES = ("automatic", "none")  # a request's `vae` value for the model's own VAE (as A1111's sd_vae)
 
 
+def is_own_vae(value: str | None) -> bool:
+    """None, "", "Automatic" or "None" (any case): a request's `vae` for the model's own VAE."""
+    return value is None or value.strip().lower() in ("", *RESERVED_VAE_NAMES)
+
+
 class ModelDefaults(BaseModel):
     """Parameters a request gets when it leaves them empty."""
 

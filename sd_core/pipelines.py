@@ -43,14 +43,15 @@ class LoadedModel:
         self.config_dir = local.config or local.weights  # diffusers configs (vae/config.json: alternate VAE files)
         self.own_vae = pipe.vae
         self.vaes: OrderedDict[tuple, torch.nn.Module] = OrderedDict()  # alternate VAEs loaded (sd_core/vae.py)
-        # bytes per component (by identity): a module shared with another loaded model is counted once by the pool
-        self.component_bytes = {id(module): module_bytes(module) for module in pipe.components.values()
-                                if isinstance(module, torch.nn.Module)}
 
     @property
     def module_bytes(self) -> dict[int, int]:
-        """Bytes per module held (by identity): the pipeline's components and the alternate VAEs loaded for it."""
-        return {**self.component_bytes, **{id(vae): module_bytes(vae) for vae in self.vaes.values()}}
+        """Bytes per module held, by identity (a module shared with another loaded model is counted once by the
+        pool): the pipeline's components as they are now (embeddings grow a text encoder), its own VAE and the
+        alternate VAEs loaded for it."""
+        components = [m for m in self.pipes["txt2img"].components.values() if isinstance(m, torch.nn.Module)]
+        return {id(module): module_bytes(module) for module in (*components, self.own_vae, *self.vaes.values())
+                if module is not None}
 
     @property
     def nbytes(self) -> int:

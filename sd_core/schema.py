@@ -9,12 +9,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InvalidRequest, quote
-from .inpainting import INPAINT_FILLS, RESIZE_MODES
 from .limits import (  # noqa: F401 - re-exported: the request's limits are part of this module's interface
     CONTROL_MODES,
     CONTROL_PREPROCESSORS,
     CONTROL_RESIZE_MODES,
     EMBEDDING_NAME_PATTERN,
+    INPAINT_FILLS,
     MAX_CLIP_SKIP,
     MAX_CONTROL_SCALE,
     MAX_CONTROLNETS,
@@ -41,6 +41,7 @@ from .limits import (  # noqa: F401 - re-exported: the request's limits are part
     MIN_SIZE,
     OUTPUT_FORMATS,
     REFINE_MODES,
+    RESIZE_MODES,
 )
 from .request_parts import (  # noqa: F401 - re-exported with the request
     ControlNetUnit,

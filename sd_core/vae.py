@@ -13,7 +13,7 @@ from . import storage
 from .checkpoints import refuse_pickle
 from .device import free_memory, is_out_of_memory
 from .errors import FetchError, ManifestError, ModelNotFound, OutOfMemory, quote
-from .manifests import RESERVED_VAE_NAMES, ModelManifest, VaeEntry, fetch_vae
+from .manifests import ModelManifest, VaeEntry, fetch_vae, is_own_vae
 from .settings import Settings
 
 log = logging.getLogger("sd_core.vae")
@@ -37,11 +37,6 @@ class ResolvedVae:
         return (self.name, str(self.path))
 
 
-def is_own(value: str | None) -> bool:
-    """None, "", "Automatic" or "None" (any case): the model's own VAE."""
-    return value is None or value.strip().lower() in ("", *RESERVED_VAE_NAMES)
-
-
 def entry_name(value: str) -> str:
     """A requested VAE name as the manifest spells it: surrounding space and a `.safetensors` extension dropped."""
     name = value.strip()
@@ -60,7 +55,7 @@ class VaeManager:
 
     def resolve(self, value: str | None, manifest: ModelManifest) -> ResolvedVae | None:
         """The VAE named by a request for ``manifest``'s model, fetched and verified; None for the model's own."""
-        if is_own(value):
+        if is_own_vae(value):
             return None
         name = entry_name(value)
         entry = next((vae for vae in manifest.vaes if vae.name == name), None)

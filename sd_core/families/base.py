@@ -38,6 +38,8 @@ class ModelFamily:
     refines: tuple[str, ...] = ()
     # diffusers ControlNet pipeline class per mode, built with from_pipe on the loaded model (sd_core/controlnet.py)
     controlnet_pipelines: dict[str, str] | None = None
+    # an A1111 textual-inversion file's tensors for this family, one per text encoder (sd_core/embeddings.py)
+    embedding_keys: tuple[str, ...] = ("clip_l",)
 
     @property
     def defaults(self) -> dict[str, Any]:

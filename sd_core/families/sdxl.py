@@ -20,4 +20,5 @@ FAMILY = ModelFamily(
     clip_skip=False,  # A1111 ignores CLIP_stop_at_last_layers for this family
     parameters=3_500_000_000,  # UNet 2.6B + CLIP-L 123M + OpenCLIP-bigG 695M + VAE 84M
     ays_sigmas=AYS_SDXL,
+    embedding_keys=("clip_l", "clip_g"),  # A1111's SDXL embeddings: one tensor per text encoder
 )

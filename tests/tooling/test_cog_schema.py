@@ -24,7 +24,7 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #                  with the LoraSpec field it fills (one entry of `loras` per source given).
 #   hires       -> hires_scale, hires_upscaler, hires_steps, hires_denoising_strength (HiresSpec's fields; the rest
 #                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
-#   embeddings  -> one string of name=URL pairs (sd_core.embeddings.parse_embedding_list).
+#   embeddings  -> one string of name=URL pairs (cog_inputs.parse_embedding_list).
 #   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
 #   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end.
 #   ip_adapters -> ip_adapter_image (a Cog file input, IpAdapterSpec.image) + ip_adapter_scale (IpAdapterSpec.scale):
@@ -144,7 +144,7 @@ def test_hires_inputs_follow_hires_spec(cog_inputs, name):
 
 
 def test_embeddings_input_is_an_optional_string_of_pairs(cog_inputs):
-    from sd_core.embeddings import parse_embedding_list
+    from cog_inputs import parse_embedding_list
 
     assert GenerationRequest.model_fields["embeddings"].default_factory() == []
     assert comparable(cog_inputs["embeddings"]) == {"type": "string", "maxLength": 40000, "nullable": True,
