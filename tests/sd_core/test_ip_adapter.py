@@ -224,6 +224,10 @@ def test_a1111_ip_adapter_unit_refusals(changes, message):
     assert message in str(error.value)
 
 
-def test_a1111_other_controlnet_units_are_still_refused():
-    with pytest.raises(InvalidRequest, match="alwayson_scripts.controlnet: not supported by this worker"):
-        translate(unit(), {"module": "canny", "model": "control_canny", "image": REF})
+def test_a1111_controlnet_and_ip_adapter_units_of_one_entry_split():
+    """One `controlnet` entry: its IP-Adapter units become `ip_adapters`, its other units ControlNet units."""
+    request = translate(unit(), {"module": "canny", "model": "control_canny [d14c016b]", "image": REF})
+    assert [spec.model for spec in request.ip_adapters] == ["tiny-ip-adapter"]
+    assert [(u.model, u.preprocessor) for u in request.controlnets] == [("control_canny", "canny")]
+    with pytest.raises(InvalidRequest, match="alwayson_scripts.controlnet.args.1.module"):  # still refused by name
+        translate(unit(), {"module": "depth_midas", "model": "control_depth", "image": REF})
