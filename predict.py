@@ -6,6 +6,7 @@
 # and scripts/checks/write_cog_schema.py writes .cog/openapi_schema.json (what `cog build` would) for the local Cog
 # server.
 
+import asyncio
 import contextvars
 import logging
 import shutil
@@ -16,6 +17,7 @@ import cog
 from cog import BaseRunner, Input, Path
 
 import cog_inputs
+from sd_core import upscale_job
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import GenerationResult, parse_request, resolve_seed
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
@@ -174,6 +176,12 @@ class Runner(BaseRunner):
         refine_steps: int | None = Input(
             default=None, ge=1, le=150, description="base_image_refiner: refiner steps; empty: num_inference_steps"
         ),
+        upscale_only: float = Input(
+            default=0.0, ge=0.0, le=16.0, description="Upscale-only: enlarge `image` by this factor; 0: generate"
+        ),
+        upscaler: str = Input(
+            default="Lanczos", min_length=1, max_length=100, description="Upscale-only: None, Lanczos, Nearest, a model"
+        ),
         output_format: str = Input(default="png", choices=OUTPUT_FORMATS, description="Image file format"),
         output_quality: int = Input(default=90, ge=1, le=100, description="JPEG/WebP quality (PNG is lossless)"),
         disable_safety_checker: bool = Input(
@@ -183,6 +191,8 @@ class Runner(BaseRunner):
     ) -> list[Path]:
         if self.server.unhealthy is not None:
             raise WorkerUnhealthy(f"this worker must be replaced: {self.server.unhealthy}")
+        if upscale_only:  # an upscale-only job (A1111's extra-single-image): sd_core/upscale_job.py
+            return await self._upscale(image, upscale_only, upscaler, output_format, output_quality)
         seed = resolve_seed(seed)
         print(f"Using seed: {seed}")
         # The engine may report steps from its batching thread: print in this prediction's context, so that Cog
@@ -217,6 +227,21 @@ class Runner(BaseRunner):
             return self._outputs(await self.server.generate(request, progress, name="prediction"))
         except Exception as exc:  # Cog reports str(error) as the prediction's error; a cancel is no Exception
             raise self.server.user_error(exc, "prediction") from None
+
+    async def _upscale(self, image, scale: float, upscaler: str, output_format: str, output_quality: int) -> list[Path]:
+        """`image` upscaled by `scale` with `upscaler`: one image file, and its timings as metrics."""
+        try:
+            request = upscale_job.parse_upscale({
+                "image": cog_inputs.user_file_text(image, "image") or "", "scale": scale, "upscaler": upscaler,
+                "output_format": output_format, "output_quality": output_quality,
+            })
+            result = await asyncio.to_thread(upscale_job.run_upscale, self.server.engine, request)
+        except Exception as exc:
+            raise self.server.user_error(exc, "prediction") from None
+        self.record_metric("timings", rounded(result.timings))
+        path = _new_output_folder() / f"upscaled.{result.image.extension}"
+        path.write_bytes(result.image.data)
+        return [path]
 
     def _outputs(self, result: GenerationResult) -> list[Path]:
         """Cog's metrics (seed, timings, has_nsfw_concepts) and one image file per output."""

@@ -417,3 +417,22 @@ def test_ip_adapter_image_is_the_native_ip_adapters_entry(cog_server, engine):
     got = np.asarray(decode_output(adapted["output"][0])[1].convert("RGB"))
     assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(native.images[0].data)).convert("RGB")))
     assert not np.array_equal(got, np.asarray(decode_output(plain["output"][0])[1].convert("RGB")))
+
+
+# --- upscale-only (A1111's extra-single-image on Cog) ------------------------------------------------------------
+
+
+def test_upscale_only_enlarges_the_image_without_generating(cog_server):
+    image = data_uri(Image.new("RGB", (32, 24), "red"))
+    upscaled = cog_server.predict({"image": image, "upscale_only": 2, "upscaler": "tiny-esrgan-x2"})
+    assert upscaled["status"] == "succeeded", upscaled.get("error")
+    _, out = decode_output(upscaled["output"][0])
+    assert out.size == (64, 48)
+    assert "Postprocess upscaler: tiny-esrgan-x2" in out.info["parameters"]
+    assert "Using seed" not in upscaled["logs"]  # no generation ran
+    lanczos = cog_server.predict({"image": image, "upscale_only": 4})  # the default upscaler: Lanczos
+    assert decode_output(lanczos["output"][0])[1].size == (128, 96)
+    unknown = cog_server.predict({"image": image, "upscale_only": 2, "upscaler": "4x-Nope"})
+    assert unknown["status"] == "failed" and "upscaler: unknown upscaler '4x-Nope'" in unknown["error"]
+    missing = cog_server.predict({"upscale_only": 2})
+    assert missing["status"] == "failed" and "image" in missing["error"]

@@ -33,6 +33,8 @@ AS_FILES = {"image", "mask"}
 REPLACED = {"loras", "hires", "embeddings", "outpaint", "controlnets", "ip_adapters"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
+# upscale-only jobs (sd_core/upscale_job.py's UpscaleRequest, not GenerationRequest): upscale_only > 0 switches to one
+UPSCALE_INPUTS = {"upscale_only": "scale", "upscaler": "upscaler"}
 HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
                 "hires_denoising_strength": "denoising_strength"}
 OUTPAINT_INPUTS = {f"outpaint_{side}": side for side in ("left", "right", "top", "bottom")}
@@ -93,6 +95,7 @@ def comparable(cog: dict) -> dict:
 
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
     expected = ((set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
+                | set(UPSCALE_INPUTS)
                 | {"embeddings"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS) | {"control_image"}
                 | set(IP_ADAPTER_INPUTS))
     assert set(cog_inputs) == expected
@@ -141,6 +144,16 @@ def test_hires_inputs_follow_hires_spec(cog_inputs, name):
         assert (expected["minimum"], expected["default"]) == (1.0, 2.0)
         expected = {**expected, "minimum": 0.0, "default": 0.0}
     assert comparable(cog_inputs[name]) == expected
+
+
+def test_upscale_only_inputs_follow_the_upscale_request(cog_inputs):
+    from sd_core.upscale_job import UpscaleRequest
+
+    scale = UpscaleRequest.model_fields["scale"].metadata  # gt=0, le=16
+    maximum = next(bound.le for bound in scale if getattr(bound, "le", None) is not None)
+    assert comparable(cog_inputs["upscale_only"]) == {"type": "number", "minimum": 0.0,  # 0, its default: generate
+                                                      "maximum": maximum, "default": 0.0, "nullable": False}
+    assert comparable(cog_inputs["upscaler"]) == {**pydantic_field(UpscaleRequest, "upscaler"), "minLength": 1}
 
 
 def test_embeddings_input_is_an_optional_string_of_pairs(cog_inputs):
