@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import string
 import time
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from . import a1111_controlnet, a1111_hires, a1111_inpaint, a1111_listing, a1111_options, a1111_scripts
+from .checkpoints import title_to_name
 from .errors import InvalidRequest, quote
 from .manifests import is_own_vae
 from .outputs import infotext_parameters, read_parameters, split_sampler
@@ -76,8 +76,6 @@ CLIP_SKIP_KEY = "override_settings.CLIP_stop_at_last_layers"
 MAX_CHECKPOINT_CHARS = 300  # a model name (at most 200) + " [hash]" + ".safetensors", with room to spare
 MAX_SAMPLER_CHARS = 100  # sampler_name / sampler_index / scheduler: the longest real name has 29 characters
 MAX_LISTED = 5  # unknown keys named in one error; the rest are counted
-_CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-_HEX = frozenset(string.hexdigits)
 
 
 @dataclass
@@ -202,13 +200,7 @@ def _checkpoint_name(value, errors: list[str], key: str = CHECKPOINT_KEY) -> str
         errors.append(f"{CHECKPOINT_KEY}: takes a checkpoint name, not a URL; a checkpoint URL goes in the native "
                       "API's `model` (docs/models.md)")
         return None
-    if name.endswith("]"):  # " [3f1c2a]": A1111's short hash of the file
-        head, bracket, digits = name[:-1].rpartition("[")
-        if bracket and digits and _HEX.issuperset(digits):
-            name = head.rstrip()
-    if name.lower().endswith(_CHECKPOINT_EXTENSIONS):
-        name = name[: name.rindex(".")]
-    return name or None
+    return title_to_name(name) or None
 
 
 def _clip_skip(value, errors: list[str]) -> int | None:

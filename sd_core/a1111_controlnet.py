@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import string
-
 from pydantic import ValidationError
 
 from .a1111_ip_adapter import is_ip_adapter_unit
+from .checkpoints import title_to_name
 from .errors import quote
 from .schema import CONTROL_PREPROCESSORS, MAX_CONTROLNETS, ControlNetUnit, describe_validation_error, field_label
 
@@ -28,8 +27,6 @@ HARMLESS = {"lowvram": None, "low_vram": None, "save_detected_map": None, "is_ui
             "effective_region_mask": (None, "")}
 NAMES = {"scale": "weight", "start": "guidance_start", "end": "guidance_end", "mode": "control_mode",
          "preprocessor": "module", "low_threshold": "threshold_a", "high_threshold": "threshold_b"}
-_HEX = frozenset(string.hexdigits)
-_EXTENSIONS = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
 def is_controlnet(name) -> bool:
@@ -40,13 +37,7 @@ def model_name(value) -> str | None:
     """An A1111 ControlNet model name ("control_v11p_sd15_canny [d14c016b]") -> the manifest name."""
     if not isinstance(value, str) or len(value) > MAX_MODEL_CHARS:
         return None
-    name = value.strip()
-    if name.endswith("]"):
-        head, bracket, digits = name[:-1].rpartition("[")
-        if bracket and digits and _HEX.issuperset(digits):
-            name = head.rstrip()
-    if name.lower().endswith(_EXTENSIONS):
-        name = name[: name.rindex(".")]
+    name = title_to_name(value)
     return name if name and name.lower() != "none" else None
 
 

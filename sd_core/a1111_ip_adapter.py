@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .checkpoints import title_to_name
 from .errors import InvalidRequest, quote
 from .schema import IpAdapterSpec, field_label
 
@@ -29,7 +30,6 @@ _UNIT_DEFAULTS = {
     "mask": (None, "", False), "mask_image": (None, "", False), "effective_region_mask": (None, "", False),
     "ipadapter_input": (None, [], False), "advanced_weighting": (None, [], False), "batch_images": (None, "", []),
 }
-_CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
 def is_ip_adapter_unit(unit) -> bool:
@@ -43,12 +43,7 @@ def _model_name(value) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > 300:
         raise InvalidRequest(f"expected an IP-Adapter model name, got {quote(value)}", field="model")
-    name = value.strip()
-    if name.endswith("]") and "[" in name:
-        name = name[:name.rindex("[")].rstrip()
-    if name.lower().endswith(_CHECKPOINT_EXTENSIONS):
-        name = name[:name.rindex(".")]
-    return name or None
+    return title_to_name(value) or None
 
 
 def a1111_unit_to_spec(unit) -> IpAdapterSpec | None:

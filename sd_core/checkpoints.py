@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 from .errors import UnsafeCheckpoint
 from .settings import Settings
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # dropped from A1111 / ComfyUI titles
+_HEX = frozenset(string.hexdigits)
+
+
+def title_to_name(title: str) -> str:
+    """A weights file as A1111 and ComfyUI title it ("my-model.safetensors [3f1c2a]") -> the manifest name
+    ("my-model"): the trailing short hash and the file extension dropped ("" when nothing is left)."""
+    name = title.strip()
+    if name.endswith("]"):  # " [3f1c2a]": A1111's short hash of the file
+        head, bracket, digits = name[:-1].rpartition("[")
+        if bracket and digits and _HEX.issuperset(digits):
+            name = head.rstrip()
+    if name.lower().endswith(WEIGHT_FILE_SUFFIXES):
+        name = name[: name.rindex(".")]
+    return name
 
 
 def refuse_pickle(path: Path, settings: Settings) -> None:

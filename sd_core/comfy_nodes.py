@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from .checkpoints import title_to_name
 from .comfy_graph import Graph, Node
 from .comfy_samplers import scheduler_name
 from .errors import InvalidRequest, quote
@@ -17,7 +18,6 @@ from .prompt_tags import TAG
 from .schema import MAX_SEED, GenerationRequest, describe_validation_error
 
 MAX_IMAGES = 8  # named input images one job may carry
-_CHECKPOINT_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # ComfyUI's latent upscale_method -> the hires fix's latent upscaler doing the same torch interpolate call.
 LATENT_METHODS = {"bilinear": "Latent", "bicubic": "Latent (bicubic)", "nearest-exact": "Latent (nearest-exact)"}
 _CHANNELS = {"red": 0, "green": 1, "blue": 2, "alpha": 3}
@@ -44,10 +44,7 @@ class _Model:
 
 def model_name(value: str) -> str:
     """A checkpoint, LoRA or upscaler file name as ComfyUI lists it ("tiny-sd15.safetensors") -> the manifest name."""
-    name = value.strip().replace("\\", "/").rsplit("/", 1)[-1]
-    if name.lower().endswith(_CHECKPOINT_EXTENSIONS):
-        name = name[: name.rindex(".")]
-    return name
+    return title_to_name(value.strip().replace("\\", "/").rsplit("/", 1)[-1])
 
 
 class Translator:
