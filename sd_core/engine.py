@@ -55,7 +55,7 @@ class Engine:
     def __init__(self, settings: Settings | None = None, catalog: ModelCatalog | None = None):
         # SD_MODELS_DIR in storage (s3:// or https:// prefix): its manifests copied to a local folder, read once here
         self.settings = with_local_catalog(settings or Settings.from_env())
-        self.catalog = catalog or ModelCatalog.from_dir(self.settings.models_dir)
+        self.catalog = catalog or ModelCatalog.from_settings(self.settings)
         self.placement = choose_placement(self.settings)
         self.model_urls = ModelUrls(self.catalog, self.settings)  # `model` given as a checkpoint URL
         self.loader = ModelLoader(self.catalog, self.settings, self.placement, self.model_urls)

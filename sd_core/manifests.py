@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -19,6 +20,7 @@ Architecture = Literal[families.NAMES]  # type: ignore[valid-type]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 ManifestT = TypeVar("ManifestT", bound=BaseModel)
+log = logging.getLogger("sd_core.manifests")
 RESERVED_VAE_NAMES = ("automatic", "none")  # a request's `vae` value for the model's own VAE (as A1111's sd_vae)
 
 
@@ -150,6 +152,8 @@ class ModelManifest(BaseModel):
     )
     sha256: str | None = Field(None, pattern=SHA256_PATTERN, description="single_file checksum")
     files: dict[str, str] = Field(default_factory=dict, description="diffusers: {relative path: sha256}")
+    variant: str | None = Field(None, pattern=r"^[A-Za-z0-9_]{1,32}$", description="diffusers: the weight files' "
+                                "variant loaded, e.g. fp16 (unet/diffusion_pytorch_model.fp16.safetensors)")
     size: int | None = Field(None, ge=0, description="total bytes, for progress and cache planning")
     defaults: ModelDefaults = Field(default_factory=ModelDefaults)
     loras: list[LoraEntry] = Field(default_factory=list)
@@ -166,6 +170,8 @@ class ModelManifest(BaseModel):
             raise ValueError("config_uri: required for format single_file (loading never asks the hub for configs)")
         if self.format == "diffusers" and self.sha256:
             raise ValueError("sha256: a diffusers folder pins per-file checksums under `files`")
+        if self.format == "single_file" and self.variant:
+            raise ValueError("variant: only for a diffusers folder (a single file has no variants)")
         names = [vae.name for vae in self.vaes]
         if len(set(names)) != len(names):
             raise ValueError("vaes: a VAE name is given twice")
@@ -233,6 +239,20 @@ class ModelCatalog:
                 raise ManifestError(f"model name {manifest.name!r} is defined twice (second time in {path})")
             manifests[manifest.name] = manifest
         return cls(manifests)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ModelCatalog:
+        """SD_MODELS_DIR's manifests, plus SD_CATALOG_DIR's (the shipped real-model catalog, `catalog/`) when set;
+        a name in both is SD_MODELS_DIR's (an operator's manifest overrides a shipped one)."""
+        catalog = cls.from_dir(settings.models_dir, settings)
+        for path in sorted(Path(settings.catalog_dir).glob("*.y*ml")) if settings.catalog_dir is not None else ():
+            architecture = (yaml.safe_load(path.read_text()) or {}).get("architecture")
+            if architecture not in families.NAMES:  # a shipped manifest of a family this build does not have
+                log.warning("catalog: %s skipped: architecture %r is not in this build", path.name, architecture)
+                continue
+            manifest = load_manifest(path)
+            catalog.manifests.setdefault(manifest.name, manifest)
+        return catalog
 
     def get(self, name: str) -> ModelManifest:
         try:

@@ -93,7 +93,8 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
         # True: safetensors only. None (SD_ALLOW_PICKLE): safetensors first, pickle files where there are no others.
         safetensors_only = None if settings.allow_pickle else True
         shared = shared_components(local, share_from)
-        pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, **common, **shared)
+        pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, variant=manifest.variant,
+                                   **common, **shared)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # sd_core.safety runs the checker as a post-pass (docs/security.md).
     pipe.to(placement.device)

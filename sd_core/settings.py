@@ -85,6 +85,10 @@ class Settings:
                                      doc="model manifests: a folder, or an `s3://bucket/prefix/` (its `*.yaml` "
                                          "listed) or `https://…/` prefix (its `models.txt` names them), read at cold "
                                          "start: docs/models.md")
+    catalog_dir: Path | None = setting(None, shown="none (the images set `catalog/`)",
+                                       doc="a second folder of manifests read after SD_MODELS_DIR (a name in both is "
+                                           "SD_MODELS_DIR's): the shipped real models (`catalog/`: sdxl-base, "
+                                           "flux-schnell, ...; docs/models.md#real-models)")
     weights_uri: str = setting(str(REPO_ROOT / "bucket"), shown="`./bucket`",
                                doc="base URI that relative manifest URIs are joined onto (`s3://bucket/prefix`, "
                                    "`https://…`, a path)")

@@ -31,7 +31,7 @@ log = logging.getLogger("sd_core.warm_cache")
 
 def warm(names: list[str], settings: Settings, *, loras: bool = True) -> dict[str, dict]:
     """Fetch each model (and its LoRAs) into the cache. Returns {name: {"seconds", "weights", ...} or {"error"}}."""
-    catalog = ModelCatalog.from_dir(settings.models_dir)
+    catalog = ModelCatalog.from_settings(settings)
     report: dict[str, dict] = {}
     for name in names:
         t0 = time.monotonic()
