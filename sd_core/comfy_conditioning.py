@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import math
 
 from .comfy_graph import Graph, Node
+from .comfy_samplers import percent_to_sigma, sigmas
 from .errors import quote
 from .limits import MAX_CONTROL_SCALE, MAX_CONTROLNETS
 
@@ -59,12 +61,13 @@ def check_sdxl_size(encoder: Node, width: int, height: int) -> None:
 
 
 def controlnet_units(translator, sampler: Node, positive: list[Node], negative: list[Node], model,
-                     width: int, height: int) -> tuple[list[dict], list[Node]]:
+                     width: int, height: int, steps: tuple[int, int]) -> tuple[list[dict], list[Node]]:
     """The native ControlNet units of a sampler's conditioning, and each unit's loader node (for errors).
 
     The engine's ControlNets (diffusers, balanced mode) steer the positive and the negative prompt alike; ComfyUI
     steers the prompts its apply nodes are wired to. Exact only when both prompts pass the same apply nodes in the
-    same order (ControlNetApplyAdvanced on both), or at cfg 1 (neither runs the negative prompt)."""
+    same order (ControlNetApplyAdvanced on both), or at cfg 1 (neither runs the negative prompt). ``steps``: (steps
+    in the whole schedule, steps run: its last ones)."""
     from .comfy_nodes import model_name  # comfy_nodes imports this module
 
     graph = translator.graph
@@ -76,15 +79,12 @@ def controlnet_units(translator, sampler: Node, positive: list[Node], negative: 
         strength = apply.inputs["strength"]
         if not 0 <= strength <= MAX_CONTROL_SCALE:
             raise apply.error(f"strength must be 0 to {MAX_CONTROL_SCALE} on this worker, got {quote(strength, 20)}")
+        window = (0.0, 1.0)
         if apply.class_type == "ControlNetApplyAdvanced":
-            start, end = apply.inputs["start_percent"], apply.inputs["end_percent"]
-            if (start, end) != (0, 1):
-                raise apply.error(f"start_percent {quote(start, 20)} and end_percent {quote(end, 20)}: only 0 and 1 "
-                                  "(the whole run) are supported: ComfyUI places them on the model's noise levels, "
-                                  "the engine on step counts")
+            window = _window(apply, sampler.inputs["scheduler"], *steps)
             if "vae" in apply.inputs:
                 translator._check_vae(apply, model)
-        if strength == 0:  # ComfyUI leaves the conditioning as it is
+        if strength == 0 or window is None:  # ComfyUI leaves the conditioning as it is / never runs it
             continue
         loader, _ = graph.source(apply, "control_net")
         if loader.class_type not in LOADERS:  # validated links: a CONTROL_NET output is a loader's
@@ -99,11 +99,37 @@ def controlnet_units(translator, sampler: Node, positive: list[Node], negative: 
                               f"{width}x{height} images: ComfyUI would scale and centre-crop it, which this worker "
                               "does not reproduce exactly; send it at the output size")
         units.append({"model": model_name(loader.inputs["control_net_name"]), "image": base64.b64encode(data).decode(),
-                      "scale": float(strength)})
+                      "scale": float(strength), "start": window[0], "end": window[1]})
         loaders.append(loader)
     if len(units) > MAX_CONTROLNETS:
         raise sampler.error(f"{len(units)} ControlNets applied; at most {MAX_CONTROLNETS} on this worker")
     return units, loaders
+
+
+def _window(apply: Node, scheduler: str, schedule: int, run: int) -> tuple[float, float] | None:
+    """ComfyUI's start/end percent -> the engine's (diffusers') start/end step fractions steering the same steps.
+
+    ComfyUI runs the ControlNet at the steps whose noise level lies between its percents' (percent_to_sigma); diffusers
+    at step i of n when start <= i / n and (i + 1) / n <= end. Steps a to b (contiguous: the noise falls) are then
+    start a / n, end (b + 1) / n; None when it runs at no step. A noise level too close to a boundary to tell (ComfyUI
+    computes in float32) is refused."""
+    start, end = apply.inputs["start_percent"], apply.inputs["end_percent"]
+    if not 0 <= start <= end <= 1:
+        raise apply.error(f"start_percent and end_percent must be 0 <= start <= end <= 1, got {quote(start, 20)} and "
+                          f"{quote(end, 20)}")
+    if (start, end) == (0, 1):
+        return 0.0, 1.0
+    high, low = percent_to_sigma(start), percent_to_sigma(end)
+    levels = sigmas(scheduler, schedule)[-(run + 1):-1]  # the noise levels of the steps run
+    for level in levels:
+        if any(0 < bound < math.inf and abs(level - bound) <= 1e-4 * bound for bound in (high, low)):
+            raise apply.error(f"start_percent {quote(start, 20)} / end_percent {quote(end, 20)} fall on a step's "
+                              "noise level, too close to tell whether ComfyUI runs the ControlNet there; move them "
+                              "a little")
+    active = [i for i, level in enumerate(levels) if low <= level <= high]
+    if not active:
+        return None
+    return active[0] / run, (active[-1] + 1) / run
 
 
 def _refuse_one_sided(sampler: Node, positive: list[Node], negative: list[Node]):

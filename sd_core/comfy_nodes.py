@@ -124,7 +124,8 @@ class Translator:
                 size = tuple(int(fields[k] * hires["scale"]) // 8 * 8 for k in ("width", "height"))
         else:
             size = (fields["width"], fields["height"])
-            units, loaders = controlnet_units(self, node, pos_controls, neg_controls, model, *size)
+            units, loaders = controlnet_units(self, node, pos_controls, neg_controls, model, *size,
+                                              self._schedule(node, steps))
             if units:
                 fields["controlnets"] = units
                 self.control_loaders[node.id] = loaders

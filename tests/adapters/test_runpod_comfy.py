@@ -163,6 +163,11 @@ def test_controlnet_graph_gives_the_native_controlnet_request(server):
     expected = native(server, {**plain, "controlnets": [{"model": "tiny-control-a", "image": edges, "scale": 0.8}]})
     assert [pixels(image["data"])] == expected
     assert native(server, plain) != expected  # the ControlNet changes the image
+    graph = workflow("controlnet")
+    graph["13"]["inputs"]["end_percent"] = 0.5  # noise at timestep 499.5: of the 2 steps (999, 0) only the first
+    windowed = completed(server.runsync({"workflow": graph, "images": [{"name": "edges.png", "image": edges}]}))
+    assert [pixels(windowed["images"][0]["data"])] == native(server, {**plain, "controlnets": [
+        {"model": "tiny-control-a", "image": edges, "scale": 0.8, "end": 0.5}]}) != expected
 
 
 def test_controlnet_wirings_without_an_exact_equivalent_fail_naming_the_node(server):

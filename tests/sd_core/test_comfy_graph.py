@@ -287,9 +287,8 @@ def test_controlnet_settings_without_an_exact_equivalent_are_refused():
         graph["13"]["inputs"].update(inputs)
         return graph
 
-    assert "node '13' (ControlNetApplyAdvanced): start_percent 0.2 and end_percent 1.0: only 0 and 1" in refused(
-        with_apply(start_percent=0.2), EDGES)
-    assert "end_percent 0.5: only 0 and 1" in refused(with_apply(end_percent=0.5), EDGES)
+    assert "node '13' (ControlNetApplyAdvanced): start_percent and end_percent must be 0 <= start <= end <= 1" in \
+        refused(with_apply(start_percent=0.6, end_percent=0.5), EDGES)
     assert "node '13' (ControlNetApplyAdvanced): strength must be 0 to 2.0" in refused(with_apply(strength=3), EDGES)
     message = refused(workflow("controlnet"), [{"name": "edges.png", "image": png((32, 64))}])
     assert "node '13' (ControlNetApplyAdvanced): the control image is 32x64 but the sampler makes 64x64" in message
@@ -301,6 +300,50 @@ def test_controlnet_settings_without_an_exact_equivalent_are_refused():
     graph["13"]["inputs"]["vae"] = ["4", 1]
     assert "input 'vae' needs a VAE but output 1 of node '4'" in refused(graph, EDGES)
     assert "node '3' (KSampler): cfg 0.5 is not supported" in refused(edited("txt2img", "3", cfg=0.5))
+
+
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "exponential"])
+@pytest.mark.parametrize("steps", [1, 4, 20])
+def test_comfyuis_schedules_as_the_translation_computes_them(scheduler, steps):
+    np.testing.assert_allclose(comfy_samplers.sigmas(scheduler, steps), comfy_sigmas(scheduler, steps), rtol=1e-12)
+
+
+@pytest.mark.parametrize(("sampler", "denoise", "start", "end", "expected"), [
+    # euler + normal, 4 steps: the steps' timesteps are 999, 666, 333, 0; a percent p is the noise at 999 (1 - p)
+    (("euler", "normal"), 1.0, 0.5, 1.0, (0.5, 1.0)),  # 499.5: the steps at 333 and 0
+    (("euler", "normal"), 1.0, 0.0, 0.4, (0.0, 0.5)),  # 599.4: the steps at 999 and 666
+    (("euler", "normal"), 1.0, 0.2, 0.8, (0.25, 0.75)),  # 799.2 to 199.8: the step at 666 and 333
+    (("euler", "normal"), 1.0, 0.9, 0.95, None),  # 99.9 to 49.95: no step there, no unit
+    # denoise 0.5: the last 4 steps of an 8-step schedule (timesteps 428.1, 285.4, 142.7, 0)
+    (("euler", "normal"), 0.5, 0.5, 1.0, (0.0, 1.0)),
+    (("euler", "normal"), 0.5, 0.6, 1.0, (0.25, 1.0)),  # 399.6
+    # karras sigmas 14.61, 3.0, 0.37, 0.029: 0.5 is sigma 0.97 (timestep 499.5)
+    (("dpmpp_2m", "karras"), 1.0, 0.5, 1.0, (0.5, 1.0)),
+])
+def test_controlnet_percents_become_the_step_window_steering_the_same_steps(sampler, denoise, start, end, expected):
+    graph = copy.deepcopy(workflow("controlnet"))
+    graph["13"]["inputs"].update(start_percent=start, end_percent=end)
+    graph["3"]["inputs"].update(steps=4, denoise=denoise, sampler_name=sampler[0], scheduler=sampler[1])
+    if denoise < 1:
+        graph["2"] = {"class_type": "LoadImage", "inputs": {"image": "edges.png"}}
+        graph["5"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["4", 2]}}
+    [output] = comfy_jobs.translate({"workflow": graph, "images": EDGES})
+    units = output.request.controlnets
+    assert [(u.start, u.end) for u in units] == ([expected] if expected else [])
+    if units:  # diffusers' own rule (control_guidance_start/end -> controlnet_keep) runs exactly the active steps
+        run = 4
+        keep = [not (i / run < units[0].start or (i + 1) / run > units[0].end) for i in range(run)]
+        levels = comfy_samplers.sigmas(sampler[1], int(4 / denoise))[-(run + 1):-1]
+        high, low = comfy_samplers.percent_to_sigma(start), comfy_samplers.percent_to_sigma(end)
+        assert keep == [low <= level <= high for level in levels]
+
+
+def test_a_controlnet_percent_on_a_steps_noise_level_is_refused():
+    graph = copy.deepcopy(workflow("controlnet"))
+    graph["13"]["inputs"].update(start_percent=1 / 3)  # timestep 666: the second of 4 normal steps
+    graph["3"]["inputs"]["steps"] = 4
+    assert "node '13' (ControlNetApplyAdvanced): start_percent 0.333" in refused(graph, EDGES)
+    assert "too close to tell" in refused(graph, EDGES)
 
 
 def test_controlnets_in_a_hires_workflow_are_refused():
