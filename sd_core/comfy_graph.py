@@ -12,19 +12,21 @@ MAX_TEXT_CHARS = 10_000  # one string input (a prompt): GenerationRequest's own 
 OUTPUT_NODES = ("SaveImage", "PreviewImage")
 
 # Input kinds: link types (upper case, ComfyUI's) or widget values (lower case, checked by comfy_nodes).
-MODEL, CLIP, VAE, COND, LATENT, IMAGE, MASK, UPSCALE = (
-    "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "UPSCALE_MODEL")
-LINK_TYPES = frozenset({MODEL, CLIP, VAE, COND, LATENT, IMAGE, MASK, UPSCALE})
+MODEL, CLIP, VAE, COND, LATENT, IMAGE, MASK, UPSCALE, CONTROL = (
+    "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "UPSCALE_MODEL", "CONTROL_NET")
+LINK_TYPES = frozenset({MODEL, CLIP, VAE, COND, LATENT, IMAGE, MASK, UPSCALE, CONTROL})
 _SAMPLING = {"seed": "int", "steps": "int", "cfg": "number", "sampler_name": "str", "scheduler": "str"}
 
 
 @dataclass(frozen=True)
 class NodeType:
-    """One supported class_type: its inputs (name -> kind), optional inputs (name -> default), and outputs."""
+    """One supported class_type: its inputs (name -> kind), optional inputs (name -> default), optional link inputs
+    (name -> kind), and outputs."""
 
     inputs: dict[str, str]
     outputs: tuple[str, ...]
     optional: dict[str, object] | None = None
+    optional_links: dict[str, str] | None = None
 
 
 NODE_TYPES: dict[str, NodeType] = {
@@ -56,12 +58,28 @@ NODE_TYPES: dict[str, NodeType] = {
     "LatentUpscaleBy": NodeType({"samples": LATENT, "upscale_method": "str", "scale_by": "number"}, (LATENT,)),
     "UpscaleModelLoader": NodeType({"model_name": "str"}, (UPSCALE,)),
     "ImageUpscaleWithModel": NodeType({"upscale_model": UPSCALE, "image": IMAGE}, (IMAGE,)),
+    "ControlNetLoader": NodeType({"control_net_name": "str"}, (CONTROL,)),
+    "DiffControlNetLoader": NodeType({"model": MODEL, "control_net_name": "str"}, (CONTROL,)),
+    "ControlNetApply": NodeType({"conditioning": COND, "control_net": CONTROL, "image": IMAGE, "strength": "number"},
+                                (COND,)),
+    "ControlNetApplyAdvanced": NodeType({"positive": COND, "negative": COND, "control_net": CONTROL, "image": IMAGE,
+                                         "strength": "number", "start_percent": "number", "end_percent": "number"},
+                                        (COND, COND), optional_links={"vae": VAE}),
+    "CLIPTextEncodeSDXL": NodeType({"clip": CLIP, "width": "int", "height": "int", "crop_w": "int", "crop_h": "int",
+                                    "target_width": "int", "target_height": "int", "text_g": "str", "text_l": "str"},
+                                   (COND,)),
+    "CLIPTextEncodeSDXLRefiner": NodeType({"clip": CLIP, "ascore": "number", "width": "int", "height": "int",
+                                           "text": "str"}, (COND,)),
 }
-# ComfyUI's ControlNet nodes: recognised, refused until this worker's ControlNet support is wired in.
-CONTROLNET_NODES = frozenset({
-    "ControlNetLoader", "DiffControlNetLoader", "ControlNetApply", "ControlNetApplyAdvanced", "ControlNetApplySD3",
-    "SetUnionControlNetType", "ControlNetInpaintingAliMamaApply",
-})
+# Known nodes refused as a whole, with the reason (the node id is named with it).
+REFUSED = {
+    "Canny": "ComfyUI's Canny node (kornia: grey image, Gaussian blur, thresholds on a 0-1 scale) has no exact "
+             "equivalent in this worker's canny preprocessor (OpenCV's: per-channel gradients, no blur, 0-255 "
+             "thresholds); send the edge map itself to the ControlNetApply node's LoadImage",
+    "ControlNetApplySD3": "SD3 ControlNets are not supported by this worker",
+    "SetUnionControlNetType": "union ControlNets are not supported by this worker",
+    "ControlNetInpaintingAliMamaApply": "inpainting ControlNets are not supported by this worker",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,7 @@ class Node:
 
     @property
     def label(self) -> str:
-        known = self.class_type in NODE_TYPES or self.class_type in CONTROLNET_NODES
+        known = self.class_type in NODE_TYPES or self.class_type in REFUSED
         return f"node {quote(self.id)} ({self.class_type if known else quote(self.class_type, 60)})"
 
     def error(self, reason: str) -> InvalidRequest:
@@ -136,14 +154,14 @@ def parse_workflow(data) -> Graph:
 
 
 def _check_inputs(node: Node) -> None:
-    if node.class_type in CONTROLNET_NODES:
-        raise node.error("ControlNet nodes are not yet supported by this worker")
+    if node.class_type in REFUSED:
+        raise node.error(REFUSED[node.class_type])
     spec = NODE_TYPES.get(node.class_type)
     if spec is None:
         raise node.error(f"class_type {quote(node.class_type)} is not supported by this worker; supported: "
                          f"{', '.join(NODE_TYPES)} (docs/comfyui.md)")
-    optional = spec.optional or {}
-    unknown = sorted(set(node.inputs) - set(spec.inputs) - set(optional))
+    optional, links = spec.optional or {}, spec.optional_links or {}
+    unknown = sorted(set(node.inputs) - set(spec.inputs) - set(optional) - set(links))
     if unknown:
         raise node.error(f"unknown input {quote(unknown[0])}; {node.class_type} takes {', '.join(spec.inputs)}")
     for name, kind in spec.inputs.items():
@@ -160,6 +178,9 @@ def _check_inputs(node: Node) -> None:
     for name, default in optional.items():
         if not isinstance(node.inputs.get(name, default), str):
             raise node.error(f"input {name!r} must be a string")
+    for name, kind in links.items():
+        if name in node.inputs and not _is_link(node.inputs[name]):
+            raise node.error(f"input {name!r} must be a link [\"<node id>\", <output index>] to a {kind}")
 
 
 def _kind_ok(kind: str, value) -> bool:
@@ -172,10 +193,16 @@ def _kind_ok(kind: str, value) -> bool:
     return isinstance(value, int | float) and value == value and abs(value) != float("inf")
 
 
+def _links(node: Node) -> dict[str, str]:
+    """The node's link inputs present (name -> kind), optional ones included."""
+    spec = NODE_TYPES[node.class_type]
+    found = {name: kind for name, kind in spec.inputs.items() if kind in LINK_TYPES}
+    found.update({name: kind for name, kind in (spec.optional_links or {}).items() if name in node.inputs})
+    return found
+
+
 def _check_links(node: Node, nodes: dict[str, Node]) -> None:
-    for name, kind in NODE_TYPES[node.class_type].inputs.items():
-        if kind not in LINK_TYPES:
-            continue
+    for name, kind in _links(node).items():
         target, index = node.inputs[name]
         if not isinstance(target, str | int) or isinstance(target, bool) or str(target) not in nodes:
             raise node.error(f"input {name!r} links to node {quote(target, 20)}, which is not in the workflow")
@@ -211,5 +238,4 @@ def _check_acyclic(nodes: dict[str, Node]) -> None:
 
 
 def _upstream(node: Node) -> list[str]:
-    kinds = NODE_TYPES[node.class_type].inputs
-    return [str(node.inputs[name][0]) for name, kind in kinds.items() if kind in LINK_TYPES]
+    return [str(node.inputs[name][0]) for name in _links(node)]

@@ -40,7 +40,10 @@ async def run_workflow(worker, job: dict, data: dict) -> dict:
     for output in outputs:
         key = output.request.model_dump_json()
         if key not in results:
-            results[key] = await worker.generate(output.request, name=name)
+            try:
+                results[key] = await worker.generate(output.request, name=name)
+            except InvalidRequest as exc:
+                raise _named(exc, output) from None
         for image in results[key].images:
             images.append(image)
             names.append(f"{output.prefix}_{len(names) + 1:05d}_.{image.extension}")
@@ -54,3 +57,12 @@ async def run_workflow(worker, job: dict, data: dict) -> dict:
         check_inline_size(len(json.dumps(body)), worker.settings)
     log.info("%s: workflow with %d output node(s), %d image(s)", name, len(outputs), len(images))
     return body
+
+
+def _named(error: InvalidRequest, output) -> InvalidRequest:
+    """An engine error about a ControlNet unit (``controlnets.<i>...``) reworded to name the workflow's loader node;
+    other errors unchanged."""
+    parts = (error.field or "").split(".")
+    if parts[0] != "controlnets" or len(parts) < 2 or not parts[1].isdigit() or int(parts[1]) >= len(output.controls):
+        return error
+    return type(error)(f"{output.controls[int(parts[1])].label}: {error.message}", field="workflow")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from .checkpoints import title_to_name
+from .comfy_conditioning import check_sdxl_size, controlnet_units, encoder_text, walk
 from .comfy_graph import Graph, Node
 from .comfy_samplers import scheduler_name
 from .errors import InvalidRequest, quote
@@ -30,6 +31,7 @@ class Output:
     node: Node
     prefix: str
     request: GenerationRequest
+    controls: list[Node] = field(default_factory=list)  # the ControlNet loader node of each controlnets unit
 
 
 @dataclass
@@ -56,16 +58,18 @@ class Translator:
         self.upscaler_scale = upscaler_scale  # name -> a model upscaler's native scale (None: unknown)
         self.named = _named_images(images)
         self._decoded: dict[str, tuple[bytes, object]] = {}
+        self.control_loaders: dict[str, list[Node]] = {}  # sampler id -> the loader node of each ControlNet unit
 
     def outputs(self) -> list[Output]:
         found = []
         for node in self.graph.outputs():
             prefix = str(node.inputs.get("filename_prefix", "ComfyUI"))[:100]
-            found.append(Output(node, prefix, self._output(node)))
+            request, sampler = self._output(node)
+            found.append(Output(node, prefix, request, self.control_loaders.get(sampler.id, [])))
         return found
 
     # --- images out: VAEDecode of a KSampler --------------------------------------------------------------------
-    def _output(self, out: Node) -> GenerationRequest:
+    def _output(self, out: Node) -> tuple[GenerationRequest, Node]:
         decode, _ = self.graph.source(out, "images")
         if decode.class_type in ("ImageScale", "ImageUpscaleWithModel"):
             raise decode.error("upscaling the final image is not supported in a workflow; upscale with a second "
@@ -78,7 +82,7 @@ class Translator:
         fields, model = self._sampler(sampler)
         self._check_vae(decode, model)
         try:
-            return GenerationRequest.model_validate(fields)
+            return GenerationRequest.model_validate(fields), sampler
         except ValidationError as exc:
             raise sampler.error(describe_validation_error(exc)) from None
 
@@ -91,19 +95,46 @@ class Translator:
     def _sampler(self, node: Node) -> tuple[dict, _Model]:
         inputs = node.inputs
         model = self._model(node)
-        positive, negative = self._text(node, "positive", model), self._text(node, "negative", model)
+        (positive, pos_controls), (negative, neg_controls) = (walk(self.graph, node, "positive"),
+                                                              walk(self.graph, node, "negative"))
+        if inputs["cfg"] < 1:
+            raise node.error(f"cfg {quote(inputs['cfg'], 20)} is not supported: below 1 ComfyUI still mixes in the "
+                             "negative prompt, where the engine (diffusers) turns guidance off; use 1 or more")
         seed = inputs["seed" if node.class_type == "KSampler" else "noise_seed"]
         if not 0 <= seed <= MAX_SEED:
             raise node.error(f"seed {seed} is outside 0 to {MAX_SEED}, the seeds this worker takes")
         steps = int(inputs["steps"])
         if not 1 <= steps <= 1000:
             raise node.error(f"steps must be 1 to 1000, got {steps}")
-        fields = {"prompt": positive, "negative_prompt": negative, "model": model_name(model.checkpoint.inputs[
-            "ckpt_name"]), "seed": int(seed), "guidance_scale": inputs["cfg"],
-            "scheduler": scheduler_name(node, inputs["sampler_name"], inputs["scheduler"]),
-            "clip_skip": model.clip_skip,
-            "loras": [{"source": model_name(n.inputs["lora_name"]), "scale": unet, "text_encoder_scale": te}
-                      for n, unet, te in model.loras.values()]}
+        fields = {"prompt": self._text(node, "positive", positive, model),
+                  "negative_prompt": self._text(node, "negative", negative, model),
+                  "model": model_name(model.checkpoint.inputs["ckpt_name"]), "seed": int(seed),
+                  "guidance_scale": inputs["cfg"],
+                  "scheduler": scheduler_name(node, inputs["sampler_name"], inputs["scheduler"]),
+                  "clip_skip": model.clip_skip,
+                  "loras": [{"source": model_name(n.inputs["lora_name"]), "scale": unet, "text_encoder_scale": te}
+                            for n, unet, te in model.loras.values()]}
+        fields = self._latent(node, fields, model, steps)
+        if fields.get("hires") is not None:
+            if pos_controls or neg_controls:
+                raise node.error("ControlNets in a two-pass (hires) workflow are not supported by this worker")
+            hires = fields["hires"]
+            size = (hires.get("width"), hires.get("height"))
+            if size[0] is None:  # a model upscaler: the first pass's size times its scale, in whole latent cells
+                size = tuple(int(fields[k] * hires["scale"]) // 8 * 8 for k in ("width", "height"))
+        else:
+            size = (fields["width"], fields["height"])
+            units, loaders = controlnet_units(self, node, pos_controls, neg_controls, model, *size,
+                                              self._schedule(node, steps))
+            if units:
+                fields["controlnets"] = units
+                self.control_loaders[node.id] = loaders
+        for encoder in (positive, negative):
+            check_sdxl_size(encoder, *size)
+        return fields, model
+
+    def _latent(self, node: Node, fields: dict, model: _Model, steps: int) -> dict:
+        """``fields`` with the sampler's latent: txt2img, img2img, inpaint or a hires second pass."""
         schedule, run = self._schedule(node, steps)
         latent, _ = self.graph.source(node, "latent_image")
         if latent.class_type == "EmptyLatentImage":
@@ -112,14 +143,14 @@ class Translator:
                                  "txt2img runs the whole schedule; use denoise 1 (a partial run needs an image)")
             fields.update(num_inference_steps=steps, width=int(latent.inputs["width"]),
                           height=int(latent.inputs["height"]), num_outputs=int(latent.inputs["batch_size"]))
-            return fields, model
+            return fields
         fields.update(num_inference_steps=schedule, strength=_strength(node, run, schedule))
         if latent.class_type in ("LatentUpscale", "LatentUpscaleBy"):
-            return self._latent_hires(node, latent, fields, model, run), model
+            return self._latent_hires(node, latent, fields, model, run)
         if latent.class_type == "VAEEncode":
             pixels, _ = self.graph.source(latent, "pixels")
             if pixels.class_type == "ImageUpscaleWithModel":
-                return self._model_hires(node, latent, pixels, fields, model, run), model
+                return self._model_hires(node, latent, pixels, fields, model, run)
             fields.update(self._init_image(latent, model))
         elif latent.class_type == "SetLatentNoiseMask":
             encode, _ = self.graph.source(latent, "samples")
@@ -136,7 +167,7 @@ class Translator:
         else:
             raise node.error(f"its latent_image must come from EmptyLatentImage, VAEEncode, SetLatentNoiseMask, "
                              f"VAEEncodeForInpaint or a latent upscale, not from {latent.label}")
-        return fields, model
+        return fields
 
     def _schedule(self, node: Node, steps: int) -> tuple[int, int]:
         """(steps in the whole schedule, steps run: its last ones), as ComfyUI's samplers count them."""
@@ -172,11 +203,8 @@ class Translator:
                                 f"not from {node.label}")
         return _Model(node, dict(reversed(loras.items())))  # in the order ComfyUI applies them: checkpoint first
 
-    def _text(self, sampler: Node, name: str, model: _Model) -> str:
-        encoder, _ = self.graph.source(sampler, name)
-        if encoder.class_type != "CLIPTextEncode":
-            raise sampler.error(f"its {name} must come from a CLIPTextEncode, not from {encoder.label}")
-        text = encoder.inputs["text"]
+    def _text(self, sampler: Node, name: str, encoder: Node, model: _Model) -> str:
+        text = encoder_text(encoder)
         if name == "positive" and TAG.search(text):
             raise encoder.error("<lora:...> tags are not ComfyUI syntax (and would apply a LoRA here); use a "
                                 "LoraLoader node")
@@ -260,6 +288,8 @@ class Translator:
         first, first_model = self._sampler(first_node)
         if first.get("image") is not None or first.get("hires") is not None:
             raise first_node.error("a hires first pass must be txt2img (an EmptyLatentImage)")
+        if first.get("controlnets"):
+            raise first_node.error("ControlNets in a two-pass (hires) workflow are not supported by this worker")
         if (first_model.checkpoint, first_model.clip, first_model.loras.keys()) != (
                 model.checkpoint, model.clip, model.loras.keys()) or first["loras"] != fields["loras"]:
             raise second.error("the hires second pass must use the first pass's checkpoint, LoRAs and CLIP")

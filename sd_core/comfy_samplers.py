@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .errors import quote
 from .schedulers import BETA, EXPONENTIAL, KARRAS, NORMAL, SGM_UNIFORM, combine
 
@@ -48,3 +50,47 @@ def _pair(sampler, scheduler) -> str:
 
 def _supported() -> str:
     return "supported: " + ", ".join(f"{a} + {b}" for a, b in sorted(EXACT))
+
+
+# --- ComfyUI's noise levels for SD 1.x / SDXL (scaled linear betas 0.00085 to 0.012 over 1000 timesteps) -----------
+def _log_sigmas() -> list[float]:
+    log_sigmas, cumprod = [], 1.0
+    for i in range(1000):
+        beta = (0.00085 ** 0.5 + (0.012 ** 0.5 - 0.00085 ** 0.5) * i / 999) ** 2
+        cumprod *= 1 - beta
+        log_sigmas.append(0.5 * math.log((1 - cumprod) / cumprod))
+    return log_sigmas
+
+
+def model_sigma(t: float) -> float:
+    """ComfyUI's ModelSamplingDiscrete.sigma: log sigma interpolated between whole timesteps."""
+    log_sigmas = _LOG_SIGMAS
+    low, high, w = math.floor(t), math.ceil(t), t - math.floor(t)
+    return math.exp((1 - w) * log_sigmas[low] + w * log_sigmas[high])
+
+
+def percent_to_sigma(percent: float) -> float:
+    """ComfyUI's percent_to_sigma: a ControlNet's start/end percent as the noise level it starts/stops at."""
+    if percent <= 0:
+        return math.inf
+    if percent >= 1:
+        return 0.0
+    return model_sigma((1 - percent) * 999)
+
+
+def sigmas(scheduler: str, steps: int) -> list[float]:
+    """ComfyUI's schedule (``normal``, ``karras`` or ``exponential``) of ``steps`` steps, ending in 0."""
+    low, high = math.exp(_LOG_SIGMAS[0]), math.exp(_LOG_SIGMAS[-1])
+    ramp = [i / (steps - 1) if steps > 1 else 0.0 for i in range(steps)]
+    if scheduler == "normal":
+        out = [model_sigma(999 * (1 - r)) for r in ramp]
+    elif scheduler == "karras":
+        out = [(high ** (1 / 7) + r * (low ** (1 / 7) - high ** (1 / 7))) ** 7 for r in ramp]
+    elif scheduler == "exponential":
+        out = [math.exp(math.log(high) + r * (math.log(low) - math.log(high))) for r in ramp]
+    else:
+        raise ValueError(scheduler)
+    return [*out, 0.0]
+
+
+_LOG_SIGMAS = _log_sigmas()

@@ -150,3 +150,35 @@ def test_with_an_output_bucket_images_are_presigned_urls(runpod_weights_env, s3_
         response = requests.get(entry["data"], timeout=30)
         assert response.status_code == 200 and f"/{bucket}/out/{job['id']}/" in entry["data"]
         Image.open(io.BytesIO(response.content)).verify()
+
+
+def test_controlnet_graph_gives_the_native_controlnet_request(server):
+    import numpy as np
+
+    edges = png_b64(Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    [image] = comfy(server, "controlnet", [{"name": "edges.png", "image": edges}])
+    assert image["filename"] == "controlnet_00001_.png"
+    plain = {"prompt": "a fox on a rock", "negative_prompt": "blurry", "model": "tiny-sd15", "width": 64, "height": 64,
+             "num_inference_steps": 2, "guidance_scale": 7, "scheduler": "Euler Normal", "seed": 5}
+    expected = native(server, {**plain, "controlnets": [{"model": "tiny-control-a", "image": edges, "scale": 0.8}]})
+    assert [pixels(image["data"])] == expected
+    assert native(server, plain) != expected  # the ControlNet changes the image
+    graph = workflow("controlnet")
+    graph["13"]["inputs"]["end_percent"] = 0.5  # noise at timestep 499.5: of the 2 steps (999, 0) only the first
+    windowed = completed(server.runsync({"workflow": graph, "images": [{"name": "edges.png", "image": edges}]}))
+    assert [pixels(windowed["images"][0]["data"])] == native(server, {**plain, "controlnets": [
+        {"model": "tiny-control-a", "image": edges, "scale": 0.8, "end": 0.5}]}) != expected
+
+
+def test_controlnet_wirings_without_an_exact_equivalent_fail_naming_the_node(server):
+    edges = [{"name": "edges.png", "image": png_b64(Image.new("RGB", (64, 64), (255, 255, 255)))}]
+    graph = workflow("controlnet")
+    graph["3"]["inputs"]["negative"] = ["7", 0]  # the ControlNet on the positive prompt only, at cfg 7
+    job = server.runsync({"workflow": graph, "images": edges})
+    assert job["status"] == "FAILED" and job["error"].startswith(
+        "workflow: node '13' (ControlNetApplyAdvanced): it steers only the positive prompt of node '3' (KSampler)")
+    graph = workflow("controlnet")
+    graph["12"]["inputs"]["control_net_name"] = "control_v11p_sd15_canny [d14c016b]"  # not in the manifests
+    job = server.runsync({"workflow": graph, "images": edges})
+    assert job["status"] == "FAILED" and job["error"].startswith(
+        "workflow: node '12' (ControlNetLoader): unknown ControlNet 'control_v11p_sd15_canny'"), job["error"]
