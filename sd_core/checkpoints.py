@@ -41,6 +41,27 @@ def refuse_pickle(path: Path, settings: Settings) -> None:
         )
 
 
+def refuse_pickle_folder(folder: Path, settings: Settings) -> None:
+    """A diffusers folder (a model, a VAE, a ControlNet) loaded with ``use_safetensors=True``: a component folder's
+    pickle files beside its .safetensors are never loaded and are ignored (hub repos ship ``pytorch_model.bin``,
+    ``openvino_model.bin`` next to them); a component with pickle weights ONLY is refused unless SD_ALLOW_PICKLE.
+    Every .safetensors is checked to be one (not a pickle under that name)."""
+    if settings.allow_pickle:
+        return
+    by_folder: dict[Path, list[Path]] = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in PICKLE_SUFFIXES | {".safetensors"}:
+            if any(part.startswith(".") for part in path.relative_to(folder).parts[:-1]):
+                continue  # huggingface_hub's own .cache folder in a local dir
+            by_folder.setdefault(path.parent, []).append(path)
+    for files in by_folder.values():
+        tensors = [path for path in files if path.suffix.lower() == ".safetensors"]
+        for path in tensors:
+            refuse_pickle(path, settings)
+        if not tensors:
+            refuse_pickle(files[0], settings)
+
+
 def is_readable_safetensors(path: Path) -> bool:
     """Whether the file's safetensors header parses (reads the header only, not the tensors)."""
     import safetensors

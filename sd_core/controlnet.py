@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
-from .checkpoints import refuse_pickle
+from .checkpoints import refuse_pickle, refuse_pickle_folder
 from .control_images import control_image
 from .device import Placement, free_memory
 from .errors import FetchError, InvalidRequest, ModelNotFound, quote
@@ -196,9 +196,7 @@ class ControlNets:
             refuse_pickle(control.weights, self.settings)
             module = ControlNetModel.from_single_file(str(control.weights), config=str(control.config), **common)
         else:
-            if not self.settings.allow_pickle:
-                for path in control.weights.rglob("*"):
-                    refuse_pickle(path, self.settings)
+            refuse_pickle_folder(control.weights, self.settings)  # pickle files beside safetensors: never loaded
             module = ControlNetModel.from_pretrained(
                 str(control.weights), use_safetensors=None if self.settings.allow_pickle else True, **common)
         module.to(self.placement.device).eval()

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -198,3 +199,22 @@ def credential_headers(checked: CheckedURL, settings: Settings) -> dict[str, str
     if not same_host or "token" in parse_qs(urlsplit(checked.url).query):
         return {}
     return {"Authorization": f"Bearer {token}"}
+
+
+def credential_identity(url: str, settings: Settings) -> str:
+    """Who a download of the user URL ``url`` authenticates as: a hash of its token / signing parameters and of the
+    worker's CIVITAI_TOKEN when :func:`credential_headers` sends it; "" without credentials. Cached user downloads
+    are keyed by it (docs/lora.md): a file fetched with a credential is never served to a request without it."""
+    from .storage.uris import credential_params
+
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    checked = CheckedURL(url=url, scheme=parts.scheme.lower(), host=(parts.hostname or "").lower(), port=port)
+    header = credential_headers(checked, settings).get("Authorization", "")
+    query = credential_params(url)
+    if not (header or query):
+        return ""
+    return hashlib.sha256(f"{query}\0{header}".encode()).hexdigest()[:32]

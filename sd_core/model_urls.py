@@ -2,7 +2,7 @@
 
 The URL passes the user-URL policy (sd_core/user_urls.py), then its safetensors header alone is read (ranged reads:
 the first bytes, never the whole file) and its tensor names say the architecture (``families.detect_architecture``).
-The model becomes a synthetic single-file manifest named ``url-<sha8>`` (a hash of the URL without its signing
+The model becomes a synthetic single-file manifest named ``url-<sha16>`` (a hash of the URL without its signing
 parameters: the URL itself never reaches logs or infotext) whose config folder and defaults are those of the catalog's
 single-file model of that architecture (``config_uri``: no hub call). The file is fetched outside the GPU lock into the
 weights cache under the policy (pinned addresses, redirects re-checked, ``SD_MAX_MODEL_URL_BYTES``); pickle is refused.
@@ -25,7 +25,7 @@ from .checkpoints import PICKLE_SUFFIXES, checkpoint_keys, is_readable_safetenso
 from .errors import FetchError, InvalidRequest
 from .manifests import LocalModel, ModelCatalog, ModelManifest, resolve_uri
 from .settings import Settings
-from .storage.uris import stable_url
+from .storage.uris import credential_params, stable_url
 from .user_urls import USER_SCHEMES, CheckedURL, check_user_url, redact_url
 
 log = logging.getLogger("sd_core.model_urls")
@@ -42,9 +42,16 @@ def is_model_url(value: str | None) -> bool:
     return isinstance(value, str) and "://" in value
 
 
+def url_key(url: str) -> str:
+    """What tells model URLs apart: the URL without its signing parameters, plus a hash of those (tokens, signatures),
+    so a model fetched with one credential is never handed to a request with another or none."""
+    secret = credential_params(url)
+    return stable_url(url) + ("\0" + hashlib.sha256(secret.encode()).hexdigest() if secret else "")
+
+
 def url_label(url: str) -> str:
-    """The short stable name of a model URL: ``url-`` + 8 hex digits of its hash (signing parameters left out)."""
-    return PREFIX + hashlib.sha256(stable_url(url).encode()).hexdigest()[:8]
+    """The short stable name of a model URL: ``url-`` + 16 hex digits of its hash (signing parameters hashed apart)."""
+    return PREFIX + hashlib.sha256(url_key(url).encode()).hexdigest()[:16]  # 64 bits: no name collision to craft
 
 
 def _refuse(message: str) -> InvalidRequest:
@@ -85,7 +92,7 @@ class ModelUrls:
         if suffix in PICKLE_SUFFIXES:
             raise _refuse(f"{shown}: pickle checkpoints ({', '.join(sorted(PICKLE_SUFFIXES))}) can execute code when "
                           "loaded and are refused for model URLs; give the URL of a .safetensors file")
-        key = stable_url(url)
+        key = url_key(url)
         with self._lock:
             known = self._manifests.get(key)
             if known is not None:

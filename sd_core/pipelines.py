@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .checkpoints import refuse_pickle
+from .checkpoints import refuse_pickle, refuse_pickle_folder
 from .device import Placement, free_memory, optimize, total_memory_bytes
 from .manifests import LocalModel, ModelCatalog, fetch_model
 from .schedulers import build_scheduler
@@ -87,9 +87,7 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
         refuse_pickle(local.weights, settings)
         pipe = cls.from_single_file(str(local.weights), config=str(local.config), **common)
     else:
-        if not settings.allow_pickle:
-            for path in local.weights.rglob("*"):
-                refuse_pickle(path, settings)
+        refuse_pickle_folder(local.weights, settings)  # pickle files beside safetensors: ignored, never loaded
         # True: safetensors only. None (SD_ALLOW_PICKLE): safetensors first, pickle files where there are no others.
         safetensors_only = None if settings.allow_pickle else True
         shared = shared_components(local, share_from)

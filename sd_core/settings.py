@@ -209,6 +209,11 @@ class Settings:
         doc="user URLs (init images, LoRA links) may point at these hosts although they are private: names, "
             "addresses or networks (`models.internal,10.0.0.0/8`); also the only hosts `http://` is accepted for. "
             "Cloud metadata endpoints stay refused")
+    user_s3_buckets: tuple[str, ...] | None = setting(
+        None, shown="the bucket of `SD_WEIGHTS_URI` when it is `s3://`, else none",
+        doc="the only buckets `s3://` user URLs (LoRAs, embeddings, `model` URLs) may name, read with the worker's own "
+            "S3 credentials: `bucket` or `bucket/prefix/` entries (`loras,weights/public/`); `none` refuses every "
+            "`s3://` user URL")
     url_max_bytes: int = setting(1024 * 1024 * 1024, doc="size limit of any one download from a user URL",
                                  shown="1073741824")
     url_timeout_s: float = setting(300.0, doc="time limit of any one download from a user URL", shown="300")
@@ -246,7 +251,8 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         parsers = {"Path": lambda v: Path(v).expanduser(), "bool": _bool, "int": int, "float": float,
-                   "tuple[str, ...]": _list, "bool | None": _switch, "Path | None": lambda v: Path(v).expanduser(),
+                   "tuple[str, ...]": _list, "tuple[str, ...] | None": _list, "bool | None": _switch,
+                   "Path | None": lambda v: Path(v).expanduser(),
                    "Path | str": lambda v: v if "://" in v else Path(v).expanduser()}
         values: dict[str, object] = {}
         for f in fields(cls):

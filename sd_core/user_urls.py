@@ -4,6 +4,8 @@ Every user-supplied URL goes through :func:`check_user_url` before anything is f
 
 - schemes: ``https`` and ``s3``; ``http`` only for hosts listed in ``SD_URL_ALLOWED_HOSTS``; never ``file://``,
   bare paths, credentials in the URL, or ambiguous numeric host spellings (``2130706433``, ``0177.0.0.1``);
+- ``s3://``: read with the worker's own credentials, so only buckets / prefixes on ``SD_USER_S3_BUCKETS`` (default:
+  the bucket of an ``s3://`` ``SD_WEIGHTS_URI``), checked before any request;
 - addresses: the host name is resolved and EVERY address must be public: loopback, private, link-local (cloud
   metadata, 169.254.169.254 / fd00:ec2::254), shared, multicast, unspecified and reserved addresses are refused,
   including IPv4 addresses hidden inside IPv6 ones (IPv4-mapped, 6to4, Teredo, NAT64). Hosts listed in
@@ -145,6 +147,33 @@ def _host_allowed(host: str, settings: Settings) -> bool:
     return False
 
 
+def user_s3_entries(settings: Settings) -> tuple[tuple[str, str], ...]:
+    """(bucket, key prefix) pairs ``s3://`` user URLs may name: SD_USER_S3_BUCKETS, else the bucket of an s3://
+    SD_WEIGHTS_URI, else none. ``none`` in the setting refuses them all."""
+    entries = settings.user_s3_buckets
+    if entries is None:
+        weights = str(settings.weights_uri)
+        entries = (weights.split("://", 1)[1].split("/", 1)[0],) if weights.lower().startswith("s3://") else ()
+    allowed = []
+    for entry in entries:
+        bucket, _, prefix = entry.strip().partition("/")
+        if bucket and bucket.lower() != "none":
+            allowed.append((bucket, prefix.strip("/") + "/" if prefix.strip("/") else ""))
+    return tuple(allowed)
+
+
+def _check_s3_allowed(url: str, key: str, field: str, settings: Settings) -> None:
+    """The worker reads s3:// user URLs with its own credentials: only buckets (and prefixes) on the allow-list.
+    The bucket and key are compared as the storage layer reads them (no case folding, no percent-decoding)."""
+    raw_bucket, _, raw_key = url.split("://", 1)[1].partition("/")
+    for bucket, prefix in user_s3_entries(settings):
+        if raw_bucket == bucket and raw_key.startswith(prefix) and key.startswith(prefix):
+            return
+    raise _refuse(f"{quote(redact_url(url))}: s3:// user URLs are read with the worker's own credentials and this "
+                  "bucket or prefix is not on the allow-list; operators list readable buckets in SD_USER_S3_BUCKETS "
+                  "(`bucket` or `bucket/prefix/`)", field)
+
+
 def resolve_host(host: str, port: int, field: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     try:
         return [ipaddress.ip_address(host)]
@@ -201,6 +230,7 @@ def check_user_url(
             raise _refuse(f"S3 key {quote(key)}: {check_path_problem(key) or 'empty'}", field)
         if key.endswith("/"):
             raise _refuse(f"{quote(url)} names a folder; give the URL of one file", field)
+        _check_s3_allowed(url, key, field, settings)
         return CheckedURL(url=url, scheme="s3", host=raw_host.lower(), port=None)
 
     literal = _ip_literal(host)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import storage
-from .checkpoints import refuse_pickle
+from .checkpoints import refuse_pickle, refuse_pickle_folder
 from .device import free_memory, is_out_of_memory
 from .errors import FetchError, ManifestError, ModelNotFound, OutOfMemory, quote
 from .manifests import ModelManifest, VaeEntry, fetch_vae, is_own_vae
@@ -73,9 +73,7 @@ class VaeManager:
             raise type(exc)(f"VAE {entry.name}: {exc.message}", field=FIELD) from None
         if entry.is_folder:
             sha256 = None
-            if not self.settings.allow_pickle:
-                for item in path.rglob("*"):
-                    refuse_pickle(item, self.settings)
+            refuse_pickle_folder(path, self.settings)  # pickle files beside safetensors: ignored, never loaded
         else:
             refuse_pickle(path, self.settings)
             sha256 = entry.sha256 or storage.file_sha256(path)  # A1111's `VAE hash`: the file's sha256

@@ -41,6 +41,10 @@ class HttpSource:
         return (min(10.0, self.settings.fetch_timeout_s), self.settings.fetch_timeout_s)
 
     def object_key(self) -> str:
+        if self.user_url:  # a request's URL: its credentials are part of the key (lora_links.credential_identity)
+            from ..lora_links import credential_identity
+
+            return uri_key("http-user", stable_url(self.loc.uri), credential_identity(self.loc.uri, self.settings))
         return uri_key("http", stable_url(self.loc.uri))
 
     def prefix_key(self, pins: dict[str, str]) -> str:  # pragma: no cover - http prefixes are refused earlier

@@ -91,11 +91,22 @@ def parse_uri(uri: str) -> Location:
                      "local path", field="uri")
 
 
+def _is_signing_param(name: str) -> bool:
+    return name.lower() in SIGNING_PARAMS or name.lower().startswith(("x-amz-", "x-goog-"))
+
+
+def credential_params(uri: str) -> str:
+    """The signing / token parameters of an http(s) URL (what :func:`stable_url` leaves out), sorted, as one string:
+    "" when it has none. User downloads hash it into their cache key, so a file fetched with a credential is only
+    served again to a request presenting the same one."""
+    query = parse_qsl(urlsplit(uri).query, keep_blank_values=True)
+    return urlencode(sorted((k, v) for k, v in query if _is_signing_param(k)))
+
+
 def stable_url(uri: str) -> str:
     """An http(s) URL without its signing parameters: a presigned URL re-signed tomorrow is the same object."""
     parts = urlsplit(uri)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
-             if k.lower() not in SIGNING_PARAMS and not k.lower().startswith(("x-amz-", "x-goog-"))]
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _is_signing_param(k)]
     netloc = parts.netloc.rsplit("@", 1)[-1].lower()
     return urlunsplit((parts.scheme.lower(), netloc, parts.path, urlencode(sorted(query)), ""))
 

@@ -56,6 +56,57 @@ def verify_local(path: Path, display: str, sha256: str | None, size: int | None,
     return path
 
 
+# What a diffusers folder is loaded from: configs, tokenizer files, safetensors weights. Pickle weights only with
+# SD_ALLOW_PICKLE; Flax, ONNX and OpenVINO exports never (SDXL base ships all three beside its safetensors); variant
+# files (`*.fp16.safetensors`) neither: the loaders ask for no variant.
+HF_FOLDER_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+HF_PICKLE_FILES = ("*.bin", "*.ckpt", "*.pt", "*.pth")
+HF_NEVER = ("*.msgpack", "*.onnx", "*.onnx_data", "*openvino*", "*.h5", "*.ot", "*.fp16.*", "*.bf16.*",
+            "*.non_ema.*", "*.ema.*", ".gitattributes", "README*")
+
+
+def hf_folder_patterns(sub: str, settings: Settings, components: list[str] | None = None
+                       ) -> tuple[list[str], list[str]]:
+    """``snapshot_download``'s allow and ignore patterns for the folder ``sub`` of a hub repo ("" = the whole repo).
+    ``components``: a diffusers pipeline's component folders (its model_index.json): only those and model_index.json
+    are fetched (not the single-file checkpoint or extra VAE folders a repo also ships at its top)."""
+    allowed = HF_FOLDER_FILES + (HF_PICKLE_FILES if settings.allow_pickle else ())
+    base = f"{sub}/" if sub else ""
+    if components is not None:
+        folders = [f"{base}{name}/" for name in components]
+        allow = [f"{base}model_index.json"] + [folder + pattern for folder in folders for pattern in allowed]
+    else:
+        allow = [base + pattern for pattern in allowed]
+    return allow, [base + pattern for pattern in HF_NEVER]
+
+
+def pipeline_components(model_index: Path) -> list[str]:
+    """The component folders a diffusers model_index.json names (``"unet": ["diffusers", "UNet2DConditionModel"]``)."""
+    import json
+
+    data = json.loads(model_index.read_text())
+    return sorted(name for name, value in data.items() if not name.startswith("_") and isinstance(value, list)
+                  and len(value) == 2 and value[0] is not None and safe_relpath(name, str(model_index)) == name)
+
+
+def _hf_components(loc: Location, sub: str, cache_dir: Path) -> list[str] | None:
+    """The pipeline components of a hub folder that has a model_index.json (fetched first, alone), else None."""
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import hf_hub_download
+
+    try:
+        index = hf_hub_download(repo_id=loc.host, filename=f"{sub}/model_index.json" if sub else "model_index.json",
+                                revision=loc.revision, cache_dir=cache_dir)
+    except hf_errors.LocalEntryNotFoundError:  # offline / unreachable (a subclass of the next): not an answer
+        raise
+    except hf_errors.EntryNotFoundError:
+        return None
+    try:
+        return pipeline_components(Path(index))
+    except (ValueError, FetchError):
+        raise FetchError(f"{loc.display}: model_index.json cannot be read", field="uri") from None
+
+
 def fetch_hf(loc: Location, settings: Settings, sha256: str | None, size: int | None,
               files: dict[str, str] | None) -> Path:
     """hf://org/repo[@rev][/path] from a read-only hub cache that holds it (RunPod's cached models: hf_cache), else
@@ -75,8 +126,9 @@ def fetch_hf(loc: Location, settings: Settings, sha256: str | None, size: int | 
     try:
         if loc.is_prefix:
             sub = loc.path.rstrip("/")
+            allow, ignore = hf_folder_patterns(sub, settings, _hf_components(loc, sub, cache_dir))
             root = snapshot_download(repo_id=loc.host, revision=loc.revision, cache_dir=cache_dir,
-                                     allow_patterns=[f"{sub}/*"] if sub else None,
+                                     allow_patterns=allow, ignore_patterns=ignore,
                                      max_workers=settings.fetch_concurrency)
             path = Path(root) / sub if sub else Path(root)
         else:

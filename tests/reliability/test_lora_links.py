@@ -226,6 +226,24 @@ def test_civitai_link_with_the_settings_token_never_leaks_it(linked_engine, engi
     assert TOKEN not in result.parameters and TOKEN not in result.request.model_dump_json()
 
 
+def test_a_file_fetched_with_a_token_is_cached_for_that_token_only(linked_engine, engine, hub):
+    local = pixels(generate(engine, "tiny-style"))
+    link = "https://civitai.com/api/download/models/12345"
+    with_token = linked_engine()  # every engine of this test shares one cache folder (tmp_path / "cache")
+    assert np.array_equal(pixels(generate(with_token, f"{link}?token={TOKEN}")), local)
+    del hub.seen[:]
+    assert np.array_equal(pixels(generate(with_token, f"{link}?token={TOKEN}")), local)
+    assert hub.seen == []  # the same credential: served from the cache
+    for other in (link, f"{link}?token=another-users-token"):  # none, or another: asked again, refused by Civitai
+        with pytest.raises(InvalidRequest, match="401"):
+            generate(with_token, other)
+    worker_token = linked_engine(civitai_token=TOKEN)  # the worker's token: its own entry, fetched with the header
+    assert np.array_equal(pixels(generate(worker_token, link)), local)
+    assert [auth for path, auth in hub.seen if path.startswith("/api/download/")][-1] == f"Bearer {TOKEN}"
+    with pytest.raises(InvalidRequest, match="401"):  # a worker without the token on the same cache volume
+        generate(linked_engine(), link)
+
+
 def test_a_link_whose_rewritten_url_points_at_a_blocked_host_is_refused(engine_settings, tmp_path, hub):
     from sd_core.engine import Engine
 

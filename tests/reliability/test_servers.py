@@ -100,8 +100,9 @@ def common_env(tiny_bucket, s3_server, cache: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cog(tiny_bucket, s3_server, tmp_path_factory):
+def cog(tiny_bucket, s3_server, lora_bucket, tmp_path_factory):
     env = {**common_env(tiny_bucket, s3_server, tmp_path_factory.mktemp("cog-cache")), "COG_MAX_CONCURRENCY": "2",
+           "SD_USER_S3_BUCKETS": lora_bucket,  # s3:// user URLs may read this bucket only
            "SD_MAX_PIXELS": str(64 * 64 * 2)}  # generated requests stay small: bigger ones are refused, fast
     with start_cog_server(env, log_dir=tmp_path_factory.mktemp("cog-reliability")) as server:
         body, _ = server.wait_for_status("READY", "SETUP_FAILED", timeout=240)
@@ -110,10 +111,11 @@ def cog(tiny_bucket, s3_server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runpod(tiny_bucket, s3_server, hooks, tmp_path_factory):
+def runpod(tiny_bucket, s3_server, hooks, lora_bucket, tmp_path_factory):
     outputs = s3_server.make_bucket("outputs")
     env = {
         **common_env(tiny_bucket, s3_server, tmp_path_factory.mktemp("runpod-cache")),
+        "SD_USER_S3_BUCKETS": lora_bucket,  # s3:// user URLs may read this bucket only (not the outputs bucket)
         "SD_CONCURRENCY": "4", "SD_PROGRESS_INTERVAL_S": "0",
         "BUCKET_ENDPOINT_URL": f"{s3_server.endpoint_url}/{outputs}", "BUCKET_ACCESS_KEY_ID": s3_server.access_key,
         "BUCKET_SECRET_ACCESS_KEY": s3_server.secret_key,
@@ -301,7 +303,16 @@ def test_cog_async_with_a_secret_webhook_url(cog, hooks, captured):
 def test_cog_lora_from_s3_with_wrong_credentials_names_the_problem_not_the_secret(cog, lora_bucket, captured):
     message = cog_message(cog_predict(cog, {**FAST, "lora_weights": f"s3://{lora_bucket}/style.safetensors"},
                                       captured))
-    assert "loras: " in message and "credentials" in message, message
+    assert "loras: " in message and "credentials" in message and "SD_USER_S3_BUCKETS" not in message, message
+
+
+def test_cog_s3_lora_outside_the_allow_list_is_refused_before_any_request(cog, s3_server, captured):
+    private = s3_server.make_bucket("private")  # it exists and the worker's credentials could reach it
+    message = cog_message(cog_predict(cog, {**FAST, "lora_weights": f"s3://{private}/style.safetensors?token=hush"},
+                                      captured))
+    # the policy's answer, not the store's (a request would have failed on the fake credentials instead)
+    assert "loras: " in message and "SD_USER_S3_BUCKETS" in message and "rejected" not in message, message
+    assert "hush" not in message
 
 
 # --- the corpus through RunPod ------------------------------------------------------------------------------------
@@ -322,6 +333,17 @@ def test_bad_input_corpus_through_runpod(runpod, captured, reliability_tally):
 def test_runpod_lora_from_s3_with_wrong_credentials(runpod, lora_bucket, captured):
     job = runpod_job(runpod, {**FAST, "loras": [{"source": f"s3://{lora_bucket}/style.safetensors"}]}, captured)
     assert job["status"] == "FAILED" and job["error"].startswith("loras:") and "credentials" in job["error"], job
+    assert "SD_USER_S3_BUCKETS" not in job["error"], job  # allow-listed: the store itself was asked
+
+
+def test_runpod_s3_urls_outside_the_allow_list_are_refused_before_any_request(runpod, s3_server, captured):
+    private = s3_server.make_bucket("private")
+    for job_input in ({**FAST, "loras": [{"source": f"s3://{private}/style.safetensors"}]},
+                      {**FAST, "model": f"s3://{private}/model.safetensors"},
+                      {**FAST, "embeddings": [{"name": "neg", "source": f"s3://{private}/neg.safetensors"}]}):
+        job = runpod_job(runpod, job_input, captured)
+        assert job["status"] == "FAILED" and "SD_USER_S3_BUCKETS" in job["error"], job
+        assert "rejected" not in job["error"], job
 
 
 # --- concurrency safety -------------------------------------------------------------------------------------------

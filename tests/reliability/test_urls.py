@@ -295,7 +295,34 @@ def test_lora_sources_follow_the_policy(source):
 
 def test_good_lora_sources_pass():
     assert check_lora_source("my-lora_v2.1", field="loras") == "my-lora_v2.1"
-    assert check_lora_source("s3://weights/loras/a.safetensors", field="loras").scheme == "s3"
+    allowed = Settings(user_s3_buckets=("weights",))
+    assert check_lora_source("s3://weights/loras/a.safetensors", field="loras", settings=allowed).scheme == "s3"
+
+
+# --- s3:// user URLs: the worker's own credentials read them, so only allow-listed buckets / prefixes -----------------
+@pytest.mark.parametrize("settings,url,ok", [
+    (Settings(), "s3://weights/loras/a.safetensors", False),  # no s3:// weights, no allow-list: none
+    (Settings(weights_uri="s3://weights/sd"), "s3://weights/loras/a.safetensors", True),  # the weights bucket
+    (Settings(weights_uri="s3://weights/sd"), "s3://private/a.safetensors", False),
+    (Settings(weights_uri="s3://weights/sd", user_s3_buckets=("none",)), "s3://weights/a.safetensors", False),
+    (Settings(user_s3_buckets=("a", "weights/loras/")), "s3://weights/loras/x/a.safetensors", True),
+    (Settings(user_s3_buckets=("weights/loras",)), "s3://weights/loras/a.safetensors", True),
+    (Settings(user_s3_buckets=("weights/loras/",)), "s3://weights/loras-private/a.safetensors", False),
+    (Settings(user_s3_buckets=("weights/loras/",)), "s3://weights/models/a.safetensors", False),
+    (Settings(user_s3_buckets=("weights/loras/",)), "s3://weights/x%2Floras/a.safetensors", False),
+    (Settings(user_s3_buckets=("weights/loras/",)), "s3://weights/%6Coras/a.safetensors", False),
+    (Settings(user_s3_buckets=("weights",)), "s3://Weights/a.safetensors", False),  # S3 would read another bucket
+    (Settings(user_s3_buckets=("weights",)), "s3://weights2/a.safetensors", False),
+    (Settings.from_env({"SD_USER_S3_BUCKETS": "x, weights/loras/"}), "s3://weights/loras/a.safetensors", True),
+])
+def test_s3_user_urls_need_an_allow_listed_bucket(settings, url, ok):
+    if ok:
+        assert check_lora_source(url, field="loras", settings=settings).scheme == "s3"
+        return
+    with pytest.raises(InvalidRequest) as info:
+        check_lora_source(url + "?token=hush", field="loras", settings=settings)
+    message = str(info.value)
+    assert message.startswith("loras: ") and "SD_USER_S3_BUCKETS" in message and "hush" not in message, message
 
 
 # --- through the engine: init images are user URLs too --------------------------------------------------------------

@@ -211,14 +211,20 @@ def test_pickle_embedding_loads_when_pickle_is_allowed(make):
     assert np.array_equal(pixels(from_pickle), pixels(generate(engine, negative_prompt="other-neg")))
 
 
+@pytest.fixture(scope="module")
+def s3_emb_engine(make):
+    return make(user_s3_buckets=("some-bucket",))
+
+
 @pytest.mark.parametrize("source,field,message", [
     ("https://127.0.0.1/neg.safetensors", "embeddings.0.source", "127.0.0.1"),
     ("file:///etc/passwd", "embeddings.0.source", ""),
     ("s3://some-bucket/neg.pt", "embeddings", "pickle embeddings"),  # refused before any download
+    ("s3://other-bucket/neg.safetensors", "embeddings.0.source", "SD_USER_S3_BUCKETS"),  # not on the allow-list
 ])
-def test_request_urls_go_through_the_url_policy(emb_engine, source, field, message):
+def test_request_urls_go_through_the_url_policy(s3_emb_engine, source, field, message):
     with pytest.raises(InvalidRequest) as caught:
-        generate(emb_engine, negative_prompt="neg", embeddings=[{"name": "neg", "source": source}])
+        generate(s3_emb_engine, negative_prompt="neg", embeddings=[{"name": "neg", "source": source}])
     assert str(caught.value).startswith(f"{field}: ") and message in str(caught.value)
 
 

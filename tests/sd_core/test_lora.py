@@ -356,7 +356,8 @@ def test_lora_from_s3_is_fetched_once_then_served_from_the_cache(
     manifests = dict(lora_catalog.manifests)
     manifests["tiny-sd15"] = manifests["tiny-sd15"].model_copy(update={"loras": [
         *manifests["tiny-sd15"].loras, LoraEntry(name="ink-pinned-wrong", uri=url, sha256="0" * 64)]})
-    settings = dataclasses.replace(engine_settings, s3_endpoint_url=s3_proxy.endpoint_url, cache_dir=tmp_path / "c")
+    settings = dataclasses.replace(engine_settings, s3_endpoint_url=s3_proxy.endpoint_url, cache_dir=tmp_path / "c",
+                                   user_s3_buckets=(f"{s3_bucket}/loras/",))  # an allow-listed prefix
     engine = Engine(settings, catalog=ModelCatalog(manifests))
 
     local = generate(engine, seed=9, loras=[lora("tiny-style", 0.6)])
@@ -377,3 +378,23 @@ def test_lora_from_s3_is_fetched_once_then_served_from_the_cache(
         generate(engine, loras=[lora(f"s3://{s3_bucket}/loras/missing.safetensors")])
     with pytest.raises(ChecksumMismatch, match="^loras: LoRA ink-pinned-wrong: sha256 mismatch"):
         generate(engine, loras=[lora("ink-pinned-wrong")])
+
+
+def test_s3_lora_outside_the_allow_list_is_refused_before_any_request(
+    s3_env, s3_bucket, s3_proxy, tiny_bucket, engine_settings, lora_catalog, tmp_path
+):
+    from sd_core.engine import Engine
+
+    peft = tiny_bucket / "loras" / "tiny-sd15-peft.safetensors"
+    s3_env.client().upload_file(str(peft), s3_bucket, "private/ink.safetensors")
+    settings = dataclasses.replace(engine_settings, s3_endpoint_url=s3_proxy.endpoint_url, cache_dir=tmp_path / "c",
+                                   user_s3_buckets=(f"{s3_bucket}/loras/",))
+    engine = Engine(settings, catalog=lora_catalog)
+    s3_proxy.reset()
+    for url in (f"s3://{s3_bucket}/private/ink.safetensors", f"s3://{s3_bucket}/loras-x/ink.safetensors",
+                "s3://another-bucket/loras/ink.safetensors"):
+        with pytest.raises(InvalidRequest) as caught:
+            generate(engine, loras=[lora(url + "?token=hush")])
+        message = str(caught.value)
+        assert message.startswith("loras: ") and "SD_USER_S3_BUCKETS" in message and "hush" not in message, message
+    assert s3_proxy.requests == []  # refused by the policy: the store was never asked (not even whether it exists)

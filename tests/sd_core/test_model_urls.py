@@ -228,8 +228,11 @@ def test_s3_url_is_detected_from_a_ranged_read_of_its_header(url_settings, s3_en
 
     body = (tiny_bucket / "tiny-sd15" / "tiny-sd15.safetensors").read_bytes()
     s3_env.client().put_object(Bucket=s3_bucket, Key="ckpt/model.safetensors", Body=body)
-    settings = dataclasses.replace(url_settings, s3_endpoint_url=s3_proxy.endpoint_url)
+    settings = dataclasses.replace(url_settings, s3_endpoint_url=s3_proxy.endpoint_url, user_s3_buckets=(s3_bucket,))
     urls = ModelUrls(ModelCatalog.from_dir(settings.models_dir), settings)
+    with pytest.raises(InvalidRequest, match="^model: .*SD_USER_S3_BUCKETS"):  # not on the allow-list: never read
+        ModelUrls(urls.catalog, url_settings).resolve(f"s3://{s3_bucket}/ckpt/model.safetensors")
+    assert s3_proxy.requests == []
     manifest = urls.resolve(f"s3://{s3_bucket}/ckpt/model.safetensors")
     assert manifest.architecture == "sd15" and manifest.name.startswith("url-")
     assert 0 < s3_proxy.bytes_sent("GET") < len(body) // 4  # the header, not the file
