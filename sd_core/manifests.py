@@ -306,6 +306,7 @@ def fetch_model(manifest: ModelManifest, settings: Settings) -> LocalModel:
         settings,
         sha256=manifest.sha256,
         files=manifest.files or None,
+        variant=manifest.variant,
     )
     config = None
     if manifest.config_uri:

@@ -21,7 +21,7 @@ log = logging.getLogger("sd_core.fetch")
 
 
 def fetch(uri: str, settings: Settings, *, sha256: str | None = None, size: int | None = None,
-          files: dict[str, str] | None = None, user_url: bool = False) -> Path:
+          files: dict[str, str] | None = None, user_url: bool = False, variant: str | None = None) -> Path:
     """Make `uri` available locally and return its local path.
 
     - An object URI (s3://b/k, https://..., hf://org/repo/file) -> a local FILE path in the cache.
@@ -31,7 +31,8 @@ def fetch(uri: str, settings: Settings, *, sha256: str | None = None, size: int 
     Raises sd_core.errors.FetchError / ChecksumMismatch with a message naming the URI (never credentials).
     `user_url=True` (a URI from a request, already checked by sd_core.user_urls.check_user_url): http(s) downloads go
     through that policy (every redirect re-checked, pinned addresses) and every object is size-limited by
-    SD_URL_MAX_BYTES.
+    SD_URL_MAX_BYTES. `variant` (a manifest's, e.g. fp16): a hub folder's weights are fetched in that variant only
+    (other stores hold what the operator uploaded).
     """
     loc = parse_uri(uri)
     sha256 = check_sha256(sha256, "sha256")
@@ -39,7 +40,7 @@ def fetch(uri: str, settings: Settings, *, sha256: str | None = None, size: int 
     if loc.scheme == "file":
         return verify_local(Path(loc.path), loc.display, sha256, size, pins)
     if loc.scheme == "hf":
-        return fetch_hf(loc, settings, sha256, size, pins)
+        return fetch_hf(loc, settings, sha256, size, pins, variant)
     source = S3Source(loc, settings) if loc.scheme == "s3" else HttpSource(loc, settings, user_url=user_url)
     cache = WeightsCache.from_settings(settings)
     if loc.is_prefix:

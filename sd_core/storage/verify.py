@@ -57,27 +57,35 @@ def verify_local(path: Path, display: str, sha256: str | None, size: int | None,
 
 
 # What a diffusers folder is loaded from: configs, tokenizer files, safetensors weights. Pickle weights only with
-# SD_ALLOW_PICKLE; Flax, ONNX and OpenVINO exports never (SDXL base ships all three beside its safetensors); variant
-# files (`*.fp16.safetensors`) neither: the loaders ask for no variant.
-HF_FOLDER_FILES = ("*.json", "*.txt", "*.model", "*.safetensors")
+# SD_ALLOW_PICKLE; Flax, ONNX and OpenVINO exports never (SDXL base ships all three beside its safetensors). Variant
+# files (`*.fp16.safetensors`) only for a manifest with that `variant`, and then instead of the plain weights (the
+# loader asks for the variant's files: ModelManifest.variant).
+HF_CONFIG_FILES = ("*.json", "*.txt", "*.model")
+HF_WEIGHT_FILES = ("*.safetensors",)
 HF_PICKLE_FILES = ("*.bin", "*.ckpt", "*.pt", "*.pth")
 HF_NEVER = ("*.msgpack", "*.onnx", "*.onnx_data", "*openvino*", "*.h5", "*.ot", "*.fp16.*", "*.bf16.*",
             "*.non_ema.*", "*.ema.*", ".gitattributes", "README*")
 
 
-def hf_folder_patterns(sub: str, settings: Settings, components: list[str] | None = None
-                       ) -> tuple[list[str], list[str]]:
+def hf_folder_patterns(sub: str, settings: Settings, components: list[str] | None = None,
+                       variant: str | None = None) -> tuple[list[str], list[str]]:
     """``snapshot_download``'s allow and ignore patterns for the folder ``sub`` of a hub repo ("" = the whole repo).
     ``components``: a diffusers pipeline's component folders (its model_index.json): only those and model_index.json
-    are fetched (not the single-file checkpoint or extra VAE folders a repo also ships at its top)."""
-    allowed = HF_FOLDER_FILES + (HF_PICKLE_FILES if settings.allow_pickle else ())
+    are fetched (not the single-file checkpoint or extra VAE folders a repo also ships at its top). ``variant``
+    (``fp16``): that variant's weight files (single or sharded) instead of the plain ones."""
+    weights = HF_WEIGHT_FILES + (HF_PICKLE_FILES if settings.allow_pickle else ())
+    if variant:
+        weights = tuple(w for pattern in weights for w in (pattern.replace("*.", f"*.{variant}.", 1),
+                                                            pattern.replace("*.", f"*.{variant}-*.", 1)))
+    allowed = HF_CONFIG_FILES + weights
+    never = tuple(p for p in HF_NEVER if not variant or p != f"*.{variant}.*")
     base = f"{sub}/" if sub else ""
     if components is not None:
         folders = [f"{base}{name}/" for name in components]
         allow = [f"{base}model_index.json"] + [folder + pattern for folder in folders for pattern in allowed]
     else:
         allow = [base + pattern for pattern in allowed]
-    return allow, [base + pattern for pattern in HF_NEVER]
+    return allow, [base + pattern for pattern in never]
 
 
 def pipeline_components(model_index: Path) -> list[str]:
@@ -108,7 +116,7 @@ def _hf_components(loc: Location, sub: str, cache_dir: Path) -> list[str] | None
 
 
 def fetch_hf(loc: Location, settings: Settings, sha256: str | None, size: int | None,
-              files: dict[str, str] | None) -> Path:
+              files: dict[str, str] | None, variant: str | None = None) -> Path:
     """hf://org/repo[@rev][/path] from a read-only hub cache that holds it (RunPod's cached models: hf_cache), else
     through huggingface_hub into its own cache under SD_CACHE_DIR/hf (token: HF_TOKEN)."""
     from .hf_cache import find_cached
@@ -126,7 +134,7 @@ def fetch_hf(loc: Location, settings: Settings, sha256: str | None, size: int | 
     try:
         if loc.is_prefix:
             sub = loc.path.rstrip("/")
-            allow, ignore = hf_folder_patterns(sub, settings, _hf_components(loc, sub, cache_dir))
+            allow, ignore = hf_folder_patterns(sub, settings, _hf_components(loc, sub, cache_dir), variant)
             root = snapshot_download(repo_id=loc.host, revision=loc.revision, cache_dir=cache_dir,
                                      allow_patterns=allow, ignore_patterns=ignore,
                                      max_workers=settings.fetch_concurrency)

@@ -164,6 +164,19 @@ def _check_shards(files: set[str]) -> None:
                     raise ValueError(f"shard {sibling} is missing")
 
 
+def hub_download(layout: list[str], manifest) -> set[str]:
+    """The files of ``layout`` the worker's hub fetch asks snapshot_download for (sd_core.storage.verify's patterns
+    for the components model_index.json names)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sd_core.storage.verify import hf_folder_patterns
+
+    components = pipeline_components(manifest.architecture)
+    named = sorted({p.split("/")[0] for p in layout if "/" in p and p.split("/")[0] in components})
+    allow, ignore = hf_folder_patterns("", Settings(), named, manifest.variant)
+    return set(filter_repo_objects(layout, allow_patterns=allow, ignore_patterns=ignore))
+
+
 def hf_repo(uri: str) -> tuple[str, str | None, str]:
     loc = parse_uri(uri)
     assert loc.scheme == "hf", uri
@@ -203,6 +216,10 @@ def test_catalog_manifest_pins_a_published_layout(path):
     assert "model_index.json" in files and not any(f.endswith((".bin", ".ckpt", ".msgpack", ".onnx")) for f in files)
     if manifest.variant:  # the variant really is what is read where the repository has it
         assert any(f".{manifest.variant}." in f for f in files)
+    # what the worker downloads (fetch_hf's patterns over the repository, filtered as snapshot_download filters)
+    # holds every file the loader reads, and no other weights
+    assert files <= (fetched := hub_download(LAYOUTS[repo], manifest))
+    assert {f for f in fetched if f.endswith(".safetensors")} == {f for f in files if f.endswith(".safetensors")}
     for vae in manifest.vaes:
         vae_repo, vae_revision, _ = hf_repo(vae.uri)
         assert re.fullmatch(r"[0-9a-f]{40}", vae_revision or "") and vae.is_folder

@@ -125,6 +125,21 @@ def test_fetch_hf_downloads_only_what_the_pipeline_loads(fake_hub, engine_settin
     assert fetched(out) == expected
 
 
+def test_fetch_hf_downloads_a_manifests_variant_instead_of_the_plain_weights(fake_hub, engine_settings, tmp_path):
+    import dataclasses
+
+    repo, out = fake_hub
+    repo.update({name: "x" for name in SDXL_LAYOUT}, **{"model_index.json": MODEL_INDEX,
+                "unet/diffusion_pytorch_model.safetensors.index.fp16.json": "{}",
+                "text_encoder/model.fp16-00001-of-00002.safetensors": "x"})
+    settings = dataclasses.replace(engine_settings, cache_dir=tmp_path / "c", hf_model_cache=tmp_path / "none")
+    storage.fetch("hf://org/sdxl@main/", settings, variant="fp16")
+    weights = {name for name in fetched(out) if name.endswith(".safetensors")}
+    assert weights == {"text_encoder/model.fp16.safetensors", "text_encoder/model.fp16-00001-of-00002.safetensors",
+                       "unet/diffusion_pytorch_model.fp16.safetensors"}
+    assert "unet/diffusion_pytorch_model.safetensors.index.fp16.json" in fetched(out)
+
+
 def test_fetch_hf_folder_without_model_index(fake_hub, engine_settings, tmp_path):
     import dataclasses
 
