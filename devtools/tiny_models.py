@@ -636,6 +636,7 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
             paths.update(build_arch(arch, out, seed))
         paths.update(write_safety_checkers(out, seed))
         paths.update(write_tiny_upscalers(out, seed))
+        paths.update(__import__("devtools.tiny_flux", fromlist=["*"]).write_tiny_flux(out, seed))  # tiny FLUX.1
     # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
     for path in out.rglob("*.safetensors"):
         path.chmod(0o644)

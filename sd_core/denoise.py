@@ -138,6 +138,7 @@ class Denoiser:
             output_type=first.output_type,  # latents for a hires fix upscaled in latent space (Job.batch_key)
         )
         family = first.manifest.family
+        kwargs.update(family.call_kwargs(first))  # FLUX: max_sequence_length, the size of img2img
         if first.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
             kwargs["latents"] = variation_latents(pipe, jobs, generators)
         # Align Your Steps' / Normal's sigmas (they set the step count), DDIM's / TCD's eta

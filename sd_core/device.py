@@ -59,11 +59,13 @@ def optimize(pipe, settings: Settings, placement: Placement) -> None:
                 log.info("attention: xformers")
             except Exception as exc:  # not installed, or no kernel for this GPU
                 log.warning("xformers unavailable (%s); keeping PyTorch SDPA attention", exc)
-    if placement.is_cuda:
+    name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"  # the denoiser: UNet or DiT
+    if placement.is_cuda and name == "unet":
         pipe.unet.to(memory_format=torch.channels_last)
     if settings.torch_compile:
-        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs" if placement.is_cuda else "default")
-        log.info("torch.compile enabled for the UNet (first request pays the compile time)")
+        setattr(pipe, name, torch.compile(getattr(pipe, name),
+                                          mode="max-autotune-no-cudagraphs" if placement.is_cuda else "default"))
+        log.info("torch.compile enabled for the %s (first request pays the compile time)", name)
 
 
 def free_memory(placement: Placement) -> None:

@@ -17,6 +17,8 @@ from .denoise import Denoiser
 from .device import choose_placement
 from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, quote
+from .families.base import PROMPT_SYNTAX
+from .family_features import check_request
 from .hires import HiresFix
 from .hires import infotext_fields as hires_infotext
 from .hires import plan as plan_hires
@@ -111,6 +113,7 @@ class Engine:
         started = time.perf_counter()
         # 1. resolve: the model, and the request's empty parameters from its defaults
         manifest, req = self.resolve(request)
+        req = check_request(req, manifest)  # what the model's family lacks, refused; FLUX's prompt as plain text
         # 2. inputs: init image and mask decoded and sized; the pixel budget
         image = mask = None
         width, height = req.width, req.height
@@ -152,7 +155,8 @@ class Engine:
             subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
             req = req.model_copy(update={"subseed": first_subseed})
         # the A1111 prompt syntax (weights, BREAK, editing) parsed here, so a malformed weight fails before the GPU
-        prompts = plan_prompts(req.prompt, req.negative_prompt, req.num_inference_steps)
+        prompts = plan_prompts(req.prompt, req.negative_prompt, req.num_inference_steps) if manifest.family.supports(
+            PROMPT_SYNTAX) else None
         job = Job(request=req, manifest=manifest, width=width, height=height, seeds=seeds, image=image, mask=mask,
                   on_step=on_step, should_cancel=should_cancel, started=started, loras=loras, prompt=user_prompt,
                   negative_prompt=user_negative, embeddings=embeddings, subseeds=subseeds, vae=vae, hires=hires,
@@ -220,6 +224,7 @@ class Engine:
             "num_inference_steps": request.num_inference_steps or defaults.num_inference_steps,
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "scheduler": request.scheduler or defaults.scheduler,
+            "max_sequence_length": request.max_sequence_length or defaults.max_sequence_length,
         })
         check_eta(filled.scheduler, filled.eta)
         runs = manifest.family.schedulers()

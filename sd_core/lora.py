@@ -310,7 +310,7 @@ class LoraManager:
             names, weights = [], []
             for adapter, unet, te in wanted:
                 names.append(adapter)
-                weights.append({component: unet if component == "unet" else te
+                weights.append({component: unet if component in ("unet", "transformer") else te
                                 for component, adapters in by_component.items() if adapter in adapters})
             pipe.set_adapters(names, weights)
             if not state.enabled:  # enable_lora walks every module: as costly as set_adapters, so only when needed

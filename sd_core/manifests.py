@@ -38,12 +38,26 @@ class ModelDefaults(BaseModel):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     num_inference_steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=30)
-    scheduler: str = "DPM++ 2M Karras"
+    scheduler: str | None = None  # empty: the family's (DPM++ 2M Karras; Euler for flow-matching families)
+    # families with a T5 encoder (FLUX): its token count (FLUX.1-schnell 256, dev 512)
+    max_sequence_length: int | None = Field(None, ge=1, le=512)
 
     @field_validator("scheduler")
     @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        return checked_name(value)
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        return None if value is None else checked_name(value)
+
+
+class MemoryOptions(BaseModel):
+    """How a large model fits a smaller GPU (docs/models.md): CPU offload and weight-only quantization, CUDA only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offload: Literal["none", "model"] | None = Field(
+        None, description="model: each component moves to the GPU only while it runs (enable_model_cpu_offload); "
+                          "empty: the worker's SD_OFFLOAD")
+    quantize: Literal["none", "fp8"] | None = Field(
+        None, description="fp8: the denoiser's weights in float8 (torchao, CUDA); empty: the worker's SD_QUANTIZE")
 
 
 class LoraEntry(BaseModel):
@@ -163,9 +177,12 @@ class ModelManifest(BaseModel):
                                 "when it names none (an sdxl-refiner manifest)")
     controlnets: list[ControlNetEntry] = Field(default_factory=list)
     ip_adapters: list[IpAdapterEntry] = Field(default_factory=list)
+    memory: MemoryOptions = Field(default_factory=MemoryOptions, description="offload / quantize (docs/models.md)")
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.defaults.max_sequence_length is not None and not self.family.supports("max_sequence_length"):
+            raise ValueError(f"defaults.max_sequence_length: {self.architecture} models have no T5 text encoder")
         if self.format == "single_file" and not self.config_uri:
             raise ValueError("config_uri: required for format single_file (loading never asks the hub for configs)")
         if self.format == "diffusers" and self.sha256:

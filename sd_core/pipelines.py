@@ -13,7 +13,7 @@ import torch
 from .checkpoints import refuse_pickle, refuse_pickle_folder
 from .device import Placement, free_memory, optimize, total_memory_bytes
 from .manifests import LocalModel, ModelCatalog, fetch_model
-from .schedulers import build_scheduler
+from .memory_options import memory_plan, place
 from .settings import Settings
 from .shared_modules import shared_components
 
@@ -67,7 +67,7 @@ class LoadedModel:
     def scheduler(self, name: str):
         """The scheduler ``name`` built once from this model's own scheduler config, then reused."""
         if name not in self._schedulers:
-            self._schedulers[name] = build_scheduler(name, self.base_scheduler_config)
+            self._schedulers[name] = self.manifest.family.build_scheduler(name, self.base_scheduler_config)
         return self._schedulers[name]
 
 
@@ -80,9 +80,10 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
     Components equal to those of ``share_from`` (a LoadedModel) are taken from it, not loaded again."""
     manifest = local.manifest
     cls = manifest.family.pipeline_class("txt2img")
+    plan = memory_plan(manifest, settings, placement)  # the family's dtype; fp8 / offload refused before loading
     quiet_loaders()
     started = time.perf_counter()
-    common = {"dtype": placement.dtype, "local_files_only": True}
+    common = {"dtype": plan.dtype, "local_files_only": True}
     if manifest.format == "single_file":
         refuse_pickle(local.weights, settings)
         pipe = cls.from_single_file(str(local.weights), config=str(local.config), **common)
@@ -95,7 +96,7 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
                                    **common, **shared)
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # sd_core.safety runs the checker as a post-pass (docs/security.md).
-    pipe.to(placement.device)
+    place(pipe, plan, manifest.family, placement)  # to the device, or CPU-offloaded; fp8 denoiser if planned
     pipe.set_progress_bar_config(disable=True)
     optimize(pipe, settings, placement)
     model = LoadedModel(local, pipe, placement)

@@ -118,6 +118,10 @@ class GenerationRequest(BaseModel):
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
     )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512,
+        description="T5 prompt tokens (FLUX, SD3): empty: the model's default (FLUX.1-schnell 256, dev 512)",
+    )
     ip_adapters: list[IpAdapterSpec] = Field(
         default_factory=list, max_length=MAX_IP_ADAPTER_IMAGES,
         description="Image prompts (IP-Adapter): reference images for one IP-Adapter of the model",

@@ -128,8 +128,14 @@ class Settings:
     # --- device and speed ---
     device: str = setting("auto", doc="`auto` (CUDA if present), `cuda`, `cpu`", shown="auto",
                           section="Device and speed")
-    dtype: str = setting("auto", doc="`auto` (fp16 on CUDA, fp32 on CPU), `float16`, `bfloat16`, `float32`",
-                         shown="auto")
+    dtype: str = setting("auto", doc="`auto` (fp16 on CUDA, fp32 on CPU; FLUX: bf16 on CUDA), `float16`, "
+                         "`bfloat16`, `float32`", shown="auto")
+    offload: str = setting("none", shown="none", doc="`model`: CPU offload (each component on the GPU only while it "
+                           "runs; slower, for big models on small GPUs), `none`; a manifest's `memory.offload` wins; "
+                           "CUDA only (no-op on CPU): docs/models.md")
+    quantize: str = setting("none", shown="none", doc="`fp8`: the denoiser's weights in float8 (torchao, CUDA; "
+                            "half the memory of bf16, slightly different images), `none`; a manifest's "
+                            "`memory.quantize` wins: docs/models.md")
     attention: str = setting("sdpa", doc="`sdpa` (PyTorch) or `xformers` (if installed, CUDA only)", shown="sdpa")
     torch_compile: bool = setting(False, doc="`torch.compile` the UNet (first request pays the compile time)",
                                   shown="0")

@@ -8,6 +8,22 @@ from typing import Any
 
 from ..schedulers import AYS_SD15, SCHEDULER_NAMES
 
+# Engine features a family may lack (``ModelFamily.features``): what a request using one asks of the model. A family
+# without one refuses such a request clearly (sd_core/family_features.py) instead of failing deep in diffusers.
+NEGATIVE_PROMPT = "negative_prompt"  # a non-empty negative prompt (classifier-free guidance on it)
+PROMPT_SYNTAX = "prompt_syntax"  # A1111 weights, BREAK, prompt editing (CLIP embeddings, sd_core/prompt_encoding.py)
+VARIATION_SEEDS = "variation_seeds"  # subseed / subseed_strength (UNet-shaped initial noise)
+HIRES = "hires"  # the hires fix's second pass
+TILING = "tiling"  # circular padding of the UNet's and VAE's convolutions
+EMBEDDINGS = "embeddings"  # textual inversion (A1111 files, one tensor per CLIP encoder)
+CONTROLNET = "controlnet"
+IP_ADAPTER = "ip_adapter"
+VAE_OVERRIDE = "vae"  # an alternate VAE from the manifest
+LATENT_FILL = "latent_fill"  # A1111's inpainting_fill latent noise / latent nothing (4-channel latents)
+MAX_SEQUENCE_LENGTH = "max_sequence_length"  # a T5 text encoder whose token count a request may set
+SD_FEATURES = frozenset({NEGATIVE_PROMPT, PROMPT_SYNTAX, VARIATION_SEEDS, HIRES, TILING, EMBEDDINGS, CONTROLNET,
+                         IP_ADAPTER, VAE_OVERRIDE, LATENT_FILL})
+
 
 @dataclass(frozen=True, eq=False)
 class ModelFamily:
@@ -40,12 +56,24 @@ class ModelFamily:
     controlnet_pipelines: dict[str, str] | None = None
     # an A1111 textual-inversion file's tensors for this family, one per text encoder (sd_core/embeddings.py)
     embedding_keys: tuple[str, ...] = ("clip_l",)
+    # the engine features this family has (the constants above); a request using another one is refused
+    features: frozenset[str] = SD_FEATURES
+    # the pipeline component that denoises: "unet", or "transformer" (DiT families: SD3, FLUX)
+    denoiser: str = "unet"
+    # the dtype this family runs in on CUDA when SD_DTYPE is auto (None: the worker's, fp16); FLUX: bfloat16
+    cuda_dtype: str | None = None
+    # the sampler a manifest gets when its defaults name none
+    scheduler: str = "DPM++ 2M Karras"
 
     @property
     def defaults(self) -> dict[str, Any]:
         """The request defaults manifests start from."""
         return {"width": self.width, "height": self.height, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler}
+
+    def supports(self, feature: str) -> bool:
+        """Whether this family has the engine feature ``feature`` (one of the constants of this module)."""
+        return feature in self.features
 
     def pipeline_class(self, mode: str):
         """The diffusers pipeline class for ``mode`` (importing it costs seconds the first time)."""
@@ -79,6 +107,17 @@ class ModelFamily:
     def schedulers(self) -> tuple[str, ...]:
         """The scheduler names this family can run (every one today; flow-matching families will differ)."""
         return SCHEDULER_NAMES
+
+    def build_scheduler(self, name: str, base_config: dict[str, Any]):
+        """The scheduler ``name`` (one of ``schedulers()``) built from a loaded model's own scheduler config."""
+        from ..schedulers import build_scheduler
+
+        return build_scheduler(name, base_config)
+
+    def call_kwargs(self, job) -> dict[str, Any]:
+        """What this family adds to the ``pipe(...)`` call of a job (a ``sd_core.jobs.Job``; FLUX: its T5 token
+        count, and the output size, which FLUX's img2img takes as an argument); {} here."""
+        return {}
 
     def detect(self, keys: Iterable[str]) -> bool:
         """Whether a single-file checkpoint with these state-dict keys belongs to this family."""

@@ -482,3 +482,17 @@ def test_ip_adapters_reach_the_engine_from_native_and_a1111_payloads(server, eng
     job = server.runsync(face_id)
     assert job["status"] == "FAILED" and "insightface" in job["error"]
     assert pixels(completed(server.runsync(base))) == plain  # unloaded: the plain image again
+
+
+def test_flux_native_and_a1111_payloads(server):
+    """FLUX through the local API: native with max_sequence_length, A1111 (Euler, cfg_scale = FLUX guidance) giving
+    the same image at the same settings; a negative prompt is refused, naming the field."""
+    native = completed(server.runsync({"model": "tiny-flux", "prompt": "a red fox", "seed": 5, "guidance_scale": 3.5,
+                                       "max_sequence_length": 32}))
+    a1111_output = completed(server.runsync({"prompt": "a red fox", "seed": 5, "sampler_name": "Euler",
+                                             "scheduler": "Automatic", "cfg_scale": 3.5, "steps": 4, "width": 64,
+                                             "height": 64,
+                                             "override_settings": {"sd_model_checkpoint": "tiny-flux"}}))
+    assert decode(native["images"][0]["image"]).tobytes() == decode(a1111_output["images"][0]).tobytes()
+    refused = server.runsync({"model": "tiny-flux", "prompt": "a red fox", "negative_prompt": "blur"})
+    assert refused["status"] == "FAILED" and "negative_prompt: 'tiny-flux' is a flux model" in str(refused)

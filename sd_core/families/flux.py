@@ -1,0 +1,77 @@
+"""FLUX.1 (schnell, dev and fine-tunes): a flow-matching transformer with CLIP-L + T5-XXL text encoders.
+
+Guidance is distilled: ``guidance_scale`` is FLUX's guidance embedding (dev; schnell ignores it), no classifier-free
+guidance, so there is no negative prompt (refused when not empty). The one sampler is flow-matching Euler
+(``FlowMatchEulerDiscreteScheduler``, built from the model's own scheduler config: schnell's fixed shift, dev's
+dynamic shifting); A1111's ``Euler`` (and its ``Automatic`` schedule) name it, every other sampler is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidRequest, quote
+from .base import MAX_SEQUENCE_LENGTH, ModelFamily
+
+EULER = "Euler"  # the canonical name of A1111's Euler with its Automatic (Uniform) schedule
+
+
+@dataclass(frozen=True, eq=False)
+class FluxFamily(ModelFamily):
+    """FLUX.1: prompt and prompt_2 (T5) from the one prompt, the T5 token count, flow-matching Euler only."""
+
+    max_sequence_length: int = 512  # FLUX.1-dev's; schnell's manifests say 256
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {**super().defaults, "max_sequence_length": self.max_sequence_length}
+
+    def prompt_kwargs(self, prompts: list[str], negative_prompts: list[str]) -> dict[str, Any]:
+        """The prompt for both encoders (diffusers' prompt_2 = prompt when None); negative prompts never get here
+        (sd_core/family_features.py refuses them)."""
+        return {"prompt": prompts}
+
+    def clip_skip_limit(self, pipe) -> tuple[int, int] | None:
+        return None
+
+    def schedulers(self) -> tuple[str, ...]:
+        return (EULER,)
+
+    def build_scheduler(self, name: str, base_config: dict[str, Any]):
+        """The model's own FlowMatchEulerDiscreteScheduler (its shift and dynamic-shifting config kept)."""
+        if name != EULER:  # the engine checks schedulers() first; a defensive check for direct callers
+            raise InvalidRequest(f"{quote(name)} does not run FLUX models; valid: {EULER}", field="scheduler")
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(base_config)
+
+    def call_kwargs(self, job) -> dict[str, Any]:
+        kwargs = {"max_sequence_length": job.request.max_sequence_length or self.max_sequence_length}
+        if job.mode == "img2img":  # FluxImg2ImgPipeline defaults to 1024x1024, not the init image's size
+            kwargs.update(width=job.width, height=job.height)
+        return kwargs
+
+    def detect(self, keys: Iterable[str]) -> bool:
+        """BFL's layout (``double_blocks.``), bare or under ``model.diffusion_model.`` (ComfyUI / A1111 Forge)."""
+        return any(key.startswith(self.checkpoint_prefixes) for key in keys)
+
+
+FAMILY = FluxFamily(
+    name="flux",
+    pipelines={
+        "txt2img": "FluxPipeline",
+        "img2img": "FluxImg2ImgPipeline",
+        "inpaint": "FluxInpaintPipeline",
+    },
+    width=1024, height=1024, num_inference_steps=28, guidance_scale=3.5,
+    checkpoint_prefixes=("double_blocks.", "model.diffusion_model.double_blocks."),
+    clip_skip=False,
+    parameters=16_900_000_000,  # transformer 11.9B + T5-XXL 4.7B + CLIP-L 123M + VAE 84M
+    embedding_keys=(),
+    features=frozenset({MAX_SEQUENCE_LENGTH}),
+    denoiser="transformer",
+    cuda_dtype="bfloat16",  # FLUX overflows in fp16
+    scheduler=EULER,
+)
