@@ -44,7 +44,7 @@ def control_image(image: Image.Image, *, width: int, height: int, preprocessor: 
             image, processor_res = fit(image, width, height, resize_mode), min(width, height)
         elif image.width * image.height * (processor_res / min(image.size)) ** 2 > MAX_PROCESSOR_PIXELS:
             image = at_resolution(image, processor_res)  # a long thin image: bounded before the module sees it
-            processor_res = min(image.size)
+            processor_res = max(64, min(image.size))  # controlnet_aux rounds sides to multiples of 64
         image = preprocessors.run(preprocessor, image, processor_res)
     return fit(image, width, height, resize_mode)
 
