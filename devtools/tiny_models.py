@@ -68,6 +68,7 @@ from transformers.utils import logging as transformers_logging  # noqa: E402
 from devtools.tiny_controlnet import write_tiny_controlnets  # noqa: E402
 from devtools.tiny_embeddings import write_embeddings  # noqa: E402
 from devtools.tiny_ip_adapter import write_tiny_ip_adapter  # noqa: E402
+from devtools.tiny_preprocessors import write_tiny_preprocessors  # noqa: E402
 from devtools.tiny_refiner import build_refiners  # noqa: E402
 from devtools.tiny_upscaler import write_tiny_upscalers  # noqa: E402
 
@@ -628,6 +629,8 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
     unknown = set(archs) - set(ARCHS)
     if unknown:
         raise ValueError(f"archs: unknown {sorted(unknown)}; valid: {list(ARCHS)}")
+    from devtools.tiny_flux import write_tiny_flux  # (it imports this module's tokenizer helpers)
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
@@ -636,7 +639,8 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
             paths.update(build_arch(arch, out, seed))
         paths.update(write_safety_checkers(out, seed))
         paths.update(write_tiny_upscalers(out, seed))
-        paths.update(__import__("devtools.tiny_flux", fromlist=["*"]).write_tiny_flux(out, seed))  # tiny FLUX.1
+        paths.update(write_tiny_flux(out, seed))
+        paths.update(write_tiny_preprocessors(out, seed))
     # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
     for path in out.rglob("*.safetensors"):
         path.chmod(0o644)

@@ -7,6 +7,7 @@ from pydantic import ValidationError
 from .a1111_ip_adapter import is_ip_adapter_unit
 from .checkpoints import title_to_name
 from .errors import quote
+from .preprocessor_names import canonical
 from .schema import CONTROL_PREPROCESSORS, MAX_CONTROLNETS, ControlNetUnit, describe_validation_error, field_label
 
 SCRIPT = "controlnet"  # the extension's name in alwayson_scripts (A1111 matches it case-insensitively)
@@ -105,12 +106,10 @@ def _unit(unit: dict, prefix: str, errors: list[str]) -> dict | None:
                       f"{quote(unit.get('model'), 60)}")
     else:
         native["model"] = model
-    module = unit.get("module", "none")
-    module = module.strip().lower() if isinstance(module, str) else module
-    if module not in CONTROL_PREPROCESSORS:
-        errors.append(f"{prefix}.module: {quote(module, 40)} is not available on this worker (weight-based "
-                      f"preprocessors such as depth or openpose are not built in); available: "
-                      f"{', '.join(CONTROL_PREPROCESSORS)}")
+    module = canonical(unit.get("module", "none"))  # the extension's labels and internal names
+    if module is None:
+        errors.append(f"{prefix}.module: {quote(unit.get('module'), 40)} is not available on this worker; available: "
+                      f"{', '.join(CONTROL_PREPROCESSORS)} (weight-based ones: with their weights listed)")
     else:
         native["preprocessor"] = module
     for source, target in (("weight", "scale"), ("guidance_start", "start"), ("guidance_end", "end")):
@@ -125,9 +124,10 @@ def _unit(unit: dict, prefix: str, errors: list[str]) -> dict | None:
     resize = _choice(unit.get("resize_mode", 1), RESIZE_MODES, f"{prefix}.resize_mode", errors)
     if resize is not None:
         native["resize_mode"] = resize
-    if module == "canny":
+    if module not in (None, "none"):  # every module but none works at the unit's resolution
         if not _on(unit.get("pixel_perfect")):
             native["processor_res"] = _number(unit.get("processor_res"), DEFAULT_PROCESSOR_RES)
+    if module == "canny":  # the only module here with sliders (the extension ignores threshold_a/b for the others)
         native["low_threshold"] = _number(unit.get("threshold_a"), DEFAULT_THRESHOLDS[0])
         native["high_threshold"] = _number(unit.get("threshold_b"), DEFAULT_THRESHOLDS[1])
     if len(errors) > before:

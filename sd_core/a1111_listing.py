@@ -6,7 +6,6 @@ from pathlib import Path
 
 from .errors import InvalidRequest, quote, scrub
 from .schedulers import KARRAS, NORMAL, SAMPLER_ALIASES, SAMPLERS, SCHEDULES, UNIFORM
-from .schema import CONTROL_PREPROCESSORS
 
 # Endpoint name -> what it lists. Each answer has the shape of A1111 1.10's response model for it.
 LISTINGS = ("sd-models", "samplers", "schedulers", "loras", "embeddings", "sd-vae", "options", "upscalers",
@@ -79,7 +78,7 @@ def answer(endpoint: str, payload: dict, engine) -> list | dict:
     if endpoint == "controlnet/model_list":  # names as requests give them (no A1111 hash suffix needed)
         return {"model_list": list(dict.fromkeys(e.name for m in manifests for e in m.controlnets))}
     if endpoint == "controlnet/module_list":
-        return {"module_list": list(CONTROL_PREPROCESSORS)}
+        return {"module_list": engine.controlnets.preprocessors.names()}
     if endpoint == "upscalers":
         return [_upscaler_item(name, engine.upscalers) for name in engine.upscalers.names()]
     return []

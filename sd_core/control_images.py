@@ -1,4 +1,4 @@
-"""ControlNet control images: the built-in preprocessors (none, canny) and fitting the image to the output size."""
+"""ControlNet control images: none and canny (other modules: sd_core/preprocessors.py), fitted to the output size."""
 
 from __future__ import annotations
 
@@ -30,13 +30,22 @@ def at_resolution(image: Image.Image, short_side: int) -> Image.Image:
 
 
 def control_image(image: Image.Image, *, width: int, height: int, preprocessor: str, resize_mode: str,
-                  processor_res: int | None = None, low: int = 100, high: int = 200) -> Image.Image:
-    """The control map the ControlNet sees, at the output size: the image itself (``none``) or its Canny edges,
-    detected at ``processor_res`` (short side; None: at the output size) and then fitted to the output size."""
+                  processor_res: int | None = None, low: int = 100, high: int = 200,
+                  preprocessors=None) -> Image.Image:
+    """The control map the ControlNet sees, at the output size: the image itself (``none``), its Canny edges or
+    another module's map (``preprocessors``: sd_core.preprocessors.Preprocessors), detected at ``processor_res``
+    (short side; None: at the output size) and then fitted to the output size."""
     image = image.convert("RGB")
     if preprocessor == "canny":
         source = at_resolution(image, processor_res) if processor_res else fit(image, width, height, resize_mode)
         image = Image.fromarray(canny(np.asarray(source), low, high)).convert("RGB")
+    elif preprocessor != "none":
+        if processor_res is None:
+            image, processor_res = fit(image, width, height, resize_mode), min(width, height)
+        elif image.width * image.height * (processor_res / min(image.size)) ** 2 > MAX_PROCESSOR_PIXELS:
+            image = at_resolution(image, processor_res)  # a long thin image: bounded before the module sees it
+            processor_res = max(64, min(image.size))  # controlnet_aux rounds sides to multiples of 64
+        image = preprocessors.run(preprocessor, image, processor_res)
     return fit(image, width, height, resize_mode)
 
 

@@ -19,6 +19,7 @@ from .device import Placement, free_memory
 from .errors import FetchError, InvalidRequest, ModelNotFound, quote
 from .input_images import load_image
 from .manifests import ControlNetEntry, ModelCatalog, ModelManifest, resolve_uri
+from .preprocessors import Preprocessors
 from .schema import GenerationRequest
 from .settings import Settings
 
@@ -56,6 +57,7 @@ class ControlNets:
         self._pipes: weakref.WeakSet = weakref.WeakSet()  # the ControlNet pipelines made (held by their models)
         self._lock = threading.Lock()
         # (model kept, bytes incoming): the pipeline pool's make_room, so that loaded ControlNets count in its budget
+        self.preprocessors = Preprocessors(settings, placement)  # the engine gives it its GPU lock
         self.make_room: Callable[[str, int], None] | None = None
 
     # --- before the GPU lock ------------------------------------------------------------------------------
@@ -87,10 +89,11 @@ class ControlNets:
                                     f"({manifest.architecture}); available: {', '.join(known) or 'none'}",
                                     field=f"{where}.model")
             entry, owner = found
+            preprocessor = self.preprocessors.check(unit.preprocessor, f"{where}.preprocessor")
             source = load_image(unit.image, f"{where}.image", self.settings)
-            image = control_image(source, width=width, height=height, preprocessor=unit.preprocessor,
+            image = control_image(source, width=width, height=height, preprocessor=preprocessor,
                                   resize_mode=unit.resize_mode, processor_res=unit.processor_res,
-                                  low=unit.low_threshold, high=unit.high_threshold)
+                                  low=unit.low_threshold, high=unit.high_threshold, preprocessors=self.preprocessors)
             weights, config = self._fetch(entry, f"{where}.model")
             resolved.append(ResolvedControl(
                 name=entry.name, key=(owner.name, entry.name), weights=weights, config=config, image=image,

@@ -71,6 +71,7 @@ class Engine:
                                  ip_adapters=self.ip_adapters)
         self.denoiser.pool.extra_bytes = self.controlnets.nbytes
         self.controlnets.make_room = self.denoiser.pool.make_room
+        self.controlnets.preprocessors.gpu_lock = self.denoiser.gpu_lock  # their networks run under it
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")

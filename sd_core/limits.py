@@ -1,5 +1,7 @@
 """The request's limits and choices: sizes, counts, scales and the names of its enumerated values."""
 
+from .preprocessor_names import MODULES
+
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_IMAGE_PIXELS = 1536 * 1536  # width * height of one image
 MAX_STEPS = 150
@@ -15,7 +17,7 @@ MAX_MODEL_NAME_CHARS = 200  # a manifest name; a `model` URL may be longer (MAX_
 MAX_MODEL_URL_CHARS = 2048
 MAX_CONTROLNETS = 4  # ControlNet units of one request
 MAX_CONTROL_SCALE = 2.0  # A1111's weight slider goes to 2
-CONTROL_PREPROCESSORS = ("none", "canny")  # built in (sd_core/control_images.py); weight-based ones are not
+CONTROL_PREPROCESSORS = tuple(MODULES)  # every module name known (sd_core/preprocessor_names.py); a worker has some
 CONTROL_MODES = ("balanced", "prompt", "control")
 CONTROL_RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 MAX_IP_ADAPTER_IMAGES = 4  # reference images of one request (one IP-Adapter model per request)

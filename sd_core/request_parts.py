@@ -22,6 +22,7 @@ from .limits import (
     MAX_SIZE,
     MAX_STEPS,
 )
+from .preprocessor_names import canonical
 from .schedulers import SCHEDULER_NAMES, checked_name
 
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
@@ -127,21 +128,22 @@ class ControlNetUnit(BaseModel):
     end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it stops at")
     mode: Literal[CONTROL_MODES] = Field(  # type: ignore[valid-type]
         "balanced", description="balanced; control: ControlNet is more important (diffusers' guess_mode)")
-    preprocessor: str = Field("none", max_length=64, description="none (the image is the control map) or canny")
+    preprocessor: str = Field("none", max_length=64, description="none (the image is the control map), canny, "
+                              "or another module (lineart_realistic, softedge_pidinet, ...: /controlnet/module_list)")
     resize_mode: Literal[CONTROL_RESIZE_MODES] = Field(  # type: ignore[valid-type]
         "just_resize", description="How the control image is fitted to the output size")
     processor_res: int | None = Field(None, ge=64, le=MAX_SIZE,
                                       description="Preprocessor resolution (short side); empty: the output size")
-    low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold")
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold (the other modules have none)")
     high_threshold: int = Field(200, ge=0, le=255, description="canny: high threshold")
 
     @field_validator("preprocessor")
     @classmethod
     def _known_preprocessor(cls, value: str) -> str:
-        name = value.strip().lower()
-        if name not in CONTROL_PREPROCESSORS:
-            raise ValueError(f"{quote(value, 40)} is not available on this worker (weight-based preprocessors such "
-                             f"as depth or openpose are not built in); available: {', '.join(CONTROL_PREPROCESSORS)}")
+        name = canonical(value)
+        if name is None:
+            raise ValueError(f"{quote(value, 40)} is not available on this worker; available: "
+                             f"{', '.join(CONTROL_PREPROCESSORS)} (weight-based ones: with their weights listed)")
         return name
 
     @model_validator(mode="after")

@@ -52,7 +52,8 @@ def test_controlnet_listings_in_the_extension_shapes(server):
     models = completed(server.runsync({"api": {"method": "GET", "endpoint": "/controlnet/model_list"}}))
     assert models == {"model_list": ["tiny-control-a", "tiny-control-b", "tiny-xl-control"]}
     modules = completed(server.runsync({"api": {"method": "GET", "endpoint": "/controlnet/module_list"}}))
-    assert modules == {"module_list": ["none", "canny"]}
+    assert modules == {"module_list": ["none", "canny", "lineart_standard", "lineart_realistic", "lineart_coarse",
+                                       "softedge_pidinet", "softedge_pidisafe", "scribble_pidinet"]}
     error = failed(server.runsync({"api": {"method": "POST", "endpoint": "/controlnet/model_list"}}))
     assert error.startswith("api.method: only GET is served for /controlnet/model_list")
 
@@ -90,8 +91,40 @@ def test_a1111_unit_translation():
         {"model": "m", "image": "x"}]}}})).controlnets[0].resize_mode == "crop_and_resize"  # the extension's default
 
 
+def test_an_a1111_lineart_unit_equals_the_native_unit_and_is_not_the_raw_image(server):
+    unit = {"image": control_b64(), "module": "lineart", "model": "tiny-control-a", "processor_res": 128,
+            "threshold_a": 64, "threshold_b": 64}  # the extension's lineart has no sliders: thresholds unused
+    a1111_output = completed(server.runsync({**PAYLOAD, "alwayson_scripts": {"controlnet": {"args": [unit]}}}))
+    native = {"prompt": "a fox", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 9, "scheduler": "Euler",
+              "guidance_scale": 7, "controlnets": [{"model": "tiny-control-a", "image": control_b64(),
+                                                    "preprocessor": "lineart_realistic", "processor_res": 128,
+                                                    "resize_mode": "crop_and_resize"}]}
+    assert pixels(a1111_output) == pixels(completed(server.runsync(native)))
+    raw = {**unit, "module": "none"}
+    assert pixels(a1111_output) != pixels(completed(server.runsync(
+        {**PAYLOAD, "alwayson_scripts": {"controlnet": {"args": [raw]}}})))
+    error = failed(server.runsync({**PAYLOAD, "alwayson_scripts": {"controlnet": {"args": [
+        {**unit, "module": "softedge_hed"}]}}}))
+    assert error.startswith("controlnets.0.preprocessor: 'softedge_hed' has no weights on this worker; available: "
+                            "none, canny, lineart_standard, lineart_realistic")
+
+
+def test_a1111_module_names_and_resolution():
+    def translated(**unit):
+        full = {"image": "abc", "model": "tiny-control-a", **unit}
+        call = a1111.parse_call({**PAYLOAD, "alwayson_scripts": {"controlnet": {"args": [full]}}})
+        return a1111.to_request(call).controlnets[0]
+
+    assert (translated(module="pidinet_scribble").preprocessor, translated(module="hed").preprocessor) == (
+        "scribble_pidinet", "softedge_hed")
+    assert translated(module="Lineart_Coarse", processor_res=-1).processor_res == 512  # the extension's default
+    assert translated(module="lineart", pixel_perfect=True).processor_res is None  # at the output size
+    assert translated(module="none", processor_res=256).processor_res is None  # none has no resolution
+
+
 @pytest.mark.parametrize(("unit", "expected"), [
-    ({"module": "depth_midas"}, "args.0.module: 'depth_midas' is not available on this worker"),
+    ({"module": "depth_midas"}, "args.0.module: 'depth_midas' is not available on this worker; available: none, "
+                                "canny, lineart_standard, lineart_realistic"),
     ({"frobnicate": 1}, "args.0.frobnicate: not supported by this worker"),
     ({"mask": "abc"}, "args.0.mask: a ControlNet mask is not supported"),
     ({"control_mode": 7}, "args.0.control_mode: expected one of"),

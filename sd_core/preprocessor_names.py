@@ -1,0 +1,42 @@
+"""The ControlNet preprocessor (module) names: the A1111 extension's, what weights each needs (no imports: schema)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Module:
+    """One preprocessor: the weights it needs (a manifest entry's name; None: none) and controlnet_aux's options."""
+
+    weights: str | None
+    options: dict = field(default_factory=dict)
+
+
+# The extension's module names (its labels; its internal names are ALIASES). none and canny: sd_core/control_images.py;
+# lineart_standard: controlnet_aux without weights; the others need their weights file in models/_preprocessors.yaml.
+MODULES = {
+    "none": Module(None),
+    "canny": Module(None),
+    "lineart_standard": Module(None),
+    "lineart_realistic": Module("lineart"),
+    "lineart_coarse": Module("lineart_coarse", {"coarse": True}),
+    "softedge_pidinet": Module("pidinet"),
+    "softedge_pidisafe": Module("pidinet", {"safe": True}),
+    "scribble_pidinet": Module("pidinet", {"scribble": True}),
+    "softedge_hed": Module("hed"),
+    "softedge_hedsafe": Module("hed", {"safe": True}),
+    "scribble_hed": Module("hed", {"scribble": True}),
+}
+ALIASES = {"lineart": "lineart_realistic", "pidinet": "softedge_pidinet", "pidinet_safe": "softedge_pidisafe",
+           "pidinet_scribble": "scribble_pidinet", "hed": "softedge_hed", "hed_safe": "softedge_hedsafe"}
+WEIGHTS = ("lineart", "lineart_coarse", "pidinet", "hed")  # the manifest's entry names
+
+
+def canonical(name) -> str | None:
+    """A module name (either spelling, any case) as MODULES names it; None if unknown."""
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    return key if key in MODULES else None

@@ -1,0 +1,182 @@
+"""ControlNet preprocessors by the A1111 extension's module names: built in, or controlnet_aux on manifest weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import threading
+import types
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import storage
+from .checkpoints import refuse_pickle
+from .errors import InvalidRequest, ManifestError, SDError, quote, scrub
+from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
+from .preprocessor_names import MODULES, WEIGHTS, canonical
+from .settings import Settings
+
+log = logging.getLogger("sd_core.preprocessors")
+
+MANIFEST_NAME = "_preprocessors.yaml"  # in SD_MODELS_DIR; absent: only the preprocessors without weights
+
+
+class PreprocessorEntry(BaseModel):
+    """One preprocessor weights file (the annotator's state dict, converted to .safetensors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description=f"which weights: one of {', '.join(WEIGHTS)}")
+    uri: str = Field(min_length=1, description="the weights file (relative: joined onto SD_WEIGHTS_URI)")
+    sha256: str | None = Field(None, pattern=SHA256_PATTERN)
+    size: int | None = Field(None, ge=0)
+    description: str = ""
+
+
+class PreprocessorManifest(BaseModel):
+    """models/_preprocessors.yaml: the weights of the worker's weight-based ControlNet preprocessors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("preprocessors", pattern=NAME_PATTERN)
+    description: str = ""
+    preprocessors: list[PreprocessorEntry] = Field(default_factory=list)
+
+
+def import_controlnet_aux(submodule: str):
+    """``controlnet_aux.<submodule>``, imported without the package's __init__ (which imports every detector, and
+    with them torchvision, timm, scikit-image and mediapipe that the ones used here never need)."""
+    if "controlnet_aux" not in sys.modules:
+        spec = importlib.util.find_spec("controlnet_aux")
+        if spec is None or not spec.submodule_search_locations:
+            raise ManifestError("controlnet_aux is not installed (requirements-nodeps.txt); weight-based "
+                                "ControlNet preprocessors need it")
+        package = types.ModuleType("controlnet_aux")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["controlnet_aux"] = package
+    return importlib.import_module(f"controlnet_aux.{submodule}")
+
+
+def build_network(weights: str, state: dict):
+    """controlnet_aux's network for ``weights`` with ``state`` loaded (strict): built directly, never from a hub."""
+    state = {key.removeprefix("module."): value for key, value in state.items()}  # PiDiNet's DataParallel prefix
+    if weights in ("lineart", "lineart_coarse"):
+        generator = import_controlnet_aux("lineart").Generator
+        blocks = {key.split(".")[1] for key in state if key.startswith("model2.")}
+        network = generator(3, 1, len(blocks))  # the annotators have 3 residual blocks; tiny twins fewer
+    elif weights == "pidinet":
+        network = import_controlnet_aux("pidi.model").pidinet()
+    elif weights == "hed":
+        network = import_controlnet_aux("hed").ControlNetHED_Apache2()
+    else:
+        raise ManifestError(f"unknown preprocessor weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    network.load_state_dict(state, strict=True)
+    return network.float().eval()
+
+
+def detector(weights: str | None, network):
+    """controlnet_aux's detector object around ``network`` (lineart_standard: none needed)."""
+    if weights is None:
+        return import_controlnet_aux("lineart_standard").LineartStandardDetector()
+    if weights in ("lineart", "lineart_coarse"):
+        return import_controlnet_aux("lineart").LineartDetector(network, network)
+    if weights == "pidinet":
+        return import_controlnet_aux("pidi").PidiNetDetector(network)
+    return import_controlnet_aux("hed").HEDdetector(network)
+
+
+def read_state(path: Path, settings: Settings) -> dict:
+    """A weights file's tensors: .safetensors, or (only with SD_ALLOW_PICKLE=1) a torch pickle."""
+    refuse_pickle(path, settings)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+class Preprocessors:
+    """One worker's ControlNet preprocessors (``engine.controlnets.preprocessors``): ``names()``, ``check(name)``,
+    ``run(name, image, resolution)``. Weights are fetched like a model's on first use and stay loaded (a few MB
+    to 60 MB each); the networks run under the engine's GPU lock."""
+
+    def __init__(self, settings: Settings, placement=None, gpu_lock: AbstractContextManager | None = None):
+        self.settings = settings
+        self.placement = placement
+        self.gpu_lock = gpu_lock if gpu_lock is not None else threading.RLock()
+        self.entries = self._read_entries()
+        self._loaded: dict[str, object] = {}
+        self._load_lock = threading.Lock()
+
+    def _read_entries(self) -> dict[str, PreprocessorEntry]:
+        path = Path(self.settings.models_dir) / MANIFEST_NAME
+        if not path.is_file():
+            return {}
+        manifest = read_manifest(path, PreprocessorManifest, "preprocessor manifest")
+        entries: dict[str, PreprocessorEntry] = {}
+        for entry in manifest.preprocessors:
+            if entry.name not in WEIGHTS:
+                raise ManifestError(f"preprocessor weights {entry.name!r} in {path}: unknown; valid: "
+                                    f"{', '.join(WEIGHTS)}")
+            if entry.name in entries:
+                raise ManifestError(f"preprocessor weights {entry.name!r} are defined twice in {path}")
+            entries[entry.name] = entry
+        return entries
+
+    def names(self) -> list[str]:
+        """The modules a request may name on this worker: those without weights, and those whose weights the
+        manifest lists (the extension's /controlnet/module_list)."""
+        return [name for name, module in MODULES.items() if module.weights is None or module.weights in self.entries]
+
+    def check(self, name, field: str = "preprocessor") -> str:
+        """``name`` as MODULES names it, if this worker has it; else InvalidRequest listing the available ones."""
+        key = canonical(name)
+        if key is None or key not in self.names():
+            why = "has no weights on this worker" if key is not None else "is not a known preprocessor"
+            raise InvalidRequest(f"{quote(name, 40)} {why}; available: {', '.join(self.names())}", field=field)
+        return key
+
+    def run(self, name: str, image, resolution: int, field: str = "preprocessor"):
+        """The control map (PIL RGB) of ``image`` by a weight-based (or lineart_standard) module, detected with its
+        short side at ``resolution`` (controlnet_aux rounds both sides to multiples of 64)."""
+        import numpy as np
+
+        key = self.check(name, field)
+        module = MODULES[key]
+        found = detector(module.weights, self._network(module.weights, field) if module.weights else None)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+        if module.weights is None:
+            result = found(pixels, detect_resolution=resolution, output_type="pil")
+        else:
+            with self.gpu_lock:
+                result = found(pixels, detect_resolution=resolution, image_resolution=resolution, output_type="pil",
+                               **module.options)
+        return result.convert("RGB")
+
+    def _network(self, weights: str, field: str):
+        with self._load_lock:
+            if weights in self._loaded:
+                return self._loaded[weights]
+            entry = self.entries[weights]
+            path = Path(storage.fetch(resolve_uri(entry.uri, self.settings), self.settings, sha256=entry.sha256,
+                                      size=entry.size))
+            try:
+                network = build_network(weights, read_state(path, self.settings))
+            except SDError as exc:  # a refused pickle: the unit's field names it
+                exc.field = exc.field if exc.field not in (None, "model") else field
+                raise
+            except Exception as exc:  # not this network's state dict, or a damaged file
+                raise ManifestError(f"preprocessor weights {weights!r} ({scrub(entry.uri)}): cannot load them "
+                                    f"({type(exc).__name__}: {str(exc)[:200]})") from None
+            if self.placement is not None:
+                network.to(self.placement.device)
+            self._loaded[weights] = network
+            log.info("preprocessor weights %s loaded", weights)
+            return network
