@@ -3,7 +3,7 @@
 
 Cog's `build.python_requirements` takes one file, while the project pins torch apart (requirements-torch.txt, installed
 first everywhere else) from the rest (requirements.txt). This joins them: torch first, then every runtime pin except
-the RunPod-only ones (the Cog image never imports `runpod`). With `gpu: true`, `cog build` installs PyPI's torch
+the RunPod-only ones (the Cog image never imports `runpod`); the --no-deps pins go into cog.yaml's build.run. With `gpu: true`, `cog build` installs PyPI's torch
 wheel for Linux, the CUDA build.
 
     python scripts/checks/write_cog_requirements.py           # (re)write requirements-cog.txt
@@ -18,7 +18,10 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUT = REPO_ROOT / "requirements-cog.txt"
-SOURCES = ("requirements-torch.txt", "requirements.txt", "requirements-nodeps.txt")
+SOURCES = ("requirements-torch.txt", "requirements.txt")
+# requirements-nodeps.txt is not in that file: pip would install those packages' declared dependencies (torchvision,
+# timm, scikit-image), and torchvision's own torch pin with them. cog.yaml's build.run installs them with --no-deps.
+NODEPS = "requirements-nodeps.txt"
 NOT_IN_COG_IMAGE = {"runpod"}  # used by handler.py (the RunPod adapter) only
 
 HEADER = """\

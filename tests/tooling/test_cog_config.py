@@ -69,6 +69,16 @@ def test_cog_requirements_are_the_projects_pins(config):
     assert not any(ln.startswith("runpod") for ln in lines)
 
 
+def test_no_deps_packages_are_installed_without_their_dependencies(config):
+    nodeps = [ln.split("#", 1)[0].strip() for ln in (REPO / "requirements-nodeps.txt").read_text().splitlines()]
+    nodeps = [ln for ln in nodeps if ln]
+    requirements = (REPO / config["build"]["python_requirements"]).read_text().splitlines()
+    assert nodeps and not set(nodeps) & set(requirements), "pip would pull their declared dependencies (torchvision)"
+    runs = [cmd if isinstance(cmd, str) else cmd["command"] for cmd in config["build"].get("run", [])]
+    installs = [cmd.split() for cmd in runs if cmd.startswith("pip install --no-deps ")]
+    assert installs and sorted(installs[0][3:]) == sorted(nodeps)
+
+
 def test_no_weights_go_into_the_image(config):
     assert "weights" not in config, "no weights in the image: setup() fetches them"
     ignored = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
