@@ -609,6 +609,7 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
     save_file(original_checkpoint(pipe, arch), checkpoint, metadata={"format": "pt"})
     paths = {f"tiny-{arch}": root}
     paths.update(write_loras(pipe, arch, out / "loras", seed))
+    from devtools.tiny_controlnet_union import write_tiny_controlnet_union
     from devtools.tiny_inpaint import write_tiny_inpaint  # its own module, which imports this one
     from devtools.tiny_vae import write_tiny_vaes  # its own module, which imports this one
 
@@ -618,6 +619,7 @@ def build_arch(arch: str, out: Path, seed: int) -> dict[str, Path]:
         paths.update(write_tiny_inpaint(out, seed))  # devtools/tiny_inpaint.py: a 9-channel UNet on this model
     if arch == "sdxl":
         paths.update(build_refiners(out, seed))  # devtools/tiny_refiner.py: reuses this model's VAE, text_encoder_2
+        paths.update(write_tiny_controlnet_union(pipe.unet, out, seed))  # devtools/tiny_controlnet_union.py
     paths.update(write_tiny_controlnets(pipe.unet, arch, out, seed))
     paths.update(write_tiny_ip_adapter(pipe, arch, out, seed))
     return paths

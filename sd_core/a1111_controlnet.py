@@ -18,15 +18,24 @@ RESIZE_MODES = {0: "just_resize", 1: "crop_and_resize", 2: "resize_and_fill", "j
                 "crop and resize": "crop_and_resize", "inner fit (scale to fit)": "crop_and_resize",
                 "scale to fit (inner fit)": "crop_and_resize", "resize and fill": "resize_and_fill",
                 "envelope (outer fit)": "resize_and_fill"}
+HR_OPTIONS = {"both": "both", "low res only": "low_res_only", "high res only": "high_res_only", 0: "both",
+              1: "low_res_only", 2: "high_res_only"}  # the extension's HiResFixOption (values, or their index)
+# The extension's union_control_type (its ControlNetUnionControlType values, and the tags it maps to them) -> the
+# native control_type; "Unknown" (its default) is no control type.
+UNION_TYPES = {"openpose": "openpose", "depth": "depth", "soft edge": "softedge", "softedge": "softedge",
+               "scribble": "softedge", "hard edge": "canny", "canny": "canny", "lineart": "canny", "mlsd": "canny",
+               "normal map": "normal", "normalmap": "normal", "segmentation": "segment", "tile": "tile",
+               "blur": "tile", "inpaint": "inpaint", "unknown": None}
 DEFAULT_PROCESSOR_RES = 512  # the extension's default (its -1)
 DEFAULT_THRESHOLDS = (100, 200)  # canny's low/high (threshold_a/b's -1)
 # Unit keys accepted without effect on the image: memory hints, saving, the UI's own state. Anything else that is not
 # translated below is refused by name.
-HARMLESS = {"lowvram": None, "low_vram": None, "save_detected_map": None, "is_ui": None, "hr_option": None,
+HARMLESS = {"lowvram": None, "low_vram": None, "save_detected_map": None, "is_ui": None,
             "input_mode": ("simple", 0), "loopback": (False, 0), "batch_images": ("", None),
             "use_preview_as_input": (False, 0), "generated_image": (None, ""), "advanced_weighting": (None,),
             "effective_region_mask": (None, "")}
-NAMES = {"scale": "weight", "start": "guidance_start", "end": "guidance_end", "mode": "control_mode",
+NAMES = {"hires_option": "hr_option", "control_type": "union_control_type", "scale": "weight",
+         "start": "guidance_start", "end": "guidance_end", "mode": "control_mode",
          "preprocessor": "module", "low_threshold": "threshold_a", "high_threshold": "threshold_b"}
 
 
@@ -87,7 +96,7 @@ def _unit(unit: dict, prefix: str, errors: list[str]) -> dict | None:
             continue
         if key not in ("enabled", "image", "input_image", "mask", "module", "model", "weight", "guidance_start",
                        "guidance_end", "control_mode", "resize_mode", "processor_res", "threshold_a", "threshold_b",
-                       "pixel_perfect", "guessmode"):
+                       "pixel_perfect", "guessmode", "hr_option", "union_control_type"):
             errors.append(f"{prefix}.{field_label(key)}: not supported by this worker")
     image = unit.get("image", unit.get("input_image"))
     if isinstance(image, dict):  # the extension's {"image": ..., "mask": ...}
@@ -121,6 +130,12 @@ def _unit(unit: dict, prefix: str, errors: list[str]) -> dict | None:
     mode = _choice(mode, CONTROL_MODES, f"{prefix}.control_mode", errors)
     if mode is not None:
         native["mode"] = mode
+    hr_option = _choice(_or(unit.get("hr_option"), "Both"), HR_OPTIONS, f"{prefix}.hr_option", errors)
+    if hr_option is not None:
+        native["hires_option"] = hr_option
+    union = _choice(_or(unit.get("union_control_type"), "Unknown"), UNION_TYPES, f"{prefix}.union_control_type", errors)
+    if union is not None:
+        native["control_type"] = union
     resize = _choice(unit.get("resize_mode", 1), RESIZE_MODES, f"{prefix}.resize_mode", errors)
     if resize is not None:
         native["resize_mode"] = resize
@@ -156,3 +171,7 @@ def _number(value, default):
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _or(value, default):
+    return default if value is None else value

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from . import storage
 from .checkpoints import refuse_pickle, refuse_pickle_folder
-from .control_images import control_image
+from .control_images import detected_map, fit
 from .device import Placement, free_memory
 from .errors import FetchError, InvalidRequest, ModelNotFound, quote
 from .input_images import load_image
+from .limits import UNION_CONTROL_TYPES
 from .manifests import ControlNetEntry, ModelCatalog, ModelManifest, resolve_uri
 from .preprocessors import Preprocessors
 from .schema import GenerationRequest
@@ -42,6 +43,11 @@ class ResolvedControl:
     end: float
     guess_mode: bool
     field: str  # controlnets.<i>, for errors
+    soft: bool = False  # "My prompt is more important": residuals scaled per block (sd_core/controlnet_modes.py)
+    preprocessor: str = "none"
+    hires_option: str = "both"  # which passes of a hires fix it steers
+    hires_image: object = None  # the control map at a hires fix's final size (None without a hires fix)
+    union_mode: int | None = None  # a Union ControlNet's control type: diffusers' control_mode index
 
 
 class ControlNets:
@@ -61,23 +67,20 @@ class ControlNets:
         self.make_room: Callable[[str, int], None] | None = None
 
     # --- before the GPU lock ------------------------------------------------------------------------------
-    def resolve(self, request: GenerationRequest, manifest: ModelManifest, width: int,
-                height: int) -> tuple[ResolvedControl, ...]:
+    def resolve(self, request: GenerationRequest, manifest: ModelManifest, width: int, height: int,
+                hires_size: tuple[int, int] | None = None) -> tuple[ResolvedControl, ...]:
         """The request's units with a scale above 0 (a unit at scale 0 is skipped: exactly the image without it),
-        each with its control image decoded, preprocessed and fitted to width x height, and its weights fetched."""
+        each with its control image decoded, preprocessed and fitted to width x height (and to ``hires_size``, a
+        hires fix's final size, from the same detected map as the extension does), and its weights fetched."""
         units = [(i, unit) for i, unit in enumerate(request.controlnets) if unit.scale > 0]
         if not units:
             return ()
         if manifest.family.controlnet_pipelines is None:
             raise InvalidRequest(f"{manifest.name} ({manifest.architecture}) takes no ControlNets", field=FIELD)
         modes = {unit.mode for _, unit in units}
-        for i, unit in units:
-            if unit.mode == "prompt":
-                raise InvalidRequest("'prompt' (My prompt is more important) is not supported by this worker; use "
-                                     "balanced or control (ControlNet is more important)", field=f"{FIELD}.{i}.mode")
-        if len(modes) > 1:
-            raise InvalidRequest("all units of a request must share one mode (diffusers' guess_mode applies to the "
-                                 f"whole call); got {', '.join(sorted(modes))}", field=FIELD)
+        if "control" in modes and len(modes) > 1:
+            raise InvalidRequest("'control' (ControlNet is more important, diffusers' guess_mode) applies to the whole "
+                                 f"call: all units must use it or none; got {', '.join(sorted(modes))}", field=FIELD)
         resolved = []
         for i, unit in units:
             where = f"{FIELD}.{i}"
@@ -90,14 +93,19 @@ class ControlNets:
                                     field=f"{where}.model")
             entry, owner = found
             preprocessor = self.preprocessors.check(unit.preprocessor, f"{where}.preprocessor")
+            union_mode = check_union(entry, unit, manifest, where, len(units))
             source = load_image(unit.image, f"{where}.image", self.settings)
-            image = control_image(source, width=width, height=height, preprocessor=preprocessor,
-                                  resize_mode=unit.resize_mode, processor_res=unit.processor_res,
-                                  low=unit.low_threshold, high=unit.high_threshold, preprocessors=self.preprocessors)
+            detected = detected_map(source, width=width, height=height, preprocessor=preprocessor,
+                                    resize_mode=unit.resize_mode, processor_res=unit.processor_res,
+                                    low=unit.low_threshold, high=unit.high_threshold, preprocessors=self.preprocessors)
+            hires_image = fit(detected, *hires_size, unit.resize_mode) if hires_size else None
             weights, config = self._fetch(entry, f"{where}.model")
             resolved.append(ResolvedControl(
-                name=entry.name, key=(owner.name, entry.name), weights=weights, config=config, image=image,
-                scale=unit.scale, start=unit.start, end=unit.end, guess_mode=unit.mode == "control", field=where))
+                name=entry.name, key=(owner.name, entry.name), weights=weights, config=config,
+                image=fit(detected, width, height, unit.resize_mode), scale=unit.scale, start=unit.start,
+                end=unit.end, guess_mode=unit.mode == "control", field=where, soft=unit.mode == "prompt",
+                preprocessor=preprocessor, hires_option=unit.hires_option, hires_image=hires_image,
+                union_mode=union_mode))
         return tuple(resolved)
 
     def _fetch(self, entry: ControlNetEntry, field: str) -> tuple[Path, Path | None]:
@@ -128,10 +136,13 @@ class ControlNets:
 
         modules = [self._get(model, control) for control in controls]
         controlnet = modules[0] if len(modules) == 1 else diffusers.MultiControlNetModel(modules)
-        key = ("controlnet", mode)
+        union = controls[0].union_mode is not None
+        key = ("controlnet-union" if union else "controlnet", mode)
         pipe = model.pipes.get(key)
         if pipe is None:
             cls = model.manifest.family.controlnet_pipeline_class(mode)
+            if union:
+                cls = getattr(diffusers, union_class_name(cls.__name__))
             pipe = cls.from_pipe(model.pipeline("txt2img"), controlnet=controlnet)
             pipe.set_progress_bar_config(disable=True)
             model.pipes[key] = pipe
@@ -174,7 +185,12 @@ class ControlNets:
     def _read_config(self, control: ResolvedControl) -> dict:
         from diffusers import ControlNetModel
 
-        return dict(ControlNetModel.load_config(str(control.config or control.weights), local_files_only=True))
+        config = dict(ControlNetModel.load_config(str(control.config or control.weights), local_files_only=True))
+        if (config.get("_class_name") == "ControlNetUnionModel") != (control.union_mode is not None):
+            negation = "" if control.union_mode is None else "not "
+            raise InvalidRequest(f"ControlNet {quote(control.name)}'s weights are {negation}a Union ControlNet, "
+                                 "unlike its manifest entry (`union:`)", field=f"{control.field}.model")
+        return config
 
     @staticmethod
     def _check_fits(model, control: ResolvedControl, config) -> None:
@@ -183,6 +199,10 @@ class ControlNets:
         unet = model.pipeline("txt2img").unet.config
         theirs = (config.get("cross_attention_dim"), config.get("addition_embed_type"))
         ours = (unet.cross_attention_dim, unet.addition_embed_type)
+        types = config.get("num_control_type")
+        if control.union_mode is not None and types is not None and control.union_mode >= types:
+            raise InvalidRequest(f"Union ControlNet {quote(control.name)} knows {types} control types: "
+                                 f"{', '.join(UNION_CONTROL_TYPES[:types])}", field=f"{control.field}.control_type")
         if theirs != ours:
             kind = "SDXL" if theirs[1] == "text_time" else "SD1.x/SD2"
             raise InvalidRequest(
@@ -191,8 +211,10 @@ class ControlNets:
                 field=f"{control.field}.model")
 
     def _load(self, control: ResolvedControl):
-        from diffusers import ControlNetModel
+        from diffusers import ControlNetModel, ControlNetUnionModel
 
+        if control.union_mode is not None:
+            ControlNetModel = ControlNetUnionModel  # noqa: N806 (same loaders, the union class)
         started = time.perf_counter()
         common = {"torch_dtype": self.placement.dtype, "local_files_only": True}
         if control.config is not None:
@@ -213,6 +235,11 @@ def pipe_kwargs(controls: tuple[ResolvedControl, ...], mode: str) -> dict:
     def value(items: list):
         return items[0] if len(items) == 1 else items
 
+    if controls[0].union_mode is not None:  # one Union unit (check_union): its map and control type as lists
+        control = controls[0]
+        return {"control_image": [control.image], "control_mode": [control.union_mode],
+                "controlnet_conditioning_scale": control.scale, "control_guidance_start": control.start,
+                "control_guidance_end": control.end, "guess_mode": control.guess_mode}
     return {
         "image" if mode == "txt2img" else "control_image": value([c.image for c in controls]),
         "controlnet_conditioning_scale": value([c.scale for c in controls]),
@@ -220,3 +247,31 @@ def pipe_kwargs(controls: tuple[ResolvedControl, ...], mode: str) -> dict:
         "control_guidance_end": value([c.end for c in controls]),
         "guess_mode": controls[0].guess_mode,
     }
+
+
+def union_class_name(name: str) -> str:
+    """A family's ControlNet pipeline class name -> its Union ControlNet twin (SDXL's, in diffusers)."""
+    return name.replace("ControlNet", "ControlNetUnion", 1)
+
+
+def check_union(entry: ControlNetEntry, unit, manifest: ModelManifest, field: str, units: int) -> int | None:
+    """A unit's Union control type as diffusers' control_mode index (None for a plain ControlNet); refused: a
+    control_type on a plain ControlNet, a Union one without it, on a family without Union pipelines, or next to
+    other units (diffusers' Union pipelines run one Union ControlNet)."""
+    if not entry.union:
+        if unit.control_type is not None:
+            raise InvalidRequest(f"ControlNet {quote(entry.name)} is no Union ControlNet: leave control_type empty",
+                                 field=f"{field}.control_type")
+        return None
+    import diffusers
+
+    plain = manifest.family.controlnet_pipeline_class("txt2img")
+    if plain is None or not hasattr(diffusers, union_class_name(plain.__name__)):
+        raise InvalidRequest(f"{manifest.name} ({manifest.architecture}) takes no Union ControlNets (SDXL only)",
+                             field=f"{field}.model")
+    if unit.control_type is None:
+        raise InvalidRequest(f"Union ControlNet {quote(entry.name)} needs a control_type: one of "
+                             f"{', '.join(UNION_CONTROL_TYPES)}", field=f"{field}.control_type")
+    if units > 1:
+        raise InvalidRequest("a Union ControlNet unit runs alone here (no other unit in the request)", field=field)
+    return UNION_CONTROL_TYPES.index(unit.control_type)

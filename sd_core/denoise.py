@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .controlnet import ControlNets, pipe_kwargs
+from .controlnet_modes import soft_injection
 from .device import Placement, raise_device_failure
 from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, quote
@@ -77,7 +78,8 @@ class Denoiser:
             t = time.perf_counter()
             results: list = [None] * len(jobs)
             # the model's own VAE and padding are back afterwards, whatever happens; a batch shares both (batch_key)
-            with swapped(pipe, model, vae), seamless(pipe, first.tiling):
+            # soft injection (My prompt is more important) on this call's ControlNets only
+            with swapped(pipe, model, vae), seamless(pipe, first.tiling), soft_injection(pipe, jobs[0].controls):
                 # One pipeline call per conditioning layout: the text as is (plain prompts), or embeddings of one length
                 for members, conditioning in plan_groups(pipe, jobs, clip_skip):
                     group = [jobs[i] for i in members]

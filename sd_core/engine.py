@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -13,6 +14,7 @@ from . import inpainting
 from .batching import MicroBatcher
 from .catalog_storage import with_local_catalog
 from .controlnet import ControlNets
+from .controlnet_modes import first_pass, second_pass
 from .denoise import Denoiser
 from .device import choose_placement
 from .embeddings import EmbeddingManager
@@ -129,7 +131,6 @@ class Engine:
             if req.outpaint is not None and (problem := outpaint_size_problem(width, height)):
                 raise InvalidRequest(problem, field="outpaint")
         self._check_pixel_budget(width, height, req.num_outputs)
-        controls = self.controlnets.resolve(req, manifest, width, height)  # control maps at the output size
         # 3. conditioning: the prompt as the pipeline gets it, A1111 <lora:...> tags split off, embedding names (whole
         # words, prompt and negative prompt) replaced with the tokens they are loaded under
         user_prompt, user_negative = req.prompt, req.negative_prompt
@@ -138,6 +139,12 @@ class Engine:
         if req.hires is not None:  # the hires fix, sized; the budget holds the final size too
             hires = plan_hires(req, manifest, width, height, tagged, getattr(self, "upscalers", None))
             self._check_pixel_budget(hires.width, hires.height, req.num_outputs)
+        # ControlNet units: control maps at the output size (and a hires fix's final size); those of each pass
+        controls = self.controlnets.resolve(req, manifest, width, height,
+                                            (hires.width, hires.height) if hires is not None else None)
+        if hires is not None:
+            hires = dataclasses.replace(hires, controls=second_pass(controls))
+        controls = first_pass(controls, hires is not None)
         if tagged:
             req = req.model_copy(update={"prompt": prompt})
         req, embeddings = self.embeddings.prepare(req, manifest)

@@ -41,6 +41,7 @@ class HiresPlan:
     height: int
     steps: int  # denoising steps the second pass runs (A1111's hires steps)
     schedule_steps: int  # num_inference_steps of the img2img call: `steps` of them run at this strength
+    controls: tuple = ()  # the second pass's ControlNet units, maps at the final size (sd_core/controlnet_modes.py)
 
     @property
     def latent(self) -> bool:
@@ -180,7 +181,7 @@ class HiresFix:
                 job.on_step(first_steps + done, job.steps_run)  # progress over both passes
         second = dataclasses.replace(
             job, request=second_request, image=init, width=plan.width, height=plan.height, hires=None,
-            pass_mode="img2img", on_step=on_step, subseeds=None, timings={},
+            pass_mode="img2img", on_step=on_step, subseeds=None, timings={}, controls=plan.controls,
             # the second pass's own prompts (hr_prompt), their editing counted over the steps it runs
             prompts=plan_prompts(second_request.prompt, second_request.negative_prompt,
                                  max(1, int(plan.schedule_steps * spec.denoising_strength))),

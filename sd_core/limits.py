@@ -20,6 +20,10 @@ MAX_CONTROL_SCALE = 2.0  # A1111's weight slider goes to 2
 CONTROL_PREPROCESSORS = tuple(MODULES)  # every module name known (sd_core/preprocessor_names.py); a worker has some
 CONTROL_MODES = ("balanced", "prompt", "control")
 CONTROL_RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
+# the passes of a hires fix a unit steers (the extension's hr_option); without a hires fix a unit always applies
+CONTROL_HIRES_OPTIONS = ("both", "low_res_only", "high_res_only")
+# Union ControlNet control types in diffusers' control_mode order (xinsir's ControlNet++, the extension's order)
+UNION_CONTROL_TYPES = ("openpose", "depth", "softedge", "canny", "normal", "segment", "tile", "inpaint")
 MAX_IP_ADAPTER_IMAGES = 4  # reference images of one request (one IP-Adapter model per request)
 MAX_IP_ADAPTER_SCALE = 2.0
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)

@@ -122,6 +122,7 @@ class ControlNetEntry(BaseModel):
     sha256: str | None = Field(None, pattern=SHA256_PATTERN)
     size: int | None = Field(None, ge=0)
     config_uri: str | None = None
+    union: bool = False  # a Union ControlNet (SDXL, ControlNetUnionModel): units name their control_type
 
     @property
     def is_folder(self) -> bool:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import quote
 from .limits import (
+    CONTROL_HIRES_OPTIONS,
     CONTROL_MODES,
     CONTROL_PREPROCESSORS,
     CONTROL_RESIZE_MODES,
@@ -21,6 +22,7 @@ from .limits import (
     MAX_SCHEDULER_CHARS,
     MAX_SIZE,
     MAX_STEPS,
+    UNION_CONTROL_TYPES,
 )
 from .preprocessor_names import canonical
 from .schedulers import SCHEDULER_NAMES, checked_name
@@ -127,7 +129,8 @@ class ControlNetUnit(BaseModel):
     start: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it starts at")
     end: float = Field(1.0, ge=0.0, le=1.0, allow_inf_nan=False, description="Fraction of the steps it stops at")
     mode: Literal[CONTROL_MODES] = Field(  # type: ignore[valid-type]
-        "balanced", description="balanced; control: ControlNet is more important (diffusers' guess_mode)")
+        "balanced", description="balanced; prompt: my prompt is more important (soft injection); control: ControlNet "
+                                "is more important (diffusers' guess_mode)")
     preprocessor: str = Field("none", max_length=64, description="none (the image is the control map), canny, "
                               "or another module (lineart_realistic, softedge_pidinet, ...: /controlnet/module_list)")
     resize_mode: Literal[CONTROL_RESIZE_MODES] = Field(  # type: ignore[valid-type]
@@ -136,6 +139,10 @@ class ControlNetUnit(BaseModel):
                                       description="Preprocessor resolution (short side); empty: the output size")
     low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold (the other modules have none)")
     high_threshold: int = Field(200, ge=0, le=255, description="canny: high threshold")
+    hires_option: Literal[CONTROL_HIRES_OPTIONS] = Field(  # type: ignore[valid-type]
+        "both", description="With the hires fix: the passes it steers (both, low_res_only, high_res_only)")
+    control_type: Literal[UNION_CONTROL_TYPES] | None = Field(  # type: ignore[valid-type]
+        None, description="Union ControlNets only: the kind of control map (openpose, depth, softedge, canny, ...)")
 
     @field_validator("preprocessor")
     @classmethod

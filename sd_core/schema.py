@@ -192,11 +192,6 @@ class GenerationRequest(BaseModel):
         if self.hires is not None and self.subseed_strength > 0:
             raise ValueError("hires: not combined with variation seeds (subseed_strength) by this worker; use 0")
         self._check_inpainting()
-        controlled = any(unit.scale > 0 for unit in self.controlnets)
-        if controlled and self.tiling:
-            raise ValueError("controlnets: not supported together with tiling")
-        if controlled and (self.hires is not None or self.refine != "no_refiner"):
-            raise ValueError("controlnets: not combined with the hires fix or the refiner by this worker yet; use one")
         if self.refine != "no_refiner" and self.image is not None:
             raise ValueError("refine: the refiner pass works for txt2img only here, not with an init image")
         if self.refine != "no_refiner" and self.hires is not None:

@@ -7,6 +7,8 @@ from collections.abc import Iterator
 
 # The pipeline components whose convolutions wrap around the image edges (A1111 turns every Conv2d of the model to
 # circular padding; the text encoders have none). LoRA layers' own convolutions are included: they are Conv2d too.
+# A ControlNet is not: A1111 collects the layers when it loads the checkpoint, and the extension's ControlNets are
+# no part of it.
 TILED_COMPONENTS = ("unet", "vae")
 
 

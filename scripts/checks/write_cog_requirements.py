@@ -3,8 +3,8 @@
 
 Cog's `build.python_requirements` takes one file, while the project pins torch apart (requirements-torch.txt, installed
 first everywhere else) from the rest (requirements.txt). This joins them: torch first, then every runtime pin except
-the RunPod-only ones (the Cog image never imports `runpod`); the --no-deps pins go into cog.yaml's build.run. With `gpu: true`, `cog build` installs PyPI's torch
-wheel for Linux, the CUDA build.
+the RunPod-only ones (the Cog image never imports `runpod`); the --no-deps pins go into cog.yaml's build.run.
+With `gpu: true`, `cog build` installs PyPI's torch wheel for Linux, the CUDA build.
 
     python scripts/checks/write_cog_requirements.py           # (re)write requirements-cog.txt
     python scripts/checks/write_cog_requirements.py --check   # exit 1 if it no longer matches the pinned files

@@ -168,8 +168,9 @@ def test_unsupported_preprocessors_and_modes_are_refused(engine):
 
     with pytest.raises(InvalidRequest, match="preprocessor: 'depth' is not available.*available: none, canny"):
         parse_request({**FAST, "controlnets": [unit(preprocessor="depth")]})
-    with pytest.raises(InvalidRequest, match="controlnets.0.mode: 'prompt'"):
-        engine.generate(GenerationRequest(**FAST, controlnets=[unit(mode="prompt")]))
+    with pytest.raises(InvalidRequest, match="controlnets: 'control' .* all units must use it or none"):
+        engine.generate(GenerationRequest(**FAST, controlnets=[unit(mode="prompt"), unit("tiny-control-b",
+                                                                                          mode="control")]))
     with pytest.raises(InvalidRequest, match="start"):
         parse_request({**FAST, "controlnets": [unit(start=0.6, end=0.5)]})
 
