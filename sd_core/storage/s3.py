@@ -206,6 +206,29 @@ class S3Source:
         return found
 
     def read_range(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
+        from .s3_obstore import Refused, reader_for
+
+        reader = reader_for(self, obj.ref)
+        if reader is None:
+            return self._read_range_boto3(obj, start, end, sink)
+        try:
+            return reader.read_range(obj, start, end, sink)
+        except Refused:
+            pass
+        # A final answer (missing, denied, changed): the same request through boto3 says exactly what it means.
+        kwargs = {"Bucket": self.bucket, "Key": obj.ref, "Range": f"bytes={start}-{start}"}
+        if obj.etag:
+            kwargs["IfMatch"] = obj.etag
+        try:
+            self.client.get_object(**kwargs)["Body"].close()
+        except Exception as exc:
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500 or status == 429:
+                raise Transient(f"HTTP {status}") from None
+            raise self._explain(exc, obj.ref) from None
+        raise Transient("refused, then answered")
+
+    def _read_range_boto3(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
         from urllib3.exceptions import HTTPError as Urllib3Error
 
