@@ -173,8 +173,20 @@ class S3Source:
         return FetchError(message, field=field)
 
     # --- operations ---
+    def _obstore(self):
+        from .s3_obstore import reader_for
+
+        return reader_for(self, self.loc.path)
+
     def stat(self) -> RemoteObject:
         key = self.loc.path
+        if (reader := self._obstore()) is not None:
+            try:
+                obj = reader.head(key)
+                obj.rel = self.loc.name
+                return obj
+            except Exception:  # boto3 asks again below: it answers, or explains the error
+                pass
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
@@ -190,6 +202,14 @@ class S3Source:
 
     def list(self) -> list[RemoteObject]:
         prefix = self.loc.path
+        if (reader := self._obstore()) is not None:
+            try:
+                return [RemoteObject(safe_relpath(key[len(prefix):], self.loc.display), key, size, etag)
+                        for key, size, etag in reader.list(prefix) if not key.endswith("/")]
+            except FetchError:
+                raise
+            except Exception:  # boto3 lists again below: it answers, or explains the error
+                pass
         found = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):

@@ -103,7 +103,7 @@ def test_store_config_follows_boto3s_addressing(monkeypatch):
                         "virtual_hosted_style_request": False}
     aws = store_config(s3_client(region="eu-west-3"), "my-bucket", "x.bin")
     assert aws["region"] == "eu-west-3" and aws["allow_http"] is False
-    assert aws["virtual_hosted_style_request"] and aws["endpoint"].startswith("https://my-bucket.s3.")
+    assert aws["virtual_hosted_style_request"] and aws["endpoint"] == "https://my-bucket.s3.eu-west-3.amazonaws.com"
     path_style = store_config(s3_client(endpoint_url="https://minio.example:9000/prefix", region="us-east-1",
                                         path_style=True), "b", "x.bin")
     assert path_style["endpoint"] == "https://minio.example:9000/prefix"
@@ -118,3 +118,66 @@ def test_engine_setting_is_checked(s3_server, s3_env, s3_bucket, tmp_path, monke
     path = fetch(f"s3://{s3_bucket}/e.bin", settings_for(tmp_path / "b", s3_server.endpoint_url,
                                                          fetch_engine="boto3"))
     assert path.read_bytes() == b"x" * 1000
+
+
+ENV_CASES = [
+    ({"AWS_DEFAULT_REGION": "us-east-1"}, None, "my-bucket"),
+    ({"AWS_DEFAULT_REGION": "eu-west-3"}, None, "my-bucket"),
+    ({"AWS_DEFAULT_REGION": "eu-west-3"}, None, "my.dotted.bucket"),
+    ({}, None, "plain"),
+    ({"AWS_DEFAULT_REGION": "us-west-2", "AWS_ENDPOINT_URL": "http://minio:9000"}, None, "bucket"),
+    ({"AWS_ENDPOINT_URL_S3": "https://acct.r2.cloudflarestorage.com"}, None, "my-bucket"),
+    ({"AWS_DEFAULT_REGION": "auto"}, "https://acct.r2.cloudflarestorage.com/", "weights"),
+    ({"AWS_ENDPOINT_URL": "http://10.0.0.5:8333"}, "http://127.0.0.1:8333", "b"),
+]
+
+
+@pytest.mark.parametrize(("env", "endpoint", "bucket"), ENV_CASES)
+def test_env_config_is_what_boto3_itself_uses(env, endpoint, bucket, monkeypatch, tmp_path):
+    """The boto3-free fast path (keys in the environment) addresses and signs exactly like boto3's own client."""
+    from sd_core.storage.s3_obstore import env_config
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    base = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "tok",
+            "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+    for name, value in {**base, **env}.items():
+        monkeypatch.setenv(name, value)
+    settings = Settings(cache_dir=tmp_path, s3_endpoint_url=endpoint)
+    fast = env_config(settings, bucket)
+    if env.get("AWS_DEFAULT_REGION") == "auto":
+        assert fast is None  # (a region name botocore would pass through: boto3 decides)
+        return
+    boto = store_config(s3_client(settings), bucket, "k/x.bin")
+    assert fast == {**boto, "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret", "token": "tok"}
+
+
+def test_env_config_defers_to_boto3_for_profiles_and_config_files(monkeypatch, tmp_path):
+    from sd_core.storage.s3_obstore import env_config
+
+    keys = {"AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_CONFIG_FILE": os.devnull}
+    settings = Settings(cache_dir=tmp_path)
+    assert env_config(settings, "b", keys) is not None
+    assert env_config(settings, "b", {**keys, "AWS_PROFILE": "dev"}) is None
+    assert env_config(settings, "b", {"AWS_SECRET_ACCESS_KEY": "b", "AWS_CONFIG_FILE": os.devnull}) is None
+    config = tmp_path / "config"
+    config.write_text("[default]\ns3 =\n  addressing_style = virtual\n")
+    assert env_config(settings, "b", {**keys, "AWS_CONFIG_FILE": str(config)}) is None
+
+
+def test_fast_path_stat_and_list_match_boto3s(s3_server, s3_env, s3_bucket, tmp_path, monkeypatch):
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="d/a.bin", Body=b"a" * 100)
+    client.put_object(Bucket=s3_bucket, Key="d/sub/b.bin", Body=b"b" * 7)
+    from sd_core.storage.uris import parse_uri
+
+    fast = S3Source(parse_uri(f"s3://{s3_bucket}/d/a.bin"), settings_for(tmp_path, s3_server.endpoint_url))
+    slow = S3Source(parse_uri(f"s3://{s3_bucket}/d/a.bin"), settings_for(tmp_path, s3_server.endpoint_url,
+                                                                          fetch_engine="boto3"))
+    assert fast.stat() == slow.stat()
+    assert "client" not in fast.__dict__  # answered without creating a boto3 client
+    folder = f"s3://{s3_bucket}/d/"
+    fast = S3Source(parse_uri(folder), settings_for(tmp_path, s3_server.endpoint_url))
+    slow = S3Source(parse_uri(folder), settings_for(tmp_path, s3_server.endpoint_url, fetch_engine="boto3"))
+    assert sorted(fast.list(), key=lambda o: o.rel) == sorted(slow.list(), key=lambda o: o.rel)
+    assert "client" not in fast.__dict__
