@@ -8,7 +8,7 @@ Run from the repository root (one module per benchmark: scripts/bench/<name>.py)
     python -m scripts.bench batch       # micro-batching: images/s at 1/2/4/8 concurrent requests vs sequential
     python -m scripts.bench coldstart   # process start -> ready -> first image: warm cache vs S3; first/warm request
     python -m scripts.bench lora        # LoRA switch vs base reload (options it does not know go on to lora.py)
-    python -m scripts.bench fetch       # our fetch vs boto3 vs a loopback ceiling (likewise, fetch.py)
+    python -m scripts.bench fetch       # our fetch vs s5cmd / boto3, CPU per GiB, imports alongside (fetch.py)
     python -m scripts.bench all         # all of the above, one after the other
 
 Every subcommand takes --quick (a 1-2 minute variant) and --smoke (seconds: proves the entry point works; the

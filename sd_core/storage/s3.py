@@ -173,8 +173,20 @@ class S3Source:
         return FetchError(message, field=field)
 
     # --- operations ---
+    def _obstore(self):
+        from .s3_obstore import reader_for
+
+        return reader_for(self, self.loc.path)
+
     def stat(self) -> RemoteObject:
         key = self.loc.path
+        if (reader := self._obstore()) is not None:
+            try:
+                obj = reader.head(key)
+                obj.rel = self.loc.name
+                return obj
+            except Exception:  # boto3 asks again below: it answers, or explains the error
+                pass
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=key)
         except Exception as exc:
@@ -190,6 +202,14 @@ class S3Source:
 
     def list(self) -> list[RemoteObject]:
         prefix = self.loc.path
+        if (reader := self._obstore()) is not None:
+            try:
+                return [RemoteObject(safe_relpath(key[len(prefix):], self.loc.display), key, size, etag)
+                        for key, size, etag in reader.list(prefix) if not key.endswith("/")]
+            except FetchError:
+                raise
+            except Exception:  # boto3 lists again below: it answers, or explains the error
+                pass
         found = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
@@ -206,6 +226,29 @@ class S3Source:
         return found
 
     def read_range(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
+        from .s3_obstore import Refused, reader_for
+
+        reader = reader_for(self, obj.ref)
+        if reader is None:
+            return self._read_range_boto3(obj, start, end, sink)
+        try:
+            return reader.read_range(obj, start, end, sink)
+        except Refused:
+            pass
+        # A final answer (missing, denied, changed): the same request through boto3 says exactly what it means.
+        kwargs = {"Bucket": self.bucket, "Key": obj.ref, "Range": f"bytes={start}-{start}"}
+        if obj.etag:
+            kwargs["IfMatch"] = obj.etag
+        try:
+            self.client.get_object(**kwargs)["Body"].close()
+        except Exception as exc:
+            status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500 or status == 429:
+                raise Transient(f"HTTP {status}") from None
+            raise self._explain(exc, obj.ref) from None
+        raise Transient("refused, then answered")
+
+    def _read_range_boto3(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
         from urllib3.exceptions import HTTPError as Urllib3Error
 

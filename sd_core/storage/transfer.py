@@ -192,6 +192,7 @@ class Transfer:
                 if self.stop.is_set():
                     raise Stopped()
                 job.write(chunk, start + written)
+                job.hash_live(chunk, start + written)
                 written += len(chunk)
                 job.filled[i] = written
                 self.progress.add(len(chunk))
@@ -199,6 +200,7 @@ class Transfer:
             try:
                 if not job.ranged:
                     os.ftruncate(job.fd, 0)
+                    job.restart_hash()
                 self.source.read_range(job.obj, start, end, sink)
                 expected = (end - start + 1) if end is not None else job.obj.size
                 if expected is not None and written != expected:
