@@ -42,7 +42,7 @@ def bare(tiny_bucket):
             cls = StableDiffusionPipeline if arch == "sd15" else StableDiffusionXLPipeline
             pipe = cls.from_pretrained(tiny_bucket / f"tiny-{arch}" / "diffusers", local_files_only=True)
             pipe.set_progress_bar_config(disable=True)
-            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
             pipes[arch] = pipe
         return pipes[arch]
 

@@ -38,7 +38,7 @@ def bare(tiny_bucket):
         local_files_only=True)
     for pipe in (base, refiner):
         pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
 
     def run(refine: str, frac: float = 0.8, lora: str | None = None) -> np.ndarray:
         common = {"prompt": PROMPT, "num_inference_steps": STEPS, "guidance_scale": CFG}
