@@ -206,7 +206,10 @@ def test_euler_normal_equals_bare_diffusers_with_comfyuis_normal_sigmas(engine, 
     expected = bare_image(pipe, scheduler, 8, sigmas=sigmas)
     result = generate(engine, scheduler="Euler Normal", seed=8)
     assert np.array_equal(pixels(result), expected)
-    assert not np.array_equal(pixels(generate(engine, scheduler="Euler", seed=8)), expected)
+    # A1111's Uniform is the same schedule (diffusers' "linspace" spacing: within 1e-4 of these sigmas) ...
+    assert np.abs(pixels(generate(engine, scheduler="Euler", seed=8)) - expected).max() <= 1
+    # ... and bare diffusers on the model's "leading" spacing is not
+    assert not np.array_equal(bare_image(pipe, EulerDiscreteScheduler.from_config(pipe.base_config), 8), expected)
 
 
 # A1111's Align Your Steps tables at 3 steps: log-linear interpolation of 11 sigmas hits entries 0, 5 and 10, then 0.
