@@ -149,11 +149,10 @@ def combine(sampler: str, schedule: str) -> str:
     """The canonical name for ``sampler`` run with ``schedule``; InvalidRequest naming both when not supported."""
     supported = SAMPLERS[sampler].schedules
     if schedule not in supported:
-        why = (" (diffusers has no equivalent)" if schedule in OTHER_A1111_SCHEDULES
-               else " (no diffusers scheduler of that sampler runs A1111's sigmas for it)" if schedule in SCHEDULES
-               else "")
+        why = " (diffusers has no equivalent)" if schedule in OTHER_A1111_SCHEDULES else ""
+        gap = "; diffusers cannot run that pair with A1111's sigmas" if schedule in SCHEDULES else ""
         raise InvalidRequest(f"sampler {sampler!r} with schedule {schedule!r} is not supported{why}; {sampler!r} takes "
-                             f"{', '.join(supported)} (or Automatic = {SAMPLERS[sampler].automatic})",
+                             f"{', '.join(supported)} (or Automatic = {SAMPLERS[sampler].automatic}){gap}",
                              field="scheduler")
     return _name(sampler, schedule)
 

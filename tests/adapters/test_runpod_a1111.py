@@ -151,7 +151,7 @@ def test_hires_translation():
         ({"sampler_name": "DPM++ 2S a"}, "sampler_name: 'DPM++ 2S a' is an A1111 sampler with no faithful diffusers"),
         ({"sampler_name": "DPM2 a"}, "sampler_name: 'DPM2 a' is an A1111 sampler with no faithful diffusers"),
         ({"sampler_name": "DPM++ 2M", "scheduler": "Uniform"},
-         "scheduler: sampler 'DPM++ 2M' with schedule 'Uniform' is not supported (no diffusers scheduler"),
+         "scheduler: sampler 'DPM++ 2M' with schedule 'Uniform' is not supported; 'DPM++ 2M' takes Karras"),
         ({"sampler_name": "DPM++ 2S"}, "sampler_name: unknown scheduler 'DPM++ 2S'; valid: Euler, "),
         ({"steps": 4, "num_inference_steps": 4}, "num_inference_steps: unknown field for /sdapi/v1/txt2img (the "
                                                  "input was read as an A1111 txt2img payload because of 'steps')"),

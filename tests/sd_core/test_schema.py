@@ -96,7 +96,8 @@ def test_a1111_sampler_names_are_accepted(name):
     # no diffusers path gives A1111's sigmas for these (tests/sd_core/test_a1111_sigmas.py)
     ("DPM2", "'DPM2' is an A1111 sampler with no faithful diffusers equivalent"),
     ("DPM2 a Karras", "'DPM2 a Karras' is an A1111 sampler with no faithful diffusers equivalent"),
-    ("DPM++ 2M", "sampler 'DPM++ 2M' with schedule 'Uniform' is not supported (no diffusers scheduler"),
+    ("DPM++ 2M", "schedule 'Uniform' is not supported; 'DPM++ 2M' takes Karras, Exponential, Beta (or Automatic = "
+                 "Karras); diffusers cannot run that pair with A1111's sigmas"),
     ("DPM++ 2M SDE SGM Uniform", "sampler 'DPM++ 2M SDE' with schedule 'SGM Uniform' is not supported"),
     ("Euler a SGM Uniform", "sampler 'Euler a' with schedule 'SGM Uniform' is not supported"),
 ])
