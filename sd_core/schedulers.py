@@ -81,11 +81,11 @@ SCHEDULES: dict[str, dict[str, bool]] = {
 # interpolated to the step count, then 0 appended (A1111 1.10's ays_11_sigmas / ays_32_sigmas).
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
 AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
-# Flags a model's scheduler config may set that would move the sigmas off A1111's: reset wherever the class takes
-# them (the sampler's and schedule's flags then apply on top).
+# Schedule choices a model's scheduler config may make that would move the sigmas off A1111's: reset wherever the
+# class takes them (the sampler's and schedule's flags then apply on top). What describes the model itself
+# (prediction type, flow or continuous-time sigmas, sigma bounds) is kept.
 _NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
-            "use_flow_sigmas": False, "use_lu_lambdas": False, "final_sigmas_type": "zero",
-            "interpolation_type": "linear", "sigma_min": None, "sigma_max": None, "timestep_type": "discrete"}
+            "use_lu_lambdas": False, "final_sigmas_type": "zero", "interpolation_type": "linear"}
 _PASSED_SIGMAS = (SGM_UNIFORM, AYS, NORMAL)  # schedules whose sigmas Euler gets from pipeline_kwargs()
 
 # A1111 1.10 names this worker cannot run faithfully (no diffusers equivalent): refused, never approximated.
