@@ -31,15 +31,12 @@ cog_inputs.install()
 # A1111 sampler names, in sd_core.schedulers order (a test keeps this list equal to SCHEDULER_NAMES).
 SCHEDULERS = [
     "Euler", "Euler Karras", "Euler Exponential", "Euler Beta", "Euler SGM Uniform", "Euler Align Your Steps",
-    "Euler Normal",
-    "Euler a", "Euler a SGM Uniform", "Heun", "Heun Karras", "Heun Exponential", "Heun Beta", "Heun SGM Uniform",
-    "LMS", "LMS Karras", "LMS Exponential", "LMS Beta", "LMS SGM Uniform", "DPM2", "DPM2 Karras", "DPM2 Exponential",
-    "DPM2 Beta", "DPM2 SGM Uniform", "DPM2 a", "DPM2 a Karras", "DPM2 a Exponential", "DPM2 a Beta",
-    "DPM2 a SGM Uniform", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M Exponential", "DPM++ 2M Beta",
-    "DPM++ 2M SGM Uniform", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Beta",
-    "DPM++ 2M SDE SGM Uniform", "DPM++ 2M SDE Heun", "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential",
-    "DPM++ 2M SDE Heun Beta", "DPM++ 2M SDE Heun SGM Uniform", "DPM++ SDE", "DPM++ SDE Karras",
-    "DPM++ SDE Exponential", "DPM++ SDE Beta", "DPM++ SDE SGM Uniform", "DDIM", "PLMS", "UniPC", "LCM", "TCD",
+    "Euler Normal", "Euler a", "Euler a Normal", "Heun", "Heun Karras", "Heun Exponential", "Heun Beta", "Heun Normal",
+    "LMS", "LMS Karras", "LMS Exponential", "LMS Beta", "LMS Normal", "DPM++ 2M Karras", "DPM++ 2M Exponential",
+    "DPM++ 2M Beta", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential", "DPM++ 2M SDE Beta",
+    "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential", "DPM++ 2M SDE Heun Beta", "DPM++ SDE",
+    "DPM++ SDE Karras", "DPM++ SDE Exponential", "DPM++ SDE Beta", "DPM++ SDE Normal", "DDIM", "PLMS", "UniPC", "LCM",
+    "TCD",
 ]
 OUTPUT_FORMATS = ["png", "webp", "jpeg"]
 RESIZE_MODES = ["resize", "crop", "fill"]  # sd_core.inpainting.RESIZE_MODES

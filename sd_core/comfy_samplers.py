@@ -16,20 +16,24 @@ SAMPLERS = {
     "uni_pc": "UniPC", "uni_pc_bh2": "UniPC", "lcm": "LCM", "dpmpp_3m_sde": "DPM++ 3M SDE",
 }
 # ComfyUI's schedulers -> A1111 1.10's schedule type of the same definition (A1111 took them from ComfyUI). ComfyUI's
-# normal (sigmas at timesteps evenly spaced from the last to 0) is A1111's Normal, which this engine runs with Euler
-# by passing those sigmas (sd_core/schedulers.py); its Uniform is the model's own timestep spacing.
+# normal (sigmas at timesteps evenly spaced from the last to 0) is A1111's Normal (= its Uniform); sgm_uniform is
+# A1111's SGM Uniform. ComfyUI's beta picks whole timesteps (A1111's Beta does not): refused.
 SCHEDULERS = {"normal": NORMAL, "karras": KARRAS, "exponential": EXPONENTIAL, "sgm_uniform": SGM_UNIFORM,
               "beta": BETA, "simple": "Simple", "ddim_uniform": "DDIM", "kl_optimal": "KL Optimal",
               "linear_quadratic": "Linear Quadratic"}
 # The pairs this engine runs with ComfyUI's sigmas (tests/sd_core/test_comfy_graph.py recomputes ComfyUI's schedules
-# and compares them with the engine's scheduler for SD 1.5 / SDXL's scheduler config). Euler (and ComfyUI's ddim)
-# with normal: the engine's Euler Normal passes ComfyUI's sigmas. diffusers' DPM-Solver places Karras and exponential
-# sigmas over the model's whole range, as k-diffusion does. The other pairs are refused: on
-# the models' "leading" timestep spacing diffusers' Euler, Heun, LMS, DPM2 and DPM++ SDE start and end their
-# schedules at the spaced timesteps' sigmas (11.0 instead of 14.6 at 20 steps for `normal`/`karras`), `sgm_uniform`
-# is diffusers' "trailing" spacing (up to 2% off), and UniPC and LCM run their own timesteps here.
-EXACT = {("euler", "normal"), ("ddim", "normal"), *((sampler, scheduler) for sampler in (
-    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu") for scheduler in ("karras", "exponential"))}
+# and compares them with the engine's scheduler for SD 1.5 / SDXL's scheduler config): the engine's A1111 schedules
+# (sd_core/schedulers.py) that ComfyUI defines the same way. Refused: DPM-Solver++ with normal / sgm_uniform (diffusers
+# rounds its timesteps), the other samplers with sgm_uniform (no custom sigmas but Euler's), dpm_2 (its engine name
+# means A1111's DPM2, which drops the next-to-last sigma, and diffusers cannot), UniPC and LCM (their own timesteps).
+_EULER_LIKE = ("euler", "ddim")
+_FLAGGED = ("heun", "lms", "dpmpp_sde", "dpmpp_sde_gpu")
+_MULTISTEP = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu")
+EXACT = {*((sampler, scheduler) for sampler in _EULER_LIKE for scheduler in (
+             "normal", "karras", "exponential", "sgm_uniform")),
+         ("euler_ancestral", "normal"),
+         *((sampler, scheduler) for sampler in _FLAGGED for scheduler in ("normal", "karras", "exponential")),
+         *((sampler, scheduler) for sampler in _MULTISTEP for scheduler in ("karras", "exponential"))}
 
 
 def scheduler_name(node, sampler: str, scheduler: str) -> str:

@@ -117,7 +117,7 @@ class Refiner:
             kwargs.update(image=latents, num_inference_steps=steps, guidance_scale=req.guidance_scale,
                           generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
                           output_type="pil")
-            kwargs.update(pipeline_kwargs(req.scheduler, steps, req.eta, refiner.family.ays_sigmas))
+            kwargs.update(pipeline_kwargs(req.scheduler, steps, req.eta, refiner.family.ays_sigmas, pipe.scheduler))
             if req.refine == ENSEMBLE:
                 kwargs["denoising_start"] = req.high_noise_frac
             else:

@@ -10,6 +10,8 @@ from .errors import InvalidRequest, quote
 UNIFORM, KARRAS, EXPONENTIAL, BETA = "Uniform", "Karras", "Exponential", "Beta"
 SGM_UNIFORM, AYS, NORMAL = "SGM Uniform", "Align Your Steps", "Normal"
 _ALL = (UNIFORM, KARRAS, EXPONENTIAL, BETA, SGM_UNIFORM)
+_SIGMA_SCHEDULES = (KARRAS, EXPONENTIAL, BETA)  # diffusers' sigma flags
+_FLAGGED = (UNIFORM, *_SIGMA_SCHEDULES, NORMAL)  # what a sampler with the flags but no custom sigmas runs exactly
 
 
 @dataclass(frozen=True)
@@ -26,60 +28,76 @@ class Sampler:
     eta_adjustable: bool = False
 
 
+# A1111's k-diffusion samplers place their schedules over the model's whole sigma range (sigma_max = the last
+# training timestep's, about 14.61 for SD 1.5 / SDXL), whatever the model's own `timestep_spacing`: diffusers'
+# "linspace" spacing does the same (Uniform: timesteps evenly spaced from the last to 0, within 1e-4 of k-diffusion's
+# log-sigma interpolation; Karras / Exponential / Beta: bounded by the first and last training sigmas).
+_K = {"timestep_spacing": "linspace"}
+# A1111 runs DDIM and PLMS on timesteps 1, 1 + 1000 // steps, ... whatever the model says: diffusers' "leading" + 1.
+_TIMESTEPS = {"timestep_spacing": "leading", "steps_offset": 1}
+
 # A1111 1.10 sampler name -> diffusers equivalent (flags follow diffusers' scheduler overview and k-diffusion).
 SAMPLERS: dict[str, Sampler] = {
-    # the only one taking `sigmas=` (Align Your Steps, Normal)
-    "Euler": Sampler("EulerDiscreteScheduler", schedules=(*_ALL, AYS, NORMAL)),
-    # diffusers has no Karras/Exponential/Beta sigmas for Euler a
-    "Euler a": Sampler("EulerAncestralDiscreteScheduler", schedules=(UNIFORM, SGM_UNIFORM), eta=1.0),
-    "Heun": Sampler("HeunDiscreteScheduler", schedules=_ALL),
-    "LMS": Sampler("LMSDiscreteScheduler", schedules=_ALL),
-    "DPM2": Sampler("KDPM2DiscreteScheduler", schedules=_ALL, automatic=KARRAS),
-    "DPM2 a": Sampler("KDPM2AncestralDiscreteScheduler", schedules=_ALL, automatic=KARRAS, eta=1.0),
-    "DPM++ 2M": Sampler("DPMSolverMultistepScheduler", schedules=_ALL, automatic=KARRAS),
-    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
-                            schedules=_ALL, automatic=EXPONENTIAL, eta=1.0),
+    # the only one taking `sigmas=` (SGM Uniform, Align Your Steps, Normal: A1111's sigmas passed to the pipeline)
+    "Euler": Sampler("EulerDiscreteScheduler", _K, schedules=(*_ALL, AYS, NORMAL)),
+    # diffusers has no sigma flags and no custom sigmas for Euler a: the Uniform schedule only
+    "Euler a": Sampler("EulerAncestralDiscreteScheduler", _K, schedules=(UNIFORM, NORMAL), eta=1.0),
+    # no custom sigmas: SGM Uniform's fractional timesteps cannot be given
+    "Heun": Sampler("HeunDiscreteScheduler", _K, schedules=_FLAGGED),
+    "LMS": Sampler("LMSDiscreteScheduler", _K, schedules=_FLAGGED),
+    # DPM-Solver++ takes whole timesteps only: its Uniform / SGM Uniform schedules are rounded ones, not A1111's
+    "DPM++ 2M": Sampler("DPMSolverMultistepScheduler", _K, schedules=_SIGMA_SCHEDULES, automatic=KARRAS),
+    "DPM++ 2M SDE": Sampler("DPMSolverMultistepScheduler", {**_K, "algorithm_type": "sde-dpmsolver++"},
+                            schedules=_SIGMA_SCHEDULES, automatic=EXPONENTIAL, eta=1.0),
     "DPM++ 2M SDE Heun": Sampler("DPMSolverMultistepScheduler",
-                                 {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
-                                 schedules=_ALL, automatic=EXPONENTIAL, eta=1.0),
-    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", schedules=_ALL, automatic=KARRAS, eta=1.0),
+                                 {**_K, "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+                                 schedules=_SIGMA_SCHEDULES, automatic=EXPONENTIAL, eta=1.0),
+    "DPM++ SDE": Sampler("DPMSolverSDEScheduler", _K, schedules=_FLAGGED, automatic=KARRAS, eta=1.0),
     # A1111 runs these four on their own timesteps and ignores the schedule type.
-    "DDIM": Sampler("DDIMScheduler", eta=0.0, eta_adjustable=True),
-    "PLMS": Sampler("PNDMScheduler", {"skip_prk_steps": True}),
-    "UniPC": Sampler("UniPCMultistepScheduler"),
+    "DDIM": Sampler("DDIMScheduler", _TIMESTEPS, eta=0.0, eta_adjustable=True),
+    "PLMS": Sampler("PNDMScheduler", {**_TIMESTEPS, "skip_prk_steps": True}),
+    # A1111's UniPC options: variant bh1, order 3, lower order final, time-uniform steps from the last training
+    # timestep down to timestep 0 (its sigma, not 0, is the last): diffusers' "linspace" + final sigma_min, whose
+    # timesteps are whole numbers (A1111's are fractional unless steps divides 999: docs/api.md).
+    "UniPC": Sampler("UniPCMultistepScheduler", {"solver_type": "bh1", "solver_order": 3, "lower_order_final": True,
+                                                 "timestep_spacing": "linspace", "final_sigmas_type": "sigma_min"}),
     "LCM": Sampler("LCMScheduler"),
     # Not in A1111 1.10: diffusers' Trajectory Consistency Distillation sampler (TCD LoRAs); eta is its gamma.
     "TCD": Sampler("TCDScheduler", eta=0.3, eta_adjustable=True),
 }
 
-# Schedule type -> sigma flags. A scheduler gets every flag its class takes, the others set False, so a model
-# whose own scheduler config turns one on never leaks it into another schedule.
+# Schedule type -> sigma flags. A scheduler gets every flag its class takes, the others set to their neutral value
+# (``_NEUTRAL``), so a model whose own scheduler config turns one on never leaks it into another schedule.
 SCHEDULES: dict[str, dict[str, bool]] = {
     UNIFORM: {},
-    KARRAS: {"use_karras_sigmas": True},
+    KARRAS: {"use_karras_sigmas": True},  # k-diffusion's get_sigmas_karras, rho 7
     EXPONENTIAL: {"use_exponential_sigmas": True},
     BETA: {"use_beta_sigmas": True},  # diffusers' and A1111's beta schedule: alpha = beta = 0.6
-    # A1111's SGM Uniform spaces timesteps evenly from the last one; diffusers' "trailing" spacing is its documented
-    # equivalent (integer timesteps: within one training timestep of A1111's). The Lightning/Turbo schedule.
-    SGM_UNIFORM: {"timestep_spacing": "trailing"},
-    AYS: {},  # sigmas passed to the pipeline: pipeline_kwargs()
-    NORMAL: {},  # likewise: normal_schedule()
+    SGM_UNIFORM: {},  # A1111's sigmas passed to the pipeline: sgm_uniform_schedule() (Euler only)
+    AYS: {},  # likewise: ays_schedule()
+    NORMAL: {},  # A1111's Normal is its Uniform; Euler gets the sigmas themselves: normal_schedule()
 }
 # Align Your Steps: A1111's 11 sigmas per model family (the family picks: ModelFamily.ays_sigmas), log-linearly
 # interpolated to the step count, then 0 appended (A1111 1.10's ays_11_sigmas / ays_32_sigmas).
 AYS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
 AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
-_SIGMA_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+# Schedule choices a model's scheduler config may make that would move the sigmas off A1111's: reset wherever the
+# class takes them (the sampler's and schedule's flags then apply on top). What describes the model itself
+# (prediction type, flow or continuous-time sigmas, sigma bounds) is kept.
+_NEUTRAL = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+            "use_lu_lambdas": False, "final_sigmas_type": "zero", "interpolation_type": "linear"}
+_PASSED_SIGMAS = (SGM_UNIFORM, AYS, NORMAL)  # schedules whose sigmas Euler gets from pipeline_kwargs()
 
 # A1111 1.10 names this worker cannot run faithfully (no diffusers equivalent): refused, never approximated.
 # DPM++ 3M SDE: diffusers' third-order sde-dpmsolver++ step weighs the second difference with (phi - 0.5) where
 # k-diffusion's sample_dpmpp_3m_sde has (phi + 0.5), and drops to lower orders for the last steps: not the same.
-NOT_RUNNABLE = ("DPM++ 2S a", "DPM++ 3M SDE", "DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
+# DPM2 / DPM2 a: A1111 builds their schedule for steps + 1 and drops the next-to-last sigma; diffusers'
+# KDPM2 schedulers take neither custom sigmas nor that option.
+NOT_RUNNABLE = ("DPM++ 2S a", "DPM++ 3M SDE", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart", "DDIM CFG++")
 # A1111 1.10's other schedule types, recognised to say they are not supported (rather than "unknown sampler"):
 # diffusers has no Polyexponential or KL Optimal sigmas, and Simple / DDIM pick timesteps its spacings only
-# approximate (Normal runs with Euler: its sigmas are passed to the pipeline).
+# approximate.
 OTHER_A1111_SCHEDULES = ("Polyexponential", "KL Optimal", "Simple", "DDIM")
-
 
 
 def _name(sampler: str, schedule: str) -> str:
@@ -132,8 +150,9 @@ def combine(sampler: str, schedule: str) -> str:
     supported = SAMPLERS[sampler].schedules
     if schedule not in supported:
         why = " (diffusers has no equivalent)" if schedule in OTHER_A1111_SCHEDULES else ""
+        gap = "; diffusers cannot run that pair with A1111's sigmas" if schedule in SCHEDULES else ""
         raise InvalidRequest(f"sampler {sampler!r} with schedule {schedule!r} is not supported{why}; {sampler!r} takes "
-                             f"{', '.join(supported)} (or Automatic = {SAMPLERS[sampler].automatic})",
+                             f"{', '.join(supported)} (or Automatic = {SAMPLERS[sampler].automatic}){gap}",
                              field="scheduler")
     return _name(sampler, schedule)
 
@@ -162,7 +181,8 @@ def build_scheduler(name: str, base_config: dict[str, Any]):
     sampler = SAMPLERS[sampler_name]
     cls = getattr(diffusers, sampler.cls)
     takes = inspect.signature(cls.__init__).parameters
-    flags = {key: False for key in _SIGMA_FLAGS if key in takes} | sampler.flags | SCHEDULES[schedule or UNIFORM]
+    flags = {key: value for key, value in _NEUTRAL.items() if key in takes} | sampler.flags
+    flags |= SCHEDULES[schedule or UNIFORM]
     scheduler = cls.from_config(base_config, **flags)
     # from_config silently drops keyword arguments it does not know: make a typo in the tables fail loudly.
     for key, value in flags.items():
@@ -184,14 +204,18 @@ def check_eta(name: str, eta: float | None) -> None:
 
 def pipeline_kwargs(name: str, steps: int, eta: float | None, ays_sigmas: tuple[float, ...],
                     scheduler=None) -> dict[str, Any]:
-    """What the scheduler ``name`` adds to the ``pipe(...)`` call: Align Your Steps' or Normal's sigmas (Normal
-    reads the model's training sigmas from ``scheduler``, the pipeline's), an adjustable eta."""
+    """What the scheduler ``name`` adds to the ``pipe(...)`` call: the sigmas of SGM Uniform, Align Your Steps and
+    Normal on Euler (SGM Uniform and Normal read the model's training sigmas from ``scheduler``, the pipeline's), an
+    adjustable eta."""
     sampler_name, schedule = split_name(name)
     sampler, kwargs = SAMPLERS[sampler_name], {}
-    if schedule == AYS:
-        kwargs["sigmas"] = ays_schedule(ays_sigmas, steps)
-    if schedule == NORMAL:
-        kwargs["sigmas"] = normal_schedule(scheduler.alphas_cumprod, steps)
+    if sampler.cls == "EulerDiscreteScheduler" and schedule in _PASSED_SIGMAS:
+        if schedule == AYS:
+            kwargs["sigmas"] = ays_schedule(ays_sigmas, steps)
+        elif schedule == NORMAL:
+            kwargs["sigmas"] = normal_schedule(scheduler.alphas_cumprod, steps)
+        else:
+            kwargs["sigmas"] = sgm_uniform_schedule(scheduler.alphas_cumprod, steps)
     if sampler.eta_adjustable:
         kwargs["eta"] = sampler.eta if eta is None else eta
     return kwargs
@@ -210,14 +234,29 @@ def ays_schedule(table: tuple[float, ...], steps: int) -> list[float]:
 
 
 def normal_schedule(alphas_cumprod, steps: int) -> list[float]:
-    """A1111 1.10's and ComfyUI's Normal schedule: ``steps`` sigmas at timesteps evenly spaced from the last training
-    timestep to 0 (the model's sigmas interpolated log-linearly between whole timesteps, as k-diffusion), then 0."""
+    """A1111's Uniform and Normal schedule (= ComfyUI's normal): ``steps`` sigmas at timesteps evenly spaced from the
+    last training timestep to 0 (the model's sigmas interpolated log-linearly between whole timesteps, as
+    k-diffusion), then 0."""
+    import numpy as np
+
+    return [*_sigmas_at(alphas_cumprod, np.linspace(len(alphas_cumprod) - 1, 0, steps)), 0.0]
+
+
+def sgm_uniform_schedule(alphas_cumprod, steps: int) -> list[float]:
+    """A1111's SGM Uniform: ``steps`` + 1 timesteps evenly spaced from the last training timestep to 0, the last
+    dropped, their sigmas (interpolated as ``normal_schedule``), then 0."""
+    import numpy as np
+
+    return [*_sigmas_at(alphas_cumprod, np.linspace(len(alphas_cumprod) - 1, 0, steps + 1)[:-1]), 0.0]
+
+
+def _sigmas_at(alphas_cumprod, timesteps) -> list[float]:
+    """The model's sigma at (fractional) ``timesteps``: log sigma interpolated linearly between whole timesteps."""
     import numpy as np
 
     cumprod = np.asarray(alphas_cumprod, dtype=np.float64)
     log_sigmas = np.log(((1 - cumprod) / cumprod) ** 0.5)
-    t = np.linspace(len(log_sigmas) - 1, 0, steps)
-    low = np.floor(t).astype(int)
-    high = np.ceil(t).astype(int)
-    weight = t - low
-    return [*(float(s) for s in np.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[high])), 0.0]
+    low = np.floor(timesteps).astype(int)
+    high = np.ceil(timesteps).astype(int)
+    weight = timesteps - low
+    return [float(s) for s in np.exp((1 - weight) * log_sigmas[low] + weight * log_sigmas[high])]

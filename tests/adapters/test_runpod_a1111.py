@@ -64,8 +64,6 @@ def test_variation_seed_translation():
     ("DPM++ 2M", "Automatic", "DPM++ 2M Karras"),
     ("DPM++ 2M", None, "DPM++ 2M Karras"),
     ("DPM++ SDE", "automatic", "DPM++ SDE Karras"),
-    ("DPM2", "Automatic", "DPM2 Karras"),
-    ("DPM2 a", "Automatic", "DPM2 a Karras"),
     ("DPM++ 2M SDE", "Automatic", "DPM++ 2M SDE Exponential"),
     ("DPM++ 2M SDE Heun", None, "DPM++ 2M SDE Heun Exponential"),
     ("Euler a", "Automatic", "Euler a"),
@@ -77,7 +75,6 @@ def test_variation_seed_translation():
     ("LMS Karras", None, "LMS Karras"),
     ("DPM++ 2M SDE Karras", "Karras", "DPM++ 2M SDE Karras"),
     # An explicit schedule applies to the sampler.
-    ("DPM++ 2M", "Uniform", "DPM++ 2M"),
     ("DPM++ 2M", "Karras", "DPM++ 2M Karras"),
     ("DPM++ 2M", "Exponential", "DPM++ 2M Exponential"),
     ("DPM++ SDE", "uniform", "DPM++ SDE"),
@@ -152,6 +149,9 @@ def test_hires_translation():
         ({"sampler_name": "DPM++ 2M Karras", "scheduler": "Exponential"},
          "scheduler: 'Exponential' contradicts sampler_name 'DPM++ 2M Karras'"),
         ({"sampler_name": "DPM++ 2S a"}, "sampler_name: 'DPM++ 2S a' is an A1111 sampler with no faithful diffusers"),
+        ({"sampler_name": "DPM2 a"}, "sampler_name: 'DPM2 a' is an A1111 sampler with no faithful diffusers"),
+        ({"sampler_name": "DPM++ 2M", "scheduler": "Uniform"},
+         "scheduler: sampler 'DPM++ 2M' with schedule 'Uniform' is not supported; 'DPM++ 2M' takes Karras"),
         ({"sampler_name": "DPM++ 2S"}, "sampler_name: unknown scheduler 'DPM++ 2S'; valid: Euler, "),
         ({"steps": 4, "num_inference_steps": 4}, "num_inference_steps: unknown field for /sdapi/v1/txt2img (the "
                                                  "input was read as an A1111 txt2img payload because of 'steps')"),

@@ -33,7 +33,7 @@ def bare_image(tiny_bucket, clip_skip: int | None = None) -> np.ndarray:
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_bucket / "tiny-sd15" / "diffusers", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     kwargs = {"prompt": PROMPT}
     with torch.inference_mode():
         if clip_skip:

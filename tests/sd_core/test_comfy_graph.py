@@ -71,7 +71,10 @@ def test_hires_graph_maps_to_the_hires_fix():
 @pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
     ("euler", "normal", "Euler Normal"), ("ddim", "normal", "Euler Normal"), ("dpmpp_2m", "karras", "DPM++ 2M Karras"),
     ("dpmpp_2m", "exponential", "DPM++ 2M Exponential"), ("dpmpp_2m_sde", "karras", "DPM++ 2M SDE Karras"),
-    ("dpmpp_2m_sde_gpu", "exponential", "DPM++ 2M SDE Exponential"),
+    ("dpmpp_2m_sde_gpu", "exponential", "DPM++ 2M SDE Exponential"), ("euler", "karras", "Euler Karras"),
+    ("euler", "sgm_uniform", "Euler SGM Uniform"), ("euler_ancestral", "normal", "Euler a Normal"),
+    ("heun", "normal", "Heun Normal"), ("lms", "exponential", "LMS Exponential"),
+    ("dpmpp_sde_gpu", "karras", "DPM++ SDE Karras"),
 ])
 def test_sampler_and_scheduler_names(sampler, scheduler, expected):
     [output] = comfy_jobs.translate({"workflow": edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler)})
@@ -80,8 +83,11 @@ def test_sampler_and_scheduler_names(sampler, scheduler, expected):
 
 @pytest.mark.parametrize(("sampler", "scheduler", "expected"), [
     ("uni_pc", "normal", "sampler_name 'uni_pc' and scheduler 'normal' has no exact equivalent"),
-    ("euler", "karras", "sampler_name 'euler' and scheduler 'karras' has no exact equivalent"),
-    ("euler", "sgm_uniform", "sampler_name 'euler' and scheduler 'sgm_uniform' has no exact equivalent"),
+    ("dpmpp_2m", "normal", "sampler_name 'dpmpp_2m' and scheduler 'normal' has no exact equivalent"),
+    ("euler_ancestral", "karras", "sampler_name 'euler_ancestral' and scheduler 'karras' has no exact equivalent"),
+    ("heun", "sgm_uniform", "sampler_name 'heun' and scheduler 'sgm_uniform' has no exact equivalent"),
+    ("dpm_2", "karras", "sampler_name 'dpm_2' and scheduler 'karras' has no exact equivalent"),
+    ("euler", "beta", "sampler_name 'euler' and scheduler 'beta' has no exact equivalent"),
     ("dpmpp_3m_sde", "karras", "sampler_name 'dpmpp_3m_sde' and scheduler 'karras' has no exact equivalent"),
     ("euler", "simple", "sampler_name 'euler' and scheduler 'simple' has no exact equivalent"),
     ("nope", "normal", "sampler_name 'nope' is unknown (with sampler_name 'nope' and scheduler 'normal')"),
@@ -89,7 +95,8 @@ def test_sampler_and_scheduler_names(sampler, scheduler, expected):
 ])
 def test_samplers_without_an_exact_equivalent_are_refused(sampler, scheduler, expected):
     message = refused(edited("txt2img", "3", sampler_name=sampler, scheduler=scheduler))
-    assert "node '3' (KSampler)" in message and expected in message and "supported: ddim + normal" in message
+    assert "node '3' (KSampler)" in message and expected in message and "supported: ddim + exponential" in message
+    assert "euler + normal" in message and "heun + karras" in message
 
 
 # --- the facts behind comfy_samplers.EXACT: ComfyUI's schedules, recomputed here from their definitions -------------
@@ -103,8 +110,8 @@ def comfy_sigmas(scheduler: str, steps: int) -> np.ndarray:
     cumprod = np.cumprod(1 - betas)
     sigmas = ((1 - cumprod) / cumprod) ** 0.5
     low, high = sigmas[0], sigmas[-1]
-    if scheduler == "normal":  # timesteps evenly spaced from 999 to 0, log sigma interpolated
-        t = np.linspace(999, 0, steps)
+    if scheduler in ("normal", "sgm_uniform"):  # timesteps evenly spaced from 999 to 0, log sigma interpolated
+        t = np.linspace(999, 0, steps) if scheduler == "normal" else np.linspace(999, 0, steps + 1)[:-1]
         lo, hi = np.floor(t).astype(int), np.ceil(t).astype(int)
         out = np.exp((1 - (t - lo)) * np.log(sigmas[lo]) + (t - lo) * np.log(sigmas[hi]))
     elif scheduler == "karras":
@@ -122,19 +129,27 @@ def test_exact_pairs_run_comfyuis_sigmas(sampler, scheduler, steps):
     built = build_scheduler(name, SD_CONFIG)
     sigmas = pipeline_kwargs(name, steps, None, (), built).get("sigmas")  # what the pipeline call gets
     built.set_timesteps(**({"sigmas": sigmas} if sigmas else {"num_inference_steps": steps}))
-    np.testing.assert_allclose(np.asarray(built.sigmas, dtype=np.float64), comfy_sigmas(scheduler, steps),
-                               rtol=2e-4, atol=1e-6)
+    got = np.asarray(built.sigmas, dtype=np.float64)
+    if len(got) == 2 * steps:  # Heun and DPM++ SDE repeat each sigma but the first and the last
+        got = np.append(got[0::2], got[-1])
+    np.testing.assert_allclose(got, comfy_sigmas(scheduler, steps), rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize(("sampler", "scheduler"), [("euler", "karras"), ("euler", "exponential"),
-                                                    ("heun", "karras"), ("lms", "karras"), ("dpmpp_2m", "normal")])
-def test_refused_pairs_would_not_run_comfyuis_sigmas(sampler, scheduler):
-    engine_name = comfy_samplers.combine(comfy_samplers.SAMPLERS[sampler], {
-        "normal": "Uniform", "karras": "Karras", "exponential": "Exponential"}[scheduler])
-    built = build_scheduler(engine_name, SD_CONFIG)
-    built.set_timesteps(20)
-    starts = np.unique(np.asarray(built.sigmas, dtype=np.float64))[::-1]  # Heun/DPM2 repeat their sigmas
-    assert abs(starts[0] - comfy_sigmas(scheduler, 20)[0]) > 1  # 11.0 (the leading spacing's first) vs 14.6
+@pytest.mark.parametrize(("cls", "scheduler"), [("DPMSolverMultistepScheduler", "normal"),
+                                                ("DPMSolverMultistepScheduler", "sgm_uniform"),
+                                                ("EulerAncestralDiscreteScheduler", "sgm_uniform"),
+                                                ("HeunDiscreteScheduler", "sgm_uniform")])
+def test_refused_pairs_would_not_run_comfyuis_sigmas(cls, scheduler):
+    """The closest diffusers spacing for a refused pair is off by more than float noise (rounded timesteps)."""
+    import diffusers
+
+    for spacing in ("linspace", "leading", "trailing"):
+        built = getattr(diffusers, cls).from_config(SD_CONFIG, timestep_spacing=spacing)
+        built.set_timesteps(20)
+        got = np.asarray(built.sigmas, dtype=np.float64)
+        if len(got) == 40:
+            got = np.append(got[0::2], got[-1])
+        assert np.max(np.abs(got - comfy_sigmas(scheduler, 20)) / comfy_sigmas(scheduler, 20).clip(1e-3)) > 1e-3
 
 
 def test_unknown_and_refused_nodes_are_refused_naming_them():

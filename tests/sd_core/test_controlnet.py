@@ -52,7 +52,7 @@ def bare(tiny_bucket, names, mode="txt2img", arch="sd15", **kwargs):
     cls = getattr(diffusers, f"{base}ControlNet{suffix}Pipeline")
     pipe = cls.from_pipe(pipe, controlnet=nets[0] if len(nets) == 1 else nets)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     with torch.inference_mode():
         image = pipe(FAST["prompt"], num_inference_steps=2, guidance_scale=7.0,
                      generator=torch.Generator("cpu").manual_seed(5), **kwargs).images[0]

@@ -94,7 +94,7 @@ def bare_image(tiny_bucket, arch: str, negative: str, embedding: str | None) -> 
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_pretrained(tiny_bucket / f"tiny-{arch}" / "diffusers", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     if embedding:
         state = load_file(tiny_bucket / "embeddings" / f"tiny-{arch}-neg.safetensors")
         if arch == "sdxl":

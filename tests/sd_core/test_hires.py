@@ -31,7 +31,7 @@ def bare_pipes(tiny_bucket):
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_bucket / "tiny-sd15" / "diffusers", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
     img2img.set_progress_bar_config(disable=True)
     return pipe, img2img

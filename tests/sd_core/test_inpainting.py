@@ -56,7 +56,7 @@ def bare(tiny_bucket):
     pipe = StableDiffusionInpaintPipeline.from_pretrained(tiny_bucket / "tiny-sd15" / "diffusers",
                                                           local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
 
     def run(image, mask_image, **kwargs) -> np.ndarray:
         with torch.inference_mode():

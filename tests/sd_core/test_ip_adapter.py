@@ -50,7 +50,7 @@ def bare_pipeline(tiny_bucket, arch: str, scale: float | None):
     cls = StableDiffusionPipeline if arch == "sd15" else StableDiffusionXLPipeline
     pipe = cls.from_pretrained(tiny_bucket / f"tiny-{arch}" / "diffusers", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     if scale is not None:
         pipe.load_ip_adapter(str(tiny_bucket / "ip-adapters"), subfolder="",
                              weight_name=f"tiny-ip-adapter-{arch}.safetensors", image_encoder_folder="image_encoder",

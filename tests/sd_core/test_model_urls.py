@@ -110,7 +110,7 @@ def bare_image(tiny_bucket) -> np.ndarray:
         str(tiny_bucket / "tiny-sd15" / "tiny-sd15.safetensors"), config=str(tiny_bucket / "tiny-sd15" / "config"),
         local_files_only=True, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     with torch.inference_mode():
         image = pipe(prompt=FAST["prompt"], num_inference_steps=2, guidance_scale=7.0, width=64, height=64,
                      output_type="pil", generator=torch.Generator("cpu").manual_seed(3)).images[0]

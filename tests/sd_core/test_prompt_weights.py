@@ -42,7 +42,7 @@ def bare(tiny_bucket):
             cls = StableDiffusionPipeline if arch == "sd15" else StableDiffusionXLPipeline
             pipe = cls.from_pretrained(tiny_bucket / f"tiny-{arch}" / "diffusers", local_files_only=True)
             pipe.set_progress_bar_config(disable=True)
-            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+            pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
             pipes[arch] = pipe
         return pipes[arch]
 
@@ -157,7 +157,11 @@ def test_prompt_editing_switches_during_sampling(engine, arch):
     assert np.array_equal(image(engine, "a [cat:dog:4]", arch), cat)  # when = the last step: never switches
     assert np.array_equal(image(engine, "a [dog:2.0]", arch), image(engine, "a ", arch))  # 2.0 = 2 x the steps
     alternating = image(engine, "a [cat|dog]", arch)  # cat, cat, dog, cat
-    assert 0 < distance(alternating, cat) < apart / 2 and not np.array_equal(alternating, cat_dog)
+    # not a single switch: step 3 differs from `[cat:dog:2]` (cat, cat, cat, dog). (The last step, from A1111's
+    # sigma_min to 0, barely moves the tiny SDXL's pixels, so `cat_dog` may equal it there.)
+    assert 0 < distance(alternating, cat) < apart / 2
+    assert not np.array_equal(alternating, image(engine, "a [cat:dog:2]", arch))
+    assert arch == "sdxl" or not np.array_equal(alternating, cat_dog)
 
 
 def test_negative_prompt_syntax_and_lengths(engine):

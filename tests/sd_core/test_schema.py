@@ -71,8 +71,7 @@ def test_scheduler_aliases_are_canonicalised():
     )
 
 
-A1111_SAMPLERS = ["Euler a", "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE",
-                  "DPM++ 2M SDE Heun", "DDIM", "PLMS", "UniPC", "LCM", "LMS Karras", "DPM2 Karras", "DPM2 a Karras",
+A1111_SAMPLERS = ["Euler a", "Euler", "LMS", "Heun", "DPM++ SDE", "DDIM", "PLMS", "UniPC", "LCM", "LMS Karras",
                   "DPM++ 2M Karras", "DPM++ SDE Karras", "DPM++ 2M SDE Karras", "DPM++ 2M SDE Exponential",
                   "DPM++ 2M SDE Heun Karras", "DPM++ 2M SDE Heun Exponential"]
 
@@ -94,6 +93,13 @@ def test_a1111_sampler_names_are_accepted(name):
     ("DDIM CFG++", "no faithful diffusers equivalent"),
     ("Euler a Karras", "sampler 'Euler a' with schedule 'Karras' is not supported"),
     ("DPM++ 2M Polyexponential", "sampler 'DPM++ 2M' with schedule 'Polyexponential' is not supported"),
+    # no diffusers path gives A1111's sigmas for these (tests/sd_core/test_a1111_sigmas.py)
+    ("DPM2", "'DPM2' is an A1111 sampler with no faithful diffusers equivalent"),
+    ("DPM2 a Karras", "'DPM2 a Karras' is an A1111 sampler with no faithful diffusers equivalent"),
+    ("DPM++ 2M", "schedule 'Uniform' is not supported; 'DPM++ 2M' takes Karras, Exponential, Beta (or Automatic = "
+                 "Karras); diffusers cannot run that pair with A1111's sigmas"),
+    ("DPM++ 2M SDE SGM Uniform", "sampler 'DPM++ 2M SDE' with schedule 'SGM Uniform' is not supported"),
+    ("Euler a SGM Uniform", "sampler 'Euler a' with schedule 'SGM Uniform' is not supported"),
 ])
 def test_other_sampler_names_are_refused_with_the_valid_ones(name, reason):
     with pytest.raises(InvalidRequest) as info:

@@ -27,7 +27,7 @@ def bare_image(tiny_bucket, circular: bool) -> np.ndarray:
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_bucket / "tiny-sd15" / "diffusers", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     if circular:
         for module in [*pipe.unet.modules(), *pipe.vae.modules()]:
             if isinstance(module, torch.nn.Conv2d):
@@ -61,7 +61,7 @@ def test_the_tiled_reference_wraps_around_its_edges(tiny_bucket):
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_bucket / "tiny-sd15" / "diffusers", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     latents = torch.randn((1, 4, 8, 16), generator=torch.Generator("cpu").manual_seed(5))
     shift = latents.shape[-1] // 2  # a multiple of the UNet's total downsampling (8)
     errors = {}

@@ -58,7 +58,7 @@ def bare_image(tiny_bucket, mode: str = "txt2img", vae: bool = True) -> np.ndarr
     extra = {"vae": AutoencoderKL.from_pretrained(tiny_bucket / "vaes" / "tiny-sd15-vae")} if vae else {}
     pipe = cls.from_pretrained(tiny_bucket / "tiny-sd15" / "diffusers", local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     kwargs = {"width": 64, "height": 64}
     image, mask = init_images()
     if mode != "txt2img":

@@ -78,7 +78,7 @@ def warm_and_cold(engine_settings):
 
 
 @pytest.mark.parametrize(("model", "scheduler"), [("tiny-sd15", None), ("tiny-sd15", "DPM++ 2M SDE Karras"),
-                                                  ("tiny-sdxl", None), ("tiny-sdxl", "DPM++ 2M")])
+                                                  ("tiny-sdxl", None), ("tiny-sdxl", "DPM++ 2M Karras")])
 def test_the_first_image_after_a_warmup_is_the_image_without_one(warm_and_cold, model, scheduler):
     request = GenerationRequest(prompt=PROMPT, model=model, scheduler=scheduler, seed=5, num_inference_steps=3)
     assert np.array_equal(pixels(warm_and_cold[True].generate(request)), pixels(warm_and_cold[False].generate(request)))
@@ -93,7 +93,7 @@ def test_the_first_image_after_a_warmup_equals_bare_diffusers(warm_and_cold, tin
     result = engine.generate(GenerationRequest(prompt=PROMPT, seed=9))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_bucket / "tiny-sd15" / "diffusers", local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     with torch.inference_mode():
         bare = pipe(prompt=[PROMPT], negative_prompt=None, num_inference_steps=4, guidance_scale=7.0, width=64,
                     height=64, generator=[torch.Generator("cpu").manual_seed(9)]).images[0]
