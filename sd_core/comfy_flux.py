@@ -9,6 +9,7 @@ from . import comfy_samplers as flow
 from .comfy_graph import Graph, Node
 from .errors import quote
 from .prompt_tags import TAG
+from .schema import MAX_SEED
 
 # The stock FLUX.1 component files ComfyUI's FLUX workflows load (comfyanonymous/flux_text_encoders, BFL's ae): every
 # FLUX.1 model (dev, schnell and their fine-tunes) has these as its own text encoders and VAE, and the engine runs the
@@ -83,7 +84,7 @@ class FluxSampler:
                                  "(the negative prompt run too), which this worker's FLUX does not do; use cfg 1 and "
                                  "a FluxGuidance node for FLUX's distilled guidance")
             model = self._model(node)
-            sigma_node, seed, latent = node, inputs["seed"], graph.source(node, "latent_image")[0]
+            sigma_node, seed_node, latent = node, node, graph.source(node, "latent_image")[0]
             sampler_name, positive = inputs["sampler_name"], node  # negative: unused at cfg 1 (ComfyUI skips it)
         elif node.class_type == "SamplerCustomAdvanced":
             guider, _ = graph.source(node, "guider")
@@ -92,7 +93,7 @@ class FluxSampler:
             if self._model(sigma_node).key != model.key:
                 raise sigma_node.error(f"its model must be the one of {guider.label} (the same loader, LoRAs and "
                                        "ModelSamplingFlux): the schedule and the model would differ")
-            seed = graph.source(node, "noise")[0].inputs["noise_seed"]
+            seed_node = graph.source(node, "noise")[0]
             sampler_name = graph.source(node, "sampler")[0].inputs["sampler_name"]
             latent, positive = graph.source(node, "latent_image")[0], guider
         else:
@@ -105,8 +106,9 @@ class FluxSampler:
         if sigma_node.inputs["denoise"] != 1:
             raise sigma_node.error(f"denoise {quote(sigma_node.inputs['denoise'], 20)} is not supported on FLUX "
                                    "here (FLUX workflows run txt2img: denoise 1 on an empty latent)")
-        if not 0 <= seed <= 2**32 - 1:
-            raise node.error(f"seed {seed} is outside 0 to {2**32 - 1}, the seeds this worker takes")
+        seed = seed_node.inputs["seed" if seed_node is node else "noise_seed"]
+        if not 0 <= seed <= MAX_SEED:
+            raise seed_node.error(f"seed {seed} is outside 0 to {MAX_SEED}, the seeds this worker takes")
         if sampler_name != "euler":
             raise (node if node.class_type == "KSampler" else graph.source(node, "sampler")[0]).error(
                 f"sampler_name {quote(sampler_name, 40)} does not run FLUX here; supported: euler (FLUX's flow-"

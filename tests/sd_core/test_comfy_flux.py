@@ -157,6 +157,7 @@ def edit(name: str, node: str, **inputs) -> dict:
     (edit("flux_dev", "27", width=72), "node '27' (EmptySD3LatentImage): 72x64: FLUX samples sizes in multiples"),
     (edit("flux_dev", "6", text="a (red:1.3) fox"), "node '6' (CLIPTextEncode): parentheses (ComfyUI's prompt"),
     (edit("flux_dev", "6", text="a fox <lora:x:1>"), "node '6' (CLIPTextEncode): <lora:...> tags are not"),
+    (edit("flux_dev", "25", noise_seed=-1), "node '25' (RandomNoise): seed -1 is outside"),
 ])
 def test_flux_refusals_name_the_node(graph, expected):
     assert expected in refused(graph)
