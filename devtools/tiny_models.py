@@ -632,6 +632,7 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
     if unknown:
         raise ValueError(f"archs: unknown {sorted(unknown)}; valid: {list(ARCHS)}")
     from devtools.tiny_flux import write_tiny_flux  # (it imports this module's tokenizer helpers)
+    from devtools.tiny_flux_dev import write_tiny_flux_dev
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -642,6 +643,7 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
         paths.update(write_safety_checkers(out, seed))
         paths.update(write_tiny_upscalers(out, seed))
         paths.update(write_tiny_flux(out, seed))
+        paths.update(write_tiny_flux_dev(out))
         paths.update(write_tiny_preprocessors(out, seed))
     # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
     for path in out.rglob("*.safetensors"):

@@ -14,7 +14,8 @@ OUTPUT_NODES = ("SaveImage", "PreviewImage")
 # Input kinds: link types (upper case, ComfyUI's) or widget values (lower case, checked by comfy_nodes).
 MODEL, CLIP, VAE, COND, LATENT, IMAGE, MASK, UPSCALE, CONTROL = (
     "MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "MASK", "UPSCALE_MODEL", "CONTROL_NET")
-LINK_TYPES = frozenset({MODEL, CLIP, VAE, COND, LATENT, IMAGE, MASK, UPSCALE, CONTROL})
+NOISE, GUIDER, SAMPLER, SIGMAS = "NOISE", "GUIDER", "SAMPLER", "SIGMAS"  # SamplerCustomAdvanced's inputs
+LINK_TYPES = frozenset({MODEL, CLIP, VAE, COND, LATENT, IMAGE, MASK, UPSCALE, CONTROL, NOISE, GUIDER, SAMPLER, SIGMAS})
 _SAMPLING = {"seed": "int", "steps": "int", "cfg": "number", "sampler_name": "str", "scheduler": "str"}
 
 
@@ -70,6 +71,22 @@ NODE_TYPES: dict[str, NodeType] = {
                                    (COND,)),
     "CLIPTextEncodeSDXLRefiner": NodeType({"clip": CLIP, "ascore": "number", "width": "int", "height": "int",
                                            "text": "str"}, (COND,)),
+    # FLUX (sd_core/comfy_flux.py): separate loaders, distilled guidance, the custom sampler nodes
+    "UNETLoader": NodeType({"unet_name": "str", "weight_dtype": "str"}, (MODEL,)),
+    "DualCLIPLoader": NodeType({"clip_name1": "str", "clip_name2": "str", "type": "str"}, (CLIP,),
+                               {"device": "default"}),
+    "VAELoader": NodeType({"vae_name": "str"}, (VAE,)),
+    "CLIPTextEncodeFlux": NodeType({"clip": CLIP, "clip_l": "str", "t5xxl": "str", "guidance": "number"}, (COND,)),
+    "FluxGuidance": NodeType({"conditioning": COND, "guidance": "number"}, (COND,)),
+    "EmptySD3LatentImage": NodeType({"width": "int", "height": "int", "batch_size": "int"}, (LATENT,)),
+    "ModelSamplingFlux": NodeType({"model": MODEL, "max_shift": "number", "base_shift": "number", "width": "int",
+                                   "height": "int"}, (MODEL,)),
+    "RandomNoise": NodeType({"noise_seed": "int"}, (NOISE,)),
+    "KSamplerSelect": NodeType({"sampler_name": "str"}, (SAMPLER,)),
+    "BasicScheduler": NodeType({"model": MODEL, "scheduler": "str", "steps": "int", "denoise": "number"}, (SIGMAS,)),
+    "BasicGuider": NodeType({"model": MODEL, "conditioning": COND}, (GUIDER,)),
+    "SamplerCustomAdvanced": NodeType({"noise": NOISE, "guider": GUIDER, "sampler": SAMPLER, "sigmas": SIGMAS,
+                                       "latent_image": LATENT}, (LATENT, LATENT)),
 }
 # Known nodes refused as a whole, with the reason (the node id is named with it).
 REFUSED = {

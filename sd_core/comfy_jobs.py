@@ -8,7 +8,7 @@ import logging
 
 from .comfy_graph import parse_workflow
 from .comfy_nodes import Translator
-from .errors import InvalidRequest, quote
+from .errors import InvalidRequest, ModelNotFound, quote
 from .uploads import check_inline_size, inline_images
 
 log = logging.getLogger("sd_core.comfy")
@@ -19,14 +19,39 @@ def is_workflow(data) -> bool:
     return isinstance(data, dict) and "workflow" in data
 
 
-def translate(data: dict, settings=None, upscalers=None) -> list:
-    """The job input -> comfy_nodes.Output per output node, every check done (no GPU work yet)."""
+def translate(data: dict, settings=None, upscalers=None, catalog=None) -> list:
+    """The job input -> comfy_nodes.Output per output node, every check done but FLUX's schedule check (no GPU work
+    yet). ``catalog``: the engine's ModelCatalog, telling FLUX checkpoints and models apart."""
     extra = sorted(set(data) - {"workflow", "images"})
     if extra:
         raise InvalidRequest(f"unknown field {quote(extra[0], 40)} next to workflow and images", field="input")
     graph = parse_workflow(data["workflow"])
     scale = upscalers.scale if upscalers is not None else None
-    return Translator(graph, data.get("images"), settings, scale).outputs()
+    family = None
+    if catalog is not None:
+        def family(name: str) -> str | None:
+            try:
+                return catalog.get(name).family.name
+            except ModelNotFound:
+                return None
+    return Translator(graph, data.get("images"), settings, scale, family).outputs()
+
+
+def model_sampling_config(engine, name: str) -> tuple[dict, bool]:
+    """A model's scheduler config and whether its transformer has a guidance embedding (FLUX.1-dev-like), read from
+    its fetched files (the diffusers folder or a single file's config folder); fetched once, for its load too."""
+    loader = engine.loader
+    local = loader.prefetched.get(name) or loader._fetch(name)
+    if name not in engine.pool:
+        loader.prefetched[name] = local
+    folder = local.config or local.weights
+    try:
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        raise InvalidRequest(f"model {quote(name)}: its scheduler and transformer configs cannot be read, so its "
+                             "schedule cannot be compared with ComfyUI's", field="workflow") from None
+    return scheduler, bool(transformer.get("guidance_embeds", False))
 
 
 async def run_workflow(worker, job: dict, data: dict) -> dict:
@@ -34,7 +59,12 @@ async def run_workflow(worker, job: dict, data: dict) -> dict:
     type is ``base64`` or, with an output bucket, ``s3_url`` (a presigned URL)."""
     name = f"job {job.get('id')}"
     upscalers = getattr(worker.engine, "upscalers", None)
-    outputs = await asyncio.to_thread(translate, data, worker.settings, upscalers)
+    outputs = await asyncio.to_thread(translate, data, worker.settings, upscalers,
+                                      getattr(worker.engine, "catalog", None))
+    for output in outputs:  # FLUX: ComfyUI's sigmas against the model's own scheduler, before any generation
+        if output.check is not None:
+            config = await asyncio.to_thread(model_sampling_config, worker.engine, output.request.model)
+            output.check(*config)
     results: dict[str, object] = {}  # identical requests (two outputs of one chain) generate once
     images, names = [], []
     for output in outputs:

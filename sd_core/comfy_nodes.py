@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from .checkpoints import title_to_name
 from .comfy_conditioning import check_sdxl_size, controlnet_units, encoder_text, walk
+from .comfy_flux import FluxSampler, uses_flux
 from .comfy_graph import Graph, Node
 from .comfy_samplers import scheduler_name
 from .errors import InvalidRequest, quote
@@ -32,6 +33,7 @@ class Output:
     prefix: str
     request: GenerationRequest
     controls: list[Node] = field(default_factory=list)  # the ControlNet loader node of each controlnets unit
+    check: object = None  # FLUX: check(scheduler config, guidance_embeds) refusing a schedule ComfyUI runs otherwise
 
 
 @dataclass
@@ -52,8 +54,9 @@ def model_name(value: str) -> str:
 class Translator:
     """Turns a validated Graph (comfy_graph) and the job's named images into one request per output node."""
 
-    def __init__(self, graph: Graph, images, settings=None, upscaler_scale=None):
+    def __init__(self, graph: Graph, images, settings=None, upscaler_scale=None, family=None):
         self.graph = graph
+        self.family = family  # manifest name -> its family name (None: unknown); None: no catalog
         self.settings = settings
         self.upscaler_scale = upscaler_scale  # name -> a model upscaler's native scale (None: unknown)
         self.named = _named_images(images)
@@ -64,25 +67,34 @@ class Translator:
         found = []
         for node in self.graph.outputs():
             prefix = str(node.inputs.get("filename_prefix", "ComfyUI"))[:100]
-            request, sampler = self._output(node)
-            found.append(Output(node, prefix, request, self.control_loaders.get(sampler.id, [])))
+            request, sampler, check = self._output(node)
+            found.append(Output(node, prefix, request, self.control_loaders.get(sampler.id, []), check))
         return found
 
     # --- images out: VAEDecode of a KSampler --------------------------------------------------------------------
-    def _output(self, out: Node) -> tuple[GenerationRequest, Node]:
+    def _output(self, out: Node) -> tuple[GenerationRequest, Node, object]:
         decode, _ = self.graph.source(out, "images")
         if decode.class_type in ("ImageScale", "ImageUpscaleWithModel"):
             raise decode.error("upscaling the final image is not supported in a workflow; upscale with a second "
                                "KSampler (hires fix: docs/comfyui.md) or a native upscale job")
         if decode.class_type != "VAEDecode":
             raise out.error(f"its images must come from a VAEDecode of a KSampler, not from {decode.label}")
-        sampler, _ = self.graph.source(decode, "samples")
+        sampler, index = self.graph.source(decode, "samples")
+        if uses_flux(self, sampler):
+            if index != 0:
+                raise decode.error(f"its samples must be output 0 of {sampler.label} (denoised_output: not supported)")
+            fields, check = FluxSampler(self, sampler).fields(decode)
+            return self._validated(sampler, fields), sampler, check
         if sampler.class_type not in ("KSampler", "KSamplerAdvanced"):
             raise decode.error(f"its samples must come from a KSampler or KSamplerAdvanced, not from {sampler.label}")
         fields, model = self._sampler(sampler)
         self._check_vae(decode, model)
+        return self._validated(sampler, fields), sampler, None
+
+    @staticmethod
+    def _validated(sampler: Node, fields: dict) -> GenerationRequest:
         try:
-            return GenerationRequest.model_validate(fields), sampler
+            return GenerationRequest.model_validate(fields)
         except ValidationError as exc:
             raise sampler.error(describe_validation_error(exc)) from None
 

@@ -98,3 +98,61 @@ def sigmas(scheduler: str, steps: int) -> list[float]:
 
 
 _LOG_SIGMAS = _log_sigmas()
+
+
+# --- FLUX (flow matching): ComfyUI's schedules on its flow model samplings, and diffusers' FLUX Euler ---------------
+FLUX_DEV_MU = 1.15  # ComfyUI's ModelSamplingFlux default: FLUX.1-dev-like models (with a guidance embedding)
+FLOW_SCHEDULERS = ("simple", "normal", "sgm_uniform")  # the ones computed (and compared) here; others: refused
+
+
+def flux_mu(max_shift: float, base_shift: float, width: int, height: int) -> float:
+    """ComfyUI's ModelSamplingFlux node: the shift (mu) at ``width`` x ``height`` (a line through 256 and 4096
+    image tokens: one token per 16x16 pixels)."""
+    slope = (max_shift - base_shift) / (4096 - 256)
+    return width * height / (8 * 8 * 2 * 2) * slope + base_shift - slope * 256
+
+
+def comfy_flow_sigmas(scheduler: str, steps: int, mu: float | None, shift: float = 1.0) -> list[float]:
+    """ComfyUI's ``scheduler`` sigmas for a flow model: ModelSamplingFlux (``mu``: exp(mu) / (exp(mu) + 1/t - 1) over
+    a 10000-entry table) or, ``mu`` None, ModelSamplingDiscreteFlow (``shift``, FLUX.1-schnell's 1.0: 1000 entries)."""
+    size = 1000 if mu is None else 10000
+
+    def sigma(t: float) -> float:
+        if mu is None:
+            return shift * t / (1 + (shift - 1) * t)
+        return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+    table = [sigma((i + 1) / size) for i in range(size)]
+    if scheduler == "simple":
+        every = size / steps
+        return [table[-(1 + int(x * every))] for x in range(steps)] + [0.0]
+    start, end = table[-1], table[0]  # timestep(sigma) = sigma for both samplings (multiplier 1)
+    if scheduler == "sgm_uniform":
+        times = [start + (end - start) * i / steps for i in range(steps)]  # linspace(start, end, steps + 1)[:-1]
+        return [sigma(t) for t in times] + [0.0]
+    if scheduler != "normal":
+        raise ValueError(scheduler)
+    zero = math.isclose(sigma(end), 0, abs_tol=1e-5)
+    count = steps + 1 if zero else steps
+    times = [start + (end - start) * i / (count - 1) if count > 1 else start for i in range(count)]
+    return [sigma(t) for t in times] + ([] if zero else [0.0])
+
+
+def diffusers_flux_sigmas(config: dict, steps: int, width: int, height: int) -> list[float]:
+    """The sigmas diffusers' FluxPipeline runs: the model's FlowMatchEulerDiscreteScheduler on linspace(1, 1/steps),
+    shifted by its config (fixed ``shift``, or dynamic: mu from the image's token count)."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    c = scheduler.config
+    mu = calculate_shift((height // 16) * (width // 16), c.get("base_image_seq_len", 256),
+                         c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+    return [float(s) for s in scheduler.sigmas]
+
+
+def same_sigmas(a: list[float], b: list[float]) -> bool:
+    """Equal schedules, up to float32 rounding (ComfyUI and diffusers both hold sigmas in float32)."""
+    return len(a) == len(b) and all(abs(x - y) <= 2e-6 for x, y in zip(a, b, strict=True))

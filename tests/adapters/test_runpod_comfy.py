@@ -182,3 +182,37 @@ def test_controlnet_wirings_without_an_exact_equivalent_fail_naming_the_node(ser
     job = server.runsync({"workflow": graph, "images": edges})
     assert job["status"] == "FAILED" and job["error"].startswith(
         "workflow: node '12' (ControlNetLoader): unknown ControlNet 'control_v11p_sd15_canny'"), job["error"]
+
+
+def test_flux_dev_workflow_gives_the_native_flux_request(server):
+    # UNETLoader + DualCLIPLoader + VAELoader, FluxGuidance, ModelSamplingFlux, SamplerCustomAdvanced: ComfyUI's
+    # FLUX dev example, on the tiny dev-like FLUX model
+    [image] = comfy(server, "flux_dev")
+    expected = native(server, {"model": "tiny-flux-dev", "prompt": "a red fox in the snow", "seed": 42,
+                               "guidance_scale": 5.0, "num_inference_steps": 4, "scheduler": "Euler", "width": 64,
+                               "height": 64})
+    assert [pixels(image["data"])] == expected
+    assert expected != native(server, {"model": "tiny-flux-dev", "prompt": "a red fox in the snow", "seed": 42,
+                                       "guidance_scale": 3.5, "num_inference_steps": 4})  # the guidance counts
+
+
+def test_flux_checkpoint_workflow_gives_the_native_flux_request(server):
+    images = comfy(server, "flux_checkpoint")
+    assert [e["filename"] for e in images] == ["flux_00001_.png", "flux_00002_.png"]
+    assert [pixels(e["data"]) for e in images] == native(server, {
+        "model": "tiny-flux-dev", "prompt": "a snowy mountain cabin", "seed": 7, "guidance_scale": 2.5,
+        "num_inference_steps": 4, "width": 64, "height": 64, "num_outputs": 2})
+
+
+def test_flux_schedules_without_an_exact_equivalent_fail_naming_the_node(server):
+    graph = workflow("flux_checkpoint")
+    graph["4"]["inputs"]["ckpt_name"] = "tiny-flux.safetensors"  # a guidance embedding, schnell's unshifted config
+    job = server.runsync({"workflow": graph})  # ComfyUI: ModelSamplingFlux's shift; tiny-flux: none
+    assert job["status"] == "FAILED" and job["error"].startswith(
+        "workflow: node '3' (KSampler): scheduler 'simple' at 4 steps and 64x64 gives other sigmas in ComfyUI "
+        "(node '30' (ModelSamplingFlux)) than the engine's FLUX Euler with the scheduler config of 'tiny-flux'"), job
+    graph = workflow("flux_dev")
+    graph["12"]["inputs"]["unet_name"] = "tiny-sdxl.safetensors"
+    job = server.runsync({"workflow": graph})
+    assert job["status"] == "FAILED" and job["error"].startswith(
+        "workflow: node '12' (UNETLoader): unet_name 'tiny-sdxl.safetensors' is a sdxl model, not a FLUX model"), job
