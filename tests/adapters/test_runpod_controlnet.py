@@ -140,7 +140,12 @@ def test_a1111_units_that_cannot_be_honoured_are_refused_by_key(unit, expected):
     assert f"alwayson_scripts.controlnet.{expected}" in str(caught.value)
 
 
-def test_my_prompt_is_more_important_is_refused_when_generating(server):
+def test_my_prompt_is_more_important_equals_the_native_prompt_mode(server):
     unit = {"image": control_b64(), "model": "tiny-control-a", "control_mode": "My prompt is more important"}
-    error = failed(server.runsync({**PAYLOAD, "alwayson_scripts": {"controlnet": {"args": [unit]}}}))
-    assert error.startswith("controlnets.0.mode: 'prompt' (My prompt is more important) is not supported")
+    a1111_output = completed(server.runsync({**PAYLOAD, "alwayson_scripts": {"controlnet": {"args": [unit]}}}))
+    native = {"prompt": "a fox", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 9, "scheduler": "Euler",
+              "guidance_scale": 7, "controlnets": [{"model": "tiny-control-a", "image": control_b64()}]}
+    prompt_mode = completed(server.runsync({**native, "controlnets": [{**native["controlnets"][0], "mode": "prompt"}]}))
+    balanced = completed(server.runsync(native))
+    assert pixels(a1111_output) == pixels(prompt_mode)
+    assert pixels(prompt_mode) != pixels(balanced)

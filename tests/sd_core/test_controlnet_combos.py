@@ -66,7 +66,8 @@ class Bare:
         extra = {"controlnet": controlnet} if controlnet is not None else {}
         pipe = getattr(self.diffusers, f"{name}Pipeline").from_pipe(self.pipe, **extra)
         pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = self.diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = self.diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config,
+                                                                           timestep_spacing="linspace")
         return pipe
 
     @staticmethod
@@ -223,7 +224,8 @@ def test_refiner_pass_runs_without_the_controlnet(engine, tiny_bucket):
         tiny_bucket / "tiny-sdxl-refiner" / "diffusers", text_encoder_2=xl.pipe.text_encoder_2, vae=xl.pipe.vae,
         local_files_only=True)
     refiner.set_progress_bar_config(disable=True)
-    refiner.scheduler = diffusers.EulerDiscreteScheduler.from_config(refiner.scheduler.config)
+    refiner.scheduler = diffusers.EulerDiscreteScheduler.from_config(refiner.scheduler.config,
+                                                                     timestep_spacing="linspace")
     with torch.inference_mode():
         expected = refiner(PROMPT, guidance_scale=7.0, num_inference_steps=4, denoising_start=0.5,
                            image=latents[None] if latents.ndim == 3 else latents,

@@ -45,7 +45,7 @@ def bare(folder, variant):
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, variant=variant)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
     with torch.inference_mode():
         image = pipe(prompt=PROMPT, num_inference_steps=2, guidance_scale=7.0, width=64, height=64, output_type="pil",
                      generator=torch.Generator("cpu").manual_seed(3)).images[0]
