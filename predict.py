@@ -151,6 +151,9 @@ class Runner(BaseRunner):
             default=1.0, ge=0.0, le=2.0, description="Strength of ip_adapter_image; 0: not applied at all"
         ),
         clip_skip: int = Input(default=0, ge=0, le=11, description="CLIP layers to skip (A1111's clip skip - 1)"),
+        max_sequence_length: int | None = Input(
+            default=None, ge=1, le=512, description="SD3: prompt tokens the T5 text encoder reads; empty: 256"
+        ),
         tiling: bool = Input(default=False, description="Seamless tiling: the image wraps around its edges"),
         vae: str | None = Input(
             default=None, max_length=200, description="VAE from the model's manifest; empty/Automatic: the model's own"
@@ -206,7 +209,8 @@ class Runner(BaseRunner):
                 "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
                 "strength": strength, "output_format": output_format, "eta": eta,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,
-                "clip_skip": clip_skip, "tiling": tiling, "vae": vae, "resize_mode": resize_mode,
+                "clip_skip": clip_skip, "max_sequence_length": max_sequence_length, "tiling": tiling, "vae": vae,
+                "resize_mode": resize_mode,
                 "mask_blur": mask_blur,
                 "mask_blur_y": mask_blur_y, "invert_mask": invert_mask, "inpaint_fill": inpaint_fill,
                 "padding_mask_crop": padding_mask_crop, "inpaint_overlay": inpaint_overlay,

@@ -111,6 +111,7 @@ class Engine:
         started = time.perf_counter()
         # 1. resolve: the model, and the request's empty parameters from its defaults
         manifest, req = self.resolve(request)
+        manifest.family.check_request(req, manifest.name)  # features this model's family does not run: refused
         # 2. inputs: init image and mask decoded and sized; the pixel budget
         image = mask = None
         width, height = req.width, req.height
@@ -184,7 +185,7 @@ class Engine:
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
                 eta=req.eta, tiling=req.tiling, vae=job.vae.name if job.vae else None,
                 vae_hash=job.vae.sha256 if job.vae else None, hires=hires_fields, ti_hashes=ti_hashes,
-                extra=refiner_infotext(job),
+                extra=refiner_infotext(job) | job.manifest.family.infotext_fields(req),
             )
 
         def encode(item):
@@ -224,7 +225,8 @@ class Engine:
         check_eta(filled.scheduler, filled.eta)
         runs = manifest.family.schedulers()
         if filled.scheduler not in runs:
-            raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family; valid: "
+            raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family "
+                                 f"({manifest.family.name}); valid: "
                                  f"{', '.join(runs)}", field="scheduler")
         steps = filled.num_inference_steps
         if filled.image is not None and int(steps * filled.strength) < 1:  # diffusers' img2img would run no step

@@ -20,6 +20,7 @@ CONTROL_MODES = ("balanced", "prompt", "control")
 CONTROL_RESIZE_MODES = ("just_resize", "crop_and_resize", "resize_and_fill")
 MAX_IP_ADAPTER_IMAGES = 4  # reference images of one request (one IP-Adapter model per request)
 MAX_IP_ADAPTER_SCALE = 2.0
+MAX_SEQUENCE_LENGTH = 512  # SD3's T5 prompt length: diffusers allows at most 512 tokens
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 # Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's

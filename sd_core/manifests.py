@@ -36,12 +36,12 @@ class ModelDefaults(BaseModel):
     height: int | None = Field(None, ge=64, le=2048, multiple_of=8)
     num_inference_steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=30)
-    scheduler: str = "DPM++ 2M Karras"
+    scheduler: str | None = None  # empty: the family's (DPM++ 2M Karras; Euler for flow-matching families)
 
     @field_validator("scheduler")
     @classmethod
-    def _known_scheduler(cls, value: str) -> str:
-        return checked_name(value)
+    def _known_scheduler(cls, value: str | None) -> str | None:
+        return None if value is None else checked_name(value)
 
 
 class LoraEntry(BaseModel):
@@ -159,9 +159,22 @@ class ModelManifest(BaseModel):
                                 "when it names none (an sdxl-refiner manifest)")
     controlnets: list[ControlNetEntry] = Field(default_factory=list)
     ip_adapters: list[IpAdapterEntry] = Field(default_factory=list)
+    skip_components: list[str] = Field(default_factory=list, description="optional components left out, loaded as "
+                                       "None (sd3: text_encoder_3, the T5 encoder)")
+
+    @property
+    def skipped(self) -> dict[str, None]:
+        """The pipeline arguments the skipped components leave empty, for from_pretrained / from_single_file."""
+        optional = self.family.optional_components or {}
+        return {argument: None for name in self.skip_components for argument in optional[name]}
 
     @model_validator(mode="after")
     def _consistent(self):
+        optional = self.family.optional_components or {}
+        for name in self.skip_components:
+            if name not in optional:
+                raise ValueError(f"skip_components: {name!r} is not an optional component of {self.architecture} "
+                                 f"models; optional: {', '.join(optional) or 'none'}")
         if self.format == "single_file" and not self.config_uri:
             raise ValueError("config_uri: required for format single_file (loading never asks the hub for configs)")
         if self.format == "diffusers" and self.sha256:

@@ -13,7 +13,6 @@ import torch
 from .checkpoints import refuse_pickle
 from .device import Placement, free_memory, optimize, total_memory_bytes
 from .manifests import LocalModel, ModelCatalog, fetch_model
-from .schedulers import build_scheduler
 from .settings import Settings
 from .shared_modules import shared_components
 
@@ -67,7 +66,7 @@ class LoadedModel:
     def scheduler(self, name: str):
         """The scheduler ``name`` built once from this model's own scheduler config, then reused."""
         if name not in self._schedulers:
-            self._schedulers[name] = build_scheduler(name, self.base_scheduler_config)
+            self._schedulers[name] = self.manifest.family.build_scheduler(name, self.base_scheduler_config)
         return self._schedulers[name]
 
 
@@ -82,7 +81,7 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
     cls = manifest.family.pipeline_class("txt2img")
     quiet_loaders()
     started = time.perf_counter()
-    common = {"dtype": placement.dtype, "local_files_only": True}
+    common = {"dtype": placement.dtype, "local_files_only": True, **manifest.skipped}
     if manifest.format == "single_file":
         refuse_pickle(local.weights, settings)
         pipe = cls.from_single_file(str(local.weights), config=str(local.config), **common)

@@ -12,7 +12,7 @@ from .prompt_encoding import EMPTY, Encoded, encode_fragments, fits_one_chunk, p
 def takes_text(pipe, job: Job, clip_skip: int | None) -> bool:
     """The hot path: plain prompts that fit one chunk, no clip skip: the pipeline encodes the text itself."""
     plan = job.prompts
-    if plan is None:
+    if plan is None or not job.manifest.family.supports("prompt_syntax"):  # no A1111 encoding: the pipeline's own
         return True
     req = job.request
     return plan.plain and not clip_skip and fits_one_chunk(pipe, req.prompt) and fits_one_chunk(

@@ -36,6 +36,7 @@ from .limits import (  # noqa: F401 - re-exported: the request's limits are part
     MAX_REASON_CHARS,
     MAX_SCHEDULER_CHARS,
     MAX_SEED,
+    MAX_SEQUENCE_LENGTH,
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
@@ -117,6 +118,10 @@ class GenerationRequest(BaseModel):
     clip_skip: int = Field(
         0, ge=0, le=MAX_CLIP_SKIP,
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
+    )
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=MAX_SEQUENCE_LENGTH,
+        description="SD3: tokens of the prompt the T5 text encoder reads (diffusers' max_sequence_length); empty: 256",
     )
     ip_adapters: list[IpAdapterSpec] = Field(
         default_factory=list, max_length=MAX_IP_ADAPTER_IMAGES,

@@ -8,6 +8,40 @@ from typing import Any
 
 from ..schedulers import AYS_SD15, SCHEDULER_NAMES
 
+# Engine features a family may lack (ModelFamily.capabilities), with the words a refusal uses. A family without one
+# refuses a request that asks for it, naming the feature and the family, before anything is loaded.
+FEATURES: dict[str, str] = {
+    "prompt_syntax": "A1111 prompt syntax (attention weights like (word:1.2), BREAK, prompt editing, 75-token chunks)",
+    "embeddings": "A1111 textual-inversion embeddings",
+    "hires": "the hires fix",
+    "variation_seeds": "variation seeds (subseed, subseed_strength)",
+    "tiling": "seamless tiling",
+    "vae": "an alternate VAE",
+    "max_sequence_length": "max_sequence_length (the T5 text encoder's prompt length)",
+}
+# What the UNet families (SD1.x, SD2, SDXL) run; max_sequence_length is for T5-conditioned families only.
+UNET_FEATURES = frozenset(FEATURES) - {"max_sequence_length"}
+
+
+def _asked(request) -> dict[str, str]:
+    """{feature: the request field asking for it} for the FEATURES ``request`` uses."""
+    from ..prompt_syntax import has_syntax
+    from ..prompt_tags import TAG
+
+    vae = (request.vae or "").strip().lower()
+    asked = {
+        "embeddings": "embeddings" if request.embeddings else None,
+        "hires": "hires" if request.hires is not None else None,
+        "variation_seeds": "subseed_strength" if request.subseed_strength > 0 or request.subseed not in (None, -1)
+        else None,
+        "tiling": "tiling" if request.tiling else None,
+        "vae": "vae" if vae not in ("", "automatic", "none") else None,
+        "max_sequence_length": "max_sequence_length" if request.max_sequence_length is not None else None,
+        "prompt_syntax": next((name for name in ("prompt", "negative_prompt")
+                               if has_syntax(TAG.sub("", getattr(request, name)))), None),
+    }
+    return {feature: field for feature, field in asked.items() if field}
+
 
 @dataclass(frozen=True, eq=False)
 class ModelFamily:
@@ -40,12 +74,46 @@ class ModelFamily:
     controlnet_pipelines: dict[str, str] | None = None
     # an A1111 textual-inversion file's tensors for this family, one per text encoder (sd_core/embeddings.py)
     embedding_keys: tuple[str, ...] = ("clip_l",)
+    # the scheduler a manifest gets when it names none
+    scheduler: str = "DPM++ 2M Karras"
+    # the engine features (FEATURES) its models run; a request asking for another is refused (check_request)
+    capabilities: frozenset[str] = UNET_FEATURES
+    # components a manifest may leave out (`skip_components`), each with the pipeline arguments then given as None
+    optional_components: dict[str, tuple[str, ...]] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
         """The request defaults manifests start from."""
         return {"width": self.width, "height": self.height, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler}
+
+    def supports(self, feature: str) -> bool:
+        """Whether this family's models run ``feature`` (a key of FEATURES)."""
+        return feature in self.capabilities
+
+    def check_request(self, request, model: str) -> None:
+        """InvalidRequest on the first field of ``request`` asking for a feature this family lacks, naming the
+        feature, the model and the family."""
+        from ..errors import InvalidRequest, quote
+
+        for feature, field in _asked(request).items():
+            if not self.supports(feature):
+                raise InvalidRequest(f"{quote(model)} is a {self.name} model, which does not run {FEATURES[feature]} "
+                                     "on this worker", field=field)
+
+    def call_kwargs(self, request) -> dict[str, Any]:
+        """Pipeline arguments of this family taken from the request (stage 5), beyond the common ones."""
+        return {}
+
+    def infotext_fields(self, request) -> dict[str, Any]:
+        """This family's own infotext fields for ``request`` (written with A1111's extra parameters)."""
+        return {}
+
+    def build_scheduler(self, name: str, base_config: dict[str, Any]):
+        """The scheduler ``name`` (one of ``schedulers()``) built from a loaded model's own scheduler config."""
+        from ..schedulers import build_scheduler
+
+        return build_scheduler(name, base_config)
 
     def pipeline_class(self, mode: str):
         """The diffusers pipeline class for ``mode`` (importing it costs seconds the first time)."""
