@@ -6,9 +6,10 @@ rank-4 LoRA on the transformer's attention, as diffusers' ``save_lora_weights`` 
 SentencePiece Unigram over a vocabulary made up here (no hub). Called by devtools/tiny_models.py's
 ``build_tiny_models``; the same seed gives byte-identical files.
 
-No single-file checkpoint: diffusers recognises an SD3 single file by the real widths (its
-``infer_diffusers_model_type`` checks a 9216-wide adaLN and the 36864 / 147456 position-embedding sizes), so a tiny
-one cannot be loaded the way a real one is.
+``DIR/tiny-sd3/tiny-sd3.safetensors`` is the same model as one file in the SAI/ComfyUI layout (MMDiT under
+``model.diffusion_model.``, ``text_encoders.clip_l/clip_g/t5xxl.transformer.``, VAE under ``first_stage_model.``), and
+``DIR/tiny-sd3/config/`` the weight-less folder ``from_single_file(..., config=...)`` reads (diffusers infers an SD3
+file's configs from the real widths only, so the tiny one always needs it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from diffusers import (
 )
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
 from devtools.tiny_models import (
@@ -32,15 +34,21 @@ from devtools.tiny_models import (
     LORA_RANK,
     TOKENIZER_WORDS,
     VAE,
+    clip_to_original,
     text_encoder_config,
     tokenizer_vocab_and_merges,
+    vae_to_original,
+    write_config_folder,
     write_tokenizer,
 )
 
 SEED_BASE = 40  # seed offsets of this model's components: not those of tiny-sd15 / tiny-sdxl
+# Widths: CLIP-L 768, CLIP-G 1280 (diffusers' single-file loader tells the two apart by width, so they differ here
+# too); CLIP-L's projection is the identity, as diffusers loads it from a single file. T5-XXL: 4096 wide, at least
+# CLIP-L + CLIP-G (SD3 pads their concatenated hidden states to T5's width).
 CLIP_L = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-CLIP_G = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
-T5 = dict(d_model=64, d_ff=64, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8)  # 4096 wide
+CLIP_G = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, projection_dim=64)
+T5 = dict(d_model=96, d_ff=96, d_kv=16, num_layers=2, num_heads=4, relative_attention_num_buckets=8)
 TRANSFORMER = dict(  # SD3 medium: patch 2, 16 channels, 24 layers of 24 x 64 heads, joint 4096, pooled 2048
     sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
     num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=T5["d_model"],
@@ -71,6 +79,8 @@ def build_pipeline(seed: int, scratch: Path) -> StableDiffusion3Pipeline:
     tokenizer_2 = CLIPTokenizer.from_pretrained(scratch / "tokenizer_2", local_files_only=True)
     torch.manual_seed(seed * 100 + SEED_BASE + 1)
     text_encoder = CLIPTextModelWithProjection(text_encoder_config(CLIP_L, vocab, EOS, "quick_gelu"))
+    with torch.no_grad():
+        text_encoder.text_projection.weight.copy_(torch.eye(CLIP_L["hidden_size"]))
     torch.manual_seed(seed * 100 + SEED_BASE + 2)
     text_encoder_2 = CLIPTextModelWithProjection(text_encoder_config(CLIP_G, vocab, "!", "gelu"))
     tokenizer_3 = t5_tokenizer()
@@ -86,6 +96,62 @@ def build_pipeline(seed: int, scratch: Path) -> StableDiffusion3Pipeline:
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
+
+
+def transformer_to_original(state: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """diffusers SD3Transformer2DModel -> the SAI MMDiT layout (fused qkv; the inverse of diffusers'
+    ``convert_sd3_transformer_checkpoint_to_diffusers``; its scale/shift swap is its own inverse)."""
+
+    def swapped(tensor):
+        shift, scale = tensor.chunk(2, dim=0)
+        return torch.cat([scale, shift], dim=0)
+
+    renames = {
+        "pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+        "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+        "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+        "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+        "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+        "context_embedder": "context_embedder", "proj_out": "final_layer.linear",
+    }
+    out = {}
+    for old, new in renames.items():
+        for key in [k for k in state if k == old or k.startswith(old + ".")]:
+            out[new + key[len(old):]] = state[key]
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = swapped(state[f"norm_out.linear.{kind}"])
+    for i in range(layers):
+        block, joint, last = f"transformer_blocks.{i}.", f"joint_blocks.{i}.", i == layers - 1
+        for kind in ("weight", "bias"):
+            out[f"{joint}x_block.attn.qkv.{kind}"] = torch.cat([state[f"{block}attn.to_{p}.{kind}"] for p in "qkv"])
+            out[f"{joint}context_block.attn.qkv.{kind}"] = torch.cat(
+                [state[f"{block}attn.add_{p}_proj.{kind}"] for p in "qkv"])
+            pairs = {"attn.to_out.0": "x_block.attn.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+                     "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2"}
+            if not last:
+                pairs.update({"attn.to_add_out": "context_block.attn.proj",
+                              "norm1_context.linear": "context_block.adaLN_modulation.1",
+                              "ff_context.net.0.proj": "context_block.mlp.fc1",
+                              "ff_context.net.2": "context_block.mlp.fc2"})
+            for old, new in pairs.items():
+                out[f"{joint}{new}.{kind}"] = state[f"{block}{old}.{kind}"]
+            if last:
+                out[f"{joint}context_block.adaLN_modulation.1.{kind}"] = swapped(
+                    state[f"{block}norm1_context.linear.{kind}"])
+    return {"model.diffusion_model." + key: value for key, value in out.items()}
+
+
+def original_checkpoint(pipe: StableDiffusion3Pipeline) -> dict[str, torch.Tensor]:
+    """The pipeline's weights as one SD3 single file (SAI / ComfyUI layout)."""
+    checkpoint = transformer_to_original(pipe.transformer.state_dict(), pipe.transformer.config.num_layers)
+    checkpoint.update(vae_to_original(pipe.vae.state_dict(), pipe.vae.config))
+    for name, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2)):
+        state = encoder.state_dict()  # the projection sits beside text_model, as in SAI's files
+        projection = {f"text_encoders.{name}.transformer.text_projection.weight": state.pop("text_projection.weight")}
+        checkpoint.update(clip_to_original(state, f"text_encoders.{name}.transformer.") | projection)
+    checkpoint.update({f"text_encoders.t5xxl.transformer.{key}": value
+                       for key, value in pipe.text_encoder_3.state_dict().items()})
+    return {key: value.detach().to(torch.float32).contiguous().clone() for key, value in checkpoint.items()}
 
 
 def write_lora(pipe: StableDiffusion3Pipeline, directory: Path, seed: int) -> Path:
@@ -119,4 +185,6 @@ def write_tiny_sd3(out: Path, seed: int) -> dict[str, Path]:
             shutil.copytree(scratch / name, root / "diffusers" / name)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    write_config_folder(root / "diffusers", root / "config")
+    save_file(original_checkpoint(pipe), root / "tiny-sd3.safetensors", metadata={"format": "pt"})
     return {"tiny-sd3": root, "lora-sd3-peft": write_lora(pipe, out / "loras", seed)}

@@ -93,6 +93,9 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
         safetensors_only = None if settings.allow_pickle else True
         shared = shared_components(local, share_from)
         pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, **common, **shared)
+    for component in pipe.components.values():  # inference mode for all: diffusers' single-file T5 loader (SD3)
+        if isinstance(component, torch.nn.Module):  # leaves T5 training, its dropout on (a different image each call)
+            component.eval()
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # sd_core.safety runs the checker as a post-pass (docs/security.md).
     pipe.to(placement.device)

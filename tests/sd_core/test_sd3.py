@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from sd_core import a1111, families
+from sd_core.checkpoints import checkpoint_keys
 from sd_core.errors import InvalidRequest
 from sd_core.manifests import ModelManifest
 from sd_core.schema import GenerationRequest
@@ -152,11 +153,26 @@ def test_lora_changes_the_image_and_unloads_exactly(engine):
     assert np.array_equal(pixels(generate(engine)), base)
 
 
-def test_single_file_detection_and_manifest_options():
-    keys = ["model.diffusion_model.joint_blocks.0.context_block.adaLN_modulation.1.bias",
-            "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight",
-            "first_stage_model.decoder.conv_in.weight"]
-    assert families.detect_architecture(keys) == "sd3"
+def test_lora_fused_after_repeats_and_unfused_back_to_the_base(make_engine):
+    engine = make_engine(lora_fuse_after=2)
+    base = pixels(generate(engine))
+    specs = [{"source": "tiny-sd3-style", "scale": 0.7}]
+    unfused = pixels(generate(engine, loras=specs))
+    generate(engine, loras=specs)  # second use in a row: fused after it
+    assert engine.loras._states[engine.pool.get("tiny-sd3")].fused
+    assert np.abs(pixels(generate(engine, loras=specs)) - unfused).max() <= 2
+    assert np.array_equal(pixels(generate(engine)), base)  # unfused: the base transformer's weights restored
+
+
+def test_single_file_is_detected_and_gives_the_folder_image(engine, tiny_bucket):
+    assert families.detect_architecture(checkpoint_keys(tiny_bucket / "tiny-sd3" / "tiny-sd3.safetensors")) == "sd3"
+    single = generate(engine, model="tiny-sd3-single")
+    again = generate(engine, model="tiny-sd3-single")  # T5 in inference mode: no dropout, the same image each time
+    assert np.array_equal(pixels(single), pixels(again))
+    assert np.abs(pixels(single) - pixels(generate(engine))).max() <= 2  # same weights; float order may differ
+
+
+def test_manifest_skip_components_is_checked_against_the_family():
     with pytest.raises(ValueError, match="'text_encoder_3' is not an optional component of sd15 models"):
         ModelManifest(name="m", architecture="sd15", format="diffusers", uri="m/", skip_components=["text_encoder_3"])
 
