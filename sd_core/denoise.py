@@ -140,8 +140,8 @@ class Denoiser:
         family = first.manifest.family
         if first.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
             kwargs["latents"] = variation_latents(pipe, jobs, generators)
-        # Align Your Steps' / Normal's sigmas (they set the step count), DDIM's / TCD's eta
         kwargs.update(family.call_kwargs(req))  # a family's own arguments (SD3: max_sequence_length)
+        # Align Your Steps' / Normal's sigmas (they set the step count), DDIM's / TCD's eta
         kwargs.update(pipeline_kwargs(req.scheduler, req.num_inference_steps, req.eta, family.ays_sigmas,
                                       pipe.scheduler))
         if hasattr(pipe.scheduler, "noise_sampler_seed"):

@@ -17,6 +17,7 @@ FEATURES: dict[str, str] = {
     "variation_seeds": "variation seeds (subseed, subseed_strength)",
     "tiling": "seamless tiling",
     "vae": "an alternate VAE",
+    "ip_adapter": "IP-Adapter image prompts",
     "max_sequence_length": "max_sequence_length (the T5 text encoder's prompt length)",
 }
 # What the UNet families (SD1.x, SD2, SDXL) run; max_sequence_length is for T5-conditioned families only.
@@ -36,6 +37,7 @@ def _asked(request) -> dict[str, str]:
         else None,
         "tiling": "tiling" if request.tiling else None,
         "vae": "vae" if vae not in ("", "automatic", "none") else None,
+        "ip_adapter": "ip_adapters" if request.ip_adapters else None,
         "max_sequence_length": "max_sequence_length" if request.max_sequence_length is not None else None,
         "prompt_syntax": next((name for name in ("prompt", "negative_prompt")
                                if has_syntax(TAG.sub("", getattr(request, name)))), None),

@@ -129,6 +129,7 @@ def test_euler_is_the_default_and_builds_the_flow_matching_scheduler(engine):
     ({"embeddings": [{"name": "neg", "source": "https://example.com/e.safetensors"}]}, "embeddings",
      "A1111 textual-inversion embeddings"),
     ({"vae": "tiny-vae"}, "vae", "an alternate VAE"),
+    ({"ip_adapters": [{"image": "https://example.com/a.png"}]}, "ip_adapters", "IP-Adapter image prompts"),
 ])
 def test_features_it_does_not_run_are_refused_clearly(engine, fields, field, feature):
     with pytest.raises(InvalidRequest) as info:
