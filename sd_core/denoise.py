@@ -208,9 +208,10 @@ def variation_latents(pipe, jobs: list[Job], generators: list) -> object:
 
     first = jobs[0]
     encoder = getattr(pipe, "text_encoder_2", None) or pipe.text_encoder
-    dtype = encoder.dtype if encoder is not None else pipe.unet.dtype  # the prompt embeddings' dtype, as diffusers
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer  # UNet families; SD3's MMDiT
+    dtype = encoder.dtype if encoder is not None else denoiser.dtype  # the prompt embeddings' dtype, as diffusers
     factor = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, first.height // factor, first.width // factor)
+    shape = (1, denoiser.config.in_channels, first.height // factor, first.width // factor)
     noises, index = [], 0
     for job in jobs:
         for i in range(len(job.seeds)):

@@ -62,5 +62,5 @@ FAMILY = SD3Family(
     # adherence, much less memory)
     optional_components={"text_encoder_3": ("text_encoder_3", "tokenizer_3")},
     capabilities=(UNET_FEATURES | {"max_sequence_length"}) - {
-        "prompt_syntax", "embeddings", "hires", "variation_seeds", "tiling", "vae", "ip_adapter"},
+        "prompt_syntax", "embeddings", "hires", "tiling", "vae", "ip_adapter"},
 )

@@ -124,7 +124,6 @@ def test_euler_is_the_default_and_builds_the_flow_matching_scheduler(engine):
     ({"negative_prompt": "blur BREAK noise"}, "negative_prompt", "A1111 prompt syntax"),
     ({"prompt": "a [fox:cat:0.5]"}, "prompt", "A1111 prompt syntax"),
     ({"tiling": True}, "tiling", "seamless tiling"),
-    ({"subseed": 5, "subseed_strength": 0.5}, "subseed_strength", "variation seeds"),
     ({"hires": {"scale": 2}}, "hires", "the hires fix"),
     ({"embeddings": [{"name": "neg", "source": "https://example.com/e.safetensors"}]}, "embeddings",
      "A1111 textual-inversion embeddings"),
@@ -135,6 +134,16 @@ def test_features_it_does_not_run_are_refused_clearly(engine, fields, field, fea
     with pytest.raises(InvalidRequest) as info:
         generate(engine, **fields)
     assert str(info.value).startswith(f"{field}: 'tiny-sd3' is a sd3 model, which does not run {feature}")
+
+
+def test_variation_seeds_move_from_the_seeds_image_to_the_subseeds(engine):
+    seed_image, subseed_image = pixels(generate(engine)), pixels(generate(engine, seed=11))
+    assert np.array_equal(pixels(generate(engine, subseed=11, subseed_strength=0.0)), seed_image)
+    # Euler on flow matching adds no noise after the first: strength 1 is exactly the subseed's image
+    assert np.array_equal(pixels(generate(engine, subseed=11, subseed_strength=1.0)), subseed_image)
+    halfway = generate(engine, subseed=11, subseed_strength=0.5)
+    assert not np.array_equal(pixels(halfway), seed_image) and not np.array_equal(pixels(halfway), subseed_image)
+    assert "Variation seed: 11, Variation seed strength: 0.5" in halfway.parameters
 
 
 def test_lora_tag_is_not_prompt_syntax_and_clip_skip_controlnet_refused(engine):
