@@ -15,6 +15,7 @@ Layout written under ``--out DIR`` (default ``./bucket``), for each architecture
     DIR/embeddings/tiny-A-neg.safetensors  a 2-vector textual-inversion embedding, A1111 layout (tiny_embeddings.py)
     DIR/tiny-sdxl-refiner*/diffusers/   with sdxl: two tiny SDXL refiners (devtools/tiny_refiner.py)
     DIR/tiny-sd15-inpaint/diffusers/    with sd15: a 9-channel inpainting UNet on tiny-sd15 (devtools/tiny_inpaint.py)
+    DIR/tiny-sd3/diffusers/, DIR/loras/tiny-sd3-peft.safetensors   a tiny SD3 model and LoRA (devtools/tiny_sd3.py)
 
 and, once, two tiny safety checkers (diffusers' StableDiffusionSafetyChecker + CLIPImageProcessor config, laid out as
 the real ``CompVis/stable-diffusion-safety-checker`` folder), equal but for their thresholds:
@@ -637,6 +638,8 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    from devtools.tiny_sd3 import write_tiny_sd3  # its own module, which imports this one
+
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG as it was
         for arch in archs:
             paths.update(build_arch(arch, out, seed))
@@ -645,6 +648,7 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
         paths.update(write_tiny_flux(out, seed))
         paths.update(write_tiny_flux_dev(out))
         paths.update(write_tiny_preprocessors(out, seed))
+        paths.update(write_tiny_sd3(out, seed))  # devtools/tiny_sd3.py: the tiny SD3 model and its LoRA
     # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
     for path in out.rglob("*.safetensors"):
         path.chmod(0o644)

@@ -140,7 +140,7 @@ class Denoiser:
             output_type=first.output_type,  # latents for a hires fix upscaled in latent space (Job.batch_key)
         )
         family = first.manifest.family
-        kwargs.update(family.call_kwargs(first))  # FLUX: max_sequence_length, the size of img2img
+        kwargs.update(family.call_kwargs(first))  # T5 families: max_sequence_length; FLUX: img2img size
         if first.mode == "txt2img" and any(j.subseeds is not None for j in jobs):
             kwargs["latents"] = variation_latents(pipe, jobs, generators)
         # Align Your Steps' / Normal's sigmas (they set the step count), DDIM's / TCD's eta
@@ -210,9 +210,10 @@ def variation_latents(pipe, jobs: list[Job], generators: list) -> object:
 
     first = jobs[0]
     encoder = getattr(pipe, "text_encoder_2", None) or pipe.text_encoder
-    dtype = encoder.dtype if encoder is not None else pipe.unet.dtype  # the prompt embeddings' dtype, as diffusers
+    denoiser = getattr(pipe, first.manifest.family.denoiser)  # the UNet, or SD3's MMDiT transformer
+    dtype = encoder.dtype if encoder is not None else denoiser.dtype  # the prompt embeddings' dtype, as diffusers
     factor = pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, first.height // factor, first.width // factor)
+    shape = (1, denoiser.config.in_channels, first.height // factor, first.width // factor)
     noises, index = [], 0
     for job in jobs:
         for i in range(len(job.seeds)):

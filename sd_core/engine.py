@@ -19,7 +19,7 @@ from .denoise import Denoiser
 from .device import choose_placement
 from .embeddings import EmbeddingManager
 from .errors import Cancelled, InvalidRequest, quote
-from .families.base import PROMPT_SYNTAX
+from .families.base import PROMPT_SYNTAX, VARIATION_SEEDS
 from .family_features import check_request
 from .hires import HiresFix
 from .hires import infotext_fields as hires_infotext
@@ -158,7 +158,8 @@ class Engine:
         first_seed = resolve_seed(req.seed)
         seeds = [(first_seed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
         subseeds = None  # variation seeds: with a strength, or a subseed given (txt2img only; strength 0 = the seed's)
-        if req.image is None and (req.subseed_strength > 0 or req.subseed not in (None, -1)):
+        if req.image is None and (req.subseed_strength > 0 or req.subseed not in (None, -1)) and (
+                manifest.family.supports(VARIATION_SEEDS)):  # else strength 0 (refused above): the seed's
             first_subseed = resolve_seed(req.subseed)
             subseeds = [(first_subseed + i) % (MAX_SEED + 1) for i in range(req.num_outputs)]
             req = req.model_copy(update={"subseed": first_subseed})
@@ -196,7 +197,7 @@ class Engine:
                 subseed=subseed, subseed_strength=req.subseed_strength if varied else None,
                 eta=req.eta, tiling=req.tiling, vae=job.vae.name if job.vae else None,
                 vae_hash=job.vae.sha256 if job.vae else None, hires=hires_fields, ti_hashes=ti_hashes,
-                extra=refiner_infotext(job),
+                extra=refiner_infotext(job) | job.manifest.family.infotext_fields(job),
             )
 
         def encode(item):
@@ -237,7 +238,8 @@ class Engine:
         check_eta(filled.scheduler, filled.eta)
         runs = manifest.family.schedulers()
         if filled.scheduler not in runs:
-            raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family; valid: "
+            raise InvalidRequest(f"{quote(filled.scheduler)} does not run {manifest.name}'s model family "
+                                 f"({manifest.family.name}); valid: "
                                  f"{', '.join(runs)}", field="scheduler")
         steps = filled.num_inference_steps
         if filled.image is not None and int(steps * filled.strength) < 1:  # diffusers' img2img would run no step

@@ -65,19 +65,21 @@ def _uses(req: GenerationRequest) -> list[str]:
 
 
 def check_request(req: GenerationRequest, manifest: ModelManifest) -> GenerationRequest:
-    """``req`` with its prompt as plain text where the family takes no A1111 syntax; InvalidRequest ("<field>: <model>
+    """``req`` with its prompts as plain text where the family takes no A1111 syntax; InvalidRequest ("<field>: <model>
     is a <family> model, which ...") for the first feature it asks of a family that lacks it."""
     family = manifest.family
     for feature in _uses(req):
         if not family.supports(feature):
             field, why = _WHAT[feature]
             raise InvalidRequest(f"{quote(manifest.name)} is a {family.name} model, which {why}", field=field)
-    if family.supports(PROMPT_SYNTAX) or not has_syntax(req.prompt):
+    if family.supports(PROMPT_SYNTAX):
         return req
-    return req.model_copy(update={"prompt": plain_text(req.prompt, req.num_inference_steps or 1, manifest)})
+    plain = {field: plain_text(getattr(req, field), req.num_inference_steps or 1, manifest, field)
+             for field in ("prompt", "negative_prompt") if has_syntax(getattr(req, field))}
+    return req.model_copy(update=plain) if plain else req
 
 
-def plain_text(prompt: str, steps: int, manifest: ModelManifest) -> str:
+def plain_text(prompt: str, steps: int, manifest: ModelManifest, field: str = "prompt") -> str:
     """The prompt as plain text when its A1111 syntax means nothing but text (escaped brackets); InvalidRequest for
     weights, BREAK, prompt editing and alternation, which a family without CLIP prompt weighting cannot honour."""
     schedule = parse_prompt(prompt, steps)
@@ -87,4 +89,4 @@ def plain_text(prompt: str, steps: int, manifest: ModelManifest) -> str:
     raise InvalidRequest(
         f"{quote(manifest.name)} is a {manifest.family.name} model, whose prompts are plain text here: A1111 "
         "attention weights ((word), [word], (word:1.2)), BREAK and prompt editing ([a:b:0.5], [a|b]) are not "
-        r"supported; remove them, or escape literal brackets as \( \)", field="prompt")
+        r"supported; remove them, or escape literal brackets as \( \)", field=field)

@@ -26,6 +26,7 @@ CONTROL_HIRES_OPTIONS = ("both", "low_res_only", "high_res_only")
 UNION_CONTROL_TYPES = ("openpose", "depth", "softedge", "canny", "normal", "segment", "tile", "inpaint")
 MAX_IP_ADAPTER_IMAGES = 4  # reference images of one request (one IP-Adapter model per request)
 MAX_IP_ADAPTER_SCALE = 2.0
+MAX_SEQUENCE_LENGTH = 512  # T5 prompt tokens (FLUX, SD3): diffusers allows at most 512
 MAX_CLIP_SKIP = 11  # CLIP ViT-L has 12 layers: at least one stays (each model is checked against its own depth)
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 # Replicate's SDXL names (stability-ai/sdxl): no second pass; the refiner denoises the last steps of the base's

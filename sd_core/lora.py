@@ -28,6 +28,7 @@ from .user_urls import check_lora_source, redact_url
 log = logging.getLogger("sd_core.lora")
 
 FIELD = "loras"
+DENOISERS = ("unet", "transformer")  # the components a LoRA's scale applies to; text encoders get text_encoder_scale
 
 
 @dataclass(frozen=True)
@@ -310,7 +311,7 @@ class LoraManager:
             names, weights = [], []
             for adapter, unet, te in wanted:
                 names.append(adapter)
-                weights.append({component: unet if component in ("unet", "transformer") else te
+                weights.append({component: unet if component in DENOISERS else te
                                 for component, adapters in by_component.items() if adapter in adapters})
             pipe.set_adapters(names, weights)
             if not state.enabled:  # enable_lora walks every module: as costly as set_adapters, so only when needed

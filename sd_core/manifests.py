@@ -39,13 +39,14 @@ class ModelDefaults(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1, le=150)
     guidance_scale: float | None = Field(None, ge=0, le=30)
     scheduler: str | None = None  # empty: the family's (DPM++ 2M Karras; Euler for flow-matching families)
-    # families with a T5 encoder (FLUX): its token count (FLUX.1-schnell 256, dev 512)
+    # families with a T5 encoder (FLUX, SD3): its token count (FLUX.1-schnell 256, dev 512, SD3 256)
     max_sequence_length: int | None = Field(None, ge=1, le=512)
 
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value: str | None) -> str | None:
         return None if value is None else checked_name(value)
+
 
 
 class MemoryOptions(BaseModel):
@@ -179,11 +180,24 @@ class ModelManifest(BaseModel):
     controlnets: list[ControlNetEntry] = Field(default_factory=list)
     ip_adapters: list[IpAdapterEntry] = Field(default_factory=list)
     memory: MemoryOptions = Field(default_factory=MemoryOptions, description="offload / quantize (docs/models.md)")
+    skip_components: list[str] = Field(default_factory=list, description="optional components left out, loaded as "
+                                       "None (sd3: text_encoder_3, the T5 encoder)")
+
+    @property
+    def skipped(self) -> dict[str, None]:
+        """The pipeline arguments the skipped components leave empty, for from_pretrained / from_single_file."""
+        optional = self.family.optional_components or {}
+        return {argument: None for name in self.skip_components for argument in optional[name]}
 
     @model_validator(mode="after")
     def _consistent(self):
         if self.defaults.max_sequence_length is not None and not self.family.supports("max_sequence_length"):
             raise ValueError(f"defaults.max_sequence_length: {self.architecture} models have no T5 text encoder")
+        optional = self.family.optional_components or {}
+        for name in self.skip_components:
+            if name not in optional:
+                raise ValueError(f"skip_components: {name!r} is not an optional component of {self.architecture} "
+                                 f"models; optional: {', '.join(optional) or 'none'}")
         if self.format == "single_file" and not self.config_uri:
             raise ValueError("config_uri: required for format single_file (loading never asks the hub for configs)")
         if self.format == "diffusers" and self.sha256:

@@ -83,7 +83,7 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
     plan = memory_plan(manifest, settings, placement)  # the family's dtype; fp8 / offload refused before loading
     quiet_loaders()
     started = time.perf_counter()
-    common = {"dtype": plan.dtype, "local_files_only": True}
+    common = {"dtype": plan.dtype, "local_files_only": True, **manifest.skipped}
     if manifest.format == "single_file":
         refuse_pickle(local.weights, settings)
         pipe = cls.from_single_file(str(local.weights), config=str(local.config), **common)
@@ -94,6 +94,9 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
         shared = shared_components(local, share_from)
         pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, variant=manifest.variant,
                                    **common, **shared)
+    for component in pipe.components.values():  # inference mode for all: diffusers' single-file T5 loader (SD3)
+        if isinstance(component, torch.nn.Module):  # leaves T5 training, its dropout on (a different image each call)
+            component.eval()
     if getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # sd_core.safety runs the checker as a post-pass (docs/security.md).
     place(pipe, plan, manifest.family, placement)  # to the device, or CPU-offloaded; fp8 denoiser if planned

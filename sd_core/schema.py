@@ -36,6 +36,7 @@ from .limits import (  # noqa: F401 - re-exported: the request's limits are part
     MAX_REASON_CHARS,
     MAX_SCHEDULER_CHARS,
     MAX_SEED,
+    MAX_SEQUENCE_LENGTH,
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
@@ -119,8 +120,8 @@ class GenerationRequest(BaseModel):
         description="Text-encoder layers to skip at the end (diffusers' clip_skip = A1111's clip skip - 1); 0: none",
     )
     max_sequence_length: int | None = Field(
-        None, ge=1, le=512,
-        description="T5 prompt tokens (FLUX, SD3): empty: the model's default (FLUX.1-schnell 256, dev 512)",
+        None, ge=1, le=MAX_SEQUENCE_LENGTH,
+        description="T5 prompt tokens (FLUX, SD3): empty: the model's default (FLUX.1-schnell 256, dev 512, SD3 256)",
     )
     ip_adapters: list[IpAdapterSpec] = Field(
         default_factory=list, max_length=MAX_IP_ADAPTER_IMAGES,

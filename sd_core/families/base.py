@@ -12,11 +12,11 @@ from ..schedulers import AYS_SD15, SCHEDULER_NAMES
 # without one refuses such a request clearly (sd_core/family_features.py) instead of failing deep in diffusers.
 NEGATIVE_PROMPT = "negative_prompt"  # a non-empty negative prompt (classifier-free guidance on it)
 PROMPT_SYNTAX = "prompt_syntax"  # A1111 weights, BREAK, prompt editing (CLIP embeddings, sd_core/prompt_encoding.py)
-VARIATION_SEEDS = "variation_seeds"  # subseed / subseed_strength (UNet-shaped initial noise)
+VARIATION_SEEDS = "variation_seeds"  # subseed / subseed_strength (initial noise in the denoiser's latent shape)
 HIRES = "hires"  # the hires fix's second pass
 TILING = "tiling"  # circular padding of the UNet's and VAE's convolutions
 EMBEDDINGS = "embeddings"  # textual inversion (A1111 files, one tensor per CLIP encoder)
-CONTROLNET = "controlnet"
+CONTROLNET = "controlnet"  # also needs the family's controlnet_pipelines
 IP_ADAPTER = "ip_adapter"
 VAE_OVERRIDE = "vae"  # an alternate VAE from the manifest
 LATENT_FILL = "latent_fill"  # A1111's inpainting_fill latent noise / latent nothing (4-channel latents)
@@ -31,7 +31,7 @@ class ModelFamily:
     schedulers it runs, its single-file checkpoint signature and its rough memory need.
 
     Fields are data; the methods are the hooks a family with other needs (SD3's three prompts, FLUX's missing
-    negative prompt) overrides in a subclass.
+    negative prompt, flow-matching schedulers) overrides in a subclass.
     """
 
     name: str
@@ -64,15 +64,25 @@ class ModelFamily:
     cuda_dtype: str | None = None
     # the sampler a manifest gets when its defaults name none
     scheduler: str = "DPM++ 2M Karras"
+    # T5 families (MAX_SEQUENCE_LENGTH): the T5 token count when neither request nor manifest sets one; None: no T5
+    max_sequence_length: int | None = None
+    # components a manifest may leave out (`skip_components`), each with the pipeline arguments then given as None
+    optional_components: dict[str, tuple[str, ...]] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
         """The request defaults manifests start from."""
-        return {"width": self.width, "height": self.height, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler}
+        defaults = {"width": self.width, "height": self.height, "num_inference_steps": self.num_inference_steps,
+                    "guidance_scale": self.guidance_scale, "scheduler": self.scheduler}
+        if self.max_sequence_length is not None:
+            defaults["max_sequence_length"] = self.max_sequence_length
+        return defaults
 
     def supports(self, feature: str) -> bool:
-        """Whether this family has the engine feature ``feature`` (one of the constants of this module)."""
+        """Whether this family has the engine feature ``feature`` (one of the constants of this module); ControlNet
+        also needs its ControlNet pipelines."""
+        if feature == CONTROLNET and not self.controlnet_pipelines:
+            return False
         return feature in self.features
 
     def pipeline_class(self, mode: str):
@@ -105,7 +115,7 @@ class ModelFamily:
         return depth, depth - 1
 
     def schedulers(self) -> tuple[str, ...]:
-        """The scheduler names this family can run (every one today; flow-matching families will differ)."""
+        """The scheduler names this family can run (every one; flow-matching families: Euler only)."""
         return SCHEDULER_NAMES
 
     def build_scheduler(self, name: str, base_config: dict[str, Any]):
@@ -115,9 +125,17 @@ class ModelFamily:
         return build_scheduler(name, base_config)
 
     def call_kwargs(self, job) -> dict[str, Any]:
-        """What this family adds to the ``pipe(...)`` call of a job (a ``sd_core.jobs.Job``; FLUX: its T5 token
-        count, and the output size, which FLUX's img2img takes as an argument); {} here."""
-        return {}
+        """What this family adds to the ``pipe(...)`` call of a job (a ``sd_core.jobs.Job``): a T5 family's token
+        count (FLUX also adds the size its img2img takes as an argument); {} for the others."""
+        if self.max_sequence_length is None:
+            return {}
+        return {"max_sequence_length": job.request.max_sequence_length or self.max_sequence_length}
+
+    def infotext_fields(self, job) -> dict[str, Any]:
+        """This family's own infotext fields for a job (written after A1111's): a T5 family's token count, which
+        changes the image (not an A1111 field: A1111 has no such setting)."""
+        length = job.request.max_sequence_length
+        return {} if length is None else {"Max sequence length": length}
 
     def detect(self, keys: Iterable[str]) -> bool:
         """Whether a single-file checkpoint with these state-dict keys belongs to this family."""

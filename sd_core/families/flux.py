@@ -9,46 +9,22 @@ dynamic shifting); A1111's ``Euler`` (and its ``Automatic`` schedule) name it, e
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidRequest, quote
-from .base import MAX_SEQUENCE_LENGTH, ModelFamily
-
-EULER = "Euler"  # the canonical name of A1111's Euler with its Automatic (Uniform) schedule
+from .base import MAX_SEQUENCE_LENGTH
+from .flow_match import EULER, FlowMatchFamily
 
 
-@dataclass(frozen=True, eq=False)
-class FluxFamily(ModelFamily):
+class FluxFamily(FlowMatchFamily):
     """FLUX.1: prompt and prompt_2 (T5) from the one prompt, the T5 token count, flow-matching Euler only."""
-
-    max_sequence_length: int = 512  # FLUX.1-dev's; schnell's manifests say 256
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return {**super().defaults, "max_sequence_length": self.max_sequence_length}
 
     def prompt_kwargs(self, prompts: list[str], negative_prompts: list[str]) -> dict[str, Any]:
         """The prompt for both encoders (diffusers' prompt_2 = prompt when None); negative prompts never get here
         (sd_core/family_features.py refuses them)."""
         return {"prompt": prompts}
 
-    def clip_skip_limit(self, pipe) -> tuple[int, int] | None:
-        return None
-
-    def schedulers(self) -> tuple[str, ...]:
-        return (EULER,)
-
-    def build_scheduler(self, name: str, base_config: dict[str, Any]):
-        """The model's own FlowMatchEulerDiscreteScheduler (its shift and dynamic-shifting config kept)."""
-        if name != EULER:  # the engine checks schedulers() first; a defensive check for direct callers
-            raise InvalidRequest(f"{quote(name)} does not run FLUX models; valid: {EULER}", field="scheduler")
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(base_config)
-
     def call_kwargs(self, job) -> dict[str, Any]:
-        kwargs = {"max_sequence_length": job.request.max_sequence_length or self.max_sequence_length}
+        kwargs = super().call_kwargs(job)  # the T5 token count
         if job.mode == "img2img":  # FluxImg2ImgPipeline defaults to 1024x1024, not the init image's size
             kwargs.update(width=job.width, height=job.height)
         return kwargs
@@ -74,4 +50,5 @@ FAMILY = FluxFamily(
     denoiser="transformer",
     cuda_dtype="bfloat16",  # FLUX overflows in fp16
     scheduler=EULER,
+    max_sequence_length=512,  # FLUX.1-dev's; schnell's manifests say 256
 )

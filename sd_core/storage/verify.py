@@ -63,8 +63,10 @@ def verify_local(path: Path, display: str, sha256: str | None, size: int | None,
 HF_CONFIG_FILES = ("*.json", "*.txt", "*.model")
 HF_WEIGHT_FILES = ("*.safetensors",)
 HF_PICKLE_FILES = ("*.bin", "*.ckpt", "*.pt", "*.pth")
-HF_NEVER = ("*.msgpack", "*.onnx", "*.onnx_data", "*openvino*", "*.h5", "*.ot", "*.fp16.*", "*.bf16.*",
-            "*.non_ema.*", "*.ema.*", ".gitattributes", "README*")
+# variants never loaded unless the manifest names one: single files (model.fp16.safetensors) and shards
+# (model.fp16-00001-of-00002.safetensors, as SD3.5's text_encoder_3)
+HF_NEVER = ("*.msgpack", "*.onnx", "*.onnx_data", "*openvino*", "*.h5", "*.ot", "*.fp16.*", "*.bf16.*", "*.fp16-*",
+            "*.bf16-*", "*.non_ema.*", "*.ema.*", ".gitattributes", "README*")
 
 
 def hf_folder_patterns(sub: str, settings: Settings, components: list[str] | None = None,
@@ -78,7 +80,7 @@ def hf_folder_patterns(sub: str, settings: Settings, components: list[str] | Non
         weights = tuple(w for pattern in weights for w in (pattern.replace("*.", f"*.{variant}.", 1),
                                                             pattern.replace("*.", f"*.{variant}-*.", 1)))
     allowed = HF_CONFIG_FILES + weights
-    never = tuple(p for p in HF_NEVER if not variant or p != f"*.{variant}.*")
+    never = tuple(p for p in HF_NEVER if not variant or p not in (f"*.{variant}.*", f"*.{variant}-*"))
     base = f"{sub}/" if sub else ""
     if components is not None:
         folders = [f"{base}{name}/" for name in components]

@@ -311,6 +311,16 @@ def test_extra_lora_is_a_second_lora_applied_with_lora_weights(cog_server, engin
     assert np.array_equal(pixels[2], np.asarray(Image.open(io.BytesIO(native_extra.images[0].data)).convert("RGB")))
 
 
+def test_max_sequence_length_input_reaches_an_sd3_model(cog_server):
+    sd3 = {**FAST, "model": "tiny-sd3", "seed": 3}
+    default, short = cog_server.predict(sd3), cog_server.predict({**sd3, "max_sequence_length": 4})
+    assert default["status"] == "succeeded" and short["status"] == "succeeded", short.get("error")
+    assert decode_output(default["output"][0])[1].tobytes() != decode_output(short["output"][0])[1].tobytes()
+    refused = cog_server.predict({**FAST, "max_sequence_length": 4})  # tiny-sd15
+    assert refused["status"] == "failed" and (
+        "max_sequence_length: 'tiny-sd15' is a sd15 model, which has no T5 text encoder") in refused["error"]
+
+
 # --- VAE -------------------------------------------------------------------------------------------------------
 
 

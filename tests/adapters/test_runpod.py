@@ -291,6 +291,20 @@ def test_a1111_refiner_checkpoint_runs_the_expert_ensemble(server):
     assert no_switch["status"] == "FAILED" and no_switch["error"].startswith("refiner_switch_at: required")
 
 
+def test_a1111_txt2img_on_an_sd3_model_runs_euler_and_equals_the_native_request(server):
+    payload = {"prompt": "a lighthouse", "steps": 2, "cfg_scale": 5, "width": 64, "height": 64, "seed": 5,
+               "sampler_name": "Euler", "scheduler": "Automatic",
+               "override_settings": {"sd_model_checkpoint": "tiny-sd3"}}
+    output = completed(server.runsync(payload))
+    assert json.loads(output["info"])["sd_model_name"] == "tiny-sd3"
+    native = completed(server.runsync({"model": "tiny-sd3", "prompt": "a lighthouse", "num_inference_steps": 2,
+                                       "guidance_scale": 5, "width": 64, "height": 64, "seed": 5}))
+    assert decode(output["images"][0]).tobytes() == decode(native["images"][0]["image"]).tobytes()
+    refused = server.runsync({**payload, "sampler_name": "DPM++ 2M"})
+    assert refused["status"] == "FAILED" and refused["error"] == (
+        "scheduler: 'DPM++ 2M Karras' does not run tiny-sd3's model family (sd3); valid: Euler")
+
+
 def test_a1111_prompt_syntax_reaches_the_encoder(server):
     prompt = "a (fox:1.0) in the [snow:forest:1] BREAK night"
     payload = {"prompt": prompt, "negative_prompt": "(blurry:1.3)", "steps": 4, "width": 64, "height": 64,

@@ -36,7 +36,8 @@ def failed(job: dict) -> str:
 def test_sd_models_lists_the_catalog_as_a1111_sd_model_items(server):
     models = completed(server.runsync(get("sd-models")))
     assert [m["model_name"] for m in models] == ["tiny-flux-dev", "tiny-flux", "tiny-sd15-single", "tiny-sd15",
-                                                  "tiny-sdxl-refiner", "tiny-sdxl-single", "tiny-sdxl"]
+                                                  "tiny-sd3-no-t5", "tiny-sd3-single", "tiny-sd3", "tiny-sdxl-refiner",
+                                                  "tiny-sdxl-single", "tiny-sdxl"]
     for item in models:
         assert set(item) == {"title", "model_name", "hash", "sha256", "filename", "config"}
         assert item["title"] == item["model_name"] and item["hash"] is None  # the tiny manifests pin no sha256

@@ -30,7 +30,7 @@ def test_sd2_openclip_keys_and_unknown_layouts():
 
 
 def test_the_manifest_architectures_are_the_registry():
-    assert families.NAMES == ("sd15", "sd2", "sdxl", "sdxl-refiner", "flux")
+    assert families.NAMES == ("sd15", "sd2", "sdxl", "sdxl-refiner", "flux", "sd3")
     for name in families.NAMES:
         manifest = ModelManifest(name="m", architecture=name, format="diffusers", uri="m/")
         assert manifest.family is families.family(name)
@@ -70,4 +70,5 @@ def test_a_family_limits_the_schedulers_its_models_run(engine, monkeypatch):
     assert engine.resolve(GenerationRequest(prompt="a fox", scheduler="euler"))[1].scheduler == "Euler"
     with pytest.raises(InvalidRequest) as info:
         engine.resolve(GenerationRequest(prompt="a fox", scheduler="DPM++ 2M Karras"))
-    assert str(info.value) == ("scheduler: 'DPM++ 2M Karras' does not run tiny-sd15's model family; valid: Euler")
+    assert str(info.value) == ("scheduler: 'DPM++ 2M Karras' does not run tiny-sd15's model family (sd15); valid: "
+                               "Euler")

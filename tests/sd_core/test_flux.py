@@ -99,8 +99,8 @@ def test_max_sequence_length_is_passed_and_bounded(engine, bare):
 
 @pytest.mark.parametrize(("fields", "message"), [
     ({"negative_prompt": "blurry"}, "^negative_prompt: 'tiny-flux' is a flux model, which takes no negative prompt"),
-    ({"scheduler": "DPM++ 2M Karras"}, "^scheduler: 'DPM\\+\\+ 2M Karras' does not run tiny-flux's model family; "
-                                       "valid: Euler$"),
+    ({"scheduler": "DPM++ 2M Karras"}, "^scheduler: 'DPM\\+\\+ 2M Karras' does not run tiny-flux's model family "
+                                       "\\(flux\\); valid: Euler$"),
     ({"prompt": "a (red:1.3) cat"}, "^prompt: 'tiny-flux' is a flux model, whose prompts are plain text"),
     ({"prompt": "a cat BREAK a dog"}, "^prompt: .*plain text"),
     ({"clip_skip": 1}, "^clip_skip: 'tiny-flux' is a flux model, which takes no clip skip"),
@@ -111,6 +111,12 @@ def test_max_sequence_length_is_passed_and_bounded(engine, bare):
 def test_what_flux_cannot_run_is_refused_clearly(engine, fields, message):
     with pytest.raises(InvalidRequest, match=message):
         generate(engine, **fields)
+
+
+def test_a_subseed_at_strength_0_is_the_seeds_image(engine):
+    """A1111 clients send a subseed with strength 0: exactly the seed's image, no variation noise (FLUX has none)."""
+    result = generate(engine, subseed=11, subseed_strength=0.0)
+    assert np.array_equal(pixels(result), pixels(generate(engine))) and result.subseeds is None
 
 
 def test_escaped_brackets_are_plain_text(engine, bare):

@@ -153,6 +153,10 @@ def test_build_is_deterministic(tiny_bucket, tmp_path):
     for variant in ("a", "b"):  # the tiny ControlNets (devtools/tiny_controlnet.py)
         name = f"controlnets/tiny-sd15-control-{variant}"
         assert tree_hashes(tmp_path / "again" / name) == tree_hashes(tiny_bucket / name)
+    # the tiny SD3 model (devtools/tiny_sd3.py, built with every arch): folder, single file and config
+    assert tree_hashes(tmp_path / "again" / "tiny-sd3") == tree_hashes(tiny_bucket / "tiny-sd3")
+    name = "loras/tiny-sd3-peft.safetensors"
+    assert sha256(tmp_path / "again" / name) == sha256(tiny_bucket / name)
     builder.build_tiny_models(tmp_path / "other", archs=("sd15",), seed=1)
     name = "tiny-sd15/tiny-sd15.safetensors"
     assert sha256(tmp_path / "other" / name) != sha256(tiny_bucket / name)

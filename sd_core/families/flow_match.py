@@ -1,0 +1,34 @@
+"""Flow-matching families (SD3, FLUX): one sampler, flow-matching Euler built from the model's own scheduler config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidRequest, quote
+from .base import ModelFamily
+
+EULER = "Euler"  # the canonical name of A1111's Euler with its Automatic (Uniform) schedule
+
+
+class FlowMatchFamily(ModelFamily):
+    """A family whose one sampler is ``FlowMatchEulerDiscreteScheduler`` (A1111's ``Euler``, its ``Automatic``
+    schedule), its shift and dynamic-shifting config kept; no CLIP skip.
+
+    diffusers' FlowMatchEulerDiscreteScheduler also takes Karras / exponential / beta sigmas, but computes them from
+    its own shifted last sigma, not from the model's sigma range as A1111 does: not the same schedule, so only the
+    plain (Uniform) Euler is offered.
+    """
+
+    def clip_skip_limit(self, pipe) -> tuple[int, int] | None:
+        return None
+
+    def schedulers(self) -> tuple[str, ...]:
+        return (EULER,)
+
+    def build_scheduler(self, name: str, base_config: dict[str, Any]):
+        """The model's own FlowMatchEulerDiscreteScheduler."""
+        if name != EULER:  # the engine checks schedulers() first; a defensive check for direct callers
+            raise InvalidRequest(f"{quote(name)} does not run {self.name} models; valid: {EULER}", field="scheduler")
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(base_config)
