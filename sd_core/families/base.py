@@ -64,6 +64,8 @@ class ModelFamily:
     cuda_dtype: str | None = None
     # the sampler a manifest gets when its defaults name none
     scheduler: str = "DPM++ 2M Karras"
+    # the request modes (GenerationRequest.mode) its models run; FLUX.1 Fill only inpaints (sd_core/family_features.py)
+    modes: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -118,6 +120,10 @@ class ModelFamily:
         """What this family adds to the ``pipe(...)`` call of a job (a ``sd_core.jobs.Job``; FLUX: its T5 token
         count, and the output size, which FLUX's img2img takes as an argument); {} here."""
         return {}
+
+    def load_single_file(self, cls, weights: str, config: str, **kwargs):
+        """The txt2img pipeline ``cls`` of a single-file checkpoint, its configs from the local folder ``config``."""
+        return cls.from_single_file(weights, config=config, **kwargs)
 
     def detect(self, keys: Iterable[str]) -> bool:
         """Whether a single-file checkpoint with these state-dict keys belongs to this family."""

@@ -4,15 +4,17 @@ Guidance is distilled: ``guidance_scale`` is FLUX's guidance embedding (dev; sch
 guidance, so there is no negative prompt (refused when not empty). The one sampler is flow-matching Euler
 (``FlowMatchEulerDiscreteScheduler``, built from the model's own scheduler config: schnell's fixed shift, dev's
 dynamic shifting); A1111's ``Euler`` (and its ``Automatic`` schedule) name it, every other sampler is refused.
+A single-file FLUX model is its transformer alone (``load_single_file``), the rest from the base model's folder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequest, quote
+from ..errors import InvalidRequest, ManifestError, quote
 from .base import MAX_SEQUENCE_LENGTH, ModelFamily
 
 EULER = "Euler"  # the canonical name of A1111's Euler with its Automatic (Uniform) schedule
@@ -53,8 +55,26 @@ class FluxFamily(ModelFamily):
             kwargs.update(width=job.width, height=job.height)
         return kwargs
 
+    def load_single_file(self, cls, weights: str, config: str, **kwargs):
+        """A transformer checkpoint, as FLUX fine-tunes ship (BFL's keys, bare or under ComfyUI's
+        ``model.diffusion_model.``, or diffusers' own), converted by diffusers' ``FluxTransformer2DModel.
+        from_single_file`` with the config of ``config``/transformer; the VAE, text encoders, tokenizers and scheduler
+        are those of ``config``: the base model's diffusers folder (its transformer weights may be left out), even
+        when the file holds others too. Only safetensors weights are read from the folder."""
+        from diffusers import FluxTransformer2DModel
+
+        try:
+            transformer = FluxTransformer2DModel.from_single_file(weights, config=config, subfolder="transformer",
+                                                                  **kwargs)
+        except (RuntimeError, ValueError, KeyError, IndexError) as exc:  # the converter on a file it cannot map
+            raise ManifestError(f"{Path(weights).name}: not a FLUX.1 transformer checkpoint that diffusers can "
+                                f"convert with the config of {Path(config).name}/transformer "
+                                f"({type(exc).__name__}: {str(exc)[:160]})") from None
+        return cls.from_pretrained(config, transformer=transformer, use_safetensors=True, **kwargs)
+
     def detect(self, keys: Iterable[str]) -> bool:
-        """BFL's layout (``double_blocks.``), bare or under ``model.diffusion_model.`` (ComfyUI / A1111 Forge)."""
+        """BFL's layout (``double_blocks.``), bare or under ``model.diffusion_model.`` (ComfyUI / A1111 Forge), or
+        diffusers' FluxTransformer2DModel keys (``single_transformer_blocks.``)."""
         return any(key.startswith(self.checkpoint_prefixes) for key in keys)
 
 
@@ -66,7 +86,7 @@ FAMILY = FluxFamily(
         "inpaint": "FluxInpaintPipeline",
     },
     width=1024, height=1024, num_inference_steps=28, guidance_scale=3.5,
-    checkpoint_prefixes=("double_blocks.", "model.diffusion_model.double_blocks."),
+    checkpoint_prefixes=("double_blocks.", "model.diffusion_model.double_blocks.", "single_transformer_blocks."),
     clip_skip=False,
     parameters=16_900_000_000,  # transformer 11.9B + T5-XXL 4.7B + CLIP-L 123M + VAE 84M
     embedding_keys=(),
