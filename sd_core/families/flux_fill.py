@@ -14,8 +14,8 @@ from . import flux
 FAMILY = dataclasses.replace(
     flux.FAMILY,
     name="flux-fill",
-    # the pool loads the "txt2img" class: FluxFillPipeline under every mode, though only inpaint requests run it
-    pipelines={"txt2img": "FluxFillPipeline", "inpaint": "FluxFillPipeline"},
+    # the pool loads the "txt2img" class: FluxFillPipeline under every mode; only inpaint requests run (`modes`)
+    pipelines={"txt2img": "FluxFillPipeline", "img2img": "FluxFillPipeline", "inpaint": "FluxFillPipeline"},
     modes=("inpaint",),
     guidance_scale=30.0,  # black-forest-labs/FLUX.1-Fill-dev's model card
     # A Fill checkpoint has FLUX's tensor names (only img_in's shape differs): URL detection says flux, never this
