@@ -67,9 +67,10 @@ class FluxFamily(ModelFamily):
             transformer = FluxTransformer2DModel.from_single_file(weights, config=config, subfolder="transformer",
                                                                   **kwargs)
         except (RuntimeError, ValueError, KeyError, IndexError) as exc:  # the converter on a file it cannot map
-            raise ManifestError(f"{Path(weights).name}: not a FLUX.1 transformer checkpoint that diffusers can "
-                                f"convert with the config of {Path(config).name}/transformer "
-                                f"({type(exc).__name__}: {str(exc)[:160]})") from None
+            raise ManifestError(f"{quote(Path(weights).name)} is not a FLUX.1 transformer checkpoint that diffusers "
+                                "can load with its config folder's transformer/config.json "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+                                ) from None
         return cls.from_pretrained(config, transformer=transformer, use_safetensors=True, **kwargs)
 
     def detect(self, keys: Iterable[str]) -> bool:

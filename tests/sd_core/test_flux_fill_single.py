@@ -137,19 +137,22 @@ def test_unconvertible_single_file_is_refused_clearly(make_engine, engine_settin
     models.mkdir()
     spec = yaml.safe_load((engine_settings.models_dir / "tiny-flux-single.yaml").read_text())
     (models / "broken.yaml").write_text(yaml.safe_dump({**spec, "name": "broken", "uri": str(weights)}))
-    with pytest.raises(ManifestError, match="broken.safetensors: not a FLUX.1 transformer checkpoint that diffusers "
-                                            "can convert"):
+    with pytest.raises(ManifestError, match="^'broken.safetensors' is not a FLUX.1 transformer checkpoint "
+                                            "that diffusers can load with its config folder's"):
         make_engine(models_dir=models).generate(GenerationRequest(model="broken", prompt=PROMPT))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_bucket):
-    body = (tiny_bucket / "tiny-flux" / "tiny-flux-transformer.safetensors").read_bytes()
+    files = {"/flux-finetune.safetensors": tiny_bucket / "tiny-flux" / "tiny-flux-transformer.safetensors",
+             "/flux-fill.safetensors": tiny_bucket / "tiny-flux-fill/diffusers/transformer/"
+                                       "diffusion_pytorch_model.safetensors"}
 
     class Handler(FileHandler):
         def do_GET(self):
-            if self.path.split("?", 1)[0] == "/flux-finetune.safetensors":
-                self.send_file(body)
+            path = files.get(self.path.split("?", 1)[0])
+            if path is not None:
+                self.send_file(path.read_bytes())
             else:
                 self.send_body(404, b"not found")
 
@@ -170,3 +173,34 @@ def test_flux_transformer_url_is_detected_and_loaded(make_engine, engine, server
     result = url_engine.generate(GenerationRequest(model=url, prompt=PROMPT, seed=3))
     assert result.request.max_sequence_length == 32  # the catalog's FLUX single-file model's defaults
     assert np.array_equal(pixels(result), pixels(generate(engine, model="tiny-flux")))
+
+
+def test_fill_transformer_as_a_single_file(make_engine, engine, engine_settings, tiny_bucket, tmp_path, init, mask):
+    """A Fill fine-tune's transformer file on the Fill base folder (here the tiny Fill folder's own transformer)."""
+    models = tmp_path / "models"
+    models.mkdir()
+    folder = tiny_bucket / "tiny-flux-fill" / "diffusers"
+    spec = yaml.safe_load((engine_settings.models_dir / "tiny-flux-fill.yaml").read_text())
+    spec.update(name="fill-single", format="single_file", config_uri=f"{folder}/",
+                uri=str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    (models / "fill-single.yaml").write_text(yaml.safe_dump(spec))
+    fields = {"image": png(init), "mask": png(mask), "strength": 1.0}
+    single = generate(make_engine(models_dir=models), model="fill-single", **fields)
+    assert np.array_equal(pixels(single), pixels(generate(engine, **fields)))
+
+
+def test_fill_file_by_url_is_refused(make_engine, server, tmp_path, init, mask):
+    """A Fill transformer's names are FLUX's: by URL it is taken for FLUX, and its 288 input channels refuse to load
+    into the catalog's FLUX config."""
+    url_engine = make_engine(url_allowed_hosts=("127.0.0.1",), cache_dir=tmp_path / "cache")
+    with pytest.raises(ManifestError, match="is not a FLUX.1 transformer checkpoint that diffusers can load"):
+        url_engine.generate(GenerationRequest(model=f"{server}/flux-fill.safetensors", prompt=PROMPT, image=png(init),
+                                              mask=png(mask)))
+
+
+def test_warm_up_of_a_fill_model_inpaints(engine):
+    from sd_core.warmup import WarmUp
+
+    warm = WarmUp(engine)
+    assert warm.request(engine.catalog.get("tiny-flux-fill"), ["tiny-flux-fill"]).mode == "inpaint"
+    assert set(warm.run(["tiny-flux-fill"])) == {"tiny-flux-fill"}  # a txt2img warm-up would be refused
