@@ -129,6 +129,11 @@ class ModelFamily:
         """Whether a single-file checkpoint with these state-dict keys belongs to this family."""
         return any(key.startswith(self.checkpoint_prefixes) for key in keys)
 
+    def variant(self, shapes: dict[str, list[int]]) -> str:
+        """The architecture of a checkpoint this family detected, from its tensors' shapes (a safetensors header):
+        this family's name here; FLUX tells FLUX.1 Fill apart. ValueError (a reason) for a variant no family runs."""
+        return self.name
+
     def memory_bytes(self, bytes_per_parameter: int = 2) -> int:
         """A rough estimate of the loaded pipeline's weights (fp16 by default); not used for decisions yet (the
         pipeline pool measures loaded models), meant for placement and cache planning."""

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import InvalidRequest, ManifestError, quote
 from .base import MAX_SEQUENCE_LENGTH, ModelFamily
 
+FILL_MASK_CHANNELS = 256  # FLUX.1 Fill's mask input: 8x8 pixels per latent cell, in 2x2 patches
 EULER = "Euler"  # the canonical name of A1111's Euler with its Automatic (Uniform) schedule
 
 
@@ -73,10 +74,37 @@ class FluxFamily(ModelFamily):
                                 ) from None
         return cls.from_pretrained(config, transformer=transformer, use_safetensors=True, **kwargs)
 
+    def variant(self, shapes: dict[str, list[int]]) -> str:
+        """flux or flux-fill, from the transformer's input and output widths (``img_in`` / ``x_embedder``, the final
+        layer): FLUX.1 takes what it returns (64 channels: 2x2 patches of 16 latent channels); Fill takes twice that
+        plus 256 (the masked image's latents and the 8x8 mask beside the noise: 384). Others (FLUX.1 Canny / Depth:
+        twice) are refused."""
+        width_in = _shape(shapes, "img_in.weight", "x_embedder.weight")
+        width_out = _shape(shapes, "final_layer.linear.weight", "proj_out.weight")
+        if len(width_in) != 2 or len(width_out) != 2:
+            return self.name  # a partial header: the names said FLUX, loading checks the rest
+        channels_in, channels_out = width_in[1], width_out[0]
+        if channels_in == channels_out:
+            return self.name
+        if channels_in == 2 * channels_out + FILL_MASK_CHANNELS:
+            return "flux-fill"
+        raise ValueError(f"a FLUX transformer taking {channels_in} input channels for {channels_out} output ones is "
+                         f"neither FLUX.1 ({channels_out}) nor FLUX.1 Fill ({2 * channels_out + FILL_MASK_CHANNELS}); "
+                         "other FLUX variants (Canny, Depth, Redux) do not run on this worker")
+
     def detect(self, keys: Iterable[str]) -> bool:
         """BFL's layout (``double_blocks.``), bare or under ``model.diffusion_model.`` (ComfyUI / A1111 Forge), or
         diffusers' FluxTransformer2DModel keys (``single_transformer_blocks.``)."""
         return any(key.startswith(self.checkpoint_prefixes) for key in keys)
+
+
+def _shape(shapes: dict[str, list[int]], *names: str) -> list[int]:
+    """The shape of the first of ``names`` in a header, bare or under ComfyUI's ``model.diffusion_model.``."""
+    for name in names:
+        for key in (name, f"model.diffusion_model.{name}"):
+            if isinstance(shapes.get(key), list):
+                return shapes[key]
+    return []
 
 
 FAMILY = FluxFamily(

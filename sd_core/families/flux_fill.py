@@ -18,6 +18,6 @@ FAMILY = dataclasses.replace(
     pipelines={"txt2img": "FluxFillPipeline", "img2img": "FluxFillPipeline", "inpaint": "FluxFillPipeline"},
     modes=("inpaint",),
     guidance_scale=30.0,  # black-forest-labs/FLUX.1-Fill-dev's model card
-    # A Fill checkpoint has FLUX's tensor names (only img_in's shape differs): URL detection says flux, never this
+    # A Fill checkpoint has FLUX's tensor names: FLUX's detect() finds it, its variant() (the input width) says Fill
     checkpoint_prefixes=(),
 )

@@ -143,10 +143,14 @@ def test_unconvertible_single_file_is_refused_clearly(make_engine, engine_settin
 
 
 @pytest.fixture(scope="module")
-def server(tiny_bucket):
+def server(tiny_bucket, tmp_path_factory):
+    depth = tmp_path_factory.mktemp("variants") / "depth.safetensors"  # FLUX.1 Depth's shapes, tiny: 2 x 16 in
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(96, 32), "img_in.weight": torch.zeros(32, 32),
+               "final_layer.linear.weight": torch.zeros(16, 32)}, depth)
     files = {"/flux-finetune.safetensors": tiny_bucket / "tiny-flux" / "tiny-flux-transformer.safetensors",
              "/flux-fill.safetensors": tiny_bucket / "tiny-flux-fill/diffusers/transformer/"
-                                       "diffusion_pytorch_model.safetensors"}
+                                       "diffusion_pytorch_model.safetensors",
+             "/flux-depth.safetensors": depth}
 
     class Handler(FileHandler):
         def do_GET(self):
@@ -175,27 +179,34 @@ def test_flux_transformer_url_is_detected_and_loaded(make_engine, engine, server
     assert np.array_equal(pixels(result), pixels(generate(engine, model="tiny-flux")))
 
 
-def test_fill_transformer_as_a_single_file(make_engine, engine, engine_settings, tiny_bucket, tmp_path, init, mask):
+def test_fill_transformer_as_a_single_file(engine, init, mask):
     """A Fill fine-tune's transformer file on the Fill base folder (here the tiny Fill folder's own transformer)."""
-    models = tmp_path / "models"
-    models.mkdir()
-    folder = tiny_bucket / "tiny-flux-fill" / "diffusers"
-    spec = yaml.safe_load((engine_settings.models_dir / "tiny-flux-fill.yaml").read_text())
-    spec.update(name="fill-single", format="single_file", config_uri=f"{folder}/",
-                uri=str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
-    (models / "fill-single.yaml").write_text(yaml.safe_dump(spec))
     fields = {"image": png(init), "mask": png(mask), "strength": 1.0}
-    single = generate(make_engine(models_dir=models), model="fill-single", **fields)
+    single = generate(engine, model="tiny-flux-fill-single", **fields)
     assert np.array_equal(pixels(single), pixels(generate(engine, **fields)))
 
 
-def test_fill_file_by_url_is_refused(make_engine, server, tmp_path, init, mask):
-    """A Fill transformer's names are FLUX's: by URL it is taken for FLUX, and its 288 input channels refuse to load
-    into the catalog's FLUX config."""
+def test_fill_file_by_url_is_detected_by_its_input_width(make_engine, engine, server, tmp_path, init, mask):
+    """A Fill transformer has FLUX's names; its 288 input channels (2 x 16 + 256) say Fill: the catalog's single-file
+    Fill model lends its folder and defaults (guidance 30)."""
+    url = f"{server}/flux-fill.safetensors"
     url_engine = make_engine(url_allowed_hosts=("127.0.0.1",), cache_dir=tmp_path / "cache")
-    with pytest.raises(ManifestError, match="is not a FLUX.1 transformer checkpoint that diffusers can load"):
-        url_engine.generate(GenerationRequest(model=f"{server}/flux-fill.safetensors", prompt=PROMPT, image=png(init),
-                                              mask=png(mask)))
+    assert url_engine.model_urls.resolve(url).architecture == "flux-fill"
+    fields = {"image": png(init), "mask": png(mask), "strength": 1.0}
+    result = url_engine.generate(GenerationRequest(model=url, prompt=PROMPT, seed=3, **fields))
+    assert result.request.guidance_scale == 30.0
+    assert np.array_equal(pixels(result), pixels(generate(engine, **fields)))
+    with pytest.raises(InvalidRequest, match="^image: 'url-[0-9a-f]{16}' is a flux-fill model, which runs inpaint"):
+        url_engine.generate(GenerationRequest(model=url, prompt=PROMPT))
+
+
+def test_other_flux_variants_by_url_are_refused(make_engine, server, tmp_path):
+    """FLUX.1 Canny / Depth take twice the latent channels (control latents beside the noise): not run here."""
+    url_engine = make_engine(url_allowed_hosts=("127.0.0.1",), cache_dir=tmp_path / "cache")
+    with pytest.raises(InvalidRequest, match="^model: http://127.0.0.1:[0-9]+/flux-depth.safetensors: a FLUX "
+                                             "transformer taking 32 input channels for 16 output ones is neither "
+                                             "FLUX.1 \\(16\\) nor FLUX.1 Fill \\(288\\)"):
+        url_engine.model_urls.resolve(f"{server}/flux-depth.safetensors")
 
 
 def test_warm_up_of_a_fill_model_inpaints(engine):
