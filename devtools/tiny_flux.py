@@ -3,6 +3,8 @@
 Layout written under ``DIR`` (called by devtools/tiny_models.py's ``build_tiny_models``):
 
     DIR/tiny-flux/diffusers/               complete diffusers FluxPipeline folder (safetensors weights)
+    DIR/tiny-flux/tiny-flux-transformer.safetensors  its transformer alone, one file (diffusers' keys: see below)
+    DIR/tiny-flux/base/                    the folder without the transformer's weights (a single file's config_uri)
     DIR/loras/tiny-flux-peft.safetensors   rank-4 LoRA on the transformer, diffusers/peft keys (``transformer.*``)
     DIR/loras/tiny-flux-kohya.safetensors  the same matrices in kohya's sd-scripts layout (``lora_unet_*``, alpha 4)
     DIR/loras/tiny-flux-xlabs.safetensors  a LoRA in XLabs' layout (``double_blocks.N.processor.*_lora*``)
@@ -11,6 +13,9 @@ The transformer has the real block types (one double-stream block, one single-st
 (FLUX.1-dev style: ``guidance_scale`` changes the image); the scheduler config is FLUX.1-schnell's. The CLIP
 tokenizer is the tiny one of devtools/tiny_models.py; the T5 tokenizer is a tiny Unigram vocabulary built on the
 spot (no sentencepiece file, no hub). The same seed gives byte-identical files.
+
+The single file has diffusers' key names, not BFL's: diffusers' BFL converter
+(``convert_flux_transformer_checkpoint_to_diffusers``) hard-codes FLUX.1's width (3072) and cannot map a tiny one.
 """
 
 from __future__ import annotations
@@ -141,6 +146,14 @@ def write_tiny_flux(out: Path, seed: int) -> dict[str, Path]:
         pipe.save_pretrained(folder, safe_serialization=True)
         shutil.rmtree(folder / "tokenizer")  # the hand-written CLIP files, as the real repo ships vocab + merges
         shutil.copytree(Path(scratch) / "tokenizer", folder / "tokenizer")
+    shutil.copytree(folder, root / "base")
+    for weights in (root / "base" / "transformer").glob("*.safetensors*"):  # its config.json stays
+        weights.unlink()
+    state = {key: value.contiguous() for key, value in pipe.transformer.state_dict().items()}
+    save_file(state, root / "tiny-flux-transformer.safetensors", metadata={"format": "pt"})
     paths = {"tiny-flux": root}
     paths.update(write_flux_loras(pipe.transformer, out / "loras", seed))
+    from devtools.tiny_flux_fill import write_tiny_flux_fill  # its own module, which imports this one
+
+    paths.update(write_tiny_flux_fill(out, seed))
     return paths

@@ -79,3 +79,11 @@ def checkpoint_keys(path: Path) -> list[str]:
 
     with safetensors.safe_open(str(path), framework="pt") as checkpoint:
         return list(checkpoint.keys())
+
+
+def checkpoint_shapes(path: Path) -> dict[str, list[int]]:
+    """The tensor names and shapes of a .safetensors checkpoint (header only): what ``ModelFamily.variant`` reads."""
+    import safetensors
+
+    with safetensors.safe_open(str(path), framework="pt") as checkpoint:
+        return {key: list(checkpoint.get_slice(key).get_shape()) for key in checkpoint.keys()}

@@ -65,9 +65,14 @@ def _uses(req: GenerationRequest) -> list[str]:
 
 
 def check_request(req: GenerationRequest, manifest: ModelManifest) -> GenerationRequest:
-    """``req`` with its prompts as plain text where the family takes no A1111 syntax; InvalidRequest ("<field>: <model>
-    is a <family> model, which ...") for the first feature it asks of a family that lacks it."""
+    """``req`` with its prompt as plain text where the family takes no A1111 syntax; InvalidRequest ("<field>: <model>
+    is a <family> model, which ...") for a mode it does not run, or the first feature it asks of a family lacking it."""
     family = manifest.family
+    if req.mode not in family.modes:  # FLUX.1 Fill: inpaint (and outpaint) only
+        hint = "; give an image and a mask, or outpaint" if family.modes == ("inpaint",) else ""
+        raise InvalidRequest(f"{quote(manifest.name)} is a {family.name} model, which runs "
+                             f"{' and '.join(family.modes)} requests only, not {req.mode}{hint}",
+                             field="mask" if req.mode == "img2img" else "image")
     for feature in _uses(req):
         if not family.supports(feature):
             field, why = _WHAT[feature]

@@ -1,7 +1,8 @@
 """A request's `model` given as a URL of one `.safetensors` checkpoint: policy, architecture from its header, cache.
 
 The URL passes the user-URL policy (sd_core/user_urls.py), then its safetensors header alone is read (ranged reads:
-the first bytes, never the whole file) and its tensor names say the architecture (``families.detect_architecture``).
+the first bytes, never the whole file) and its tensor names say the architecture (``families.detect_architecture``),
+their shapes the family's variant (``ModelFamily.variant``: FLUX.1 or FLUX.1 Fill).
 The model becomes a synthetic single-file manifest named ``url-<sha16>`` (a hash of the URL without its signing
 parameters: the URL itself never reaches logs or infotext) whose config folder and defaults are those of the catalog's
 single-file model of that architecture (``config_uri``: no hub call). The file is fetched outside the GPU lock into the
@@ -21,7 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from . import families, storage
-from .checkpoints import PICKLE_SUFFIXES, checkpoint_keys, is_readable_safetensors
+from .checkpoints import PICKLE_SUFFIXES, checkpoint_shapes, is_readable_safetensors
 from .errors import FetchError, InvalidRequest
 from .manifests import LocalModel, ModelCatalog, ModelManifest, resolve_uri
 from .settings import Settings
@@ -98,7 +99,7 @@ class ModelUrls:
             if known is not None:
                 self._manifests.move_to_end(key)
                 return known
-        architecture = self._detect(read_header_keys(checked, self.fetch_settings), shown)
+        architecture = self._detect(read_header_shapes(checked, self.fetch_settings), shown)
         donor = self._donor(architecture, shown)
         manifest = ModelManifest(
             name=url_label(url), description="model from a URL", architecture=architecture, format="single_file",
@@ -114,12 +115,16 @@ class ModelUrls:
                 self._by_name.pop(dropped.name, None)
         return manifest
 
-    def _detect(self, keys: list[str], shown: str) -> str:
-        architecture = families.detect_architecture(keys)
+    def _detect(self, shapes: dict[str, list[int]], shown: str) -> str:
+        """The architecture from the tensor names, then the family's variant from their shapes (FLUX.1 Fill)."""
+        architecture = families.detect_architecture(shapes)
         if architecture is None:
             raise _refuse(f"{shown} is not a Stable Diffusion checkpoint this worker can load (its tensor names match "
                           f"none of {', '.join(families.NAMES)}; a LoRA, VAE or embedding file is not a model)")
-        return architecture
+        try:
+            return families.family(architecture).variant(shapes)
+        except ValueError as exc:
+            raise _refuse(f"{shown}: {exc}") from None
 
     def _donor(self, architecture: str, shown: str) -> ModelManifest:
         """The catalog's single-file model of ``architecture``: its config folder and defaults serve URL models."""
@@ -140,7 +145,11 @@ class ModelUrls:
             raise _failed(shown, exc) from None
         if not is_readable_safetensors(path):
             raise _refuse(f"{shown}: not a valid .safetensors file (a pickle under that name, or damaged); refused")
-        if families.detect_architecture(checkpoint_keys(path)) != manifest.architecture:  # changed since the probe
+        try:  # the file changed since the probe?
+            architecture = self._detect(checkpoint_shapes(path), shown)
+        except InvalidRequest:
+            architecture = None
+        if architecture != manifest.architecture:
             raise _refuse(f"{shown}: the downloaded file is not the {manifest.architecture} checkpoint its header "
                           "said; refused")
         return LocalModel(manifest=manifest, weights=_safetensors_name(path, manifest, self.settings), config=config)
@@ -161,9 +170,9 @@ def _safetensors_name(path: Path, manifest: ModelManifest, settings: Settings) -
 
 
 # --- the header probe ------------------------------------------------------------------------------------------------
-def read_header_keys(checked: CheckedURL, settings: Settings) -> list[str]:
-    """The tensor names in a remote .safetensors file's header, read with ranged requests (a server that ignores
-    Range is read only as far as the header, then the connection is closed)."""
+def read_header_shapes(checked: CheckedURL, settings: Settings) -> dict[str, list[int]]:
+    """The tensor names in a remote .safetensors file's header, with their shapes, read with ranged requests (a server
+    that ignores Range is read only as far as the header, then the connection is closed)."""
     shown = checked.redacted
     head = _read(checked, settings, 0, FIRST_READ)
     if len(head) < 8:
@@ -180,7 +189,8 @@ def read_header_keys(checked: CheckedURL, settings: Settings) -> list[str]:
             raise ValueError
     except ValueError:
         raise _refuse(f"{shown} is not a .safetensors checkpoint (its header does not parse)") from None
-    return [key for key in parsed if key != "__metadata__"]
+    return {key: value.get("shape") if isinstance(value, dict) else None
+            for key, value in parsed.items() if key != "__metadata__"}
 
 
 def _read(checked: CheckedURL, settings: Settings, start: int, count: int) -> bytes:

@@ -86,7 +86,7 @@ def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, s
     common = {"dtype": plan.dtype, "local_files_only": True, **manifest.skipped}
     if manifest.format == "single_file":
         refuse_pickle(local.weights, settings)
-        pipe = cls.from_single_file(str(local.weights), config=str(local.config), **common)
+        pipe = manifest.family.load_single_file(cls, str(local.weights), str(local.config), **common)
     else:
         refuse_pickle_folder(local.weights, settings)  # pickle files beside safetensors: ignored, never loaded
         # True: safetensors only. None (SD_ALLOW_PICKLE): safetensors first, pickle files where there are no others.

@@ -74,7 +74,8 @@ class WarmUp:
         size = MIN_SIZE  # the least side a request may ask for (64, a multiple of the VAE's factor 8): every family
         common = {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": STEPS, "seed": SEED}
         if not manifest.family.refines:
-            if self._inpainting(manifest.name):  # a 9-channel UNet runs inpaint only: that is its main path
+            # a 9-channel UNet, FLUX.1 Fill: inpaint is their main path (Fill runs nothing else)
+            if self._inpainting(manifest.name) or "txt2img" not in manifest.family.modes:
                 gray, white = _png(size, 128), _png(size, 255)
                 return GenerationRequest(model=manifest.name, image=gray, mask=white, strength=1.0, **common)
             return GenerationRequest(model=manifest.name, **common)

@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..errors import ManifestError
-from . import flux, sd2, sd3, sd15, sdxl, sdxl_refiner
+from . import flux, flux_fill, sd2, sd3, sd15, sdxl, sdxl_refiner
 from .base import ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {module.FAMILY.name: module.FAMILY
-                                    for module in (sd15, sd2, sdxl, sdxl_refiner, flux, sd3)}
+                                    for module in (sd15, sd2, sdxl, sdxl_refiner, flux, sd3, flux_fill)}
 NAMES: tuple[str, ...] = tuple(FAMILIES)
 
 __all__ = ["FAMILIES", "NAMES", "ModelFamily", "detect_architecture", "family"]

@@ -68,6 +68,8 @@ class ModelFamily:
     max_sequence_length: int | None = None
     # components a manifest may leave out (`skip_components`), each with the pipeline arguments then given as None
     optional_components: dict[str, tuple[str, ...]] | None = None
+    # the request modes (GenerationRequest.mode) its models run; FLUX.1 Fill only inpaints (sd_core/family_features.py)
+    modes: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -137,9 +139,18 @@ class ModelFamily:
         length = job.request.max_sequence_length
         return {} if length is None else {"Max sequence length": length}
 
+    def load_single_file(self, cls, weights: str, config: str, **kwargs):
+        """The txt2img pipeline ``cls`` of a single-file checkpoint, its configs from the local folder ``config``."""
+        return cls.from_single_file(weights, config=config, **kwargs)
+
     def detect(self, keys: Iterable[str]) -> bool:
         """Whether a single-file checkpoint with these state-dict keys belongs to this family."""
         return any(key.startswith(self.checkpoint_prefixes) for key in keys)
+
+    def variant(self, shapes: dict[str, list[int]]) -> str:
+        """The architecture of a checkpoint this family detected, from its tensors' shapes (a safetensors header):
+        this family's name here; FLUX tells FLUX.1 Fill apart. ValueError (a reason) for a variant no family runs."""
+        return self.name
 
     def memory_bytes(self, bytes_per_parameter: int = 2) -> int:
         """A rough estimate of the loaded pipeline's weights (fp16 by default); not used for decisions yet (the

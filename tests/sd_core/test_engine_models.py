@@ -60,9 +60,11 @@ def test_pickle_checkpoints_are_refused(make_engine, engine_settings, tmp_path, 
         engine.generate(GenerationRequest())
 
 
-def test_pickle_weights_inside_a_diffusers_folder_are_refused(make_engine, engine_settings, tmp_path):
+def test_a_component_with_only_pickle_weights_inside_a_diffusers_folder_is_refused(make_engine, engine_settings,
+                                                                                   tmp_path):
     folder = tmp_path / "weights"
     shutil.copytree(f"{engine_settings.weights_uri}/tiny-sd15/diffusers", folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # beside safetensors a .bin is never loaded
     (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
     models = tmp_path / "models"
     write_manifest(models, name="mixed", architecture="sd15", format="diffusers", uri=str(folder) + "/")
@@ -73,7 +75,7 @@ def test_pickle_weights_inside_a_diffusers_folder_are_refused(make_engine, engin
 @pytest.mark.parametrize(
     "fields,message",
     [
-        ({"architecture": "sd3"}, "architecture"),
+        ({"architecture": "sd9"}, "architecture"),
         ({"format": "single_file"}, "config_uri: required"),
         ({"defaults": {"scheduler": "Euler z"}}, "defaults.scheduler"),
         ({"defaults": {"width": 100}}, "defaults.width"),

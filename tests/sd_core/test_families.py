@@ -30,7 +30,7 @@ def test_sd2_openclip_keys_and_unknown_layouts():
 
 
 def test_the_manifest_architectures_are_the_registry():
-    assert families.NAMES == ("sd15", "sd2", "sdxl", "sdxl-refiner", "flux", "sd3")
+    assert families.NAMES == ("sd15", "sd2", "sdxl", "sdxl-refiner", "flux", "sd3", "flux-fill")
     for name in families.NAMES:
         manifest = ModelManifest(name="m", architecture=name, format="diffusers", uri="m/")
         assert manifest.family is families.family(name)
