@@ -52,7 +52,7 @@ def uses_flux(translator, sampler: Node) -> bool:
         if node.class_type in FLUX_NODES:
             return True
         if node.class_type == "CheckpointLoaderSimple":
-            family = translator.family(_file_name(node.inputs["ckpt_name"])) if translator.family else None
+            family = translator.family(file_name(node.inputs["ckpt_name"])) if translator.family else None
             if family == "flux":
                 return True
         pending += [str(v[0]) for k, v in node.inputs.items() if k in ("model", "positive", "conditioning", "clip",
@@ -60,7 +60,8 @@ def uses_flux(translator, sampler: Node) -> bool:
     return False
 
 
-def _file_name(value: str) -> str:
+def file_name(value: str) -> str:
+    """A ComfyUI file name -> the manifest name (comfy_nodes.model_name)."""
     from .comfy_nodes import model_name  # comfy_nodes imports this module
 
     return model_name(value)
@@ -100,25 +101,21 @@ class FluxSampler:
             raise decode.error(f"its samples must come from a KSampler or SamplerCustomAdvanced, not {node.label}")
         prompt_name = "positive" if positive is node else "conditioning"
         text, guidance = self._prompt(positive, prompt_name, model)
-        steps = int(sigma_node.inputs["steps"])
-        if not 1 <= steps <= 1000:
-            raise sigma_node.error(f"steps must be 1 to 1000, got {steps}")
+        steps = check_steps(sigma_node)
         if sigma_node.inputs["denoise"] != 1:
             raise sigma_node.error(f"denoise {quote(sigma_node.inputs['denoise'], 20)} is not supported on FLUX "
                                    "here (FLUX workflows run txt2img: denoise 1 on an empty latent)")
-        seed = seed_node.inputs["seed" if seed_node is node else "noise_seed"]
-        if not 0 <= seed <= MAX_SEED:
-            raise seed_node.error(f"seed {seed} is outside 0 to {MAX_SEED}, the seeds this worker takes")
+        seed = check_seed(seed_node, "seed" if seed_node is node else "noise_seed")
         if sampler_name != "euler":
             raise (node if node.class_type == "KSampler" else graph.source(node, "sampler")[0]).error(
                 f"sampler_name {quote(sampler_name, 40)} does not run FLUX here; supported: euler (FLUX's flow-"
                 "matching Euler, diffusers' FlowMatchEulerDiscreteScheduler)")
-        width, height, count = self._latent(latent)
+        width, height, count = check_latent(self.sampler, latent, "FLUX")
         self._check_vae(decode, model)
         fields = {"model": model.name, "prompt": text, "negative_prompt": "", "seed": int(seed),
                   "guidance_scale": float(guidance), "scheduler": "Euler", "num_inference_steps": steps,
                   "width": width, "height": height, "num_outputs": count,
-                  "loras": [{"source": _file_name(n.inputs["lora_name"]), "scale": float(n.inputs["strength_model"]),
+                  "loras": [{"source": file_name(n.inputs["lora_name"]), "scale": float(n.inputs["strength_model"]),
                              "text_encoder_scale": 0.0} for n in model.loras]}
         return fields, self._schedule_check(sigma_node, model, steps, width, height)
 
@@ -144,9 +141,9 @@ class FluxSampler:
                 raise node.error(f"weight_dtype {quote(dtype, 30)} is not supported: this worker runs the model in its "
                                  "own precision (bfloat16 on GPU); its fp8 option (memory.quantize: docs/"
                                  "performance.md) is torchao's scaled fp8, not ComfyUI's cast, so use 'default'")
-            name = _file_name(node.inputs["unet_name"])
+            name = file_name(node.inputs["unet_name"])
         else:
-            name = _file_name(node.inputs["ckpt_name"])
+            name = file_name(node.inputs["ckpt_name"])
         family = self.translator.family(name) if self.translator.family else "flux"
         if family != "flux":
             field_name = "unet_name" if node.class_type == "UNETLoader" else "ckpt_name"
@@ -173,12 +170,7 @@ class FluxSampler:
         else:
             raise user.error(f"its {name} must come from a CLIPTextEncode or CLIPTextEncodeFlux (through "
                              f"FluxGuidance), not from {node.label}")
-        if TAG.search(text):
-            raise node.error("<lora:...> tags are not ComfyUI syntax (and would apply a LoRA here); use a "
-                             "LoraLoaderModelOnly node")
-        if any(c in text for c in "()\\"):
-            raise node.error("parentheses (ComfyUI's prompt weights) are not supported on FLUX: this worker passes "
-                             "FLUX prompts as plain text; remove them")
+        check_plain_prompt(node, text, "FLUX")
         self._check_clip(node, model)
         guidance = DEFAULT_GUIDANCE if guidance is None else guidance
         if not 0 <= guidance <= 100:
@@ -194,7 +186,7 @@ class FluxSampler:
                                 f"from {node.label}")
         if node.inputs["type"] != "flux":
             raise node.error(f"type {quote(node.inputs['type'], 30)} is not supported; FLUX uses type 'flux'")
-        names = sorted(_base(node.inputs[k]) for k in ("clip_name1", "clip_name2"))
+        names = sorted(base_name(node.inputs[k]) for k in ("clip_name1", "clip_name2"))
         if names != sorted(STOCK_CLIPS):
             raise node.error(f"clip_name1/clip_name2 must be {' and '.join(STOCK_CLIPS)}, the FLUX.1 text encoders "
                              f"the model {quote(model.name)} runs with here (its own); other encoders (fp8 T5s "
@@ -204,20 +196,11 @@ class FluxSampler:
         node, index = self.graph.source(decode, "vae")
         if node is model.loader:
             return
-        if node.class_type != "VAELoader" or _base(node.inputs["vae_name"]) != STOCK_VAE:
+        if node.class_type != "VAELoader" or base_name(node.inputs["vae_name"]) != STOCK_VAE:
             raise decode.error(f"its vae must be a VAELoader of {STOCK_VAE} (FLUX.1's VAE, the model's own) or the "
                                f"FLUX checkpoint's, not {node.label}")
 
-    # --- latent and schedule -------------------------------------------------------------------------------------
-    def _latent(self, latent: Node) -> tuple[int, int, int]:
-        if latent.class_type not in ("EmptySD3LatentImage", "EmptyLatentImage"):
-            raise self.sampler.error(f"its latent_image must be an EmptySD3LatentImage (FLUX workflows run txt2img "
-                                     f"here), not {latent.label}")
-        width, height = int(latent.inputs["width"]), int(latent.inputs["height"])
-        if width % 16 or height % 16 or width <= 0 or height <= 0:
-            raise latent.error(f"{width}x{height}: FLUX samples sizes in multiples of 16 here")
-        return width, height, int(latent.inputs["batch_size"])
-
+    # --- schedule -----------------------------------------------------------------------------------------------
     def _schedule_check(self, node: Node, model: FluxModel, steps: int, width: int,
                         height: int) -> Callable[[dict, bool], None]:
         scheduler = node.inputs["scheduler"]
@@ -248,5 +231,43 @@ class FluxSampler:
         return check
 
 
-def _base(value: str) -> str:
+def base_name(value: str) -> str:
+    """A file name as ComfyUI lists it, without folders, lower case (for the stock component names)."""
     return value.strip().replace("\\", "/").rsplit("/", 1)[-1].lower()
+
+
+# --- shared by the flow-matching graphs (FLUX here, SD3: sd_core/comfy_sd3.py) ---------------------------------------
+def check_steps(node: Node) -> int:
+    steps = int(node.inputs["steps"])
+    if not 1 <= steps <= 1000:
+        raise node.error(f"steps must be 1 to 1000, got {steps}")
+    return steps
+
+
+def check_seed(node: Node, key: str) -> int:
+    seed = node.inputs[key]
+    if not 0 <= seed <= MAX_SEED:
+        raise node.error(f"seed {seed} is outside 0 to {MAX_SEED}, the seeds this worker takes")
+    return int(seed)
+
+
+def check_plain_prompt(node: Node, text: str, family: str) -> None:
+    """Refuse what ComfyUI reads in a prompt and this worker's flow-matching families pass as plain text."""
+    if TAG.search(text):
+        raise node.error("<lora:...> tags are not ComfyUI syntax (and would apply a LoRA here); use a "
+                         "LoraLoaderModelOnly node")
+    if any(c in text for c in "()\\"):
+        raise node.error(f"parentheses (ComfyUI's prompt weights) are not supported on {family}: this worker passes "
+                         f"{family} prompts as plain text; remove them")
+
+
+def check_latent(sampler: Node, latent: Node, family: str) -> tuple[int, int, int]:
+    """An empty latent's (width, height, batch size): txt2img, in multiples of 16 (the transformer's 2x2 patches
+    of 8x latent cells)."""
+    if latent.class_type not in ("EmptySD3LatentImage", "EmptyLatentImage"):
+        raise sampler.error(f"its latent_image must be an EmptySD3LatentImage ({family} workflows run txt2img "
+                            f"here), not {latent.label}")
+    width, height = int(latent.inputs["width"]), int(latent.inputs["height"])
+    if width % 16 or height % 16 or width <= 0 or height <= 0:
+        raise latent.error(f"{width}x{height}: {family} samples sizes in multiples of 16 here")
+    return width, height, int(latent.inputs["batch_size"])

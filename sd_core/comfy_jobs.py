@@ -20,8 +20,9 @@ def is_workflow(data) -> bool:
 
 
 def translate(data: dict, settings=None, upscalers=None, catalog=None) -> list:
-    """The job input -> comfy_nodes.Output per output node, every check done but FLUX's schedule check (no GPU work
-    yet). ``catalog``: the engine's ModelCatalog, telling FLUX checkpoints and models apart."""
+    """The job input -> comfy_nodes.Output per output node, every check done but the FLUX / SD3 checks against the
+    model's files (no GPU work yet). ``catalog``: the engine's ModelCatalog, telling FLUX and SD3 checkpoints
+    and models apart."""
     extra = sorted(set(data) - {"workflow", "images"})
     if extra:
         raise InvalidRequest(f"unknown field {quote(extra[0], 40)} next to workflow and images", field="input")
@@ -37,14 +38,20 @@ def translate(data: dict, settings=None, upscalers=None, catalog=None) -> list:
     return Translator(graph, data.get("images"), settings, scale, family).outputs()
 
 
-def model_sampling_config(engine, name: str) -> tuple[dict, bool]:
-    """A model's scheduler config and whether its transformer has a guidance embedding (FLUX.1-dev-like), read from
-    its fetched files (the diffusers folder or a single file's config folder); fetched once, for its load too."""
+def model_folder(engine, name: str):
+    """A model's fetched files with its configs (the diffusers folder or a single file's config folder); fetched
+    once, for its load too."""
     loader = engine.loader
     local = loader.prefetched.get(name) or loader._fetch(name)
     if name not in engine.pool:
         loader.prefetched[name] = local
-    folder = local.config or local.weights
+    return local.config or local.weights
+
+
+def model_sampling_config(engine, name: str) -> tuple[dict, bool]:
+    """A model's scheduler config and whether its transformer has a guidance embedding (FLUX.1-dev-like), read from
+    its fetched files."""
+    folder = model_folder(engine, name)
     try:
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         transformer = json.loads((folder / "transformer" / "config.json").read_text())
@@ -54,6 +61,13 @@ def model_sampling_config(engine, name: str) -> tuple[dict, bool]:
     return scheduler, bool(transformer.get("guidance_embeds", False))
 
 
+def check_tokens(engine, output) -> None:
+    """SD3: the prompts' token counts with the model's own tokenizers, and whether it runs without its T5."""
+    name = output.request.model
+    skipped = set(engine.catalog.get(name).skip_components) if getattr(engine, "catalog", None) else set()
+    output.tokens(model_folder(engine, name), skipped)
+
+
 async def run_workflow(worker, job: dict, data: dict) -> dict:
     """Run a workflow job on ``worker`` (handler.Worker): ``{"images": [{"filename", "type", "data"}]}``, where
     type is ``base64`` or, with an output bucket, ``s3_url`` (a presigned URL)."""
@@ -61,10 +75,12 @@ async def run_workflow(worker, job: dict, data: dict) -> dict:
     upscalers = getattr(worker.engine, "upscalers", None)
     outputs = await asyncio.to_thread(translate, data, worker.settings, upscalers,
                                       getattr(worker.engine, "catalog", None))
-    for output in outputs:  # FLUX: ComfyUI's sigmas against the model's own scheduler, before any generation
+    for output in outputs:  # FLUX, SD3: ComfyUI's sigmas against the model's own scheduler, before any generation
         if output.check is not None:
             config = await asyncio.to_thread(model_sampling_config, worker.engine, output.request.model)
             output.check(*config)
+        if output.tokens is not None:
+            await asyncio.to_thread(check_tokens, worker.engine, output)
     results: dict[str, object] = {}  # identical requests (two outputs of one chain) generate once
     images, names = [], []
     for output in outputs:

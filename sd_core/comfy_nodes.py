@@ -14,6 +14,7 @@ from .comfy_conditioning import check_sdxl_size, controlnet_units, encoder_text,
 from .comfy_flux import FluxSampler, uses_flux
 from .comfy_graph import Graph, Node
 from .comfy_samplers import scheduler_name
+from .comfy_sd3 import SD3Sampler, uses_sd3
 from .errors import InvalidRequest, quote
 from .input_images import open_image, read_image_bytes
 from .prompt_tags import TAG
@@ -33,7 +34,9 @@ class Output:
     prefix: str
     request: GenerationRequest
     controls: list[Node] = field(default_factory=list)  # the ControlNet loader node of each controlnets unit
-    check: object = None  # FLUX: check(scheduler config, guidance_embeds) refusing a schedule ComfyUI runs otherwise
+    check: object = None  # FLUX, SD3: check(scheduler config, guidance_embeds) refusing a schedule ComfyUI runs
+    # otherwise
+    tokens: object = None  # SD3: tokens(model folder, skipped components) refusing prompts ComfyUI encodes otherwise
 
 
 @dataclass
@@ -67,12 +70,12 @@ class Translator:
         found = []
         for node in self.graph.outputs():
             prefix = str(node.inputs.get("filename_prefix", "ComfyUI"))[:100]
-            request, sampler, check = self._output(node)
-            found.append(Output(node, prefix, request, self.control_loaders.get(sampler.id, []), check))
+            request, sampler, check, tokens = self._output(node)
+            found.append(Output(node, prefix, request, self.control_loaders.get(sampler.id, []), check, tokens))
         return found
 
     # --- images out: VAEDecode of a KSampler --------------------------------------------------------------------
-    def _output(self, out: Node) -> tuple[GenerationRequest, Node, object]:
+    def _output(self, out: Node) -> tuple[GenerationRequest, Node, object, object]:
         decode, _ = self.graph.source(out, "images")
         if decode.class_type in ("ImageScale", "ImageUpscaleWithModel"):
             raise decode.error("upscaling the final image is not supported in a workflow; upscale with a second "
@@ -80,16 +83,19 @@ class Translator:
         if decode.class_type != "VAEDecode":
             raise out.error(f"its images must come from a VAEDecode of a KSampler, not from {decode.label}")
         sampler, index = self.graph.source(decode, "samples")
+        if sampler.class_type == "KSampler" and uses_sd3(self, sampler):
+            fields, check, tokens = SD3Sampler(self, sampler).fields(decode)
+            return self._validated(sampler, fields), sampler, check, tokens
         if uses_flux(self, sampler):
             if index != 0:
                 raise decode.error(f"its samples must be output 0 of {sampler.label} (denoised_output: not supported)")
             fields, check = FluxSampler(self, sampler).fields(decode)
-            return self._validated(sampler, fields), sampler, check
+            return self._validated(sampler, fields), sampler, check, None
         if sampler.class_type not in ("KSampler", "KSamplerAdvanced"):
             raise decode.error(f"its samples must come from a KSampler or KSamplerAdvanced, not from {sampler.label}")
         fields, model = self._sampler(sampler)
         self._check_vae(decode, model)
-        return self._validated(sampler, fields), sampler, None
+        return self._validated(sampler, fields), sampler, None, None
 
     @staticmethod
     def _validated(sampler: Node, fields: dict) -> GenerationRequest:

@@ -153,6 +153,16 @@ def diffusers_flux_sigmas(config: dict, steps: int, width: int, height: int) -> 
     return [float(s) for s in scheduler.sigmas]
 
 
+def diffusers_sd3_sigmas(config: dict, steps: int) -> list[float]:
+    """The sigmas diffusers' StableDiffusion3Pipeline runs: the model's FlowMatchEulerDiscreteScheduler's own
+    ``set_timesteps(steps)`` (no custom sigmas), with its fixed shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    return [float(s) for s in scheduler.sigmas]
+
+
 def same_sigmas(a: list[float], b: list[float]) -> bool:
     """Equal schedules, up to float32 rounding (ComfyUI and diffusers both hold sigmas in float32)."""
     return len(a) == len(b) and all(abs(x - y) <= 2e-6 for x, y in zip(a, b, strict=True))

@@ -216,3 +216,29 @@ def test_flux_schedules_without_an_exact_equivalent_fail_naming_the_node(server)
     job = server.runsync({"workflow": graph})
     assert job["status"] == "FAILED" and job["error"].startswith(
         "workflow: node '12' (UNETLoader): unet_name 'tiny-sdxl.safetensors' is a sdxl model, not a FLUX model"), job
+
+
+def test_sd3_workflow_gives_the_native_sd3_request(server):
+    # TripleCLIPLoader, CLIPTextEncodeSD3, ModelSamplingSD3 (shift 3.0 = the model's), a negative split over two
+    # timestep ranges of one prompt, KSampler euler + normal at cfg 4.5: one native SD3 request, T5 at 77 tokens
+    [image] = comfy(server, "sd3")
+    assert image["filename"] == "sd3_00001_.png"
+    request = {"model": "tiny-sd3", "prompt": "a red fox in the snow", "negative_prompt": "blurry", "seed": 11,
+               "guidance_scale": 4.5, "num_inference_steps": 3, "scheduler": "Euler", "width": 64, "height": 64,
+               "max_sequence_length": 77}
+    expected = native(server, request)
+    assert [pixels(image["data"])] == expected
+    assert expected != native(server, {**request, "negative_prompt": ""})  # the negative prompt counts (real CFG)
+
+
+def test_sd3_prompts_and_models_without_an_exact_equivalent_fail_naming_the_node(server):
+    graph = workflow("sd3")
+    graph["4"]["inputs"]["ckpt_name"] = "tiny-sd3-no-t5.safetensors"
+    job = server.runsync({"workflow": graph})
+    assert job["status"] == "FAILED" and job["error"].startswith(
+        "workflow: node '16' (CLIPTextEncodeSD3): the model 'tiny-sd3-no-t5' runs without its T5 encoder"), job
+    graph = workflow("sd3")
+    graph["40"]["inputs"]["text"] = " ".join(["fox"] * 80)  # over 77 CLIP tokens: ComfyUI encodes a second chunk
+    job = server.runsync({"workflow": graph})
+    assert job["status"] == "FAILED" and job["error"].startswith(
+        "workflow: node '40' (CLIPTextEncode): the prompt is ") and " tokens for tokenizer, over 77: " in job["error"]
