@@ -9,6 +9,7 @@ Run from the repository root (one module per benchmark: scripts/bench/<name>.py)
     python -m scripts.bench coldstart   # process start -> ready -> first image: warm cache vs S3; first/warm request
     python -m scripts.bench lora        # LoRA switch vs base reload (options it does not know go on to lora.py)
     python -m scripts.bench fetch       # our fetch vs s5cmd / boto3, CPU per GiB, imports alongside (fetch.py)
+    python -m scripts.bench controlnet  # warm: one unit, a switch, two units, a first use (load) vs plain (tiny)
     python -m scripts.bench all         # all of the above, one after the other
 
 Every subcommand takes --quick (a 1-2 minute variant) and --smoke (seconds: proves the entry point works; the
@@ -34,20 +35,21 @@ from pathlib import Path
 from scripts.bench.common import ROOT, libraries, log, machine
 
 # The benchmarks, in the order `all` runs them; scripts/bench/<name>.py's bench(args, work) runs one.
-BENCHES = ("imports", "overhead", "prompt", "batch", "coldstart", "lora", "fetch")
+BENCHES = ("imports", "overhead", "prompt", "batch", "coldstart", "lora", "fetch", "controlnet")
 
 # Per mode: defaults a command line option leaves alone when given. None = keep the option's own default.
 PRESETS = {
     "full": {"overhead": dict(rounds=7), "prompt": dict(rounds=7), "batch": dict(requests=48),
-             "coldstart": dict(rounds=3)},
+             "coldstart": dict(rounds=3), "controlnet": dict(rounds=7)},
     "quick": {"overhead": dict(rounds=3, size=128), "prompt": dict(rounds=3, size=128), "batch": dict(requests=16),
-              "coldstart": dict(rounds=1)},
+              "coldstart": dict(rounds=1), "controlnet": dict(rounds=3, size=64)},
     "smoke": {"overhead": dict(rounds=1, size=64, steps=2, adapters=False), "prompt": dict(rounds=1, size=64, steps=2),
-              "batch": dict(requests=4, levels=[1, 2]), "coldstart": dict(rounds=1)},
+              "batch": dict(requests=4, levels=[1, 2]), "coldstart": dict(rounds=1),
+              "controlnet": dict(rounds=1, size=64, steps=2)},
 }
 DEFAULTS = {"overhead": dict(size=256, steps=None, adapters=True), "prompt": dict(size=256, steps=8),
             "batch": dict(size=64, steps=4, levels=[1, 2, 4, 8]),
-            "coldstart": dict(size=64)}
+            "coldstart": dict(size=64), "controlnet": dict(size=128, steps=8)}
 
 
 def levels(text: str) -> list[int]:
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                             ("prompt", "A1111 prompt syntax: plain vs bare, weighted/long/edited vs plain"),
                             ("batch", "micro-batch throughput vs sequential"),
                             ("coldstart", "process start -> ready -> first image: warm cache vs S3, warm-up on/off"),
+                            ("controlnet", "warm ControlNet costs vs a plain generation (tiny model)"),
                             ("all", "every benchmark, one after the other")):
         p = add(name, help_text)
         if name in ("overhead", "all"):
@@ -99,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--rounds", type=int, help="timed rounds (default 7; quick 3)")
             p.add_argument("--no-adapters", dest="adapters", action="store_false", default=None,
                            help="skip the Cog and RunPod servers")
-        if name == "prompt":
-            p.add_argument("--size", type=int, help="image side in pixels (default 256)")
+        if name in ("prompt", "controlnet"):
+            p.add_argument("--size", type=int, help="image side in pixels (default 256; controlnet 128)")
             p.add_argument("--steps", type=int, help="denoising steps (default 8)")
             p.add_argument("--rounds", type=int, help="timed rounds (default 7; quick 3)")
         if name in ("batch", "all"):
@@ -139,6 +142,8 @@ def options_for(bench: str, args) -> argparse.Namespace:
         "coldstart": {"rounds": getattr(args, "cold_rounds", None), "size": getattr(args, "cold_size", None)},
         "prompt": ({"size": getattr(args, "size", None), "steps": getattr(args, "steps", None),
                     "rounds": getattr(args, "rounds", None)} if args.command == "prompt" else {}),
+        "controlnet": ({"size": getattr(args, "size", None), "steps": getattr(args, "steps", None),
+                        "rounds": getattr(args, "rounds", None)} if args.command == "controlnet" else {}),
     }.get(bench, {})
     values.update({k: v for k, v in given.items() if v is not None})
     opts = argparse.Namespace(**vars(args))
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": machine(), "command": " ".join(sys.argv[1:] if argv is None else argv)}
     failed = []
     try:
-        if any(n in ("overhead", "prompt", "batch", "coldstart") for n in names):
+        if any(n in ("overhead", "prompt", "batch", "coldstart", "controlnet") for n in names):
             report["libraries"] = libraries()
         log(f"machine: {json.dumps({**report['machine'], **report.get('libraries', {})})}")
         for name in names:

@@ -25,7 +25,7 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict]:
 
 
 def test_imports_overhead_batch_and_fetch_benchmarks_print_their_figures(tmp_path):
-    text, figures = run_bench(tmp_path, "all", "--skip", "coldstart,lora")
+    text, figures = run_bench(tmp_path, "all", "--skip", "coldstart,lora,controlnet")  # its own test
     for section in ("imports", "overhead", "prompt", "batch", "fetch"):
         assert f"===== {section} =====" in text
     assert "ratio engine / bare diffusers:" in text
@@ -45,7 +45,7 @@ def test_imports_overhead_batch_and_fetch_benchmarks_print_their_figures(tmp_pat
 
 @pytest.mark.slow  # ~35 s: three more processes that import torch and diffusers
 def test_coldstart_and_lora_benchmarks_print_their_figures(tmp_path):
-    text, figures = run_bench(tmp_path, "all", "--skip", "imports,overhead,batch,fetch")
+    text, figures = run_bench(tmp_path, "all", "--skip", "imports,overhead,batch,fetch,controlnet")
     assert "ratio cold start from S3 / from warm cache:" in text
     assert "reload/warm" in text  # scripts/bench/lora.py's table
     seconds = figures["coldstart"]["seconds"]
@@ -55,3 +55,13 @@ def test_coldstart_and_lora_benchmarks_print_their_figures(tmp_path):
     assert seconds["nowarmup"]["warmup"] == 0 and set(figures["coldstart"]["first_vs_warm_request"]) == {
         "warm", "s3", "nowarmup"}
     assert "error" not in figures["lora"]
+
+
+def test_controlnet_benchmark_prints_its_costs_as_ratios_to_a_plain_generation(tmp_path):
+    text, figures = run_bench(tmp_path, "controlnet")
+    assert "===== controlnet =====" in text and "ratio one unit / plain:" in text
+    for label in ("plain generation", "one unit", "switch to another ControlNet", "two units", "first use"):
+        assert label in text
+    ratios = figures["controlnet"]["vs_plain"]
+    assert set(ratios) == {"plain", "one unit", "switch", "two units", "first use"} and ratios["plain"] == 1
+    assert all(math.isfinite(r) and r > 0 for r in ratios.values())
