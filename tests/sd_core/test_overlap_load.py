@@ -82,3 +82,28 @@ def test_load_to_device_gives_the_same_pixels(uploaded, s3_env, s3_server, tmp_p
     direct = cold_start(uploaded, s3_server.endpoint_url, tmp_path / "cache", load_to_device=True)
     plain = cold_start(uploaded, s3_server.endpoint_url, tmp_path / "cache", load_to_device=False)  # cache hit
     assert direct == plain
+
+
+def test_the_commit_waits_for_a_load_reading_the_staging_folder(tmp_path):
+    import threading
+
+    from sd_core.component_loading import MODEL_INDEX, Arrivals
+
+    arrivals = Arrivals()
+    arrivals.listing(tmp_path, [MODEL_INDEX, "vae/config.json", "vae/w.safetensors", "unet/w.safetensors"])
+    for rel in (MODEL_INDEX, "vae/config.json"):
+        arrivals.arrived(rel)
+    assert arrivals.complete() == set()  # the VAE's weights have not landed
+    arrivals.arrived("vae/w.safetensors")
+    assert arrivals.complete() == {"vae"} and arrivals.pending() == ["unet"]
+    committed = threading.Event()
+    with arrivals.reading() as root:
+        assert root == tmp_path
+        committer = threading.Thread(target=lambda: (arrivals.committing(), committed.set()))
+        committer.start()
+        assert not committed.wait(0.3)  # the rename waits for the reader
+    committer.join(5)
+    assert committed.is_set()
+    with arrivals.reading() as root:
+        assert root is None  # after the commit no load reads the staging folder
+    assert arrivals.complete() == set()
