@@ -63,9 +63,30 @@ def optimize(pipe, settings: Settings, placement: Placement) -> None:
     if placement.is_cuda and name == "unet":
         pipe.unet.to(memory_format=torch.channels_last)
     if settings.torch_compile:
+        use_compile_cache(settings.compile_cache_dir)
         setattr(pipe, name, torch.compile(getattr(pipe, name),
                                           mode="max-autotune-no-cudagraphs" if placement.is_cuda else "default"))
         log.info("torch.compile enabled for the %s (first request pays the compile time)", name)
+
+
+def use_compile_cache(folder) -> None:
+    """SD_COMPILE_CACHE_DIR: torch.compile's Inductor and Triton caches in ``folder`` (a network volume: the next
+    worker loads the compiled kernels instead of compiling). Variables the operator set themselves are kept."""
+    if folder is None:
+        return
+    import os
+    from pathlib import Path
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        log.warning("SD_COMPILE_CACHE_DIR: cannot create the compile cache folder (%s); compiling without it",
+                    exc.strerror)
+        return
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(folder / "triton"))
+    log.info("torch.compile caches: %s", os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
 def free_memory(placement: Placement) -> None:

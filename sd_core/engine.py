@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import inpainting
 from .batching import MicroBatcher
 from .catalog_storage import with_local_catalog
+from .component_loading import Arrivals, load_while_fetching
 from .controlnet import ControlNets
 from .controlnet_modes import first_pass, second_pass
 from .denoise import Denoiser
@@ -31,7 +32,7 @@ from .lora import LoraManager, ResolvedLora
 from .manifests import ModelCatalog, ModelManifest, fetch_model
 from .model_urls import ModelUrls, is_model_url
 from .outputs import encode_image, infotext, lora_tag
-from .pipelines import ModelLoader, PipelinePool
+from .pipelines import ModelLoader, PipelinePool, load_options
 from .prompt_encoding import plan_prompts
 from .prompt_tags import TAG, parse_prompt_tags
 from .refiner import Refiner
@@ -266,19 +267,30 @@ class Engine:
         timings = {}
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-prefetch")
         try:
-            fetches = [None if m.name in self.pool else executor.submit(fetch_model, m, self.settings)
+            # SD_OVERLAP_LOAD: a folder model's components load as their files land (sd_core/component_loading.py)
+            watches = [Arrivals() if self.settings.overlap_load and m.format != "single_file" else None
                        for m in manifests]
+            fetches = [None if m.name in self.pool else executor.submit(fetch_model, m, self.settings, watch)
+                       for m, watch in zip(manifests, watches, strict=True)]
             checker = self.safety if self.safety is not None and not self.safety.loaded else None
             checker_fetch = executor.submit(checker.fetch) if checker is not None else None
             started = time.perf_counter()
             for family in dict.fromkeys(m.family for m in manifests):
                 family.pipeline_class("txt2img")  # seconds of imports, overlapping the downloads
-            for manifest, fetching in zip(manifests, fetches, strict=True):
-                if fetching is not None:
-                    self.loader.prefetched[manifest.name] = fetching.result()
+            for manifest, fetching, watch in zip(manifests, fetches, watches, strict=True):
                 refined = [m.name for m in manifests if m.refiner == manifest.name]  # a refiner shares with its base
+                if fetching is not None:
+                    if watch is not None and not refined:
+                        self.loader.early[manifest.name] = load_while_fetching(
+                            watch, fetching, load_options(manifest, self.settings, self.placement), manifest.variant)
+                    try:
+                        self.loader.prefetched[manifest.name] = fetching.result()
+                    except BaseException:
+                        self.loader.early.pop(manifest.name, None)
+                        raise
                 self.pool.get(manifest.name, expected_bytes=manifest.size or 0, share_from=next(iter(refined), None))
                 self.loader.prefetched.pop(manifest.name, None)  # unused if the model was loaded already
+                self.loader.early.pop(manifest.name, None)
                 timings[manifest.name] = time.perf_counter() - started
                 started = time.perf_counter()
                 log.info("ready: %s in %.2fs", manifest.name, timings[manifest.name])

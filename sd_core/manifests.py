@@ -331,14 +331,16 @@ def fetch_vae(entry: VaeEntry, settings: Settings) -> Path:
                          size=None if entry.is_folder else entry.size, files=entry.files or None)
 
 
-def fetch_model(manifest: ModelManifest, settings: Settings) -> LocalModel:
-    """Fetch (or find in the cache) everything the manifest names; verified against its checksums."""
+def fetch_model(manifest: ModelManifest, settings: Settings, watch=None) -> LocalModel:
+    """Fetch (or find in the cache) everything the manifest names; verified against its checksums. ``watch``: told
+    each file of a folder download as it lands (storage.fetch; sd_core/component_loading.py)."""
     weights = storage.fetch(
         resolve_uri(manifest.uri, settings),
         settings,
         sha256=manifest.sha256,
         files=manifest.files or None,
         variant=manifest.variant,
+        watch=watch,
     )
     config = None
     if manifest.config_uri:

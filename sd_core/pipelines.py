@@ -75,25 +75,39 @@ def module_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
 
 
-def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, share_from=None) -> LoadedModel:
+def load_options(manifest, settings: Settings, placement: Placement, plan=None) -> dict:
+    """The keyword arguments of a folder model's ``from_pretrained`` (and of its components loaded early): the plan's
+    dtype, safetensors only unless SD_ALLOW_PICKLE, and SD_LOAD_TO_DEVICE's ``device_map`` (weights read straight
+    onto the device; not with CPU offload or fp8, which place the weights themselves)."""
+    plan = plan or memory_plan(manifest, settings, placement)
+    # True: safetensors only. None (SD_ALLOW_PICKLE): safetensors first, pickle files where there are no others.
+    options = {"dtype": plan.dtype, "local_files_only": True,
+               "use_safetensors": None if settings.allow_pickle else True}
+    if settings.load_to_device and plan.offload == "none" and plan.quantize == "none":
+        options["device_map"] = placement.device.type  # diffusers: "cuda" or "cpu" (a device type, not an index)
+    return options
+
+
+def load_pipeline(local: LocalModel, settings: Settings, placement: Placement, share_from=None,
+                  early: dict | None = None) -> LoadedModel:
     """Load a fetched model onto the device. Single files use the manifest's local config folder, never the hub.
-    Components equal to those of ``share_from`` (a LoadedModel) are taken from it, not loaded again."""
+    Components equal to those of ``share_from`` (a LoadedModel) are taken from it, not loaded again; ``early``
+    holds components loaded while the folder was still downloading (sd_core/component_loading.py)."""
     manifest = local.manifest
     cls = manifest.family.pipeline_class("txt2img")
     plan = memory_plan(manifest, settings, placement)  # the family's dtype; fp8 / offload refused before loading
     quiet_loaders()
     started = time.perf_counter()
-    common = {"dtype": plan.dtype, "local_files_only": True, **manifest.skipped}
     if manifest.format == "single_file":
         refuse_pickle(local.weights, settings)
-        pipe = manifest.family.load_single_file(cls, str(local.weights), str(local.config), **common)
+        pipe = manifest.family.load_single_file(cls, str(local.weights), str(local.config), dtype=plan.dtype,
+                                                local_files_only=True, **manifest.skipped)
     else:
         refuse_pickle_folder(local.weights, settings)  # pickle files beside safetensors: ignored, never loaded
-        # True: safetensors only. None (SD_ALLOW_PICKLE): safetensors first, pickle files where there are no others.
-        safetensors_only = None if settings.allow_pickle else True
         shared = shared_components(local, share_from)
-        pipe = cls.from_pretrained(str(local.weights), use_safetensors=safetensors_only, variant=manifest.variant,
-                                   **common, **shared)
+        components = {**(early or {}), **shared, **manifest.skipped}  # a skipped component is None, never loaded
+        pipe = cls.from_pretrained(str(local.weights), variant=manifest.variant,
+                                   **load_options(manifest, settings, placement, plan), **components)
     for component in pipe.components.values():  # inference mode for all: diffusers' single-file T5 loader (SD3)
         if isinstance(component, torch.nn.Module):  # leaves T5 training, its dropout on (a different image each call)
             component.eval()
@@ -118,10 +132,11 @@ class ModelLoader:
         self.model_urls = model_urls  # sd_core.model_urls.ModelUrls: models requested by URL (synthetic manifests)
         # fetched ahead (preload's background thread; a model URL's file in stage 4), not loaded yet
         self.prefetched: dict[str, LocalModel] = {}
+        self.early: dict[str, dict] = {}  # components preload loaded while a model's folder downloaded
 
     def load(self, name: str, share_from: LoadedModel | None = None) -> LoadedModel:
         local = self.prefetched.pop(name, None) or self._fetch(name)
-        return load_pipeline(local, self.settings, self.placement, share_from)
+        return load_pipeline(local, self.settings, self.placement, share_from, early=self.early.pop(name, None))
 
     def _fetch(self, name: str) -> LocalModel:
         if self.model_urls is not None and self.model_urls.owns(name):

@@ -39,6 +39,10 @@ def _default_cache_dir() -> Path:
     return Path(os.path.expanduser("~/.cache/sd-serverless"))
 
 
+def _default_compile_cache_dir() -> Path | None:
+    return RUNPOD_VOLUME / "sd-compile-cache" if runpod_network_volume() else None
+
+
 def _bool(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
@@ -141,6 +145,19 @@ class Settings:
     attention: str = setting("sdpa", doc="`sdpa` (PyTorch) or `xformers` (if installed, CUDA only)", shown="sdpa")
     torch_compile: bool = setting(False, doc="`torch.compile` the UNet (first request pays the compile time)",
                                   shown="0")
+    compile_cache_dir: Path | None = setting(
+        default_factory=_default_compile_cache_dir,
+        shown="`/runpod-volume/sd-compile-cache` if a network volume is mounted there, else none (torch's own temp "
+              "folder)",
+        doc="with SD_TORCH_COMPILE: torch.compile's caches (Inductor, Triton) kept here, so the next worker reuses "
+            "the compiled kernels instead of compiling again (put it on the network volume)")
+    load_to_device: bool = setting(False, shown="0",
+                                   doc="load a folder model's weights straight onto the device (diffusers "
+                                       "`device_map`, no CPU copy in between); ignored with CPU offload or fp8")
+    overlap_load: bool = setting(False, shown="0",
+                                 doc="cold start: load each component of a folder model (text encoders, VAE) as soon "
+                                     "as its files are downloaded, while the rest (the UNet) still downloads (off "
+                                     "until measured faster: BENCHMARKS.md)")
     pipeline_memory_mb: int = setting(0, doc="budget for loaded models; least recently used are evicted",
                                       shown="0 = 80 % of GPU memory / 50 % of RAM")
     warmup: bool = setting(True, shown="1",

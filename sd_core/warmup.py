@@ -68,15 +68,19 @@ class WarmUp:
         return seconds
 
     def request(self, manifest: ModelManifest, names: list[str]) -> GenerationRequest | None:
-        """The warm-up request of one model: txt2img at the smallest size, 1 step, its default sampler and guidance
+        """The warm-up request of one model: txt2img at the smallest size (SD_TORCH_COMPILE: the manifest's default
+        size, so the compile happens here, not in a user's request), 1 step, its default sampler and guidance
         (an inpainting model's: inpaint, all masked); a refiner's is an expert-ensemble request of a preloaded model
         it refines (None if there is none)."""
         size = MIN_SIZE  # the least side a request may ask for (64, a multiple of the VAE's factor 8): every family
-        common = {"prompt": PROMPT, "width": size, "height": size, "num_inference_steps": STEPS, "seed": SEED}
+        width = height = size
+        if self.engine.settings.torch_compile:  # compiled for the size requests will use (the manifest's default)
+            width, height = manifest.defaults.width or size, manifest.defaults.height or size
+        common = {"prompt": PROMPT, "width": width, "height": height, "num_inference_steps": STEPS, "seed": SEED}
         if not manifest.family.refines:
             # a 9-channel UNet, FLUX.1 Fill: inpaint is their main path (Fill runs nothing else)
             if self._inpainting(manifest.name) or "txt2img" not in manifest.family.modes:
-                gray, white = _png(size, 128), _png(size, 255)
+                gray, white = _png(width, height, 128), _png(width, height, 255)
                 return GenerationRequest(model=manifest.name, image=gray, mask=white, strength=1.0, **common)
             return GenerationRequest(model=manifest.name, **common)
         bases = [n for n in names if self.engine.catalog.get(n).family.name in manifest.family.refines]
@@ -107,13 +111,13 @@ class WarmUp:
                         pipe.scheduler = before[(model.name, mode)]
 
 
-def _png(size: int, level: int) -> str:
-    """A size x size PNG of one gray level, base64 (a request's init image or mask)."""
+def _png(width: int, height: int, level: int) -> str:
+    """A width x height PNG of one gray level, base64 (a request's init image or mask)."""
     import base64
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (level, level, level)).save(buffer, format="PNG")
+    Image.new("RGB", (width, height), (level, level, level)).save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()

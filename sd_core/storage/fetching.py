@@ -21,7 +21,8 @@ log = logging.getLogger("sd_core.fetch")
 
 
 def fetch(uri: str, settings: Settings, *, sha256: str | None = None, size: int | None = None,
-          files: dict[str, str] | None = None, user_url: bool = False, variant: str | None = None) -> Path:
+          files: dict[str, str] | None = None, user_url: bool = False, variant: str | None = None,
+          watch=None) -> Path:
     """Make `uri` available locally and return its local path.
 
     - An object URI (s3://b/k, https://..., hf://org/repo/file) -> a local FILE path in the cache.
@@ -47,7 +48,7 @@ def fetch(uri: str, settings: Settings, *, sha256: str | None = None, size: int 
         if sha256:
             raise FetchError(f"{loc.display} is a folder: pin its files' checksums with `files`, not `sha256`",
                              field="sha256")
-        return _fetch_prefix(source, cache, settings, loc, pins)
+        return _fetch_prefix(source, cache, settings, loc, pins, watch)
     if pins:
         raise FetchError(f"{loc.display} is a single object: `files` pins belong to folder URIs ending in '/'",
                          field="files")
@@ -112,7 +113,8 @@ def _fetch_object(source, cache: WeightsCache, settings: Settings, loc: Location
                          probe=source.stat, unchanged=lambda entry, obj: obj.matches(entry.meta), fill=fill)
 
 
-def _fetch_prefix(source, cache: WeightsCache, settings: Settings, loc: Location, pins: dict[str, str]) -> Path:
+def _fetch_prefix(source, cache: WeightsCache, settings: Settings, loc: Location, pins: dict[str, str],
+                  watch=None) -> Path:
     label = loc.display
 
     def unchanged(entry: Entry, listing: list[RemoteObject]) -> bool:
@@ -130,7 +132,12 @@ def _fetch_prefix(source, cache: WeightsCache, settings: Settings, loc: Location
             by_rel[rel].sha256 = digest
         _make_room(cache, key, sum(o.size or 0 for o in objects))
         stale = {p for p in (staging / "data").rglob("*") if p.is_file()} if (staging / "data").exists() else set()
-        files = Transfer(source, staging, settings, label).run(objects)
+        if watch is not None:  # smallest first: the components that can load early land early, the UNet last
+            objects = sorted(objects, key=lambda o: (o.size or 0, o.rel))
+            watch.listing(staging / "data", [o.rel for o in objects])
+        files = Transfer(source, staging, settings, label, on_file=watch.arrived if watch else None).run(objects)
+        if watch is not None:
+            watch.committing()  # waits for loads reading staging/data, then points the watcher elsewhere
         for leftover in stale - {staging / "data" / rel for rel in files}:  # objects deleted from the store since
             with contextlib.suppress(OSError):
                 leftover.unlink()

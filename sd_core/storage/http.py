@@ -86,6 +86,8 @@ class HttpSource:
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise Transient(f"cannot reach {urlsplit(self.loc.uri).netloc.rsplit('@', 1)[-1]}: "
                              f"{type(exc).__name__}") from None
+        except requests.RequestException as exc:  # an OSError: uncaught, Transfer would call it a cache-write error
+            raise FetchError(f"cannot fetch {self.loc.display}: {type(exc).__name__}", field="uri") from None
 
     def stat(self) -> RemoteObject:
         """Probe with a 1-byte ranged GET (a HEAD would fail on URLs presigned for GET)."""

@@ -29,7 +29,7 @@ class Transfer:
     is complete and verified. A failed write into the cache stops everything; a full disk deletes the partial files.
     """
 
-    def __init__(self, source, staging: Path, settings: Settings, label: str):
+    def __init__(self, source, staging: Path, settings: Settings, label: str, on_file=None):
         self.source = source
         self.staging = staging
         self.settings = settings
@@ -43,6 +43,7 @@ class Transfer:
         self.pending: dict[Future, tuple[PartialFile, int]] = {}
         self.pool: ThreadPoolExecutor | None = None
         self.failed: tuple[PartialFile, OSError] | None = None  # a write into the cache that failed (a full disk...)
+        self.on_file = on_file  # called with an object's rel once it is complete under staging/data/ (verified)
 
     def run(self, objects: list[RemoteObject]) -> dict[str, dict]:
         """Fetch every object to staging/data/<rel>. Returns {rel: {size, etag, sha256}} for meta.json."""
@@ -50,6 +51,9 @@ class Transfer:
         self.journal = self._load_journal()
         self.jobs = [self._job(obj) for obj in objects]
         todo = [j for j in self.jobs if not j.finished]
+        for job in self.jobs:
+            if job.finished and self.on_file is not None:  # complete from an earlier, interrupted run
+                self.on_file(job.obj.rel)
         self._open(todo)
         self._start_progress(todo)
         parallel = max(1, min(self.settings.fetch_concurrency, sum(j.nparts - len(j.done) for j in todo) or 1))
@@ -251,6 +255,8 @@ class Transfer:
         job.finished = True
         self.journal[obj.rel] = {"size": size, "etag": obj.etag, "sha256": obj.sha256}
         write_json_atomic(self.journal_path, self.journal)
+        if self.on_file is not None:
+            self.on_file(obj.rel)
         return True
 
     def _where(self, job: PartialFile) -> str:

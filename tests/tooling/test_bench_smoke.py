@@ -54,6 +54,7 @@ def test_coldstart_and_lora_benchmarks_print_their_figures(tmp_path):
     assert seconds["warm"]["first_image"] > seconds["warm"]["ready"] and seconds["warm"]["warmup"] > 0
     assert seconds["nowarmup"]["warmup"] == 0 and set(figures["coldstart"]["first_vs_warm_request"]) == {
         "warm", "s3", "nowarmup"}
+    assert figures["coldstart"]["ready_no_overlap_s"] > 0  # the S3 cold start with SD_OVERLAP_LOAD=0, side by side
     assert "error" not in figures["lora"]
 
 
