@@ -64,11 +64,14 @@ class LoadedModel:
             self.pipes[mode] = self.manifest.family.pipeline_class(mode).from_pipe(self.pipes["txt2img"])
         return self.pipes[mode]
 
-    def scheduler(self, name: str):
-        """The scheduler ``name`` built once from this model's own scheduler config, then reused."""
-        if name not in self._schedulers:
-            self._schedulers[name] = self.manifest.family.build_scheduler(name, self.base_scheduler_config)
-        return self._schedulers[name]
+    def scheduler(self, name: str, steps: int | None = None):
+        """The scheduler ``name`` for runs of ``steps`` steps, built once from this model's own scheduler config (one
+        object for every run of more than one step, another for one-step runs), then reused."""
+        key = (name, steps == 1)
+        if key not in self._schedulers:
+            self._schedulers[key] = self.manifest.family.build_scheduler(name, self.base_scheduler_config,
+                                                                         1 if steps == 1 else None)
+        return self._schedulers[key]
 
 
 def module_bytes(module) -> int:

@@ -111,9 +111,9 @@ class Refiner:
                 self.loras.activate(pool.get(req.model), ())
             model = pool.get(refiner.name, expected_bytes=refiner.size or 0, share_from=req.model)
             pipe = model.pipeline("txt2img")  # a refiner's one pipeline: the img2img class (families/sdxl_refiner.py)
-            pipe.scheduler = model.scheduler(req.scheduler)
-            kwargs = refiner.family.prompt_kwargs([req.prompt] * count, [req.negative_prompt] * count)
             steps = req.num_inference_steps if req.refine == ENSEMBLE else (req.refine_steps or req.num_inference_steps)
+            pipe.scheduler = model.scheduler(req.scheduler, steps)
+            kwargs = refiner.family.prompt_kwargs([req.prompt] * count, [req.negative_prompt] * count)
             kwargs.update(image=latents, num_inference_steps=steps, guidance_scale=req.guidance_scale,
                           generator=[torch.Generator("cpu").manual_seed(seed) for seed in job.seeds],
                           output_type="pil")

@@ -171,8 +171,9 @@ def checked_name(name: str) -> str:
         raise ValueError(exc.message) from None
 
 
-def build_scheduler(name: str, base_config: dict[str, Any]):
-    """Build the scheduler ``name`` from a loaded pipeline's scheduler config (one object, nothing else)."""
+def build_scheduler(name: str, base_config: dict[str, Any], steps: int | None = None):
+    """Build the scheduler ``name`` from a loaded pipeline's scheduler config (one object, nothing else), for runs of
+    ``steps`` steps where that matters (one step: see below; None = more than one)."""
     import inspect
 
     import diffusers
@@ -183,6 +184,11 @@ def build_scheduler(name: str, base_config: dict[str, Any]):
     takes = inspect.signature(cls.__init__).parameters
     flags = {key: value for key, value in _NEUTRAL.items() if key in takes} | sampler.flags
     flags |= SCHEDULES[schedule or UNIFORM]
+    if steps == 1 and flags.get("timestep_spacing") == "linspace":
+        # numpy's linspace(0, T - 1, 1) is [0]: diffusers' "linspace" runs a single step at the last timestep
+        # (sigma_min, a nearly unchanged noise image), where A1111's one step is at sigma_max (SDXL Turbo's 1-step
+        # use). "trailing" gives that one timestep, T - 1, and the Karras/exponential/beta ranges built on it.
+        flags["timestep_spacing"] = "trailing"
     scheduler = cls.from_config(base_config, **flags)
     # from_config silently drops keyword arguments it does not know: make a typo in the tables fail loudly.
     for key, value in flags.items():

@@ -120,11 +120,12 @@ class ModelFamily:
         """The scheduler names this family can run (every one; flow-matching families: Euler only)."""
         return SCHEDULER_NAMES
 
-    def build_scheduler(self, name: str, base_config: dict[str, Any]):
-        """The scheduler ``name`` (one of ``schedulers()``) built from a loaded model's own scheduler config."""
+    def build_scheduler(self, name: str, base_config: dict[str, Any], steps: int | None = None):
+        """The scheduler ``name`` (one of ``schedulers()``) built from a loaded model's own scheduler config, for runs
+        of ``steps`` steps (None: more than one; a one-step run may need another spacing: schedulers.py)."""
         from ..schedulers import build_scheduler
 
-        return build_scheduler(name, base_config)
+        return build_scheduler(name, base_config, steps)
 
     def call_kwargs(self, job) -> dict[str, Any]:
         """What this family adds to the ``pipe(...)`` call of a job (a ``sd_core.jobs.Job``): a T5 family's token

@@ -25,7 +25,7 @@ class FlowMatchFamily(ModelFamily):
     def schedulers(self) -> tuple[str, ...]:
         return (EULER,)
 
-    def build_scheduler(self, name: str, base_config: dict[str, Any]):
+    def build_scheduler(self, name: str, base_config: dict[str, Any], steps: int | None = None):
         """The model's own FlowMatchEulerDiscreteScheduler."""
         if name != EULER:  # the engine checks schedulers() first; a defensive check for direct callers
             raise InvalidRequest(f"{quote(name)} does not run {self.name} models; valid: {EULER}", field="scheduler")

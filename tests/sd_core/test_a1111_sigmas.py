@@ -69,7 +69,7 @@ def a1111_sigmas(schedule: str, steps: int, family: str, train: np.ndarray = TRA
 
 def engine_sigmas(name: str, config: dict, family: str, steps: int) -> np.ndarray:
     """The sigmas the engine's scheduler for ``name`` steps through, with what the pipeline call gets."""
-    scheduler = build_scheduler(name, config)
+    scheduler = build_scheduler(name, config, steps)
     sigmas = pipeline_kwargs(name, steps, None, AYS[family], scheduler).get("sigmas")
     scheduler.set_timesteps(**({"sigmas": sigmas} if sigmas else {"num_inference_steps": steps}))
     got = scheduler.sigmas.double().numpy()
@@ -79,7 +79,7 @@ def engine_sigmas(name: str, config: dict, family: str, steps: int) -> np.ndarra
     return got
 
 
-@pytest.mark.parametrize("steps", [4, 20, 33])
+@pytest.mark.parametrize("steps", [1, 2, 4, 20, 33])  # 1: SDXL Turbo's single step, at sigma_max as in A1111
 @pytest.mark.parametrize("name", K_NAMES)
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_every_k_sampler_runs_a1111s_sigmas(family, name, steps):
