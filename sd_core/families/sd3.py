@@ -34,7 +34,7 @@ class SD3Family(FlowMatchFamily):
         """An SD3 ControlNet fits when its width, patching, latent channels and pooled-text width are the MMDiT's
         (and, when it has its own text embedder, the joint-attention width); one with extra conditioning channels
         (Alimama's inpainting ControlNet, for diffusers' inpainting ControlNet pipeline) does not run here."""
-        kind = config.get("_class_name") or "ControlNetModel"
+        kind = config.get("_class_name") or self.controlnet_model  # (a model made in memory: no class name)
         if kind != self.controlnet_model:
             return f"{kind}, not an SD3 ControlNet", f"an MMDiT, {self.controlnet_model}"
         if config.get("extra_conditioning_channels"):

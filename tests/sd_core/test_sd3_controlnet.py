@@ -102,6 +102,12 @@ def test_two_units_equal_bare_sd3_multicontrolnet(engine, bare):
     assert np.array_equal(image, expected)
 
 
+def test_manifest_without_t5_runs_controlnets(engine):
+    without_t5 = generate(engine, model="tiny-sd3-no-t5", controlnets=[unit()])
+    assert not np.array_equal(without_t5, generate(engine, model="tiny-sd3-no-t5"))
+    assert engine.pool.get("tiny-sd3-no-t5").pipes[("controlnet", "txt2img")].text_encoder_3 is None
+
+
 def test_a1111_controlnet_unit_equals_the_native_one(engine):
     request = a1111.to_request(a1111.parse_call({
         "prompt": FAST["prompt"], "sampler_name": "Euler", "steps": 2, "cfg_scale": 5.0, "seed": 5, "width": 64,
@@ -141,3 +147,23 @@ def test_what_sd3_controlnets_cannot_do_is_refused_clearly(engine, fields, messa
     with pytest.raises(InvalidRequest) as refused:
         generate(engine, **fields)
     assert str(refused.value) == message
+
+
+def test_controlnets_without_patch_embedding_take_the_models(engine):
+    """SD3.5 Large's ControlNets (use_pos_embed false) get the transformer's patch embedding, as diffusers' pipeline
+    constructor gives it, also when set on the engine's existing pipeline (the family's prepare_controlnets)."""
+    import torch
+    from diffusers import SD3ControlNetModel
+
+    pipe = engine.pool.get("tiny-sd3").pipeline("txt2img")
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    config = {**{k: config[k] for k in SD3ControlNetModel.extract_init_dict(config)[0]}, "num_layers": 1,
+              "use_pos_embed": False, "joint_attention_dim": None}
+    net = SD3ControlNetModel(**config)
+    assert net.pos_embed is None
+    family = engine.pool.get("tiny-sd3").manifest.family
+    family.prepare_controlnets(pipe, [net])
+    for ours, theirs in zip(net.pos_embed.state_dict().values(), pipe.transformer.pos_embed.state_dict().values(),
+                            strict=True):
+        assert torch.equal(ours, theirs)
+    assert family.controlnet_mismatch(pipe.transformer.config, dict(net.config)) is None
