@@ -2,7 +2,8 @@
 
 Under ``DIR/tiny-sd3/diffusers/``: a complete diffusers folder of ``StableDiffusion3Pipeline`` (the real layout:
 transformer, text_encoder/_2/_3, tokenizer/_2/_3, vae, scheduler), and ``DIR/loras/tiny-sd3-peft.safetensors``: a
-rank-4 LoRA on the transformer's attention, as diffusers' ``save_lora_weights`` writes it. The T5 tokenizer is a
+rank-4 LoRA on the transformer's attention, as diffusers' ``save_lora_weights`` writes it (and
+``DIR/controlnets/tiny-sd3-control/``: devtools/tiny_sd3_controlnet.py). The T5 tokenizer is a
 SentencePiece Unigram over a vocabulary made up here (no hub). Called by devtools/tiny_models.py's
 ``build_tiny_models``; the same seed gives byte-identical files.
 
@@ -187,4 +188,7 @@ def write_tiny_sd3(out: Path, seed: int) -> dict[str, Path]:
         shutil.rmtree(scratch, ignore_errors=True)
     write_config_folder(root / "diffusers", root / "config")
     save_file(original_checkpoint(pipe), root / "tiny-sd3.safetensors", metadata={"format": "pt"})
-    return {"tiny-sd3": root, "lora-sd3-peft": write_lora(pipe, out / "loras", seed)}
+    from devtools.tiny_sd3_controlnet import write_tiny_sd3_controlnet
+
+    controlnet = write_tiny_sd3_controlnet(pipe.transformer, out, seed)  # devtools/tiny_sd3_controlnet.py
+    return {"tiny-sd3": root, "lora-sd3-peft": write_lora(pipe, out / "loras", seed), **controlnet}

@@ -3,12 +3,13 @@ ControlNet pipeline (diffusers' from_pipe on the loaded model: no second copy of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,17 @@ class ControlNets:
         units = [(i, unit) for i, unit in enumerate(request.controlnets) if unit.scale > 0]
         if not units:
             return ()
-        if manifest.family.controlnet_pipelines is None:
+        family = manifest.family
+        if family.controlnet_pipelines is None:
             raise InvalidRequest(f"{manifest.name} ({manifest.architecture}) takes no ControlNets", field=FIELD)
+        if family.controlnet_pipeline_class(request.mode) is None:
+            raise InvalidRequest(f"{manifest.name} ({manifest.architecture}) takes ControlNets in "
+                                 f"{', '.join(family.controlnet_pipelines)} only here, not {request.mode}", field=FIELD)
+        for i, unit in units:
+            if unit.mode not in family.controlnet_modes:
+                modes = ", ".join(family.controlnet_modes)
+                raise InvalidRequest(f"{manifest.name} ({manifest.architecture}) runs ControlNets in {modes} mode only "
+                                     f"here, not {quote(unit.mode)}", field=f"{FIELD}.{i}.mode")
         modes = {unit.mode for _, unit in units}
         if "control" in modes and len(modes) > 1:
             raise InvalidRequest("'control' (ControlNet is more important, diffusers' guess_mode) applies to the whole "
@@ -134,13 +144,15 @@ class ControlNets:
         diffusers' MultiControlNetModel); made once per mode with from_pipe, sharing the model's weights."""
         import diffusers
 
+        family = model.manifest.family
         modules = [self._get(model, control) for control in controls]
-        controlnet = modules[0] if len(modules) == 1 else diffusers.MultiControlNetModel(modules)
+        family.prepare_controlnets(model.pipeline("txt2img"), modules)
+        controlnet = modules[0] if len(modules) == 1 else getattr(diffusers, family.multi_controlnet_model)(modules)
         union = controls[0].union_mode is not None
         key = ("controlnet-union" if union else "controlnet", mode)
         pipe = model.pipes.get(key)
         if pipe is None:
-            cls = model.manifest.family.controlnet_pipeline_class(mode)
+            cls = family.controlnet_pipeline_class(mode)
             if union:
                 cls = getattr(diffusers, union_class_name(cls.__name__))
             pipe = cls.from_pipe(model.pipeline("txt2img"), controlnet=controlnet)
@@ -160,7 +172,7 @@ class ControlNets:
                 return module
             config = self._read_config(control)
             self._check_fits(model, control, config)
-            module = self._load(control)
+            module = self._load(control, model.manifest.family.controlnet_model)
             limit = max(1, self.settings.controlnet_max_loaded)
             while len(self._loaded) >= limit:
                 old, unloaded = self._loaded.popitem(last=False)
@@ -194,27 +206,27 @@ class ControlNets:
 
     @staticmethod
     def _check_fits(model, control: ResolvedControl, config) -> None:
-        """A ControlNet made for another architecture is refused before it runs (its cross-attention width and
-        added conditioning must be the UNet's)."""
-        unet = model.pipeline("txt2img").unet.config
-        theirs = (config.get("cross_attention_dim"), config.get("addition_embed_type"))
-        ours = (unet.cross_attention_dim, unet.addition_embed_type)
+        """A ControlNet made for another architecture is refused before it runs (the family's
+        ``controlnet_mismatch``: a UNet's cross-attention width and added conditioning, an MMDiT's widths)."""
+        family = model.manifest.family
+        denoiser = getattr(model.pipeline("txt2img"), family.denoiser).config
         types = config.get("num_control_type")
         if control.union_mode is not None and types is not None and control.union_mode >= types:
             raise InvalidRequest(f"Union ControlNet {quote(control.name)} knows {types} control types: "
                                  f"{', '.join(UNION_CONTROL_TYPES[:types])}", field=f"{control.field}.control_type")
-        if theirs != ours:
-            kind = "SDXL" if theirs[1] == "text_time" else "SD1.x/SD2"
+        mismatch = family.controlnet_mismatch(denoiser, dict(config))
+        if mismatch is not None:
+            theirs, ours = mismatch
             raise InvalidRequest(
-                f"ControlNet {quote(control.name)} is made for another architecture ({kind}-like: cross_attention_dim "
-                f"{theirs[0]}) than {model.name} ({model.manifest.architecture}: cross_attention_dim {ours[0]})",
-                field=f"{control.field}.model")
+                f"ControlNet {quote(control.name)} is made for another architecture ({theirs}) than {model.name} "
+                f"({model.manifest.architecture}: {ours})", field=f"{control.field}.model")
 
-    def _load(self, control: ResolvedControl):
-        from diffusers import ControlNetModel, ControlNetUnionModel
+    def _load(self, control: ResolvedControl, class_name: str):
+        """Load a ControlNet as diffusers' ``class_name`` (the family's; a Union ControlNet as its own class)."""
+        import diffusers
 
-        if control.union_mode is not None:
-            ControlNetModel = ControlNetUnionModel  # noqa: N806 (same loaders, the union class)
+        ControlNetModel = getattr(diffusers, "ControlNetUnionModel" if control.union_mode is not None  # noqa: N806
+                                  else class_name)
         started = time.perf_counter()
         common = {"torch_dtype": self.placement.dtype, "local_files_only": True}
         if control.config is not None:
@@ -229,8 +241,9 @@ class ControlNets:
         return module
 
 
-def pipe_kwargs(controls: tuple[ResolvedControl, ...], mode: str) -> dict:
-    """The ControlNet pipeline's keyword arguments for ``controls`` (one unit: plain values; several: lists)."""
+def pipe_kwargs(controls: tuple[ResolvedControl, ...], mode: str, family) -> dict:
+    """The ControlNet pipeline's keyword arguments for ``controls`` (one unit: plain values; several: lists), as
+    ``family``'s (a ModelFamily) pipeline names them; guess_mode only where the family runs "control" mode."""
 
     def value(items: list):
         return items[0] if len(items) == 1 else items
@@ -240,13 +253,27 @@ def pipe_kwargs(controls: tuple[ResolvedControl, ...], mode: str) -> dict:
         return {"control_image": [control.image], "control_mode": [control.union_mode],
                 "controlnet_conditioning_scale": control.scale, "control_guidance_start": control.start,
                 "control_guidance_end": control.end, "guess_mode": control.guess_mode}
-    return {
-        "image" if mode == "txt2img" else "control_image": value([c.image for c in controls]),
+    kwargs = {
+        family.controlnet_image_kwarg(mode): value([c.image for c in controls]),
         "controlnet_conditioning_scale": value([c.scale for c in controls]),
         "control_guidance_start": value([c.start for c in controls]),
         "control_guidance_end": value([c.end for c in controls]),
-        "guess_mode": controls[0].guess_mode,
     }
+    if "control" in family.controlnet_modes:
+        kwargs["guess_mode"] = controls[0].guess_mode
+    return kwargs
+
+
+@contextlib.contextmanager
+def seeded_global_rng(seed: int) -> Iterator[None]:
+    """Within the block, torch's global RNG seeded with ``seed`` (restored afterwards): diffusers' SD3 ControlNet
+    pipeline samples the control image's VAE latents without the call's generator, so without this the same request
+    would give other pixels each time. SD/SDXL pipelines draw nothing from it (no change to their images)."""
+    import torch
+
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def union_class_name(name: str) -> str:

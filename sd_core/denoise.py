@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from .controlnet import ControlNets, pipe_kwargs
+from .controlnet import ControlNets, pipe_kwargs, seeded_global_rng
 from .controlnet_modes import soft_injection
 from .device import Placement, raise_device_failure
 from .embeddings import EmbeddingManager
@@ -160,7 +160,7 @@ class Denoiser:
             kwargs.update(mask_image=first.mask, width=first.width, height=first.height)
             kwargs.update(latent_fill_kwargs(pipe, first))  # A1111's latent noise / latent nothing fills
         if first.controls:
-            kwargs.update(pipe_kwargs(first.controls, first.mode))
+            kwargs.update(pipe_kwargs(first.controls, first.mode, family))
 
         def step_end(pipeline, step, timestep, callback_kwargs):
             cancels = [j.should_cancel() if j.should_cancel else False for j in jobs]
@@ -175,6 +175,9 @@ class Denoiser:
 
         kwargs["callback_on_step_end"] = step_end
         kwargs.update(first.pipe_kwargs)  # what a post-pass needs of this call (same for the batch: Job.batch_key)
+        if first.controls:  # ControlNet jobs run alone: the global RNG (SD3's control latents) from the job's seed
+            with seeded_global_rng(seeds[0]):
+                return self.invoke(pipe, kwargs)
         return self.invoke(pipe, kwargs)
 
 

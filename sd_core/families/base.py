@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..limits import CONTROL_MODES
 from ..schedulers import AYS_SD15, SCHEDULER_NAMES
 
 # Engine features a family may lack (``ModelFamily.features``): what a request using one asks of the model. A family
@@ -54,6 +55,12 @@ class ModelFamily:
     refines: tuple[str, ...] = ()
     # diffusers ControlNet pipeline class per mode, built with from_pipe on the loaded model (sd_core/controlnet.py)
     controlnet_pipelines: dict[str, str] | None = None
+    # diffusers' ControlNet classes for this family: one ControlNet, and several run as one
+    controlnet_model: str = "ControlNetModel"
+    multi_controlnet_model: str = "MultiControlNetModel"
+    # the ControlNet control modes its pipelines run (sd_core/limits.py's CONTROL_MODES): "prompt" (soft injection)
+    # scales UNet residual blocks, "control" is diffusers' guess_mode
+    controlnet_modes: tuple[str, ...] = CONTROL_MODES
     # an A1111 textual-inversion file's tensors for this family, one per text encoder (sd_core/embeddings.py)
     embedding_keys: tuple[str, ...] = ("clip_l",)
     # the engine features this family has (the constants above); a request using another one is refused
@@ -99,6 +106,27 @@ class ModelFamily:
 
         name = (self.controlnet_pipelines or {}).get(mode)
         return getattr(diffusers, name) if name else None
+
+    def controlnet_image_kwarg(self, mode: str) -> str:
+        """The ControlNet pipeline's control-image argument for ``mode`` (SD/SDXL txt2img: ``image``)."""
+        return "image" if mode == "txt2img" else "control_image"
+
+    def controlnet_mismatch(self, denoiser: Any, config: dict[str, Any]) -> tuple[str, str] | None:
+        """(what the ControlNet is, what this model is) when a ControlNet with ``config`` cannot steer a denoiser
+        with config ``denoiser`` (another architecture); None when it fits. UNet families: the cross-attention width
+        and added conditioning must be the UNet's."""
+        theirs = (config.get("cross_attention_dim"), config.get("addition_embed_type"))
+        ours = (denoiser.cross_attention_dim, denoiser.addition_embed_type)
+        kind = config.get("_class_name") or "ControlNetModel"
+        if kind in ("ControlNetModel", "ControlNetUnionModel"):
+            if theirs == ours:
+                return None
+            kind = "SDXL-like" if theirs[1] == "text_time" else "SD1.x/SD2-like"
+        return f"{kind}: cross_attention_dim {theirs[0]}", f"cross_attention_dim {ours[0]}"
+
+    def prepare_controlnets(self, pipe, modules: list) -> None:
+        """Make ControlNet ``modules`` ready for ``pipe`` (this family's ControlNet pipeline) before they are set on
+        it; nothing for UNet families."""
 
     def prompt_kwargs(self, prompts: list[str], negative_prompts: list[str]) -> dict[str, Any]:
         """A batch's prompts (one per image) as pipeline keyword arguments.

@@ -50,7 +50,8 @@ def pixels(output: dict) -> bytes:
 
 def test_controlnet_listings_in_the_extension_shapes(server):
     models = completed(server.runsync({"api": {"method": "GET", "endpoint": "/controlnet/model_list"}}))
-    assert models == {"model_list": ["tiny-control-a", "tiny-control-b", "tiny-xl-control", "tiny-xl-control-union"]}
+    assert models == {"model_list": ["tiny-control-a", "tiny-control-b", "tiny-sd3-control", "tiny-xl-control",
+                                     "tiny-xl-control-union"]}
     modules = completed(server.runsync({"api": {"method": "GET", "endpoint": "/controlnet/module_list"}}))
     assert modules == {"module_list": ["none", "canny", "lineart_standard", "lineart_realistic", "lineart_coarse",
                                        "softedge_pidinet", "softedge_pidisafe", "scribble_pidinet"]}

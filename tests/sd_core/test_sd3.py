@@ -157,10 +157,11 @@ def test_variation_seeds_move_from_the_seeds_image_to_the_subseeds(engine):
     assert "Variation seed: 11, Variation seed strength: 0.5" in halfway.parameters
 
 
-def test_lora_tag_is_not_prompt_syntax_and_clip_skip_controlnet_refused(engine):
+def test_clip_skip_and_sd_controlnets_refused(engine):  # SD3's own ControlNets: tests/sd_core/test_sd3_controlnet.py
     with pytest.raises(InvalidRequest, match="^clip_skip: 'tiny-sd3' is a sd3 model, which takes no clip skip"):
         generate(engine, clip_skip=1)
-    with pytest.raises(InvalidRequest, match=r"^controlnets: 'tiny-sd3' is a sd3 model, which has no ControlNet"):
+    with pytest.raises(InvalidRequest, match=r"^controlnets.0.model: ControlNet 'tiny-control-a' is made for another "
+                                             r"architecture \(ControlNetModel, not an SD3 ControlNet\) than tiny-sd3"):
         generate(engine, controlnets=[{"model": "tiny-control-a", "image": png(Image.new("RGB", (64, 64)))}])
 
 

@@ -157,6 +157,8 @@ def test_build_is_deterministic(tiny_bucket, tmp_path):
     assert tree_hashes(tmp_path / "again" / "tiny-sd3") == tree_hashes(tiny_bucket / "tiny-sd3")
     name = "loras/tiny-sd3-peft.safetensors"
     assert sha256(tmp_path / "again" / name) == sha256(tiny_bucket / name)
+    name = "controlnets/tiny-sd3-control"  # devtools/tiny_sd3_controlnet.py
+    assert tree_hashes(tmp_path / "again" / name) == tree_hashes(tiny_bucket / name)
     builder.build_tiny_models(tmp_path / "other", archs=("sd15",), seed=1)
     name = "tiny-sd15/tiny-sd15.safetensors"
     assert sha256(tmp_path / "other" / name) != sha256(tiny_bucket / name)
