@@ -101,7 +101,7 @@ REFUSED = {
     "Canny": "ComfyUI's Canny node (kornia: grey image, Gaussian blur, thresholds on a 0-1 scale) has no exact "
              "equivalent in this worker's canny preprocessor (OpenCV's: per-channel gradients, no blur, 0-255 "
              "thresholds); send the edge map itself to the ControlNetApply node's LoadImage",
-    "ControlNetApplySD3": "SD3 ControlNets are not supported by this worker",
+    "ControlNetApplySD3": "SD3 ControlNets run as native `controlnets` units, not in ComfyUI graphs on this worker",
     "SetUnionControlNetType": "union ControlNets are not supported by this worker",
     "ControlNetInpaintingAliMamaApply": "inpainting ControlNets are not supported by this worker",
 }
