@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
 from .checkpoints import refuse_pickle
+from .depth_anything import DepthAnythingDetector, build_depth_anything
 from .errors import InvalidRequest, ManifestError, SDError, quote, scrub
 from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
 from .preprocessor_names import MODULES, WEIGHTS, canonical
@@ -72,6 +73,10 @@ def build_network(weights: str, state: dict):
         network = import_controlnet_aux("pidi.model").pidinet()
     elif weights == "hed":
         network = import_controlnet_aux("hed").ControlNetHED_Apache2()
+    elif weights == "mlsd":
+        network = import_controlnet_aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large()
+    elif weights == "depth_anything":
+        return build_depth_anything(state).float().eval()  # loads it (strict), renaming the hub's older key names
     else:
         raise ManifestError(f"unknown preprocessor weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     network.load_state_dict(state, strict=True)
@@ -86,6 +91,10 @@ def detector(weights: str | None, network):
         return import_controlnet_aux("lineart").LineartDetector(network, network)
     if weights == "pidinet":
         return import_controlnet_aux("pidi").PidiNetDetector(network)
+    if weights == "mlsd":
+        return import_controlnet_aux("mlsd").MLSDdetector(network)
+    if weights == "depth_anything":
+        return DepthAnythingDetector(network)
     return import_controlnet_aux("hed").HEDdetector(network)
 
 
@@ -143,9 +152,10 @@ class Preprocessors:
             raise InvalidRequest(f"{quote(name, 40)} {why}; available: {', '.join(self.names())}", field=field)
         return key
 
-    def run(self, name: str, image, resolution: int, field: str = "preprocessor"):
+    def run(self, name: str, image, resolution: int, field: str = "preprocessor", options: dict | None = None):
         """The control map (PIL RGB) of ``image`` by a weight-based (or lineart_standard) module, detected with its
-        short side at ``resolution`` (controlnet_aux rounds both sides to multiples of 64)."""
+        short side at ``resolution`` (controlnet_aux rounds both sides to multiples of 64; depth_anything pads them),
+        with ``options``: the module's slider values (preprocessor_names.slider_options)."""
         import numpy as np
 
         key = self.check(name, field)
@@ -157,7 +167,7 @@ class Preprocessors:
         else:
             with self.gpu_lock:
                 result = found(pixels, detect_resolution=resolution, image_resolution=resolution, output_type="pil",
-                               **module.options)
+                               **module.options, **(options or {}))
         return result.convert("RGB")
 
     def _network(self, weights: str, field: str):
