@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InvalidRequest
+
 NET_SIDE = 518  # the network's input: short side at least this, both sides multiples of PATCH (the extension's Resize)
 PATCH = 14
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
+MAX_ASPECT = 8  # the network's input has its short side at 518: a longer side past 8 x 518 is refused (memory)
 HEAD_DIM = 64  # DINOv2's attention head size in every published size (small 6 heads, base 12, large 16, giant 24)
 # The hub's *-hf model.safetensors name DINOv2's attention layers as transformers 4 did; transformers 5 renames them
 # when it loads a checkpoint (its conversion_mapping.py) and so does build_depth_anything.
@@ -86,6 +89,10 @@ class DepthAnythingDetector:
 
         image, (height, width) = padded(pixels, detect_resolution)
         h, w = image.shape[:2]
+        if max(h, w) > MAX_ASPECT * min(h, w):
+            raise InvalidRequest(f"depth_anything works on at least {NET_SIDE} pixels a side: a control image more "
+                                 f"than {MAX_ASPECT} times longer than wide is refused (got {width}x{height} at the "
+                                 "preprocessor's resolution)")
         image = image[..., ::-1] / 255.0
         image = (cv2.resize(image, net_size(w, h), interpolation=cv2.INTER_CUBIC) - MEAN) / STD
         parameter = next(self.network.parameters())

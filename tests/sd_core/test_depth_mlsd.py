@@ -129,3 +129,11 @@ def test_a1111_mlsd_thresholds_and_openpose_refused():
             parse_request({**FAST, "controlnets": [{"model": "tiny-control-a", "image": "x", "preprocessor": name}]})
         with pytest.raises(InvalidRequest, match=f"'{name}' is not available on this worker"):
             translated(module=name)
+
+
+def test_depth_anything_refuses_a_very_elongated_image(preprocessors):
+    with pytest.raises(InvalidRequest) as refused:
+        preprocessors.run("depth_anything", Image.new("RGB", (900, 100)), 64, field="controlnets.0.preprocessor")
+    assert str(refused.value) == ("controlnets.0.preprocessor: depth_anything works on at least 518 pixels a side: a "
+                                  "control image more than 8 times longer than wide is refused (got 576x64 at the "
+                                  "preprocessor's resolution)")
