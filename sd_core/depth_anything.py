@@ -1,4 +1,4 @@
-"""The depth_anything ControlNet preprocessor: transformers' DepthAnythingForDepthEstimation, the extension's steps."""
+"""The depth_anything(_v2) ControlNet preprocessors: transformers' DepthAnythingForDepthEstimation, extension steps."""
 
 from __future__ import annotations
 
@@ -12,25 +12,31 @@ MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
 MAX_ASPECT = 8  # the network's input has its short side at 518: a longer side past 8 x 518 is refused (memory)
 HEAD_DIM = 64  # DINOv2's attention head size in every published size (small 6 heads, base 12, large 16, giant 24)
+# Depth Anything V2 reads these backbone layers (by its depth: small/base, large, giant), V1 the last four; V2 skips
+# the backbone's final layernorm (both as transformers' conversion scripts set them).
+V2_LAYERS = {12: [3, 6, 9, 12], 24: [5, 12, 18, 24], 40: [10, 20, 30, 40]}
 # The hub's *-hf model.safetensors name DINOv2's attention layers as transformers 4 did; transformers 5 renames them
 # when it loads a checkpoint (its conversion_mapping.py) and so does build_depth_anything.
 RENAMES = (("attention.attention.query.", "attention.q_proj."), ("attention.attention.key.", "attention.k_proj."),
            ("attention.attention.value.", "attention.v_proj."), ("attention.output.dense.", "attention.o_proj."))
 
 
-def config_from_state(state: dict):
-    """The DepthAnythingConfig of a Depth Anything (V1) state dict: the sizes read off its tensors; the backbone
-    layers the neck reads are the last four (the V1 network's, as transformers' conversion sets them)."""
+def config_from_state(state: dict, version: int = 1):
+    """The DepthAnythingConfig of a Depth Anything state dict (``version`` 1 or 2: the files look alike): the sizes
+    read off its tensors, the backbone layers the neck reads and the final layernorm as the version has them."""
     from transformers import DepthAnythingConfig, Dinov2Config
 
     hidden = state["backbone.embeddings.cls_token"].shape[-1]
     layers = len({key.split(".")[3] for key in state if key.startswith("backbone.encoder.layer.")})
     positions = state["backbone.embeddings.position_embeddings"].shape[1] - 1
     mlp = state["backbone.encoder.layer.0.mlp.fc1.weight"].shape[0]
+    if version == 2 and layers not in V2_LAYERS:
+        raise ValueError(f"a Depth Anything V2 backbone has {', '.join(map(str, V2_LAYERS))} layers, not {layers}")
     backbone = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers,
                             num_attention_heads=max(1, hidden // HEAD_DIM), mlp_ratio=mlp // hidden,
                             image_size=round(positions ** 0.5) * PATCH, patch_size=PATCH,
-                            out_indices=list(range(layers - 3, layers + 1)), apply_layernorm=True,
+                            out_indices=V2_LAYERS[layers] if version == 2 else list(range(layers - 3, layers + 1)),
+                            apply_layernorm=version == 1,
                             reshape_hidden_states=False)
     neck = [state[f"neck.reassemble_stage.layers.{i}.projection.weight"].shape[0] for i in range(4)]
     return DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=hidden, patch_size=PATCH,
@@ -38,13 +44,13 @@ def config_from_state(state: dict):
                                head_hidden_size=state["head.conv2.weight"].shape[0])
 
 
-def build_depth_anything(state: dict):
+def build_depth_anything(state: dict, version: int = 1):
     """DepthAnythingForDepthEstimation with ``state`` loaded (strict): a -hf model.safetensors (either key layout)."""
     from transformers import DepthAnythingForDepthEstimation
 
     for old, new in RENAMES:
         state = {key.replace(old, new): value for key, value in state.items()}
-    network = DepthAnythingForDepthEstimation(config_from_state(state))
+    network = DepthAnythingForDepthEstimation(config_from_state(state, version))
     network.load_state_dict(state, strict=True)
     return network
 
@@ -90,7 +96,7 @@ class DepthAnythingDetector:
         image, (height, width) = padded(pixels, detect_resolution)
         h, w = image.shape[:2]
         if max(h, w) > MAX_ASPECT * min(h, w):
-            raise InvalidRequest(f"depth_anything works on at least {NET_SIDE} pixels a side: a control image more "
+            raise InvalidRequest(f"Depth Anything works on at least {NET_SIDE} pixels a side: a control image more "
                                  f"than {MAX_ASPECT} times longer than wide is refused (got {width}x{height} at the "
                                  "preprocessor's resolution)")
         image = image[..., ::-1] / 255.0

@@ -17,7 +17,7 @@ class Module:
 
 # The extension's module names (its labels; its internal names are ALIASES). none and canny: sd_core/control_images.py;
 # lineart_standard: controlnet_aux without weights; the others need their weights file in models/_preprocessors.yaml.
-# depth_anything: sd_core/depth_anything.py (transformers); the others: controlnet_aux's detectors. openpose is not
+# depth_anything(_v2): sd_core/depth_anything.py (transformers); the others: controlnet_aux's detectors. openpose is not
 # here: its body, hand and face networks (about 200 MB at a fixed size) have no test twin, so it is refused.
 MODULES = {
     "none": Module(None),
@@ -32,11 +32,13 @@ MODULES = {
     "softedge_hedsafe": Module("hed", {"safe": True}),
     "scribble_hed": Module("hed", {"scribble": True}),
     "depth_anything": Module("depth_anything"),
+    "depth_anything_v2": Module("depth_anything_v2"),
     "mlsd": Module("mlsd", sliders={"thr_v": "value_threshold", "thr_d": "distance_threshold"}),
 }
 ALIASES = {"lineart": "lineart_realistic", "pidinet": "softedge_pidinet", "pidinet_safe": "softedge_pidisafe",
            "pidinet_scribble": "scribble_pidinet", "hed": "softedge_hed", "hed_safe": "softedge_hedsafe"}
-WEIGHTS = ("lineart", "lineart_coarse", "pidinet", "hed", "depth_anything", "mlsd")  # the manifest's entry names
+# the manifest's entry names
+WEIGHTS = ("lineart", "lineart_coarse", "pidinet", "hed", "depth_anything", "depth_anything_v2", "mlsd")
 
 
 def canonical(name) -> str | None:

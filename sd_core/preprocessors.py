@@ -75,8 +75,8 @@ def build_network(weights: str, state: dict):
         network = import_controlnet_aux("hed").ControlNetHED_Apache2()
     elif weights == "mlsd":
         network = import_controlnet_aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large()
-    elif weights == "depth_anything":
-        return build_depth_anything(state).float().eval()  # loads it (strict), renaming the hub's older key names
+    elif weights in ("depth_anything", "depth_anything_v2"):  # loaded (strict), the hub's older key names renamed
+        return build_depth_anything(state, 2 if weights.endswith("v2") else 1).float().eval()
     else:
         raise ManifestError(f"unknown preprocessor weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     network.load_state_dict(state, strict=True)
@@ -93,7 +93,7 @@ def detector(weights: str | None, network):
         return import_controlnet_aux("pidi").PidiNetDetector(network)
     if weights == "mlsd":
         return import_controlnet_aux("mlsd").MLSDdetector(network)
-    if weights == "depth_anything":
+    if weights in ("depth_anything", "depth_anything_v2"):
         return DepthAnythingDetector(network)
     return import_controlnet_aux("hed").HEDdetector(network)
 

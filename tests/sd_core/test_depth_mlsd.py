@@ -54,17 +54,22 @@ def extension_depth(model, rgb: np.ndarray, resolution: int) -> np.ndarray:
     return depth.numpy().astype(np.uint8)[:h_target, :w_target]
 
 
-def test_depth_anything_equals_transformers_model_through_the_extension_steps(preprocessors, tiny_bucket, tmp_path):
+@pytest.mark.parametrize("module, version, filename", [
+    ("depth_anything", 1, "tiny-depth-anything.safetensors"),
+    ("depth_anything_v2", 2, "tiny-depth-anything-v2.safetensors"),
+])
+def test_depth_anything_equals_transformers_model_through_the_extension_steps(preprocessors, tiny_bucket, tmp_path,
+                                                                              module, version, filename):
     from transformers import DepthAnythingForDepthEstimation
 
     folder = tmp_path / "depth-anything-tiny-hf"  # a hub-like folder: transformers loads (and renames) the twin itself
-    tiny_config().save_pretrained(folder)
-    shutil.copy(tiny_bucket / "tiny-preprocessors" / "tiny-depth-anything.safetensors", folder / "model.safetensors")
+    tiny_config(version).save_pretrained(folder)
+    shutil.copy(tiny_bucket / "tiny-preprocessors" / filename, folder / "model.safetensors")
     model = DepthAnythingForDepthEstimation.from_pretrained(folder).float().eval()
     source = shapes()  # 96 x 80: detected at 77 x 64, padded to 128 x 64, the network sees 1036 x 518
     expected = extension_depth(model, np.asarray(source), 64)
     assert expected.shape == (64, 77) and expected.std() > 0
-    ours = control_image(source, width=64, height=64, preprocessor="depth_anything", resize_mode="crop_and_resize",
+    ours = control_image(source, width=64, height=64, preprocessor=module, resize_mode="crop_and_resize",
                          processor_res=64, preprocessors=preprocessors)
     assert np.array_equal(as_array(ours), as_array(fit(Image.fromarray(expected).convert("RGB"), 64, 64,
                                                        "crop_and_resize")))
@@ -134,6 +139,6 @@ def test_a1111_mlsd_thresholds_and_openpose_refused():
 def test_depth_anything_refuses_a_very_elongated_image(preprocessors):
     with pytest.raises(InvalidRequest) as refused:
         preprocessors.run("depth_anything", Image.new("RGB", (900, 100)), 64, field="controlnets.0.preprocessor")
-    assert str(refused.value) == ("controlnets.0.preprocessor: depth_anything works on at least 518 pixels a side: a "
+    assert str(refused.value) == ("controlnets.0.preprocessor: Depth Anything works on at least 518 pixels a side: a "
                                   "control image more than 8 times longer than wide is refused (got 576x64 at the "
                                   "preprocessor's resolution)")
