@@ -28,6 +28,7 @@ UNION_TYPES = {"openpose": "openpose", "depth": "depth", "soft edge": "softedge"
                "blur": "tile", "inpaint": "inpaint", "unknown": None}
 DEFAULT_PROCESSOR_RES = 512  # the extension's default (its -1)
 DEFAULT_THRESHOLDS = (100, 200)  # canny's low/high (threshold_a/b's -1)
+MLSD_THRESHOLDS = (0.1, 0.1)  # mlsd's value/distance thresholds (threshold_a/b's -1)
 # Unit keys accepted without effect on the image: memory hints, saving, the UI's own state. Anything else that is not
 # translated below is refused by name.
 HARMLESS = {"lowvram": None, "low_vram": None, "save_detected_map": None, "is_ui": None,
@@ -36,7 +37,8 @@ HARMLESS = {"lowvram": None, "low_vram": None, "save_detected_map": None, "is_ui
             "effective_region_mask": (None, "")}
 NAMES = {"hires_option": "hr_option", "control_type": "union_control_type", "scale": "weight",
          "start": "guidance_start", "end": "guidance_end", "mode": "control_mode",
-         "preprocessor": "module", "low_threshold": "threshold_a", "high_threshold": "threshold_b"}
+         "preprocessor": "module", "low_threshold": "threshold_a", "high_threshold": "threshold_b",
+         "value_threshold": "threshold_a", "distance_threshold": "threshold_b"}
 
 
 def is_controlnet(name) -> bool:
@@ -142,9 +144,12 @@ def _unit(unit: dict, prefix: str, errors: list[str]) -> dict | None:
     if module not in (None, "none"):  # every module but none works at the unit's resolution
         if not _on(unit.get("pixel_perfect")):
             native["processor_res"] = _number(unit.get("processor_res"), DEFAULT_PROCESSOR_RES)
-    if module == "canny":  # the only module here with sliders (the extension ignores threshold_a/b for the others)
+    if module == "canny":  # the modules here with sliders (the extension ignores threshold_a/b for the others)
         native["low_threshold"] = _number(unit.get("threshold_a"), DEFAULT_THRESHOLDS[0])
         native["high_threshold"] = _number(unit.get("threshold_b"), DEFAULT_THRESHOLDS[1])
+    elif module == "mlsd":
+        native["value_threshold"] = _number(unit.get("threshold_a"), MLSD_THRESHOLDS[0])
+        native["distance_threshold"] = _number(unit.get("threshold_b"), MLSD_THRESHOLDS[1])
     if len(errors) > before:
         return None
     try:

@@ -31,18 +31,19 @@ def at_resolution(image: Image.Image, short_side: int) -> Image.Image:
 
 def control_image(image: Image.Image, *, width: int, height: int, preprocessor: str, resize_mode: str,
                   processor_res: int | None = None, low: int = 100, high: int = 200,
-                  preprocessors=None) -> Image.Image:
+                  preprocessors=None, options: dict | None = None) -> Image.Image:
     """The control map the ControlNet sees, at the output size: the image itself (``none``), its Canny edges or
     another module's map (``preprocessors``: sd_core.preprocessors.Preprocessors), detected at ``processor_res``
-    (short side; None: at the output size) and then fitted to the output size."""
+    (short side; None: at the output size) with the module's slider ``options``, then fitted to the output size."""
     return fit(detected_map(image, width=width, height=height, preprocessor=preprocessor, resize_mode=resize_mode,
-                            processor_res=processor_res, low=low, high=high, preprocessors=preprocessors),
+                            processor_res=processor_res, low=low, high=high, preprocessors=preprocessors,
+                            options=options),
                width, height, resize_mode)
 
 
 def detected_map(image: Image.Image, *, width: int, height: int, preprocessor: str, resize_mode: str,
                  processor_res: int | None = None, low: int = 100, high: int = 200,
-                 preprocessors=None) -> Image.Image:
+                 preprocessors=None, options: dict | None = None) -> Image.Image:
     """The preprocessor's output before it is fitted to a pass's size (a hires fix fits it to both of its sizes)."""
     image = image.convert("RGB")
     if preprocessor == "canny":
@@ -54,7 +55,7 @@ def detected_map(image: Image.Image, *, width: int, height: int, preprocessor: s
         elif image.width * image.height * (processor_res / min(image.size)) ** 2 > MAX_PROCESSOR_PIXELS:
             image = at_resolution(image, processor_res)  # a long thin image: bounded before the module sees it
             processor_res = max(64, min(image.size))  # controlnet_aux rounds sides to multiples of 64
-        image = preprocessors.run(preprocessor, image, processor_res)
+        image = preprocessors.run(preprocessor, image, processor_res, options=options)
     return image
 
 

@@ -21,6 +21,7 @@ from .errors import FetchError, InvalidRequest, ModelNotFound, quote
 from .input_images import load_image
 from .limits import UNION_CONTROL_TYPES
 from .manifests import ControlNetEntry, ModelCatalog, ModelManifest, resolve_uri
+from .preprocessor_names import slider_options
 from .preprocessors import Preprocessors
 from .schema import GenerationRequest
 from .settings import Settings
@@ -107,7 +108,8 @@ class ControlNets:
             source = load_image(unit.image, f"{where}.image", self.settings)
             detected = detected_map(source, width=width, height=height, preprocessor=preprocessor,
                                     resize_mode=unit.resize_mode, processor_res=unit.processor_res,
-                                    low=unit.low_threshold, high=unit.high_threshold, preprocessors=self.preprocessors)
+                                    low=unit.low_threshold, high=unit.high_threshold, preprocessors=self.preprocessors,
+                                    options=slider_options(preprocessor, unit))
             hires_image = fit(detected, *hires_size, unit.resize_mode) if hires_size else None
             weights, config = self._fetch(entry, f"{where}.model")
             resolved.append(ResolvedControl(

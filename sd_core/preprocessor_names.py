@@ -7,14 +7,18 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Module:
-    """One preprocessor: the weights it needs (a manifest entry's name; None: none) and controlnet_aux's options."""
+    """One preprocessor: the weights it needs (a manifest entry's name; None: none), its detector's fixed options and
+    its sliders (detector argument: the ControlNet unit's field setting it)."""
 
     weights: str | None
     options: dict = field(default_factory=dict)
+    sliders: dict = field(default_factory=dict)
 
 
 # The extension's module names (its labels; its internal names are ALIASES). none and canny: sd_core/control_images.py;
 # lineart_standard: controlnet_aux without weights; the others need their weights file in models/_preprocessors.yaml.
+# depth_anything(_v2): sd_core/depth_anything.py (transformers); the others: controlnet_aux's detectors. openpose is not
+# here: its body, hand and face networks (about 200 MB at a fixed size) have no test twin, so it is refused.
 MODULES = {
     "none": Module(None),
     "canny": Module(None),
@@ -27,10 +31,14 @@ MODULES = {
     "softedge_hed": Module("hed"),
     "softedge_hedsafe": Module("hed", {"safe": True}),
     "scribble_hed": Module("hed", {"scribble": True}),
+    "depth_anything": Module("depth_anything"),
+    "depth_anything_v2": Module("depth_anything_v2"),
+    "mlsd": Module("mlsd", sliders={"thr_v": "value_threshold", "thr_d": "distance_threshold"}),
 }
 ALIASES = {"lineart": "lineart_realistic", "pidinet": "softedge_pidinet", "pidinet_safe": "softedge_pidisafe",
            "pidinet_scribble": "scribble_pidinet", "hed": "softedge_hed", "hed_safe": "softedge_hedsafe"}
-WEIGHTS = ("lineart", "lineart_coarse", "pidinet", "hed")  # the manifest's entry names
+# the manifest's entry names
+WEIGHTS = ("lineart", "lineart_coarse", "pidinet", "hed", "depth_anything", "depth_anything_v2", "mlsd")
 
 
 def canonical(name) -> str | None:
@@ -40,3 +48,8 @@ def canonical(name) -> str | None:
     key = name.strip().lower()
     key = ALIASES.get(key, key)
     return key if key in MODULES else None
+
+
+def slider_options(name: str, unit) -> dict:
+    """The detector arguments that module ``name``'s sliders take from a ControlNet ``unit`` (mlsd's thresholds)."""
+    return {argument: getattr(unit, attribute) for argument, attribute in MODULES[name].sliders.items()}

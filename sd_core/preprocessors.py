@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
 from .checkpoints import refuse_pickle
+from .depth_anything import DepthAnythingDetector, build_depth_anything
 from .errors import InvalidRequest, ManifestError, SDError, quote, scrub
 from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
 from .preprocessor_names import MODULES, WEIGHTS, canonical
@@ -72,6 +73,10 @@ def build_network(weights: str, state: dict):
         network = import_controlnet_aux("pidi.model").pidinet()
     elif weights == "hed":
         network = import_controlnet_aux("hed").ControlNetHED_Apache2()
+    elif weights == "mlsd":
+        network = import_controlnet_aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large()
+    elif weights in ("depth_anything", "depth_anything_v2"):  # loaded (strict), the hub's older key names renamed
+        return build_depth_anything(state, 2 if weights.endswith("v2") else 1).float().eval()
     else:
         raise ManifestError(f"unknown preprocessor weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     network.load_state_dict(state, strict=True)
@@ -86,6 +91,10 @@ def detector(weights: str | None, network):
         return import_controlnet_aux("lineart").LineartDetector(network, network)
     if weights == "pidinet":
         return import_controlnet_aux("pidi").PidiNetDetector(network)
+    if weights == "mlsd":
+        return import_controlnet_aux("mlsd").MLSDdetector(network)
+    if weights in ("depth_anything", "depth_anything_v2"):
+        return DepthAnythingDetector(network)
     return import_controlnet_aux("hed").HEDdetector(network)
 
 
@@ -105,7 +114,7 @@ def read_state(path: Path, settings: Settings) -> dict:
 class Preprocessors:
     """One worker's ControlNet preprocessors (``engine.controlnets.preprocessors``): ``names()``, ``check(name)``,
     ``run(name, image, resolution)``. Weights are fetched like a model's on first use and stay loaded (a few MB
-    to 60 MB each); the networks run under the engine's GPU lock."""
+    to 60 MB each; Depth Anything large 1.3 GB); the networks run under the engine's GPU lock."""
 
     def __init__(self, settings: Settings, placement=None, gpu_lock: AbstractContextManager | None = None):
         self.settings = settings
@@ -143,21 +152,26 @@ class Preprocessors:
             raise InvalidRequest(f"{quote(name, 40)} {why}; available: {', '.join(self.names())}", field=field)
         return key
 
-    def run(self, name: str, image, resolution: int, field: str = "preprocessor"):
+    def run(self, name: str, image, resolution: int, field: str = "preprocessor", options: dict | None = None):
         """The control map (PIL RGB) of ``image`` by a weight-based (or lineart_standard) module, detected with its
-        short side at ``resolution`` (controlnet_aux rounds both sides to multiples of 64)."""
+        short side at ``resolution`` (controlnet_aux rounds both sides to multiples of 64; depth_anything pads them),
+        with ``options``: the module's slider values (preprocessor_names.slider_options)."""
         import numpy as np
 
         key = self.check(name, field)
         module = MODULES[key]
         found = detector(module.weights, self._network(module.weights, field) if module.weights else None)
         pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        if module.weights is None:
-            result = found(pixels, detect_resolution=resolution, output_type="pil")
-        else:
-            with self.gpu_lock:
-                result = found(pixels, detect_resolution=resolution, image_resolution=resolution, output_type="pil",
-                               **module.options)
+        try:
+            if module.weights is None:
+                result = found(pixels, detect_resolution=resolution, output_type="pil")
+            else:
+                with self.gpu_lock:
+                    result = found(pixels, detect_resolution=resolution, image_resolution=resolution,
+                                   output_type="pil", **module.options, **(options or {}))
+        except InvalidRequest as exc:  # an image the module cannot take (depth_anything: too elongated)
+            exc.field = field
+            raise
         return result.convert("RGB")
 
     def _network(self, weights: str, field: str):

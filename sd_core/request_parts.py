@@ -137,8 +137,13 @@ class ControlNetUnit(BaseModel):
         "just_resize", description="How the control image is fitted to the output size")
     processor_res: int | None = Field(None, ge=64, le=MAX_SIZE,
                                       description="Preprocessor resolution (short side); empty: the output size")
-    low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold (the other modules have none)")
+    low_threshold: int = Field(100, ge=0, le=255, description="canny: low threshold")
     high_threshold: int = Field(200, ge=0, le=255, description="canny: high threshold")
+    value_threshold: float = Field(0.1, ge=0.01, le=2.0, allow_inf_nan=False,
+                                   description="mlsd: the least score of a line (the extension's MLSD Value Threshold)")
+    distance_threshold: float = Field(0.1, ge=0.01, le=20.0, allow_inf_nan=False,
+                                      description="mlsd: the least length of a line, in pixels of the network's "
+                                                  "half-resolution map (the extension's MLSD Distance Threshold)")
     hires_option: Literal[CONTROL_HIRES_OPTIONS] = Field(  # type: ignore[valid-type]
         "both", description="With the hires fix: the passes it steers (both, low_res_only, high_res_only)")
     control_type: Literal[UNION_CONTROL_TYPES] | None = Field(  # type: ignore[valid-type]

@@ -17,7 +17,7 @@ from sd_core.schema import GenerationRequest, parse_request
 from tests.sd_core.test_controlnet import FAST, as_array, b64, pixels
 
 WORKER_MODULES = ["none", "canny", "lineart_standard", "lineart_realistic", "lineart_coarse", "softedge_pidinet",
-                  "softedge_pidisafe", "scribble_pidinet"]
+                  "softedge_pidisafe", "scribble_pidinet", "depth_anything", "depth_anything_v2", "mlsd"]
 
 
 def shapes(size=(96, 80)) -> Image.Image:
