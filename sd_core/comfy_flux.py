@@ -42,6 +42,13 @@ def uses_flux(translator, sampler: Node) -> bool:
     CheckpointLoaderSimple of a FLUX model (the catalog's family, when the translator has one)."""
     if sampler.class_type == "SamplerCustomAdvanced":
         return True
+    return chain_reaches(translator, sampler, FLUX_NODES, "flux",
+                         ("model", "positive", "conditioning", "clip", "latent_image"))
+
+
+def chain_reaches(translator, sampler: Node, node_types, family: str, links: tuple[str, ...]) -> bool:
+    """Whether the nodes feeding ``sampler`` through its ``links`` inputs (followed node to node) hold one of
+    ``node_types``, or a CheckpointLoaderSimple of a ``family`` model (the catalog's, when the translator has one)."""
     graph = translator.graph
     seen, pending = set(), [sampler.id]
     while pending:
@@ -49,14 +56,12 @@ def uses_flux(translator, sampler: Node) -> bool:
         if node.id in seen:
             continue
         seen.add(node.id)
-        if node.class_type in FLUX_NODES:
+        if node.class_type in node_types:
             return True
-        if node.class_type == "CheckpointLoaderSimple":
-            family = translator.family(file_name(node.inputs["ckpt_name"])) if translator.family else None
-            if family == "flux":
-                return True
-        pending += [str(v[0]) for k, v in node.inputs.items() if k in ("model", "positive", "conditioning", "clip",
-                                                                        "latent_image") and isinstance(v, list)]
+        if node.class_type == "CheckpointLoaderSimple" and translator.family is not None \
+                and translator.family(file_name(node.inputs["ckpt_name"])) == family:
+            return True
+        pending += [str(v[0]) for k, v in node.inputs.items() if k in links and isinstance(v, list)]
     return False
 
 

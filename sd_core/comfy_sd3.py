@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import comfy_samplers as flow
-from .comfy_flux import base_name, check_latent, check_plain_prompt, check_seed, check_steps, file_name
+from .comfy_flux import base_name, chain_reaches, check_latent, check_plain_prompt, check_seed, check_steps, file_name
 from .comfy_graph import Graph, Node
 from .errors import quote
 
@@ -26,21 +26,8 @@ RANGE_NODES = ("ConditioningSetTimestepRange", "ConditioningCombine", "Condition
 def uses_sd3(translator, sampler: Node) -> bool:
     """Whether ``sampler`` (a KSampler) samples an SD3 model: an SD3-only node on its model or prompt links, or a
     CheckpointLoaderSimple of an SD3 model (the catalog's family)."""
-    graph = translator.graph
-    seen, pending = set(), [sampler.id]
-    while pending:
-        node = graph.nodes[pending.pop()]
-        if node.id in seen:
-            continue
-        seen.add(node.id)
-        if node.class_type in SD3_NODES:
-            return True
-        if node.class_type == "CheckpointLoaderSimple" and translator.family is not None \
-                and translator.family(file_name(node.inputs["ckpt_name"])) == "sd3":
-            return True
-        pending += [str(v[0]) for k, v in node.inputs.items()
-                    if k in ("model", "positive", "conditioning", "conditioning_1", "clip") and isinstance(v, list)]
-    return False
+    return chain_reaches(translator, sampler, SD3_NODES, "sd3",
+                         ("model", "positive", "conditioning", "conditioning_1", "clip"))
 
 
 class SD3Sampler:
