@@ -35,9 +35,10 @@ def failed(job: dict) -> str:
 
 def test_sd_models_lists_the_catalog_as_a1111_sd_model_items(server):
     models = completed(server.runsync(get("sd-models")))
-    assert [m["model_name"] for m in models] == ["tiny-flux-dev", "tiny-flux", "tiny-sd15-single", "tiny-sd15",
-                                                  "tiny-sd3-no-t5", "tiny-sd3-single", "tiny-sd3", "tiny-sdxl-refiner",
-                                                  "tiny-sdxl-single", "tiny-sdxl"]
+    assert [m["model_name"] for m in models] == [
+        "tiny-flux-dev", "tiny-flux-fill-single", "tiny-flux-fill", "tiny-flux-single", "tiny-flux", "tiny-sd15-single",
+        "tiny-sd15", "tiny-sd3-no-t5", "tiny-sd3-single", "tiny-sd3", "tiny-sdxl-refiner", "tiny-sdxl-single",
+        "tiny-sdxl"]
     for item in models:
         assert set(item) == {"title", "model_name", "hash", "sha256", "filename", "config"}
         assert item["title"] == item["model_name"] and item["hash"] is None  # the tiny manifests pin no sha256
@@ -73,8 +74,9 @@ def test_loras_embeddings_vae_upscalers_and_options(server):
     loras = completed(server.runsync(get("loras")))
     assert {"tiny-style", "tiny-style-kohya", "tiny-xl-style"} <= {lora["name"] for lora in loras}
     assert all(set(lora) == {"name", "alias", "path", "metadata"} for lora in loras)
-    assert loras[0] == {"name": "tiny-style", "alias": "tiny-style", "path": "loras/tiny-sd15-peft.safetensors",
-                        "metadata": {}}
+    by_name = {lora["name"]: lora for lora in loras}
+    assert by_name["tiny-style"] == {"name": "tiny-style", "alias": "tiny-style",
+                                     "path": "loras/tiny-sd15-peft.safetensors", "metadata": {}}
     none = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None}
     assert completed(server.runsync(get("embeddings"))) == {  # the manifests' (the bucket is remote: their numbers)
         "loaded": {"tiny-neg": {**none, "shape": 32, "vectors": 2}, "tiny-xl-neg": {**none, "shape": 96, "vectors": 2}},
