@@ -40,8 +40,16 @@ def scrubbed_debug_logs(caplog):
     """Everything at DEBUG, with the worker's redaction installed; the process's logging is restored afterwards."""
     factory = logging.getLogRecordFactory()
     caplog.set_level(logging.DEBUG)
+    # the libraries' loggers as they are at import (an earlier test's logging setup, e.g. a dictConfig, may have
+    # disabled them or raised their level: then nothing would be logged to scrub)
+    libraries = [logging.getLogger(name) for name in log_secrets.LIBRARY_LOGGERS]
+    saved = [(logger, logger.disabled, logger.level) for logger in libraries]
+    for logger in libraries:
+        logger.disabled, logger.level = False, logging.NOTSET
     log_secrets.install()
     yield caplog
+    for logger, disabled, level in saved:
+        logger.disabled, logger.level = disabled, level
     logging.setLogRecordFactory(factory)
     log_secrets._FACTORY_INSTALLED = False
     for name in log_secrets.LIBRARY_LOGGERS:
