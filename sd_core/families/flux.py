@@ -9,7 +9,6 @@ A single-file FLUX model is its transformer alone (``load_single_file``), the re
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -70,11 +69,6 @@ class FluxFamily(FlowMatchFamily):
                          f"neither FLUX.1 ({channels_out}) nor FLUX.1 Fill ({2 * channels_out + FILL_MASK_CHANNELS}); "
                          "other FLUX variants (Canny, Depth, Redux) do not run on this worker")
 
-    def detect(self, keys: Iterable[str]) -> bool:
-        """BFL's layout (``double_blocks.``), bare or under ``model.diffusion_model.`` (ComfyUI / A1111 Forge), or
-        diffusers' FluxTransformer2DModel keys (``single_transformer_blocks.``)."""
-        return any(key.startswith(self.checkpoint_prefixes) for key in keys)
-
 
 def _shape(shapes: dict[str, list[int]], *names: str) -> list[int]:
     """The shape of the first of ``names`` in a header, bare or under ComfyUI's ``model.diffusion_model.``."""
@@ -93,6 +87,7 @@ FAMILY = FluxFamily(
         "inpaint": "FluxInpaintPipeline",
     },
     width=1024, height=1024, num_inference_steps=28, guidance_scale=3.5,
+    # BFL's layout, bare or under ComfyUI's / A1111 Forge's model.diffusion_model., or diffusers' own transformer keys
     checkpoint_prefixes=("double_blocks.", "model.diffusion_model.double_blocks.", "single_transformer_blocks."),
     clip_skip=False,
     parameters=16_900_000_000,  # transformer 11.9B + T5-XXL 4.7B + CLIP-L 123M + VAE 84M
