@@ -11,16 +11,18 @@ import json
 import logging
 import time
 
-import runpod
-from runpod.serverless.modules import rp_http
-from runpod.serverless.modules.rp_logger import RunPodLogger
-
 from sd_core import a1111, a1111_listing, comfy_jobs, upscale_job
+from sd_core.cpuinfo_shim import cpu_brand_in_process
 from sd_core.errors import WorkerUnhealthy
 from sd_core.schema import parse_request
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
 from sd_core.settings import Settings
 from sd_core.uploads import Uploader, check_inline_size, inline_images, output_bucket
+
+with cpu_brand_in_process():  # runpod's import asks py-cpuinfo for the CPU's name: ~1.2 s of subprocesses otherwise
+    import runpod
+    from runpod.serverless.modules import rp_http
+    from runpod.serverless.modules.rp_logger import RunPodLogger
 
 log = logging.getLogger("handler")
 # Progress updates go to the URL RunPod gives a worker (RUNPOD_WEBHOOK_POST_OUTPUT, read by the SDK). The local modes
