@@ -14,6 +14,7 @@ import time
 from sd_core import a1111, a1111_listing, comfy_jobs, upscale_job
 from sd_core.cpuinfo_shim import cpu_brand_in_process
 from sd_core.errors import WorkerUnhealthy
+from sd_core.prefetch import Prefetch
 from sd_core.schema import parse_request
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
 from sd_core.settings import Settings
@@ -43,11 +44,12 @@ class Worker(Server):
             target = output_bucket(settings)
             self.uploader = Uploader(target) if target else None
             log.info("outputs: %s", f"uploaded to {target.describe()}" if target else "inline base64")
+            prefetch = Prefetch(settings)  # the downloads start now, while torch and diffusers are imported
             from sd_core.engine import Engine  # torch + diffusers: seconds of import
 
             log.info("cold start: preloading %s", ", ".join(settings.models_to_preload))
-            self.engine = Engine(settings)
-            self.engine.preload()
+            self.engine = Engine(prefetch.settings)
+            self.engine.preload(prefetch)
             log.info("ready in %.2fs (concurrency %d)", time.perf_counter() - started, self.concurrency(1))
         except Exception as exc:  # every job then fails with the reason, and asks RunPod to replace this worker
             self.unhealthy = f"worker failed to start: {self.user_error(exc, 'cold start')}"

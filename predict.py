@@ -19,6 +19,7 @@ from cog import BaseRunner, Input, Path
 import cog_inputs
 from sd_core import upscale_job
 from sd_core.errors import WorkerUnhealthy
+from sd_core.prefetch import Prefetch
 from sd_core.schema import GenerationResult, parse_request, resolve_seed
 from sd_core.serving import Server, StepProgress, rounded, setup_logging
 from sd_core.settings import Settings
@@ -50,12 +51,13 @@ class Runner(BaseRunner):
 
     def setup(self) -> None:
         setup_logging()
+        settings = Settings.from_env().with_platform_defaults(safety_checker=True)  # Replicate's convention: on
+        prefetch = Prefetch(settings)  # the downloads start now, while torch and diffusers are imported
         from sd_core.engine import Engine  # torch + diffusers: seconds of import, so only here
 
-        settings = Settings.from_env().with_platform_defaults(safety_checker=True)  # Replicate's convention: on
         log.info("cold start: preloading %s", ", ".join(settings.models_to_preload))
-        self.server = Server(Engine(settings))  # the engine in a thread, cancel, health, errors: sd_core/serving.py
-        self.server.engine.preload()
+        self.server = Server(Engine(prefetch.settings))  # the engine in a thread, cancel, health, errors: serving.py
+        self.server.engine.preload(prefetch)
         log.info("ready")
 
     def healthcheck(self) -> bool:

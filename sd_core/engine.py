@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from . import inpainting
 from .batching import MicroBatcher
 from .catalog_storage import with_local_catalog
-from .component_loading import Arrivals, load_while_fetching
+from .component_loading import load_while_fetching
 from .controlnet import ControlNets
 from .controlnet_modes import first_pass, second_pass
 from .denoise import Denoiser
@@ -33,6 +33,7 @@ from .manifests import ModelCatalog, ModelManifest, fetch_model
 from .model_urls import ModelUrls, is_model_url
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool, load_options
+from .prefetch import Prefetch, watch_for
 from .prompt_encoding import plan_prompts
 from .prompt_tags import TAG, parse_prompt_tags
 from .refiner import Refiner
@@ -256,22 +257,25 @@ class Engine:
                 field="num_outputs",
             )
 
-    def preload(self) -> dict[str, float]:
+    def preload(self, prefetch: Prefetch | None = None) -> dict[str, float]:
         """Cold start: fetch and load every model named by SD_PRELOAD_MODELS, then (SD_WARMUP) run one tiny generation
         per model (sd_core/warmup.py). Returns seconds per model, ``safety_checker`` and ``warmup`` (all models).
 
         The downloads run in a background thread (in order) while diffusers is imported and earlier models load,
-        so a cold start pays max(fetch, import) rather than their sum. A failed warm-up raises WarmUpFailed.
+        so a cold start pays max(fetch, import) rather than their sum; ``prefetch`` (sd_core/prefetch.py): the
+        downloads the adapter started before importing this module, taken over here. A failed warm-up raises
+        WarmUpFailed.
         """
         manifests = [self.catalog.get(name) for name in self.settings.models_to_preload]
         timings = {}
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-prefetch")
         try:
-            # SD_OVERLAP_LOAD: a folder model's components load as their files land (sd_core/component_loading.py)
-            watches = [Arrivals() if self.settings.overlap_load and m.format != "single_file" else None
-                       for m in manifests]
-            fetches = [None if m.name in self.pool else executor.submit(fetch_model, m, self.settings, watch)
-                       for m, watch in zip(manifests, watches, strict=True)]
+            taken = [None if m.name in self.pool or prefetch is None else prefetch.take(m.name) for m in manifests]
+            watches = [s.watch if s is not None else watch_for(m, self.settings)
+                       for m, s in zip(manifests, taken, strict=True)]
+            fetches = [None if m.name in self.pool else s.future if s is not None
+                       else executor.submit(fetch_model, m, self.settings, watch)
+                       for m, s, watch in zip(manifests, taken, watches, strict=True)]
             checker = self.safety if self.safety is not None and not self.safety.loaded else None
             checker_fetch = executor.submit(checker.fetch) if checker is not None else None
             started = time.perf_counter()
@@ -298,6 +302,8 @@ class Engine:
                 timings["safety_checker"] = checker.load(checker_fetch.result())
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+            if prefetch is not None:
+                prefetch.cancel()  # downloads of models that were loaded already
         if self.settings.warmup:
             started = time.perf_counter()
             if self.warmup.run([m.name for m in manifests]):
