@@ -50,6 +50,8 @@ class Worker(Server):
             log.info("cold start: preloading %s", ", ".join(settings.models_to_preload))
             self.engine = Engine(prefetch.settings)
             self.engine.preload(prefetch)
+            if self.uploader is not None:
+                self.uploader.connect()  # the first job's output delivery pays no client build
             log.info("ready in %.2fs (concurrency %d)", time.perf_counter() - started, self.concurrency(1))
         except Exception as exc:  # every job then fails with the reason, and asks RunPod to replace this worker
             self.unhealthy = f"worker failed to start: {self.user_error(exc, 'cold start')}"

@@ -123,6 +123,11 @@ class Uploader:
                 )
             return self._client
 
+    def connect(self) -> None:
+        """Build the S3 client now (no request is sent): a cold start pays it (boto3's import and client build,
+        ~0.7 s here), not the first job's upload."""
+        assert self.client is not None
+
     def key(self, job_id: str, index: int, image: GeneratedImage) -> str:
         job = _UNSAFE_KEY_CHARS.sub("_", job_id or "job").strip("._") or "job"
         name = f"{job}/{index}-{image.seed}.{image.extension}"
