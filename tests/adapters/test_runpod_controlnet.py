@@ -125,7 +125,8 @@ def test_a1111_module_names_and_resolution():
 
 
 @pytest.mark.parametrize(("unit", "expected"), [
-    ({"module": "depth_midas"}, "args.0.module: 'depth_midas' is not available on this worker; available: none, "
+    ({"module": "depth_midas"}, "args.0.module: 'depth_midas' is not available on this worker (its network needs "
+                                "timm and torchvision, which this worker does not install); available: none, "
                                 "canny, lineart_standard, lineart_realistic"),
     ({"frobnicate": 1}, "args.0.frobnicate: not supported by this worker"),
     ({"mask": "abc"}, "args.0.mask: a ControlNet mask is not supported"),
