@@ -56,7 +56,7 @@ BARE_PACKAGES = ("controlnet_aux", "controlnet_aux.open_pose")
 def import_controlnet_aux(submodule: str):
     """``controlnet_aux.<submodule>``, imported without the __init__ of the BARE_PACKAGES on its way."""
     for name in BARE_PACKAGES:
-        if name in sys.modules or not f"controlnet_aux.{submodule}".startswith(name):
+        if name in sys.modules or not f"controlnet_aux.{submodule}".startswith(f"{name}."):
             continue
         spec = importlib.util.find_spec(name)  # (a subpackage's: found on its bare parent's path, not run)
         if spec is None or not spec.submodule_search_locations:
