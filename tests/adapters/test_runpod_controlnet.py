@@ -55,7 +55,7 @@ def test_controlnet_listings_in_the_extension_shapes(server):
     modules = completed(server.runsync({"api": {"method": "GET", "endpoint": "/controlnet/module_list"}}))
     assert modules == {"module_list": ["none", "canny", "lineart_standard", "lineart_realistic", "lineart_coarse",
                                        "softedge_pidinet", "softedge_pidisafe", "scribble_pidinet",
-                                       "depth_anything", "depth_anything_v2", "mlsd"]}
+                                       "depth_anything", "depth_anything_v2", "mlsd", "lineart_anime"]}
     error = failed(server.runsync({"api": {"method": "POST", "endpoint": "/controlnet/model_list"}}))
     assert error.startswith("api.method: only GET is served for /controlnet/model_list")
 
