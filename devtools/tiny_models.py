@@ -70,6 +70,7 @@ from devtools.tiny_controlnet import write_tiny_controlnets  # noqa: E402
 from devtools.tiny_depth import write_tiny_depth  # noqa: E402
 from devtools.tiny_embeddings import write_embeddings  # noqa: E402
 from devtools.tiny_ip_adapter import write_tiny_ip_adapter  # noqa: E402
+from devtools.tiny_lineart_anime import write_tiny_lineart_anime  # noqa: E402
 from devtools.tiny_preprocessors import write_tiny_preprocessors  # noqa: E402
 from devtools.tiny_refiner import build_refiners  # noqa: E402
 from devtools.tiny_upscaler import write_tiny_upscalers  # noqa: E402
@@ -650,6 +651,7 @@ def build_tiny_models(out: Path, archs=ARCHS, seed: int = 0) -> dict[str, Path]:
         paths.update(write_tiny_flux_dev(out))
         paths.update(write_tiny_preprocessors(out, seed))
         paths.update(write_tiny_depth(out, seed))  # devtools/tiny_depth.py: Depth Anything
+        paths.update(write_tiny_lineart_anime(out, seed))  # devtools/tiny_lineart_anime.py
         paths.update(write_tiny_sd3(out, seed))  # devtools/tiny_sd3.py: the tiny SD3 model and its LoRA
     # safetensors writes 0600 files; weights are meant to be shared (a non-root container reading a mounted bucket).
     for path in out.rglob("*.safetensors"):

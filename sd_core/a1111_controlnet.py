@@ -7,8 +7,8 @@ from pydantic import ValidationError
 from .a1111_ip_adapter import is_ip_adapter_unit
 from .checkpoints import title_to_name
 from .errors import quote
-from .preprocessor_names import canonical
-from .schema import CONTROL_PREPROCESSORS, MAX_CONTROLNETS, ControlNetUnit, describe_validation_error, field_label
+from .preprocessor_names import canonical, unavailable
+from .schema import MAX_CONTROLNETS, ControlNetUnit, describe_validation_error, field_label
 
 SCRIPT = "controlnet"  # the extension's name in alwayson_scripts (A1111 matches it case-insensitively)
 MAX_MODEL_CHARS = 300
@@ -119,8 +119,7 @@ def _unit(unit: dict, prefix: str, errors: list[str]) -> dict | None:
         native["model"] = model
     module = canonical(unit.get("module", "none"))  # the extension's labels and internal names
     if module is None:
-        errors.append(f"{prefix}.module: {quote(unit.get('module'), 40)} is not available on this worker; available: "
-                      f"{', '.join(CONTROL_PREPROCESSORS)} (weight-based ones: with their weights listed)")
+        errors.append(f"{prefix}.module: {unavailable(unit.get('module'))}")
     else:
         native["preprocessor"] = module
     for source, target in (("weight", "scale"), ("guidance_start", "start"), ("guidance_end", "end")):

@@ -18,6 +18,7 @@ from .depth_anything import DepthAnythingDetector, build_depth_anything
 from .errors import InvalidRequest, ManifestError, SDError, quote, scrub
 from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
 from .preprocessor_names import MODULES, WEIGHTS, canonical
+from .preprocessor_nets import OpenposeBodyDetector, build_lineart_anime, build_openpose, lineart_anime_detector
 from .settings import Settings
 
 log = logging.getLogger("sd_core.preprocessors")
@@ -47,18 +48,24 @@ class PreprocessorManifest(BaseModel):
     preprocessors: list[PreprocessorEntry] = Field(default_factory=list)
 
 
+# Packages registered empty, their __init__ never run: controlnet_aux's imports every detector (and with them
+# torchvision, timm, scikit-image, mediapipe), open_pose's the face network (torchvision) that body-only never needs.
+BARE_PACKAGES = ("controlnet_aux", "controlnet_aux.open_pose")
+
+
 def import_controlnet_aux(submodule: str):
-    """``controlnet_aux.<submodule>``, imported without the package's __init__ (which imports every detector, and
-    with them torchvision, timm, scikit-image and mediapipe that the ones used here never need)."""
-    if "controlnet_aux" not in sys.modules:
-        spec = importlib.util.find_spec("controlnet_aux")
+    """``controlnet_aux.<submodule>``, imported without the __init__ of the BARE_PACKAGES on its way."""
+    for name in BARE_PACKAGES:
+        if name in sys.modules or not f"controlnet_aux.{submodule}".startswith(f"{name}."):
+            continue
+        spec = importlib.util.find_spec(name)  # (a subpackage's: found on its bare parent's path, not run)
         if spec is None or not spec.submodule_search_locations:
             raise ManifestError("controlnet_aux is not installed (requirements-nodeps.txt); weight-based "
                                 "ControlNet preprocessors need it")
-        package = types.ModuleType("controlnet_aux")
+        package = types.ModuleType(name)
         package.__path__ = list(spec.submodule_search_locations)
         package.__spec__ = spec
-        sys.modules["controlnet_aux"] = package
+        sys.modules[name] = package
     return importlib.import_module(f"controlnet_aux.{submodule}")
 
 
@@ -77,6 +84,8 @@ def build_network(weights: str, state: dict):
         network = import_controlnet_aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large()
     elif weights in ("depth_anything", "depth_anything_v2"):  # loaded (strict), the hub's older key names renamed
         return build_depth_anything(state, 2 if weights.endswith("v2") else 1).float().eval()
+    elif weights in ("openpose", "lineart_anime"):  # loaded (strict): sd_core/preprocessor_nets.py
+        return (build_openpose if weights == "openpose" else build_lineart_anime)(state).float().eval()
     else:
         raise ManifestError(f"unknown preprocessor weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     network.load_state_dict(state, strict=True)
@@ -95,6 +104,8 @@ def detector(weights: str | None, network):
         return import_controlnet_aux("mlsd").MLSDdetector(network)
     if weights in ("depth_anything", "depth_anything_v2"):
         return DepthAnythingDetector(network)
+    if weights in ("openpose", "lineart_anime"):
+        return OpenposeBodyDetector(network) if weights == "openpose" else lineart_anime_detector(network)
     return import_controlnet_aux("hed").HEDdetector(network)
 
 

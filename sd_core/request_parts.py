@@ -10,7 +10,6 @@ from .errors import quote
 from .limits import (
     CONTROL_HIRES_OPTIONS,
     CONTROL_MODES,
-    CONTROL_PREPROCESSORS,
     CONTROL_RESIZE_MODES,
     EMBEDDING_NAME_PATTERN,
     MAX_CONTROL_SCALE,
@@ -24,7 +23,7 @@ from .limits import (
     MAX_STEPS,
     UNION_CONTROL_TYPES,
 )
-from .preprocessor_names import canonical
+from .preprocessor_names import canonical, unavailable
 from .schedulers import SCHEDULER_NAMES, checked_name
 
 SchedulerName = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
@@ -154,8 +153,7 @@ class ControlNetUnit(BaseModel):
     def _known_preprocessor(cls, value: str) -> str:
         name = canonical(value)
         if name is None:
-            raise ValueError(f"{quote(value, 40)} is not available on this worker; available: "
-                             f"{', '.join(CONTROL_PREPROCESSORS)} (weight-based ones: with their weights listed)")
+            raise ValueError(unavailable(value))
         return name
 
     @model_validator(mode="after")

@@ -213,8 +213,9 @@ def test_disabled_extension_units_leave_the_request_unchanged(scripts):
      "alwayson_scripts.ControlNet.args.1.image: expected the control image"),
     ({"controlnet": {"args": [{"module": "canny", "image": "abc"}]}},
      "alwayson_scripts.controlnet.args.0.model: expected a ControlNet model name"),
-    ({"controlnet": {"args": [{"module": "openpose", "image": "abc", "model": "m"}]}},
-     "alwayson_scripts.controlnet.args.0.module: 'openpose' is not available on this worker"),
+    ({"controlnet": {"args": [{"module": "openpose_hand", "image": "abc", "model": "m"}]}},
+     "alwayson_scripts.controlnet.args.0.module: 'openpose_hand' is not available on this worker (its hand network "
+     "needs scikit-image"),
     ({"Seed": {"args": [-1, False]}}, "alwayson_scripts.Seed: not supported by this worker"),
     ({"e" * 500: {"args": [True]}}, "alwayson_scripts.'eeeeee"),
     ({f"ext{i}": {"args": [True]} for i in range(8)}, "alwayson_scripts: 3 more extensions not supported"),

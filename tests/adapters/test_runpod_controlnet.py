@@ -55,7 +55,7 @@ def test_controlnet_listings_in_the_extension_shapes(server):
     modules = completed(server.runsync({"api": {"method": "GET", "endpoint": "/controlnet/module_list"}}))
     assert modules == {"module_list": ["none", "canny", "lineart_standard", "lineart_realistic", "lineart_coarse",
                                        "softedge_pidinet", "softedge_pidisafe", "scribble_pidinet",
-                                       "depth_anything", "depth_anything_v2", "mlsd"]}
+                                       "depth_anything", "depth_anything_v2", "mlsd", "lineart_anime"]}
     error = failed(server.runsync({"api": {"method": "POST", "endpoint": "/controlnet/model_list"}}))
     assert error.startswith("api.method: only GET is served for /controlnet/model_list")
 
@@ -125,7 +125,8 @@ def test_a1111_module_names_and_resolution():
 
 
 @pytest.mark.parametrize(("unit", "expected"), [
-    ({"module": "depth_midas"}, "args.0.module: 'depth_midas' is not available on this worker; available: none, "
+    ({"module": "depth_midas"}, "args.0.module: 'depth_midas' is not available on this worker (its network needs "
+                                "timm and torchvision, which this worker does not install); available: none, "
                                 "canny, lineart_standard, lineart_realistic"),
     ({"frobnicate": 1}, "args.0.frobnicate: not supported by this worker"),
     ({"mask": "abc"}, "args.0.mask: a ControlNet mask is not supported"),

@@ -1,6 +1,7 @@
 """The depth_anything and mlsd ControlNet preprocessors: depth equals transformers' own model (loaded by transformers
 from the hub layout) run through the A1111 extension's steps, written out here; mlsd equals controlnet_aux's detector
-on the same weights at each threshold; an mlsd unit through the Engine equals its precomputed map; openpose refused."""
+on the same weights at each threshold; an mlsd unit through the Engine equals its precomputed map; openpose with
+hands or face refused, saying why."""
 
 import shutil
 
@@ -115,7 +116,7 @@ def test_an_mlsd_unit_equals_its_precomputed_map_through_the_engine(engine, prep
     assert not np.array_equal(pixels(with_module), pixels(default))  # the distance threshold reached the detector
 
 
-def test_a1111_mlsd_thresholds_and_openpose_refused():
+def test_a1111_mlsd_thresholds_and_openpose_with_hands_or_face_refused():
     def translated(**unit):
         call = a1111.parse_call({"prompt": "p", "alwayson_scripts": {"controlnet": {"args": [
             {"image": "abc", "model": "tiny-control-a", **unit}]}}})
@@ -129,8 +130,10 @@ def test_a1111_mlsd_thresholds_and_openpose_refused():
     assert (unit.preprocessor, unit.value_threshold, unit.distance_threshold) == ("depth_anything", 0.1, 0.1)
     with pytest.raises(InvalidRequest, match=r"args\.0\.threshold_b: .*less than or equal to 20"):
         translated(module="mlsd", threshold_b=25)
-    for name in ("openpose", "openpose_full", "dw_openpose_full"):
-        with pytest.raises(InvalidRequest, match=f"'{name}' is not available on this worker"):
+    assert translated(module="OpenPose").preprocessor == "openpose"  # body only: sd_core/preprocessor_nets.py
+    for name, why in (("openpose_hand", "scikit-image"), ("openpose_full", "scikit-image and torchvision"),
+                      ("openpose_face", "torchvision"), ("dw_openpose_full", "ONNX")):
+        with pytest.raises(InvalidRequest, match=f"'{name}' is not available on this worker \\(.*{why}"):
             parse_request({**FAST, "controlnets": [{"model": "tiny-control-a", "image": "x", "preprocessor": name}]})
         with pytest.raises(InvalidRequest, match=f"'{name}' is not available on this worker"):
             translated(module=name)

@@ -17,7 +17,8 @@ from sd_core.schema import GenerationRequest, parse_request
 from tests.sd_core.test_controlnet import FAST, as_array, b64, pixels
 
 WORKER_MODULES = ["none", "canny", "lineart_standard", "lineart_realistic", "lineart_coarse", "softedge_pidinet",
-                  "softedge_pidisafe", "scribble_pidinet", "depth_anything", "depth_anything_v2", "mlsd"]
+                  "softedge_pidisafe", "scribble_pidinet", "depth_anything", "depth_anything_v2", "mlsd",
+                  "lineart_anime"]
 
 
 def shapes(size=(96, 80)) -> Image.Image:
@@ -116,8 +117,9 @@ def test_a_lineart_unit_equals_its_precomputed_map_through_the_engine(engine, pr
 def test_unknown_and_weightless_modules_are_refused_with_the_list(engine, preprocessors):
     assert preprocessors.names() == WORKER_MODULES
     assert engine.controlnets.preprocessors.names() == WORKER_MODULES
-    with pytest.raises(InvalidRequest, match="preprocessor: 'depth_zoe' is not available on this worker; "
-                                             "available: none, canny, lineart_standard, lineart_realistic"):
+    with pytest.raises(InvalidRequest, match=r"preprocessor: 'depth_zoe' is not available on this worker \(its "
+                                             r"network needs timm and torchvision, which this worker does not "
+                                             r"install\); available: none, canny, lineart_standard, lineart_realistic"):
         parse_request({**FAST, "controlnets": [{"model": "tiny-control-a", "image": "x", "preprocessor": "depth_zoe"}]})
     request = GenerationRequest(**FAST, controlnets=[{"model": "tiny-control-a", "image": b64(shapes()),
                                                       "preprocessor": "softedge_hed"}])
