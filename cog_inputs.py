@@ -56,7 +56,8 @@ def install() -> None:
         raise RuntimeError(f"cog_inputs: the Path.validate hook (checked on cog {CHECKED_COG_VERSION}) has no effect")
 
 
-def control_units(image: Any, model: str | None, scale: float, start: float, end: float) -> list[dict]:
+def control_units(image: Any, model: str | None, scale: float, start: float, end: float,
+                  preprocessor: str = "none") -> list[dict]:
     """The Cog ControlNet inputs as GenerationRequest's ``controlnets`` (none without a control image)."""
     if image is None and model is None:
         return []
@@ -64,7 +65,7 @@ def control_units(image: Any, model: str | None, scale: float, start: float, end
         missing = "control_image" if image is None else "control_model"
         raise InvalidRequest("control_image and control_model go together", field=missing)
     return [{"model": model, "image": user_file_text(image, "control_image"), "scale": scale, "start": start,
-             "end": end}]
+             "end": end, "preprocessor": preprocessor}]
 
 
 def user_file_text(value: Any, field: str) -> str | None:

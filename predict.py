@@ -143,6 +143,10 @@ class Runner(BaseRunner):
         control_scale: float = Input(default=1.0, ge=0.0, le=2.0, description="ControlNet conditioning scale"),
         control_start: float = Input(default=0.0, ge=0.0, le=1.0, description="Fraction of the steps it starts at"),
         control_end: float = Input(default=1.0, ge=0.0, le=1.0, description="Fraction of the steps it stops at"),
+        control_preprocessor: str = Input(
+            default="none", max_length=64,
+            description="Preprocessor for control_image: none (the control map itself), canny, ... (module_list)",
+        ),
         ip_adapter_image: Path | None = Input(
             default=None, description="Image prompt (IP-Adapter): a style or subject reference image"
         ),
@@ -223,7 +227,7 @@ class Runner(BaseRunner):
                           "denoising_strength": hires_denoising_strength} if hires_scale else None,
                 "embeddings": cog_inputs.parse_embedding_list(embeddings),
                 "controlnets": cog_inputs.control_units(control_image, control_model, control_scale, control_start,
-                                                        control_end),
+                                                        control_end, control_preprocessor),
                 "ip_adapters": [{"image": cog_inputs.user_file_text(ip_adapter_image, "ip_adapter_image"),
                                  "scale": ip_adapter_scale}] if ip_adapter_image is not None else [],
             })

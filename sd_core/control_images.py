@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageOps
 
+from .preprocessor_geometry import detect_padded
+
 RESAMPLE = Image.Resampling.LANCZOS
 MAX_PROCESSOR_PIXELS = 2048 * 2048  # the most pixels a preprocessor works on
 
@@ -46,17 +48,17 @@ def detected_map(image: Image.Image, *, width: int, height: int, preprocessor: s
                  preprocessors=None, options: dict | None = None) -> Image.Image:
     """The preprocessor's output before it is fitted to a pass's size (a hires fix fits it to both of its sizes)."""
     image = image.convert("RGB")
-    if preprocessor == "canny":
-        source = at_resolution(image, processor_res) if processor_res else fit(image, width, height, resize_mode)
-        image = Image.fromarray(canny(np.asarray(source), low, high)).convert("RGB")
-    elif preprocessor != "none":
-        if processor_res is None:
-            image, processor_res = fit(image, width, height, resize_mode), min(width, height)
-        elif image.width * image.height * (processor_res / min(image.size)) ** 2 > MAX_PROCESSOR_PIXELS:
-            image = at_resolution(image, processor_res)  # a long thin image: bounded before the module sees it
-            processor_res = max(64, min(image.size))  # controlnet_aux rounds sides to multiples of 64
-        image = preprocessors.run(preprocessor, image, processor_res, options=options)
-    return image
+    if preprocessor == "none":
+        return image
+    if processor_res is None:
+        image, processor_res = fit(image, width, height, resize_mode), min(width, height)
+    elif image.width * image.height * (processor_res / min(image.size)) ** 2 > MAX_PROCESSOR_PIXELS:
+        image = at_resolution(image, processor_res)  # a long thin image: bounded before the module sees it
+        processor_res = min(image.size)
+    if preprocessor == "canny":  # the extension's geometry too: resized, padded to multiples of 64, unpadded
+        edges = detect_padded(lambda padded, _: canny(padded, low, high), np.asarray(image), processor_res)
+        return Image.fromarray(edges).convert("RGB")
+    return preprocessors.run(preprocessor, image, processor_res, options=options)
 
 
 def canny(rgb: np.ndarray, low: float, high: float) -> np.ndarray:

@@ -67,39 +67,26 @@ def net_size(width: int, height: int) -> tuple[int, int]:
     return side(scale * width), side(scale * height)
 
 
-def padded(pixels: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """``pixels`` with its short side at ``resolution`` (cubic up, area down), edge-padded to multiples of 64, and the
-    unpadded (height, width): the extension's resize_image_with_pad."""
-    import cv2
-
-    height, width = pixels.shape[:2]
-    k = resolution / min(height, width)
-    target_h, target_w = int(np.round(height * k)), int(np.round(width * k))
-    resized = cv2.resize(pixels, (target_w, target_h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
-    pad_h, pad_w = -target_h % 64, -target_w % 64
-    return np.pad(resized, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge"), (target_h, target_w)
-
-
 class DepthAnythingDetector:
     """The depth map of an RGB image as the extension's depth_anything module makes it (called like controlnet_aux's
-    detectors): resized to the resolution and padded, fed to the network in BGR order (the extension converts its RGB
-    image with COLOR_BGR2RGB), depth scaled back to the padded size, min-max normalised to 0-255, unpadded."""
+    detectors, on the image already resized and padded: sd_core/preprocessor_geometry.py): fed to the network in BGR
+    order (the extension converts its RGB image with COLOR_BGR2RGB), depth scaled back to the input's size, min-max
+    normalised to 0-255."""
 
     def __init__(self, network):
         self.network = network
 
-    def __call__(self, pixels: np.ndarray, detect_resolution: int = 512, output_type: str = "pil", **_):
+    def __call__(self, pixels: np.ndarray, output_type: str = "pil", **_):
         import cv2
         import torch
         from PIL import Image
 
-        image, (height, width) = padded(pixels, detect_resolution)
-        h, w = image.shape[:2]
+        h, w = pixels.shape[:2]
         if max(h, w) > MAX_ASPECT * min(h, w):
             raise InvalidRequest(f"Depth Anything works on at least {NET_SIDE} pixels a side: a control image more "
-                                 f"than {MAX_ASPECT} times longer than wide is refused (got {width}x{height} at the "
+                                 f"than {MAX_ASPECT} times longer than wide is refused (got {w}x{h} at the "
                                  "preprocessor's resolution)")
-        image = image[..., ::-1] / 255.0
+        image = pixels[..., ::-1] / 255.0
         image = (cv2.resize(image, net_size(w, h), interpolation=cv2.INTER_CUBIC) - MEAN) / STD
         parameter = next(self.network.parameters())
         batch = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)).astype(np.float32))[None]
@@ -108,5 +95,5 @@ class DepthAnythingDetector:
             depth = torch.nn.functional.interpolate(depth[None], (h, w), mode="bilinear", align_corners=False)[0, 0]
             span = depth.max() - depth.min()
             depth = (depth - depth.min()) / span * 255.0 if span > 0 else torch.zeros_like(depth)
-        gray = depth.cpu().numpy().astype(np.uint8)[:height, :width]
+        gray = depth.cpu().numpy().astype(np.uint8)
         return Image.fromarray(gray).convert("RGB") if output_type == "pil" else np.repeat(gray[..., None], 3, 2)

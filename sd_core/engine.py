@@ -73,9 +73,11 @@ class Engine:
         self.denoiser = Denoiser(PipelinePool(self.settings, self.placement, self.loader), self.loras, self.placement,
                                  vaes=self.vaes, embeddings=self.embeddings, controlnets=self.controlnets,
                                  ip_adapters=self.ip_adapters)
-        self.denoiser.pool.extra_bytes = self.controlnets.nbytes
+        preprocessors = self.controlnets.preprocessors  # their networks: in the same budget, run under the GPU lock
+        self.denoiser.pool.extra_bytes = lambda: self.controlnets.nbytes() + preprocessors.nbytes()
         self.controlnets.make_room = self.denoiser.pool.make_room
-        self.controlnets.preprocessors.gpu_lock = self.denoiser.gpu_lock  # their networks run under it
+        preprocessors.share_budget(self.denoiser.pool, self.controlnets.nbytes)
+        preprocessors.gpu_lock = self.denoiser.gpu_lock
         self.upscalers = Upscalers(self.settings, self.placement, self.denoiser.gpu_lock)  # models: on first use
         self.batcher = MicroBatcher(self.denoiser, self.settings) if self.settings.max_batch_images > 1 else None
         self._encoders = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sd-encode")

@@ -157,7 +157,7 @@ class PipelinePool:
         self._loader = loader
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()
-        self.extra_bytes: Callable[[], int] = lambda: 0  # other weights in the budget (loaded ControlNets)
+        self.extra_bytes: Callable[[], int] = lambda: 0  # other weights in the budget (ControlNets, preprocessors)
 
     def __contains__(self, name: str) -> bool:
         return name in self._models

@@ -7,16 +7,21 @@ import logging
 import sys
 import threading
 import types
+from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import storage
 from .checkpoints import refuse_pickle
 from .depth_anything import DepthAnythingDetector, build_depth_anything
+from .device import free_memory
 from .errors import InvalidRequest, ManifestError, SDError, quote, scrub
 from .manifests import NAME_PATTERN, SHA256_PATTERN, read_manifest, resolve_uri
+from .preprocessor_geometry import detect_padded, scribble
 from .preprocessor_names import MODULES, WEIGHTS, canonical
 from .preprocessor_nets import OpenposeBodyDetector, build_lineart_anime, build_openpose, lineart_anime_detector
 from .settings import Settings
@@ -125,15 +130,19 @@ def read_state(path: Path, settings: Settings) -> dict:
 class Preprocessors:
     """One worker's ControlNet preprocessors (``engine.controlnets.preprocessors``): ``names()``, ``check(name)``,
     ``run(name, image, resolution)``. Weights are fetched like a model's on first use and stay loaded (a few MB
-    to 60 MB each; Depth Anything large 1.3 GB); the networks run under the engine's GPU lock."""
+    to 60 MB each; Depth Anything large 1.3 GB), counted in SD_PIPELINE_MEMORY_MB with the models (share_budget);
+    the networks run under the engine's GPU lock."""
 
     def __init__(self, settings: Settings, placement=None, gpu_lock: AbstractContextManager | None = None):
         self.settings = settings
         self.placement = placement
         self.gpu_lock = gpu_lock if gpu_lock is not None else threading.RLock()
         self.entries = self._read_entries()
-        self._loaded: dict[str, object] = {}
+        self._loaded: OrderedDict[str, object] = OrderedDict()  # least recently used first
+        self._sizes: dict[str, int] = {}
         self._load_lock = threading.Lock()
+        self._pool = None  # the pipeline pool whose memory budget counts the networks (share_budget)
+        self._other_bytes: Callable[[], int] = lambda: 0
 
     def _read_entries(self) -> dict[str, PreprocessorEntry]:
         path = Path(self.settings.models_dir) / MANIFEST_NAME
@@ -164,30 +173,52 @@ class Preprocessors:
         return key
 
     def run(self, name: str, image, resolution: int, field: str = "preprocessor", options: dict | None = None):
-        """The control map (PIL RGB) of ``image`` by a weight-based (or lineart_standard) module, detected with its
-        short side at ``resolution`` (controlnet_aux rounds both sides to multiples of 64; depth_anything pads them),
-        with ``options``: the module's slider values (preprocessor_names.slider_options)."""
+        """The control map (PIL RGB) of ``image`` by a weight-based (or lineart_standard) module, with ``options``:
+        the module's slider values (preprocessor_names.slider_options). The extension's geometry: the detector runs on
+        the image with its short side at ``resolution``, edge-padded to multiples of 64, and its map is cropped back
+        (sd_core/preprocessor_geometry.py); the scribble modules' step comes after the crop, as there."""
         import numpy as np
 
         key = self.check(name, field)
         module = MODULES[key]
         found = detector(module.weights, self._network(module.weights, field) if module.weights else None)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
-        try:
+        options = {**module.options, **(options or {})}
+        scribbled = options.pop("scribble", False)
+
+        def detect(pixels, side: int):  # controlnet_aux's detectors leave an image already at ``side`` as it is
             if module.weights is None:
-                result = found(pixels, detect_resolution=resolution, output_type="pil")
-            else:
-                with self.gpu_lock:
-                    result = found(pixels, detect_resolution=resolution, image_resolution=resolution,
-                                   output_type="pil", **module.options, **(options or {}))
+                return found(pixels, detect_resolution=side, output_type="np")
+            with self.gpu_lock:
+                return found(pixels, detect_resolution=side, image_resolution=side, output_type="np", **options)
+
+        try:
+            result = detect_padded(detect, np.asarray(image.convert("RGB"), dtype=np.uint8), resolution)
         except InvalidRequest as exc:  # an image the module cannot take (depth_anything: too elongated)
             exc.field = field
             raise
-        return result.convert("RGB")
+        if scribbled:
+            result = scribble(result)
+        return Image.fromarray(result).convert("RGB")
+
+    @property
+    def loaded(self) -> list[str]:
+        """The weights whose networks are in memory, least recently used first."""
+        return list(self._loaded)
+
+    def nbytes(self) -> int:
+        """Bytes of the loaded networks (counted in the pipeline pool's budget: share_budget)."""
+        return sum(self._sizes.values())
+
+    def share_budget(self, pool, other_bytes: Callable[[], int]) -> None:
+        """Count the networks in ``pool``'s memory budget (a PipelinePool; ``other_bytes``: the rest it counts
+        besides its models, the loaded ControlNets): a network about to load first evicts the least recently used
+        other networks (quick to load again) while the budget would be exceeded, then the pool's older models."""
+        self._pool, self._other_bytes = pool, other_bytes
 
     def _network(self, weights: str, field: str):
         with self._load_lock:
             if weights in self._loaded:
+                self._loaded.move_to_end(weights)
                 return self._loaded[weights]
             entry = self.entries[weights]
             path = Path(storage.fetch(resolve_uri(entry.uri, self.settings), self.settings, sha256=entry.sha256,
@@ -200,8 +231,26 @@ class Preprocessors:
             except Exception as exc:  # not this network's state dict, or a damaged file
                 raise ManifestError(f"preprocessor weights {weights!r} ({scrub(entry.uri)}): cannot load them "
                                     f"({type(exc).__name__}: {str(exc)[:200]})") from None
-            if self.placement is not None:
-                network.to(self.placement.device)
-            self._loaded[weights] = network
-            log.info("preprocessor weights %s loaded", weights)
+            size = sum(t.numel() * t.element_size() for t in (*network.parameters(), *network.buffers()))
+            with self.gpu_lock:  # evictions and the move to the device: not while a job runs on the GPU
+                self._make_room(size)
+                if self.placement is not None:
+                    network.to(self.placement.device)
+                self._loaded[weights] = network
+                self._sizes[weights] = size
+            log.info("preprocessor weights %s loaded (%.0f MB)", weights, size / 2**20)
             return network
+
+    def _make_room(self, incoming: int) -> None:
+        if self._pool is None:
+            return
+        while self._loaded and (self._pool.used_bytes + self._other_bytes() + self.nbytes() + incoming
+                                > self._pool.budget):
+            old, _ = self._loaded.popitem(last=False)
+            self._sizes.pop(old, None)
+            log.info("preprocessor weights %s unloaded to stay within the %.0f MB model budget", old,
+                     self._pool.budget / 2**20)
+            if self.placement is not None:
+                free_memory(self.placement)
+        loaded = self._pool.loaded
+        self._pool.make_room(loaded[-1] if loaded else None, incoming)  # the most recently used model stays

@@ -158,7 +158,8 @@ class Settings:
                                  doc="cold start: load each component of a folder model (text encoders, VAE) as soon "
                                      "as its files are downloaded, while the rest (the UNet) still downloads (off "
                                      "until measured faster: BENCHMARKS.md)")
-    pipeline_memory_mb: int = setting(0, doc="budget for loaded models; least recently used are evicted",
+    pipeline_memory_mb: int = setting(0, doc="budget for loaded models, ControlNets and preprocessor networks; least "
+                                      "recently used are evicted (preprocessor networks first)",
                                       shown="0 = 80 % of GPU memory / 50 % of RAM")
     warmup: bool = setting(True, shown="1",
                            doc="cold start: after loading, one tiny generation per preloaded model (smallest size, 1 "

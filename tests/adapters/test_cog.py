@@ -402,6 +402,30 @@ def test_control_image_and_model_steer_the_image(cog_server):
     assert "control_model: control_image and control_model go together" in alone["error"]
 
 
+
+def test_control_preprocessor_input_is_the_native_units_preprocessor(cog_server, engine):
+    """control_preprocessor canny on an odd-size drawing: the native request with the same unit, pixel for pixel."""
+    from sd_core.schema import GenerationRequest
+
+    drawing = Image.new("RGB", (70, 90), (20, 20, 20))
+    drawing.paste((230, 230, 230), (15, 25, 50, 70))
+    buffer = io.BytesIO()
+    drawing.save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    unit = {"control_image": uri, "control_model": "tiny-control-a", "control_scale": 1.5}
+    edges = cog_server.predict({**FAST, "seed": 9, **unit, "control_preprocessor": "Canny"})
+    raw = cog_server.predict({**FAST, "seed": 9, **unit})  # the default: none, the image is the control map
+    for prediction in (edges, raw):
+        assert prediction["status"] == "succeeded", prediction.get("error")
+    native = engine.generate(GenerationRequest(**FAST, seed=9, controlnets=[
+        {"model": "tiny-control-a", "image": uri, "scale": 1.5, "preprocessor": "canny"}]))
+    got = np.asarray(decode_output(edges["output"][0])[1].convert("RGB"))
+    assert np.array_equal(got, np.asarray(Image.open(io.BytesIO(native.images[0].data)).convert("RGB")))
+    assert not np.array_equal(got, np.asarray(decode_output(raw["output"][0])[1].convert("RGB")))
+    unknown = cog_server.predict({**FAST, **unit, "control_preprocessor": "depth_zoe"})
+    assert unknown["status"] == "failed"
+    assert "preprocessor: 'depth_zoe' is not available on this worker" in unknown["error"]
+
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
 
 

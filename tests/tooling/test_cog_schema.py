@@ -26,7 +26,8 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
 #   embeddings  -> one string of name=URL pairs (cog_inputs.parse_embedding_list).
 #   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
-#   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end.
+#   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end/
+#                  preprocessor.
 #   ip_adapters -> ip_adapter_image (a Cog file input, IpAdapterSpec.image) + ip_adapter_scale (IpAdapterSpec.scale):
 #                  one image for the model's first IP-Adapter.
 AS_FILES = {"image", "mask"}
@@ -38,7 +39,8 @@ UPSCALE_INPUTS = {"upscale_only": "scale", "upscaler": "upscaler"}
 HIRES_INPUTS = {"hires_scale": "scale", "hires_upscaler": "upscaler", "hires_steps": "steps",
                 "hires_denoising_strength": "denoising_strength"}
 OUTPAINT_INPUTS = {f"outpaint_{side}": side for side in ("left", "right", "top", "bottom")}
-CONTROL_INPUTS = {"control_model": "model", "control_scale": "scale", "control_start": "start", "control_end": "end"}
+CONTROL_INPUTS = {"control_model": "model", "control_scale": "scale", "control_start": "start", "control_end": "end",
+                  "control_preprocessor": "preprocessor"}
 IP_ADAPTER_INPUTS = {"ip_adapter_image": ("ip_adapters", "image"), "ip_adapter_scale": ("ip_adapters", "scale")}
 # Cog inputs have no exclusive bounds: GenerationRequest's `gt` becomes Cog's `ge` of the same value, and the engine
 # rejects the boundary value itself with a readable error (a failed prediction naming the field).
@@ -178,7 +180,7 @@ def test_control_inputs_follow_controlnet_unit(cog_inputs):
     assert cog_inputs["control_image"] == {"type": "string", "format": "uri", "nullable": True, "default": None}
     model = pydantic_field(ControlNetUnit, "model")
     assert comparable(cog_inputs["control_model"]) == {**model, "nullable": True, "default": None}
-    for name in ("control_scale", "control_start", "control_end"):
+    for name in ("control_scale", "control_start", "control_end", "control_preprocessor"):
         assert comparable(cog_inputs[name]) == pydantic_field(ControlNetUnit, CONTROL_INPUTS[name])
 
 
