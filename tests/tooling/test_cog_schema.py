@@ -115,9 +115,20 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
     replaced = {field for field, _ in (*LORA_INPUTS.values(), *IP_ADAPTER_INPUTS.values())}
-    assert replaced | {"hires", "embeddings", "outpaint", "controlnets"} == REPLACED
+    assert replaced | {"hires", "embeddings", "sigmas", "outpaint", "controlnets"} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
     assert {spec_field for _, spec_field in IP_ADAPTER_INPUTS.values()} <= set(IpAdapterSpec.model_fields)
+
+
+def test_sigmas_input_is_one_optional_string_of_numbers(cog_inputs):
+    import cog_inputs as parsing
+    from sd_core.errors import InvalidRequest
+
+    assert GenerationRequest.model_fields["sigmas"].default is None  # the model's own schedule unless asked
+    assert cog_inputs["sigmas"]["type"] == "string" and cog_inputs["sigmas"]["nullable"]
+    assert parsing.parse_sigmas(" 1, 0.75,0.5 ") == [1.0, 0.75, 0.5] and parsing.parse_sigmas("") is None
+    with pytest.raises(InvalidRequest, match="^sigmas: expected numbers separated by commas; got 'x'"):
+        parsing.parse_sigmas("1, x")
 
 
 def test_ip_adapter_inputs_follow_ip_adapter_spec(cog_inputs):
