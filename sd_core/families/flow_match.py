@@ -54,3 +54,10 @@ class FlowMatchFamily(ModelFamily):
         if job.request.sigmas is not None:
             kwargs["sigmas"] = list(job.request.sigmas)
         return kwargs
+
+    def infotext_fields(self, job) -> dict[str, Any]:
+        """The base's, and a request's own ``sigmas`` (they set the schedule, which the sampler name no longer says)."""
+        fields = super().infotext_fields(job)
+        if job.request.sigmas is not None:
+            fields["Sigmas"] = " ".join(f"{s:.8g}" for s in job.request.sigmas)  # no commas: unquoted
+        return fields

@@ -162,6 +162,19 @@ def test_the_pipeline_runs_comfyuis_sigmas_whatever_the_models_shift(engine, sch
     assert same(used, comfy_sd3_sigmas(scheduler, steps, shift))
 
 
+def test_the_token_check_loads_each_tokenizer_once(tiny_bucket):
+    from sd_core import comfy_sd3
+
+    [output] = translate(workflow())
+    folder = tiny_bucket / "tiny-sd3" / "diffusers"
+    output.tokens(folder, set())
+    misses = comfy_sd3._tokenizer.cache_info().misses
+    output.tokens(folder, set())
+    [output] = translate(workflow())  # another job on the same model
+    output.tokens(folder, set())
+    assert comfy_sd3._tokenizer.cache_info().misses == misses
+
+
 def test_sd3_nodes_on_a_non_sd3_checkpoint_are_refused():
     graph = workflow()
     graph["4"]["inputs"]["ckpt_name"] = "tiny-sd15.safetensors"

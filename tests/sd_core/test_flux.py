@@ -105,6 +105,8 @@ def test_explicit_sigmas_equal_bare_flux_pipeline_called_with_them(engine, bare)
     sigmas = comfy_samplers.flow_schedule(None, "simple", 3, 1.15)
     result = generate(engine, sigmas=sigmas)
     assert result.request.num_inference_steps == 3 and result.request.sigmas == sigmas
+    assert "Steps: 3, Sampler: Euler," in result.parameters
+    assert f"Sigmas: {' '.join(f'{s:.8g}' for s in sigmas)}, Version" in result.parameters
     assert np.array_equal(pixels(result), bare(num_inference_steps=3, sigmas=sigmas))
     assert not np.array_equal(pixels(result), pixels(generate(engine, num_inference_steps=3)))
     img2img = generate(engine, image=png(Image.fromarray(bare())), strength=0.7, sigmas=sigmas)
