@@ -114,6 +114,14 @@ def test_explicit_sigmas_equal_bare_flux_pipeline_called_with_them(engine, bare)
                                                 num_inference_steps=3, sigmas=sigmas))
 
 
+def test_jobs_with_different_sigmas_never_share_a_batch():
+    from sd_core.jobs import Job
+
+    jobs = [Job(request=GenerationRequest(model="m", sigmas=sigmas), manifest=None, width=64, height=64, seeds=[1])
+            for sigmas in ([1.0, 0.5], [1.0, 0.25], None)]
+    assert len({job.batch_key for job in jobs}) == 3
+
+
 def test_explicit_sigmas_are_checked_and_refused_off_flow_models(engine):
     from sd_core.schema import parse_request
 
