@@ -89,3 +89,17 @@ def parse_embedding_list(text: str | None) -> list[dict[str, str]]:
                                  field="embeddings")
         specs.append({"name": name.strip(), "source": source.strip()})
     return specs
+
+
+def parse_sigmas(text: str | None) -> list[float] | None:
+    """Cog's one-string form of `sigmas`: ``"1, 0.75, 0.5, 0.25"`` -> [1.0, 0.75, 0.5, 0.25]; empty: None."""
+    if text is None or not text.strip():
+        return None
+    sigmas = []
+    for part in text.split(","):
+        try:
+            sigmas.append(float(part))
+        except ValueError:
+            raise InvalidRequest(f"expected numbers separated by commas; got {quote(part.strip(), 40)}",
+                                 field="sigmas") from None
+    return sigmas

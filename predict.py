@@ -88,6 +88,10 @@ class Runner(BaseRunner):
         scheduler: str | None = Input(
             default=None, choices=SCHEDULERS, description="A1111 sampler name; empty: the model's default"
         ),
+        sigmas: str | None = Input(
+            default=None, max_length=4000,
+            description="FLUX, SD3: each step's noise level, comma separated, decreasing, 1 >= sigma > 0, no final 0",
+        ),
         eta: float | None = Input(default=None, ge=0.0, le=1.0, description="DDIM/TCD noise; empty: the default"),
         seed: int | None = Input(
             default=None, ge=-1, le=4294967295, description="Random seed; empty or -1: random (printed in the logs)"
@@ -209,6 +213,7 @@ class Runner(BaseRunner):
             request = parse_request({
                 "prompt": prompt, "negative_prompt": negative_prompt, "model": model, "width": width, "height": height,
                 "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "scheduler": scheduler,
+                "sigmas": cog_inputs.parse_sigmas(sigmas),
                 "seed": seed, "subseed": subseed, "subseed_strength": subseed_strength, "num_outputs": num_outputs,
                 "strength": strength, "output_format": output_format, "eta": eta,
                 "output_quality": output_quality, "disable_safety_checker": disable_safety_checker,

@@ -80,8 +80,9 @@ class FluxSampler:
         self.graph: Graph = translator.graph
         self.sampler = sampler
 
-    def fields(self, decode: Node) -> tuple[dict, Callable[[dict, bool], None]]:
-        """The request fields, and the schedule check to run with the model's scheduler config (see ``check``)."""
+    def fields(self, decode: Node) -> tuple[dict, Callable[[bool], list[float]] | None]:
+        """The request fields (ComfyUI's schedule as ``sigmas`` when the graph sets the shift) and, when the model
+        decides it, the function giving ``sigmas`` from whether the model has a guidance embedding."""
         graph, node = self.graph, self.sampler
         if node.class_type == "KSampler":
             inputs = node.inputs
@@ -122,7 +123,11 @@ class FluxSampler:
                   "width": width, "height": height, "num_outputs": count,
                   "loras": [{"source": file_name(n.inputs["lora_name"]), "scale": float(n.inputs["strength_model"]),
                              "text_encoder_scale": 0.0} for n in model.loras]}
-        return fields, self._schedule_check(sigma_node, model, steps, width, height)
+        schedule = self._schedule(sigma_node, model, steps)
+        if not callable(schedule):
+            fields.update(sigmas=schedule, num_inference_steps=len(schedule))
+            schedule = None
+        return fields, schedule
 
     # --- model ---------------------------------------------------------------------------------------------------
     def _model(self, user: Node) -> FluxModel:
@@ -206,34 +211,25 @@ class FluxSampler:
                                f"FLUX checkpoint's, not {node.label}")
 
     # --- schedule -----------------------------------------------------------------------------------------------
-    def _schedule_check(self, node: Node, model: FluxModel, steps: int, width: int,
-                        height: int) -> Callable[[dict, bool], None]:
+    def _schedule(self, node: Node, model: FluxModel, steps: int) -> list[float] | Callable[[bool], list[float]]:
+        """The request's ``sigmas``, ComfyUI's schedule for this model: with the ModelSamplingFlux node's shift;
+        without one, ComfyUI's default for the model (dev-like, with a guidance embedding: mu 1.15; schnell-like: the
+        unshifted flow), which only the model's files tell: then a function of ``guidance_embeds`` giving them."""
         scheduler = node.inputs["scheduler"]
         if scheduler not in flow.FLOW_SCHEDULERS:
-            raise node.error(f"scheduler {quote(scheduler, 40)} has no exact equivalent for FLUX here; use simple "
-                             "(docs/comfyui.md)")
+            raise node.error(f"scheduler {quote(scheduler, 40)} has no exact equivalent for FLUX here; supported: "
+                             f"{', '.join(flow.FLOW_SCHEDULERS)} (docs/comfyui.md)")
         sampling = model.sampling
         if sampling is not None:
             mu = flow.flux_mu(sampling.inputs["max_shift"], sampling.inputs["base_shift"], sampling.inputs["width"],
-                         sampling.inputs["height"])
+                              sampling.inputs["height"])
+            return flow.flow_schedule(node, scheduler, steps, mu)
+        flow.flow_schedule(node, scheduler, steps, flow.FLUX_DEV_MU)  # refused now rather than after the fetch
 
-        def check(config: dict, guidance_embeds: bool) -> None:
-            """Refuse unless ComfyUI's sigmas (its sampling for this model: the ModelSamplingFlux node's, else dev's
-            default mu 1.15 or schnell's unshifted flow) equal the engine's (the model's own scheduler config)."""
-            if sampling is not None:
-                comfy = flow.comfy_flow_sigmas(scheduler, steps, mu)
-            else:
-                comfy = flow.comfy_flow_sigmas(scheduler, steps, flow.FLUX_DEV_MU if guidance_embeds else None)
-            engine = flow.diffusers_flux_sigmas(config, steps, width, height)
-            if not flow.same_sigmas(comfy, engine):
-                where = sampling.label if sampling is not None else "ComfyUI's default for this model"
-                raise node.error(
-                    f"scheduler {quote(scheduler, 40)} at {steps} steps and {width}x{height} gives other sigmas in "
-                    f"ComfyUI ({where}) than the engine's FLUX Euler with the scheduler config of {quote(model.name)} "
-                    f"(second sigma {comfy[min(1, steps)]:.5f} vs {engine[min(1, steps)]:.5f}); docs/comfyui.md "
-                    "lists the exact combinations")
+        def schedule(guidance_embeds: bool) -> list[float]:
+            return flow.flow_schedule(node, scheduler, steps, flow.FLUX_DEV_MU if guidance_embeds else None)
 
-        return check
+        return schedule
 
 
 def base_name(value: str) -> str:

@@ -9,6 +9,7 @@ import logging
 from .comfy_graph import parse_workflow
 from .comfy_nodes import Translator
 from .errors import InvalidRequest, ModelNotFound, quote
+from .schema import parse_request
 from .uploads import check_inline_size, inline_images
 
 log = logging.getLogger("sd_core.comfy")
@@ -48,17 +49,23 @@ def model_folder(engine, name: str):
     return local.config or local.weights
 
 
-def model_sampling_config(engine, name: str) -> tuple[dict, bool]:
-    """A model's scheduler config and whether its transformer has a guidance embedding (FLUX.1-dev-like), read from
-    its fetched files."""
+def has_guidance_embedding(engine, name: str) -> bool:
+    """Whether a model's transformer has a guidance embedding (FLUX.1-dev-like), read from its fetched files."""
     folder = model_folder(engine, name)
     try:
-        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         transformer = json.loads((folder / "transformer" / "config.json").read_text())
     except (OSError, ValueError):
-        raise InvalidRequest(f"model {quote(name)}: its scheduler and transformer configs cannot be read, so its "
-                             "schedule cannot be compared with ComfyUI's", field="workflow") from None
-    return scheduler, bool(transformer.get("guidance_embeds", False))
+        raise InvalidRequest(f"model {quote(name)}: its transformer config cannot be read, so ComfyUI's default "
+                             "schedule for it is unknown", field="workflow") from None
+    return bool(transformer.get("guidance_embeds", False))
+
+
+def scheduled(output, guidance_embeds: bool) -> None:
+    """Give a FLUX output without ModelSamplingFlux its sigmas: ComfyUI's default schedule for its model."""
+    sigmas = output.schedule(guidance_embeds)
+    data = output.request.model_dump(exclude_unset=True) | {"sigmas": sigmas, "num_inference_steps": len(sigmas)}
+    output.request = parse_request(data)
+    output.schedule = None
 
 
 def check_tokens(engine, output) -> None:
@@ -75,10 +82,10 @@ async def run_workflow(worker, job: dict, data: dict) -> dict:
     upscalers = getattr(worker.engine, "upscalers", None)
     outputs = await asyncio.to_thread(translate, data, worker.settings, upscalers,
                                       getattr(worker.engine, "catalog", None))
-    for output in outputs:  # FLUX, SD3: ComfyUI's sigmas against the model's own scheduler, before any generation
-        if output.check is not None:
-            config = await asyncio.to_thread(model_sampling_config, worker.engine, output.request.model)
-            output.check(*config)
+    for output in outputs:  # FLUX's default schedule, SD3's prompts: with the model's files, before any generation
+        if output.schedule is not None:
+            embeds = await asyncio.to_thread(has_guidance_embedding, worker.engine, output.request.model)
+            scheduled(output, embeds)
         if output.tokens is not None:
             await asyncio.to_thread(check_tokens, worker.engine, output)
     results: dict[str, object] = {}  # identical requests (two outputs of one chain) generate once

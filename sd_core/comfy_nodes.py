@@ -34,8 +34,9 @@ class Output:
     prefix: str
     request: GenerationRequest
     controls: list[Node] = field(default_factory=list)  # the ControlNet loader node of each controlnets unit
-    check: object = None  # FLUX, SD3: check(scheduler config, guidance_embeds) refusing a schedule ComfyUI runs
-    # otherwise
+    # FLUX without ModelSamplingFlux: schedule(guidance_embeds) -> the request's sigmas (ComfyUI's default shift
+    # depends on the model: sd_core/comfy_flux.py)
+    schedule: object = None
     tokens: object = None  # SD3: tokens(model folder, skipped components) refusing prompts ComfyUI encodes otherwise
 
 
@@ -70,8 +71,8 @@ class Translator:
         found = []
         for node in self.graph.outputs():
             prefix = str(node.inputs.get("filename_prefix", "ComfyUI"))[:100]
-            request, sampler, check, tokens = self._output(node)
-            found.append(Output(node, prefix, request, self.control_loaders.get(sampler.id, []), check, tokens))
+            request, sampler, schedule, tokens = self._output(node)
+            found.append(Output(node, prefix, request, self.control_loaders.get(sampler.id, []), schedule, tokens))
         return found
 
     # --- images out: VAEDecode of a KSampler --------------------------------------------------------------------
@@ -84,13 +85,13 @@ class Translator:
             raise out.error(f"its images must come from a VAEDecode of a KSampler, not from {decode.label}")
         sampler, index = self.graph.source(decode, "samples")
         if sampler.class_type == "KSampler" and uses_sd3(self, sampler):
-            fields, check, tokens = SD3Sampler(self, sampler).fields(decode)
-            return self._validated(sampler, fields), sampler, check, tokens
+            fields, tokens = SD3Sampler(self, sampler).fields(decode)
+            return self._validated(sampler, fields), sampler, None, tokens
         if uses_flux(self, sampler):
             if index != 0:
                 raise decode.error(f"its samples must be output 0 of {sampler.label} (denoised_output: not supported)")
-            fields, check = FluxSampler(self, sampler).fields(decode)
-            return self._validated(sampler, fields), sampler, check, None
+            fields, schedule = FluxSampler(self, sampler).fields(decode)
+            return self._validated(sampler, fields), sampler, schedule, None
         if sampler.class_type not in ("KSampler", "KSamplerAdvanced"):
             raise decode.error(f"its samples must come from a KSampler or KSamplerAdvanced, not from {sampler.label}")
         fields, model = self._sampler(sampler)

@@ -100,9 +100,10 @@ def sigmas(scheduler: str, steps: int) -> list[float]:
 _LOG_SIGMAS = _log_sigmas()
 
 
-# --- FLUX (flow matching): ComfyUI's schedules on its flow model samplings, and diffusers' FLUX Euler ---------------
+# --- FLUX and SD3 (flow matching): ComfyUI's schedules on its flow model samplings -----------------------------------
 FLUX_DEV_MU = 1.15  # ComfyUI's ModelSamplingFlux default: FLUX.1-dev-like models (with a guidance embedding)
-FLOW_SCHEDULERS = ("simple", "normal", "sgm_uniform")  # the ones computed (and compared) here; others: refused
+# The schedulers computed here (ComfyUI's definitions on a flow model's sigma table); others are refused.
+FLOW_SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta", "karras", "exponential")
 
 
 def flux_mu(max_shift: float, base_shift: float, width: int, height: int) -> float:
@@ -113,8 +114,10 @@ def flux_mu(max_shift: float, base_shift: float, width: int, height: int) -> flo
 
 
 def comfy_flow_sigmas(scheduler: str, steps: int, mu: float | None, shift: float = 1.0) -> list[float]:
-    """ComfyUI's ``scheduler`` sigmas for a flow model: ModelSamplingFlux (``mu``: exp(mu) / (exp(mu) + 1/t - 1) over
-    a 10000-entry table) or, ``mu`` None, ModelSamplingDiscreteFlow (``shift``, FLUX.1-schnell's 1.0: 1000 entries)."""
+    """ComfyUI's ``scheduler`` sigmas (ending in 0) for a flow model: ModelSamplingFlux (``mu``: a 10000-entry table
+    of exp(mu) / (exp(mu) + 1/t - 1) at t = 1/N .. 1) or, ``mu`` None, ModelSamplingDiscreteFlow (``shift``: 1000
+    entries of shift t / (1 + (shift - 1) t); SD3's 3.0, FLUX.1-schnell's 1.0). The model's timestep is its sigma
+    (times 1000 in both ComfyUI and diffusers), so the table's bounds are 1 and the shifted 1/N."""
     size = 1000 if mu is None else 10000
 
     def sigma(t: float) -> float:
@@ -123,10 +126,26 @@ def comfy_flow_sigmas(scheduler: str, steps: int, mu: float | None, shift: float
         return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
     table = [sigma((i + 1) / size) for i in range(size)]
-    if scheduler == "simple":
+    high, low = table[-1], table[0]
+    if scheduler == "simple":  # every N/steps-th entry from the top
         every = size / steps
         return [table[-(1 + int(x * every))] for x in range(steps)] + [0.0]
-    start, end = table[-1], table[0]  # timestep(sigma) = sigma for both samplings (multiplier 1)
+    if scheduler == "beta":  # whole table indices at the beta(0.6, 0.6) quantiles, repeats dropped
+        from scipy.stats import beta
+
+        picked: list[int] = []
+        for q in [1 - i / steps for i in range(steps)]:
+            index = int(round(float(beta.ppf(q, 0.6, 0.6)) * (size - 1)))
+            if not picked or picked[-1] != index:
+                picked.append(index)
+        return [table[i] for i in picked] + [0.0]
+    ramp = [i / (steps - 1) if steps > 1 else 0.0 for i in range(steps)]
+    if scheduler == "karras":  # k-diffusion's, rho 7, between the table's bounds
+        top, bottom = high ** (1 / 7), low ** (1 / 7)
+        return [(top + r * (bottom - top)) ** 7 for r in ramp] + [0.0]
+    if scheduler == "exponential":
+        return [math.exp(math.log(high) + r * (math.log(low) - math.log(high))) for r in ramp] + [0.0]
+    start, end = high, low  # timestep(sigma) = sigma (ModelSamplingDiscreteFlow: times its multiplier, then back)
     if scheduler == "sgm_uniform":
         times = [start + (end - start) * i / steps for i in range(steps)]  # linspace(start, end, steps + 1)[:-1]
         return [sigma(t) for t in times] + [0.0]
@@ -138,31 +157,13 @@ def comfy_flow_sigmas(scheduler: str, steps: int, mu: float | None, shift: float
     return [sigma(t) for t in times] + ([] if zero else [0.0])
 
 
-def diffusers_flux_sigmas(config: dict, steps: int, width: int, height: int) -> list[float]:
-    """The sigmas diffusers' FluxPipeline runs: the model's FlowMatchEulerDiscreteScheduler on linspace(1, 1/steps),
-    shifted by its config (fixed ``shift``, or dynamic: mu from the image's token count)."""
-    import numpy as np
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    c = scheduler.config
-    mu = calculate_shift((height // 16) * (width // 16), c.get("base_image_seq_len", 256),
-                         c.get("max_image_seq_len", 4096), c.get("base_shift", 0.5), c.get("max_shift", 1.15))
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    return [float(s) for s in scheduler.sigmas]
-
-
-def diffusers_sd3_sigmas(config: dict, steps: int) -> list[float]:
-    """The sigmas diffusers' StableDiffusion3Pipeline runs: the model's FlowMatchEulerDiscreteScheduler's own
-    ``set_timesteps(steps)`` (no custom sigmas), with its fixed shift."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
-    scheduler.set_timesteps(steps)
-    return [float(s) for s in scheduler.sigmas]
-
-
-def same_sigmas(a: list[float], b: list[float]) -> bool:
-    """Equal schedules, up to float32 rounding (ComfyUI and diffusers both hold sigmas in float32)."""
-    return len(a) == len(b) and all(abs(x - y) <= 2e-6 for x, y in zip(a, b, strict=True))
+def flow_schedule(node, scheduler: str, steps: int, mu: float | None, shift: float = 1.0) -> list[float]:
+    """The ``sigmas`` of a request running ComfyUI's schedule (``comfy_flow_sigmas`` without its final 0: diffusers
+    appends it); InvalidRequest naming ``node`` for a schedule that does not start from pure noise (sigma 1), as
+    diffusers' flow pipelines do."""
+    sigmas = comfy_flow_sigmas(scheduler, steps, mu, shift)
+    if sigmas[-1] != 0 or not math.isclose(sigmas[0], 1.0, abs_tol=1e-6) or any(
+            b >= a for a, b in zip(sigmas[:-1], sigmas[1:-1], strict=False)):
+        raise node.error(f"scheduler {quote(scheduler, 40)} at {steps} steps gives a schedule diffusers cannot run "
+                         "(not from sigma 1 down to 0)")
+    return [min(1.0, s) for s in sigmas[:-1]]

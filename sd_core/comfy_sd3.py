@@ -3,6 +3,7 @@ SD3 request, or a refusal naming the node."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,9 +39,9 @@ class SD3Sampler:
         self.translator = translator
         self.sampler = sampler
 
-    def fields(self, decode: Node) -> tuple[dict, Callable[[dict, bool], None], Callable]:
-        """The request fields, the schedule check (scheduler config, guidance_embeds) and the prompt check (model
-        folder, skipped components), both run with the model's own files before any generation."""
+    def fields(self, decode: Node) -> tuple[dict, Callable]:
+        """The request fields (ComfyUI's schedule as ``sigmas``) and the prompt check (model folder, skipped
+        components), run with the model's own files before any generation."""
         node = self.sampler
         if node.class_type != "KSampler":
             raise decode.error(f"its samples must come from a KSampler for an SD3 model, not from {node.label}")
@@ -67,10 +68,12 @@ class SD3Sampler:
             raise decode.error(f"its vae must be the VAE output (2) of the SD3 CheckpointLoaderSimple "
                                f"{loader.label} (the model's own VAE), not {vae.label}")
         fields = {"model": name, "prompt": prompts[0][1], "negative_prompt": prompts[1][1] if prompts[1] else "",
-                  "seed": seed, "guidance_scale": float(cfg), "scheduler": "Euler", "num_inference_steps": steps,
+                  "seed": seed, "guidance_scale": float(cfg), "scheduler": "Euler",
                   "width": width, "height": height, "num_outputs": count, "max_sequence_length": T5_TOKENS}
+        fields["sigmas"] = self._schedule(node, sampling, steps)
+        fields["num_inference_steps"] = len(fields["sigmas"])  # beta's repeated sigmas dropped: maybe fewer
         encoders = [p[0] for p in prompts if p is not None]
-        return fields, self._schedule_check(node, sampling, name, steps), _token_check(encoders, name)
+        return fields, _token_check(encoders, name)
 
     # --- model ---------------------------------------------------------------------------------------------------
     def _model(self, sampler: Node) -> tuple[Node, Node | None]:
@@ -163,34 +166,17 @@ class SD3Sampler:
                              "(fp8 T5s included) cannot be swapped in")
 
     # --- schedule ------------------------------------------------------------------------------------------------
-    def _schedule_check(self, node: Node, sampling: Node | None, name: str,
-                        steps: int) -> Callable[[dict, bool], None]:
+    def _schedule(self, node: Node, sampling: Node | None, steps: int) -> list[float]:
+        """The request's ``sigmas``: ComfyUI's schedule on ModelSamplingDiscreteFlow with the ModelSamplingSD3 node's
+        shift, else 3.0 (ComfyUI's for SD3 and SD3.5), whatever the model's own scheduler config says."""
         scheduler = node.inputs["scheduler"]
         if scheduler not in flow.FLOW_SCHEDULERS:
-            raise node.error(f"scheduler {quote(scheduler, 40)} has no exact equivalent for SD3 here; use normal "
-                             "(docs/comfyui.md)")
+            raise node.error(f"scheduler {quote(scheduler, 40)} has no exact equivalent for SD3 here; supported: "
+                             f"{', '.join(flow.FLOW_SCHEDULERS)} (docs/comfyui.md)")
         shift = sampling.inputs["shift"] if sampling is not None else DEFAULT_SHIFT
-
-        def check(config: dict, guidance_embeds: bool) -> None:
-            """Refuse unless ComfyUI's sigmas (ModelSamplingDiscreteFlow with the node's shift, else 3.0) equal the
-            engine's (the model's own FlowMatchEulerDiscreteScheduler config)."""
-            where = sampling if sampling is not None else node
-            if config.get("use_dynamic_shifting"):
-                raise where.error(f"the model {quote(name)} shifts its schedule by image size (use_dynamic_shifting), "
-                                  "which ComfyUI's ModelSamplingSD3 does not")
-            own = config.get("shift", 1.0)
-            if shift != own:
-                raise where.error(f"shift {quote(shift, 20)} is not the model {quote(name)}'s own ({own}, its "
-                                  "scheduler config): the engine samples with the model's shift; set ModelSamplingSD3 "
-                                  f"shift {own}")
-            comfy = flow.comfy_flow_sigmas(scheduler, steps, None, shift)
-            engine = flow.diffusers_sd3_sigmas(config, steps)
-            if not flow.same_sigmas(comfy, engine):
-                raise node.error(f"scheduler {quote(scheduler, 40)} at {steps} steps gives other sigmas in ComfyUI "
-                                 f"than the engine's SD3 Euler (second sigma {comfy[min(1, steps)]:.5f} vs "
-                                 f"{engine[min(1, steps)]:.5f}); docs/comfyui.md lists the exact combinations")
-
-        return check
+        if not 0 < shift <= 100:
+            raise (sampling or node).error(f"shift {quote(shift, 20)} must be above 0 (at most 100)")
+        return flow.flow_schedule(node, scheduler, steps, None, float(shift))
 
 
 def _token_check(encoders: list[Node], name: str) -> Callable[[Path, set], None]:
@@ -200,11 +186,9 @@ def _token_check(encoders: list[Node], name: str) -> Callable[[Path, set], None]
         if "text_encoder_3" in skipped:
             raise encoders[0].error(f"the model {quote(name)} runs without its T5 encoder here, where diffusers "
                                     "conditions on zeros in T5's place and ComfyUI on CLIP alone: no exact equivalent")
-        from transformers import AutoTokenizer
-
         limits = (("tokenizer", CLIP_TOKENS), ("tokenizer_2", CLIP_TOKENS), ("tokenizer_3", T5_TOKENS))
         for sub, limit in limits:
-            tokenizer = AutoTokenizer.from_pretrained(folder / sub)
+            tokenizer = _tokenizer(str(folder / sub))
             for encoder in encoders:
                 text = encoder.inputs.get("text", encoder.inputs.get("t5xxl", ""))
                 count = len(tokenizer(text).input_ids)
@@ -213,3 +197,11 @@ def _token_check(encoders: list[Node], name: str) -> Callable[[Path, set], None]
                                         "rest too (more chunks, a longer T5 sequence), diffusers cuts it; shorten it")
 
     return check
+
+
+@functools.lru_cache(maxsize=12)  # three per SD3 model: a few models' worth
+def _tokenizer(folder: str):
+    """A model's tokenizer, loaded once per folder (the token check runs on every SD3 workflow job)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -59,7 +59,7 @@ class Denoiser:
                 pipe = self.controlnets.pipeline(model, jobs[0].mode, jobs[0].controls)
             else:
                 pipe = model.pipeline(jobs[0].mode)
-            pipe.scheduler = model.scheduler(first.scheduler, first.num_inference_steps)
+            pipe.scheduler = model.scheduler(first.scheduler, first.num_inference_steps, first.sigmas is not None)
             clip_skip = _clip_skip(jobs[0], pipe)  # all jobs of a batch share it (Job.batch_key)
             t = time.perf_counter()
             # Exactly this batch's LoRA set (all jobs of a batch share it), or none: inside the lock, so no

@@ -7,6 +7,7 @@ from .errors import InvalidRequest, quote
 from .families.base import (
     CONTROLNET,
     EMBEDDINGS,
+    EXPLICIT_SIGMAS,
     HIRES,
     IP_ADAPTER,
     LATENT_FILL,
@@ -35,6 +36,8 @@ _WHAT = {
     VAE_OVERRIDE: ("vae", "has no alternate VAE here; leave vae empty"),
     LATENT_FILL: ("inpaint_fill", "has no latent noise / latent nothing fill here; use original or fill"),
     MAX_SEQUENCE_LENGTH: ("max_sequence_length", "has no T5 text encoder; leave max_sequence_length empty"),
+    EXPLICIT_SIGMAS: ("sigmas", "takes no explicit sigmas here (flow-matching models only: FLUX, SD3); leave sigmas "
+                                "empty and pick a schedule with scheduler"),
 }
 
 
@@ -61,6 +64,8 @@ def _uses(req: GenerationRequest) -> list[str]:
         used.append(LATENT_FILL)
     if req.max_sequence_length is not None:
         used.append(MAX_SEQUENCE_LENGTH)
+    if req.sigmas is not None:
+        used.append(EXPLICIT_SIGMAS)
     return used
 
 

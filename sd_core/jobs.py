@@ -87,7 +87,7 @@ class Job:
         return (r.model, self.width, self.height, r.num_inference_steps, r.scheduler, r.guidance_scale,
                 tuple(lora.key for lora in self.loras), not r.negative_prompt, r.clip_skip, r.eta, r.tiling,
                 self.vae.key if self.vae else None, self.output_type, tuple(sorted(self.pipe_kwargs.items())), prompts,
-                r.max_sequence_length)
+                r.max_sequence_length, tuple(r.sigmas or ()))
 
     @property
     def steps_run(self) -> int:

@@ -64,11 +64,16 @@ class LoadedModel:
             self.pipes[mode] = self.manifest.family.pipeline_class(mode).from_pipe(self.pipes["txt2img"])
         return self.pipes[mode]
 
-    def scheduler(self, name: str, steps: int | None = None):
+    def scheduler(self, name: str, steps: int | None = None, sigmas: bool = False):
         """The scheduler ``name`` for runs of ``steps`` steps, built once from this model's own scheduler config (one
-        object for every run of more than one step, another for one-step runs), then reused."""
-        key = (name, steps == 1)
-        if key not in self._schedulers:
+        object for every run of more than one step, another for one-step runs), then reused; ``sigmas``: the one
+        running a request's own sigmas (flow-matching families' ``sigma_scheduler``)."""
+        key = ("sigmas",) if sigmas else (name, steps == 1)
+        if key in self._schedulers:
+            pass
+        elif sigmas:
+            self._schedulers[key] = self.manifest.family.sigma_scheduler(self.base_scheduler_config)
+        else:
             self._schedulers[key] = self.manifest.family.build_scheduler(name, self.base_scheduler_config,
                                                                          1 if steps == 1 else None)
         return self._schedulers[key]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Literal
@@ -75,6 +77,11 @@ class GenerationRequest(BaseModel):
         None, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="Classifier-free guidance scale"
     )
     scheduler: SchedulerName | None = Field(None, description="A1111 sampler name")  # type: ignore[valid-type]
+    sigmas: list[float] | None = Field(
+        None, min_length=1, max_length=MAX_STEPS,
+        description="FLUX, SD3: the noise level of each step, decreasing, 1 >= sigma > 0, without the final 0 "
+                    "(num_inference_steps = their count); empty: the model's own schedule",
+    )
     eta: float | None = Field(
         None, ge=0.0, le=1.0, allow_inf_nan=False,
         description="Sampler noise (DDIM, TCD); empty: the sampler's default (docs/api.md)",
@@ -162,6 +169,17 @@ class GenerationRequest(BaseModel):
     def _canonical_scheduler(cls, value):
         return scheduler_name(value)
 
+    @field_validator("sigmas")
+    @classmethod
+    def _decreasing_sigmas(cls, value):
+        if value is None:
+            return value
+        if not all(math.isfinite(s) and 0 < s <= 1 for s in value):
+            raise ValueError("each sigma must be above 0 and at most 1 (a flow-matching noise level)")
+        if any(b >= a for a, b in itertools.pairwise(value)):
+            raise ValueError("must decrease from one step to the next")
+        return value
+
     @field_validator("model")
     @classmethod
     def _bounded_name(cls, value):
@@ -184,6 +202,11 @@ class GenerationRequest(BaseModel):
                 f"width x height: {self.width}x{self.height} = {self.width * self.height} pixels"
                 f" exceeds the limit of {MAX_IMAGE_PIXELS} pixels"
             )
+        if self.sigmas is not None and self.num_inference_steps is None:
+            self.num_inference_steps = len(self.sigmas)
+        elif self.sigmas is not None and self.num_inference_steps != len(self.sigmas):
+            raise ValueError(f"sigmas: {len(self.sigmas)} sigmas for num_inference_steps {self.num_inference_steps}; "
+                             "give one sigma per step (or leave num_inference_steps empty)")
         if self.mask is not None and self.image is None:
             raise ValueError("mask: needs an image too (inpainting repaints the masked part of `image`)")
         if self.subseed_strength > 0 and self.image is not None:

@@ -32,3 +32,32 @@ class FlowMatchFamily(ModelFamily):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         return FlowMatchEulerDiscreteScheduler.from_config(base_config)
+
+    def sigma_scheduler(self, base_config: dict[str, Any]):
+        """The model's FlowMatchEulerDiscreteScheduler for a request's own ``sigmas``: its shift (fixed or dynamic),
+        terminal stretch and sigma conversions turned off, so ``set_timesteps(sigmas=...)`` runs exactly the given
+        sigmas (then 0) with timesteps sigma x 1000, the schedule the request already holds shifted."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        flags = {"shift": 1.0, "use_dynamic_shifting": False, "shift_terminal": None, "use_karras_sigmas": False,
+                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "invert_sigmas": False,
+                 "stochastic_sampling": False}
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(base_config, **flags)
+        for key, value in flags.items():  # from_config drops keywords it does not know: fail loudly instead
+            if scheduler.config.get(key) != value:
+                raise RuntimeError(f"FlowMatchEulerDiscreteScheduler ignored {key}={value!r}")
+        return scheduler
+
+    def call_kwargs(self, job) -> dict[str, Any]:
+        """The base's, and a request's own ``sigmas`` (run by ``sigma_scheduler``)."""
+        kwargs = super().call_kwargs(job)
+        if job.request.sigmas is not None:
+            kwargs["sigmas"] = list(job.request.sigmas)
+        return kwargs
+
+    def infotext_fields(self, job) -> dict[str, Any]:
+        """The base's, and a request's own ``sigmas`` (they set the schedule, which the sampler name no longer says)."""
+        fields = super().infotext_fields(job)
+        if job.request.sigmas is not None:
+            fields["Sigmas"] = " ".join(f"{s:.8g}" for s in job.request.sigmas)  # no commas: unquoted
+        return fields

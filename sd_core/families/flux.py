@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ManifestError, quote
-from .base import MAX_SEQUENCE_LENGTH
+from .base import EXPLICIT_SIGMAS, MAX_SEQUENCE_LENGTH
 from .flow_match import EULER, FlowMatchFamily
 
 FILL_MASK_CHANNELS = 256  # FLUX.1 Fill's mask input: 8x8 pixels per latent cell, in 2x2 patches
@@ -92,7 +92,7 @@ FAMILY = FluxFamily(
     clip_skip=False,
     parameters=16_900_000_000,  # transformer 11.9B + T5-XXL 4.7B + CLIP-L 123M + VAE 84M
     embedding_keys=(),
-    features=frozenset({MAX_SEQUENCE_LENGTH}),
+    features=frozenset({MAX_SEQUENCE_LENGTH, EXPLICIT_SIGMAS}),
     denoiser="transformer",
     cuda_dtype="bfloat16",  # FLUX overflows in fp16
     scheduler=EULER,

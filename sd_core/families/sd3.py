@@ -6,6 +6,7 @@ from typing import Any
 
 from .base import (
     EMBEDDINGS,
+    EXPLICIT_SIGMAS,
     HIRES,
     IP_ADAPTER,
     LATENT_FILL,
@@ -80,7 +81,7 @@ FAMILY = SD3Family(
     embedding_keys=(),  # no A1111 textual inversions for SD3
     # negative prompts, variation seeds (noise in the transformer's latent shape) and ControlNet (txt2img) run; A1111
     # prompt syntax (CLIP weighting), embeddings, hires, tiling, alternate VAEs, IP-Adapter and latent fills do not
-    features=(SD_FEATURES | {MAX_SEQUENCE_LENGTH}) - {
+    features=(SD_FEATURES | {MAX_SEQUENCE_LENGTH, EXPLICIT_SIGMAS}) - {
         PROMPT_SYNTAX, EMBEDDINGS, HIRES, TILING, VAE_OVERRIDE, IP_ADAPTER, LATENT_FILL},
     # InstantX's / SAI's SD3 ControlNets, txt2img only: diffusers has no SD3 ControlNet img2img pipeline, and its
     # inpainting one runs Alimama's inpainting ControlNet only (the masked image as the control image)

@@ -11,9 +11,11 @@ import pytest
 import requests
 from PIL import Image
 
+from sd_core import comfy_samplers
 from tests.fixtures.runpod_server import start_runpod_server
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "comfy"
+FLUX_64 = comfy_samplers.flux_mu(1.15, 0.5, 64, 64)  # ComfyUI's ModelSamplingFlux shift at 64x64
 
 
 @pytest.fixture(scope="module")
@@ -188,9 +190,9 @@ def test_flux_dev_workflow_gives_the_native_flux_request(server):
     # UNETLoader + DualCLIPLoader + VAELoader, FluxGuidance, ModelSamplingFlux, SamplerCustomAdvanced: ComfyUI's
     # FLUX dev example, on the tiny dev-like FLUX model
     [image] = comfy(server, "flux_dev")
-    expected = native(server, {"model": "tiny-flux-dev", "prompt": "a red fox in the snow", "seed": 42,
-                               "guidance_scale": 5.0, "num_inference_steps": 4, "scheduler": "Euler", "width": 64,
-                               "height": 64})
+    request = {"model": "tiny-flux-dev", "prompt": "a red fox in the snow", "seed": 42, "guidance_scale": 5.0,
+               "num_inference_steps": 4, "scheduler": "Euler", "width": 64, "height": 64}
+    expected = native(server, {**request, "sigmas": comfy_samplers.flow_schedule(None, "simple", 4, FLUX_64)})
     assert [pixels(image["data"])] == expected
     assert expected != native(server, {"model": "tiny-flux-dev", "prompt": "a red fox in the snow", "seed": 42,
                                        "guidance_scale": 3.5, "num_inference_steps": 4})  # the guidance counts
@@ -201,16 +203,24 @@ def test_flux_checkpoint_workflow_gives_the_native_flux_request(server):
     assert [e["filename"] for e in images] == ["flux_00001_.png", "flux_00002_.png"]
     assert [pixels(e["data"]) for e in images] == native(server, {
         "model": "tiny-flux-dev", "prompt": "a snowy mountain cabin", "seed": 7, "guidance_scale": 2.5,
-        "num_inference_steps": 4, "width": 64, "height": 64, "num_outputs": 2})
+        "num_inference_steps": 4, "width": 64, "height": 64, "num_outputs": 2,
+        "sigmas": comfy_samplers.flow_schedule(None, "simple", 4, FLUX_64)})
 
 
-def test_flux_schedules_without_an_exact_equivalent_fail_naming_the_node(server):
+def test_flux_schedules_run_comfyuis_sigmas_whatever_the_models_scheduler_config(server):
     graph = workflow("flux_checkpoint")
     graph["4"]["inputs"]["ckpt_name"] = "tiny-flux.safetensors"  # a guidance embedding, schnell's unshifted config
-    job = server.runsync({"workflow": graph})  # ComfyUI: ModelSamplingFlux's shift; tiny-flux: none
-    assert job["status"] == "FAILED" and job["error"].startswith(
-        "workflow: node '3' (KSampler): scheduler 'simple' at 4 steps and 64x64 gives other sigmas in ComfyUI "
-        "(node '30' (ModelSamplingFlux)) than the engine's FLUX Euler with the scheduler config of 'tiny-flux'"), job
+    graph["3"]["inputs"].update(steps=3, scheduler="beta")  # ComfyUI: ModelSamplingFlux's shift, 3 beta steps
+    images = completed(server.runsync({"workflow": graph}))["images"]
+    assert [pixels(e["data"]) for e in images] == native(server, {
+        "model": "tiny-flux", "prompt": "a snowy mountain cabin", "seed": 7, "guidance_scale": 2.5, "width": 64,
+        "height": 64, "num_outputs": 2, "sigmas": comfy_samplers.flow_schedule(None, "beta", 3, FLUX_64)})
+    graph["3"]["inputs"]["model"] = ["4", 0]  # no ModelSamplingFlux: ComfyUI's default for a guidance-embedding model
+    del graph["30"]
+    images = completed(server.runsync({"workflow": graph}))["images"]
+    assert [pixels(e["data"]) for e in images] == native(server, {
+        "model": "tiny-flux", "prompt": "a snowy mountain cabin", "seed": 7, "guidance_scale": 2.5, "width": 64,
+        "height": 64, "num_outputs": 2, "sigmas": comfy_samplers.flow_schedule(None, "beta", 3, 1.15)})
     graph = workflow("flux_dev")
     graph["12"]["inputs"]["unet_name"] = "tiny-sdxl.safetensors"
     job = server.runsync({"workflow": graph})
@@ -225,7 +235,7 @@ def test_sd3_workflow_gives_the_native_sd3_request(server):
     assert image["filename"] == "sd3_00001_.png"
     request = {"model": "tiny-sd3", "prompt": "a red fox in the snow", "negative_prompt": "blurry", "seed": 11,
                "guidance_scale": 4.5, "num_inference_steps": 3, "scheduler": "Euler", "width": 64, "height": 64,
-               "max_sequence_length": 77}
+               "max_sequence_length": 77, "sigmas": comfy_samplers.flow_schedule(None, "normal", 3, None, 3.0)}
     expected = native(server, request)
     assert [pixels(image["data"])] == expected
     assert expected != native(server, {**request, "negative_prompt": ""})  # the negative prompt counts (real CFG)

@@ -30,28 +30,66 @@ def translate(graph: dict, catalog=None):
     return comfy_jobs.translate({"workflow": graph}, catalog=catalog)
 
 
-def refused(graph: dict, config=DEV, guidance_embeds=True) -> str:
+def refused(graph: dict, guidance_embeds=True) -> str:
     with pytest.raises(InvalidRequest) as info:
         for output in translate(graph):
-            output.check(config, guidance_embeds)
+            if output.schedule is not None:
+                output.schedule(guidance_embeds)
     message = str(info.value)
     assert message.startswith("workflow: ") and "Traceback" not in message
     return message
 
 
-def comfy_simple(steps: int, mu: float | None) -> list[float]:
-    """ComfyUI's `simple` schedule as its code computes it, in torch float32: the model sampling's table of sigmas
-    at t = 1/N .. 1 (ModelSamplingFlux: N 10000, exp(mu) / (exp(mu) + 1/t - 1); schnell's flow: N 1000, t), every
-    N/steps-th from the top, then 0."""
+def comfy_table(mu: float | None, shift: float = 1.0) -> torch.Tensor:
+    """ComfyUI's flow sigma table as its code computes it, in torch float32: t = 1/N .. 1, ModelSamplingFlux (N 10000,
+    exp(mu) / (exp(mu) + 1/t - 1)) or ModelSamplingDiscreteFlow (N 1000, shift t / (1 + (shift - 1) t))."""
     size = 1000 if mu is None else 10000
     t = torch.arange(1, size + 1, 1) / size
-    table = t if mu is None else math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+    if mu is None:
+        return shift * t / (1 + (shift - 1) * t)
+    return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** 1.0)
+
+
+def comfy_simple(steps: int, mu: float | None) -> list[float]:
+    """ComfyUI's `simple` schedule: every N/steps-th table entry from the top, then 0."""
+    table = comfy_table(mu)
     every = len(table) / steps
     return [float(table[-(1 + int(x * every))]) for x in range(steps)] + [0.0]
 
 
+def comfy_schedule(scheduler: str, steps: int, mu: float | None, shift: float = 1.0) -> list[float]:
+    """ComfyUI's schedulers on a flow table, recomputed here in torch float32 from their definitions (comfy/samplers.py,
+    k-diffusion's get_sigmas_karras / get_sigmas_exponential); timestep(sigma) = sigma, sigma(t) = the table's
+    function."""
+    from scipy.stats import beta
+
+    table = comfy_table(mu, shift)
+    if scheduler == "simple":
+        every = len(table) / steps
+        return [float(table[-(1 + int(x * every))]) for x in range(steps)] + [0.0]
+    low, high = float(table[0]), float(table[-1])
+    if scheduler == "karras":
+        ramp = torch.linspace(0, 1, steps)
+        sigmas = (high ** (1 / 7) + ramp * (low ** (1 / 7) - high ** (1 / 7))) ** 7
+        return sigmas.tolist() + [0.0]
+    if scheduler == "exponential":
+        return torch.linspace(math.log(high), math.log(low), steps).exp().tolist() + [0.0]
+    if scheduler == "beta":
+        ts = np.rint(beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * (len(table) - 1))
+        picked = [int(t) for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]
+        return [float(table[i]) for i in picked] + [0.0]
+
+    def sigma(t):
+        return shift * t / (1 + (shift - 1) * t) if mu is None else math.exp(mu) / (math.exp(mu) + (1 / t - 1))
+
+    sgm = scheduler == "sgm_uniform"
+    times = torch.linspace(high, low, steps + 1)[:-1] if sgm else torch.linspace(high, low, steps)
+    return [float(sigma(t)) for t in times] + [0.0]
+
+
 def diffusers_flux(config: dict, steps: int, width: int, height: int) -> list[float]:
-    """The sigmas FluxPipeline runs, computed as FluxPipeline.__call__ does (retrieve_timesteps with its mu)."""
+    """The sigmas FluxPipeline runs by default, computed as FluxPipeline.__call__ does (retrieve_timesteps with its
+    mu)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
@@ -59,6 +97,20 @@ def diffusers_flux(config: dict, steps: int, width: int, height: int) -> list[fl
     mu = calculate_shift((width // 16) * (height // 16), 256, 4096, 0.5, 1.15)
     retrieve_timesteps(scheduler, steps, "cpu", sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     return scheduler.sigmas.tolist()
+
+
+SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta", "karras", "exponential")
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 7, 20, 28, 50])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_the_request_sigmas_are_comfyuis_schedule(scheduler, steps):
+    # FLUX dev through ModelSamplingFlux at 64x64, ComfyUI's dev default (mu 1.15), schnell's unshifted flow, SD3's
+    # shift 3.0: the sigmas a request gets are ComfyUI's, then diffusers' final 0
+    node = None
+    for mu, shift in ((comfy_samplers.flux_mu(1.15, 0.5, 64, 64), 1.0), (1.15, 1.0), (None, 1.0), (None, 3.0)):
+        sigmas = comfy_samplers.flow_schedule(node, scheduler, steps, mu, shift)
+        assert np.allclose(sigmas + [0.0], comfy_schedule(scheduler, steps, mu, shift), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 5, 8, 20, 25, 50])
@@ -70,36 +122,24 @@ def test_comfy_simple_equals_diffusers_flux_euler_when_the_steps_divide_the_tabl
     assert np.allclose(comfy_simple(steps, 1.15), diffusers_flux(DEV, steps, 1024, 1024), atol=1e-6, rtol=0)
     # schnell (ComfyUI: unshifted flow, shift 1.0): diffusers' fixed shift 1.0
     assert np.allclose(comfy_simple(steps, None), diffusers_flux(SCHNELL, steps, 64, 64), atol=1e-6, rtol=0)
-    # the module's own ComfyUI/diffusers computations agree with these
-    assert comfy_samplers.same_sigmas(comfy_samplers.comfy_flow_sigmas("simple", steps, mu),
-                                      comfy_samplers.diffusers_flux_sigmas(DEV, steps, 64, 64))
 
 
 @pytest.mark.parametrize("steps", [3, 6, 28])
-def test_comfy_simple_differs_when_the_steps_do_not_divide_the_table(steps):
-    # int(x * N / steps) truncates: t lands up to 1/N below diffusers' 1 - x/steps
+def test_comfy_simple_differs_from_diffusers_default_when_the_steps_do_not_divide_the_table(steps):
+    # int(x * N / steps) truncates: t lands up to 1/N below diffusers' 1 - x/steps (why explicit sigmas are passed)
     assert not np.allclose(comfy_simple(steps, None), diffusers_flux(SCHNELL, steps, 64, 64), atol=1e-6, rtol=0)
-    assert not comfy_samplers.same_sigmas(comfy_samplers.comfy_flow_sigmas("simple", steps, None),
-                                          comfy_samplers.diffusers_flux_sigmas(SCHNELL, steps, 64, 64))
     mu = comfy_samplers.flux_mu(1.15, 0.5, 64, 64)
-    assert not comfy_samplers.same_sigmas(comfy_samplers.comfy_flow_sigmas("simple", steps, mu),
-                                          comfy_samplers.diffusers_flux_sigmas(DEV, steps, 64, 64))
-
-
-@pytest.mark.parametrize("scheduler", ["normal", "sgm_uniform"])
-def test_comfy_normal_and_sgm_uniform_are_not_diffusers_flux_euler(scheduler):
-    mu = comfy_samplers.flux_mu(1.15, 0.5, 64, 64)
-    for steps in (4, 20):
-        assert not comfy_samplers.same_sigmas(comfy_samplers.comfy_flow_sigmas(scheduler, steps, mu),
-                                              comfy_samplers.diffusers_flux_sigmas(DEV, steps, 64, 64))
+    assert not np.allclose(comfy_simple(steps, mu), diffusers_flux(DEV, steps, 64, 64), atol=1e-6, rtol=0)
 
 
 def test_flux_dev_workflow_translates_to_one_flux_request():
     [output] = translate(workflow("flux_dev"))
+    sigmas = output.request.sigmas  # ModelSamplingFlux's shift: known from the graph
     assert output.request.model_dump(exclude_defaults=True) == {
         "prompt": "a red fox in the snow", "model": "tiny-flux-dev", "width": 64, "height": 64,
-        "num_inference_steps": 4, "guidance_scale": 5.0, "scheduler": "Euler", "seed": 42}
-    output.check(DEV, True)  # ModelSamplingFlux at 64x64 = the dev config's dynamic shift at 64x64
+        "num_inference_steps": 4, "guidance_scale": 5.0, "scheduler": "Euler", "sigmas": sigmas, "seed": 42}
+    assert output.schedule is None
+    assert sigmas + [0.0] == pytest.approx(comfy_simple(4, comfy_samplers.flux_mu(1.15, 0.5, 64, 64)), abs=1e-6)
 
 
 def test_flux_checkpoint_workflow_ignores_the_negative_at_cfg_1():
@@ -126,7 +166,7 @@ def test_the_catalog_tells_flux_checkpoints_and_models_apart(engine):
     graph["3"]["inputs"]["positive"] = ["6", 0]
     # only KSampler, CLIPTextEncode, EmptySD3LatentImage: FLUX because the catalog says so
     [output] = translate(graph, engine.catalog)
-    assert output.request.model == "tiny-flux" and output.check is not None
+    assert output.request.model == "tiny-flux" and output.schedule is not None
     dev = workflow("flux_dev")
     dev["12"]["inputs"]["unet_name"] = "tiny-sd15.safetensors"
     with pytest.raises(InvalidRequest, match=r"node '12' \(UNETLoader\): unet_name 'tiny-sd15.safetensors' is a sd15 "
@@ -148,12 +188,10 @@ def edit(name: str, node: str, **inputs) -> dict:
     (edit("flux_dev", "11", type="sd3"), "node '11' (DualCLIPLoader): type 'sd3' is not supported"),
     (edit("flux_dev", "10", vae_name="sdxl_vae.safetensors"), "node '8' (VAEDecode): its vae must be a VAELoader"),
     (edit("flux_dev", "16", sampler_name="dpmpp_2m"), "node '16' (KSamplerSelect): sampler_name 'dpmpp_2m' does not"),
-    (edit("flux_dev", "17", scheduler="beta"), "node '17' (BasicScheduler): scheduler 'beta' has no exact"),
-    (edit("flux_dev", "17", scheduler="normal"), "node '17' (BasicScheduler): scheduler 'normal' at 4 steps"),
-    (edit("flux_dev", "17", steps=3), "node '17' (BasicScheduler): scheduler 'simple' at 3 steps"),
+    (edit("flux_dev", "17", scheduler="ddim_uniform"), "node '17' (BasicScheduler): scheduler 'ddim_uniform' has no "
+                                                       "exact equivalent for FLUX here; supported: simple, normal"),
+    (edit("flux_dev", "17", steps=151), "node '13' (SamplerCustomAdvanced): num_inference_steps: Input should be"),
     (edit("flux_dev", "17", denoise=0.5), "node '17' (BasicScheduler): denoise 0.5 is not supported"),
-    (edit("flux_dev", "30", width=1024, height=1024), "node '17' (BasicScheduler): scheduler 'simple' at 4 steps and "
-                                                      "64x64 gives other sigmas in ComfyUI (node '30'"),
     (edit("flux_dev", "27", width=72), "node '27' (EmptySD3LatentImage): 72x64: FLUX samples sizes in multiples"),
     (edit("flux_dev", "6", text="a (red:1.3) fox"), "node '6' (CLIPTextEncode): parentheses (ComfyUI's prompt"),
     (edit("flux_dev", "6", text="a fox <lora:x:1>"), "node '6' (CLIPTextEncode): <lora:...> tags are not"),
@@ -176,11 +214,28 @@ def test_flux_refusals_of_wiring():
     graph = workflow("flux_dev")
     graph["8"]["inputs"]["samples"] = ["13", 1]
     assert "node '8' (VAEDecode): its samples must be output 0 of node '13'" in refused(graph)
-    graph = workflow("flux_checkpoint")  # no ModelSamplingFlux: ComfyUI's dev default mu 1.15, not 64x64's shift
+    graph = workflow("flux_checkpoint")  # no ModelSamplingFlux: ComfyUI's default for the model, known from its files
     graph["3"]["inputs"]["model"] = ["4", 0]
     del graph["30"]
-    assert "node '3' (KSampler): scheduler 'simple' at 4 steps and 64x64 gives other sigmas in ComfyUI (ComfyUI's " \
-           "default for this model)" in refused(graph)
-    # a schnell model (no guidance embedding): ComfyUI's unshifted flow = diffusers' fixed shift 1.0
-    for output in translate(graph):
-        output.check(SCHNELL, False)
+    [output] = translate(graph)
+    assert output.request.sigmas is None and output.schedule is not None
+    # a dev-like model (guidance embedding): mu 1.15, not 64x64's shift; schnell-like: the unshifted flow
+    assert output.schedule(True) + [0.0] == pytest.approx(comfy_simple(4, 1.15), abs=1e-6)
+    assert output.schedule(False) + [0.0] == pytest.approx(comfy_simple(4, None), abs=1e-6)
+    comfy_jobs.scheduled(output, True)
+    assert output.request.sigmas + [0.0] == pytest.approx(comfy_simple(4, 1.15), abs=1e-6)
+    assert output.request.num_inference_steps == 4
+
+
+@pytest.mark.parametrize(("scheduler", "steps"), [("simple", 28), ("simple", 3), ("normal", 7), ("beta", 28),
+                                                  ("karras", 5), ("sgm_uniform", 28)])
+def test_the_pipeline_runs_comfyuis_sigmas_at_any_step_count(engine, scheduler, steps):
+    # ComfyUI's FLUX dev example graph on the tiny dev-like model (dynamic shifting in its scheduler config): the
+    # sigmas the FLUX pipeline's scheduler actually ran are ComfyUI's, the config's shift turned off
+    graph = edit("flux_dev", "17", scheduler=scheduler, steps=steps)
+    [output] = translate(graph, engine.catalog)
+    engine.generate(output.request)
+    model = engine.pool.get("tiny-flux-dev")
+    used = model.scheduler("Euler", output.request.num_inference_steps, sigmas=True).sigmas.tolist()
+    assert np.allclose(used, comfy_schedule(scheduler, steps, comfy_samplers.flux_mu(1.15, 0.5, 64, 64)),
+                       atol=1e-6, rtol=0)

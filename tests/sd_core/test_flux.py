@@ -97,6 +97,44 @@ def test_max_sequence_length_is_passed_and_bounded(engine, bare):
         engine.generate(GenerationRequest(model="tiny-sd15", max_sequence_length=77))
 
 
+def test_explicit_sigmas_equal_bare_flux_pipeline_called_with_them(engine, bare):
+    # ComfyUI's `simple` schedule at 3 steps for a dev-like model (mu 1.15): 3 does not divide its 10000-entry table,
+    # so it is not diffusers' default; tiny-flux's scheduler has shift 1.0, so bare diffusers runs the sigmas as given
+    from sd_core import comfy_samplers
+
+    sigmas = comfy_samplers.flow_schedule(None, "simple", 3, 1.15)
+    result = generate(engine, sigmas=sigmas)
+    assert result.request.num_inference_steps == 3 and result.request.sigmas == sigmas
+    assert "Steps: 3, Sampler: Euler," in result.parameters
+    assert f"Sigmas: {' '.join(f'{s:.8g}' for s in sigmas)}, Version" in result.parameters
+    assert np.array_equal(pixels(result), bare(num_inference_steps=3, sigmas=sigmas))
+    assert not np.array_equal(pixels(result), pixels(generate(engine, num_inference_steps=3)))
+    img2img = generate(engine, image=png(Image.fromarray(bare())), strength=0.7, sigmas=sigmas)
+    assert np.array_equal(pixels(img2img), bare("img2img", image=Image.fromarray(bare()), strength=0.7,
+                                                num_inference_steps=3, sigmas=sigmas))
+
+
+def test_jobs_with_different_sigmas_never_share_a_batch():
+    from sd_core.jobs import Job
+
+    jobs = [Job(request=GenerationRequest(model="m", sigmas=sigmas), manifest=None, width=64, height=64, seeds=[1])
+            for sigmas in ([1.0, 0.5], [1.0, 0.25], None)]
+    assert len({job.batch_key for job in jobs}) == 3
+
+
+def test_explicit_sigmas_are_checked_and_refused_off_flow_models(engine):
+    from sd_core.schema import parse_request
+
+    for sigmas, reason in (([1.0, 1.0], "must decrease"), ([1.5, 0.5], "at most 1"), ([1.0, 0.0], "above 0"),
+                           ([], "List should have at least 1 item")):
+        with pytest.raises(InvalidRequest, match=f"^sigmas: .*{reason}"):
+            parse_request({"sigmas": sigmas})
+    with pytest.raises(InvalidRequest, match="^sigmas: 2 sigmas for num_inference_steps 3"):
+        parse_request({"sigmas": [1.0, 0.5], "num_inference_steps": 3})
+    with pytest.raises(InvalidRequest, match="^sigmas: 'tiny-sd15' is a sd15 model, which takes no explicit sigmas"):
+        engine.generate(GenerationRequest(model="tiny-sd15", sigmas=[1.0, 0.5]))
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ({"negative_prompt": "blurry"}, "^negative_prompt: 'tiny-flux' is a flux model, which takes no negative prompt"),
     ({"scheduler": "DPM++ 2M Karras"}, "^scheduler: 'DPM\\+\\+ 2M Karras' does not run tiny-flux's model family "

@@ -64,8 +64,10 @@ def bare(tiny_bucket):
             pipes[key] = cls.from_pipe(base)
             pipes[key].set_progress_bar_config(disable=True)
         size = {} if mode == "img2img" else {"width": 64, "height": 64}
+        scheduler, steps = kwargs.pop("scheduler", None), kwargs.pop("num_inference_steps", 2)
+        pipe = pipes[key] if scheduler is None else type(pipes[key]).from_pipe(pipes[key], scheduler=scheduler)
         with torch.inference_mode():
-            images = pipes[key](prompt=[kwargs.pop("prompt", PROMPT)] * len(seeds), num_inference_steps=2,
+            images = pipe(prompt=[kwargs.pop("prompt", PROMPT)] * len(seeds), num_inference_steps=steps,
                                 guidance_scale=5.0, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                                 **size, **kwargs).images
         return [np.asarray(image.convert("RGB"), dtype=np.float32) for image in images]
@@ -85,6 +87,21 @@ def test_img2img_and_inpaint_equal_bare_diffusers(engine, bare, init, mask):
                           bare("img2img", image=init, strength=0.8)[0])
     assert np.array_equal(pixels(generate(engine, image=png(init), mask=png(mask), strength=0.8)),
                           bare("inpaint", image=init, mask_image=mask, strength=0.8)[0])
+
+
+def test_explicit_sigmas_equal_bare_diffusers_with_them_unshifted(engine, bare, tiny_bucket):
+    # ComfyUI's `simple` at 3 steps on SD3's shift 3.0 (not diffusers' default schedule); bare diffusers runs given
+    # sigmas as given with its scheduler's shift at 1.0
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sd_core import comfy_samplers
+
+    sigmas = comfy_samplers.flow_schedule(None, "simple", 3, None, 3.0)
+    config = FlowMatchEulerDiscreteScheduler.load_config(tiny_bucket / "tiny-sd3" / "diffusers" / "scheduler")
+    unshifted = FlowMatchEulerDiscreteScheduler.from_config(config, shift=1.0)
+    result = generate(engine, sigmas=sigmas, num_inference_steps=None)
+    assert np.array_equal(pixels(result, 0), bare(sigmas=sigmas, scheduler=unshifted, num_inference_steps=3)[0])
+    assert not np.array_equal(pixels(result, 0), pixels(generate(engine, num_inference_steps=3), 0))
 
 
 def test_manifest_without_t5_equals_bare_diffusers_without_it(engine, bare):

@@ -25,13 +25,14 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #   hires       -> hires_scale, hires_upscaler, hires_steps, hires_denoising_strength (HiresSpec's fields; the rest
 #                  of HiresSpec at its defaults); hires_scale 0 (its default) means no hires fix.
 #   embeddings  -> one string of name=URL pairs (cog_inputs.parse_embedding_list).
+#   sigmas      -> one string of comma-separated numbers (cog_inputs.parse_sigmas).
 #   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
 #   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end/
 #                  preprocessor.
 #   ip_adapters -> ip_adapter_image (a Cog file input, IpAdapterSpec.image) + ip_adapter_scale (IpAdapterSpec.scale):
 #                  one image for the model's first IP-Adapter.
 AS_FILES = {"image", "mask"}
-REPLACED = {"loras", "hires", "embeddings", "outpaint", "controlnets", "ip_adapters"}
+REPLACED = {"loras", "hires", "embeddings", "sigmas", "outpaint", "controlnets", "ip_adapters"}
 LORA_INPUTS = {"lora_weights": ("loras", "source"), "lora_scale": ("loras", "scale"),
                "extra_lora": ("loras", "source"), "extra_lora_scale": ("loras", "scale")}
 # upscale-only jobs (sd_core/upscale_job.py's UpscaleRequest, not GenerationRequest): upscale_only > 0 switches to one
@@ -98,7 +99,7 @@ def comparable(cog: dict) -> dict:
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
     expected = ((set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
                 | set(UPSCALE_INPUTS)
-                | {"embeddings"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS) | {"control_image"}
+                | {"embeddings", "sigmas"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS) | {"control_image"}
                 | set(IP_ADAPTER_INPUTS))
     assert set(cog_inputs) == expected
 
@@ -116,9 +117,20 @@ def test_image_inputs_are_optional_cog_files(cog_inputs, name):
 
 def test_adapter_only_inputs_replace_exactly_the_replaced_fields():
     replaced = {field for field, _ in (*LORA_INPUTS.values(), *IP_ADAPTER_INPUTS.values())}
-    assert replaced | {"hires", "embeddings", "outpaint", "controlnets"} == REPLACED
+    assert replaced | {"hires", "embeddings", "sigmas", "outpaint", "controlnets"} == REPLACED
     assert {spec_field for _, spec_field in LORA_INPUTS.values()} <= set(LoraSpec.model_fields)
     assert {spec_field for _, spec_field in IP_ADAPTER_INPUTS.values()} <= set(IpAdapterSpec.model_fields)
+
+
+def test_sigmas_input_is_one_optional_string_of_numbers(cog_inputs):
+    import cog_inputs as parsing
+    from sd_core.errors import InvalidRequest
+
+    assert GenerationRequest.model_fields["sigmas"].default is None  # the model's own schedule unless asked
+    assert cog_inputs["sigmas"]["type"] == "string" and cog_inputs["sigmas"]["nullable"]
+    assert parsing.parse_sigmas(" 1, 0.75,0.5 ") == [1.0, 0.75, 0.5] and parsing.parse_sigmas("") is None
+    with pytest.raises(InvalidRequest, match="^sigmas: expected numbers separated by commas; got 'x'"):
+        parsing.parse_sigmas("1, x")
 
 
 def test_ip_adapter_inputs_follow_ip_adapter_spec(cog_inputs):
