@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -103,3 +104,18 @@ def parse_sigmas(text: str | None) -> list[float] | None:
             raise InvalidRequest(f"expected numbers separated by commas; got {quote(part.strip(), 40)}",
                                  field="sigmas") from None
     return sigmas
+
+
+def parse_control_units(text: str | None) -> list[dict]:
+    """Cog's JSON form of more ControlNet units: ``'[{"model": ..., "image": ..., ...}]'`` -> GenerationRequest's
+    ``controlnets`` items (validated there like a native request's); empty: none."""
+    if text is None or not text.strip():
+        return []
+    try:
+        units = json.loads(text)
+    except ValueError as exc:
+        raise InvalidRequest(f"not valid JSON ({quote(str(exc), 80)})", field="control_units") from None
+    if not isinstance(units, list) or not all(isinstance(unit, dict) for unit in units):
+        raise InvalidRequest("expected a JSON list of unit objects ([{\"model\": ..., \"image\": ...}])",
+                             field="control_units")
+    return units

@@ -151,6 +151,11 @@ class Runner(BaseRunner):
             default="none", max_length=64,
             description="Preprocessor for control_image: none (the control map itself), canny, ... (module_list)",
         ),
+        control_units: str | None = Input(
+            default=None, max_length=20000000,
+            description="More ControlNet units: a JSON list of {model, image (URL or data URI), scale, start, end, "
+                        "mode, preprocessor, ...} (docs/api.md), applied after control_image's",
+        ),
         ip_adapter_image: Path | None = Input(
             default=None, description="Image prompt (IP-Adapter): a style or subject reference image"
         ),
@@ -232,7 +237,8 @@ class Runner(BaseRunner):
                           "denoising_strength": hires_denoising_strength} if hires_scale else None,
                 "embeddings": cog_inputs.parse_embedding_list(embeddings),
                 "controlnets": cog_inputs.control_units(control_image, control_model, control_scale, control_start,
-                                                        control_end, control_preprocessor),
+                                                        control_end, control_preprocessor)
+                               + cog_inputs.parse_control_units(control_units),
                 "ip_adapters": [{"image": cog_inputs.user_file_text(ip_adapter_image, "ip_adapter_image"),
                                  "scale": ip_adapter_scale}] if ip_adapter_image is not None else [],
             })

@@ -426,6 +426,32 @@ def test_control_preprocessor_input_is_the_native_units_preprocessor(cog_server,
     assert unknown["status"] == "failed"
     assert "preprocessor: 'depth_zoe' is not available on this worker" in unknown["error"]
 
+
+def test_control_units_json_adds_units_to_the_typed_one(cog_server, engine):
+    """control_image + two more units in control_units: the native request with the three units, pixel for pixel."""
+    from sd_core.schema import GenerationRequest
+
+    maps = []
+    for seed in (2, 3):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
+        maps.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
+    more = [{"model": "tiny-control-a", "image": maps[1], "scale": 0.7, "start": 0.25, "mode": "prompt"},
+            {"model": "tiny-control-a", "image": maps[0], "scale": 1.2, "end": 0.5}]
+    got = cog_server.predict({**FAST, "seed": 5, "control_image": maps[0], "control_model": "tiny-control-a",
+                              "control_units": json.dumps(more)})
+    assert got["status"] == "succeeded", got.get("error")
+    native = engine.generate(GenerationRequest(**FAST, seed=5, controlnets=[
+        {"model": "tiny-control-a", "image": maps[0]}, *more]))
+    typed_only = engine.generate(GenerationRequest(**FAST, seed=5, controlnets=[
+        {"model": "tiny-control-a", "image": maps[0]}]))
+    pixels = np.asarray(decode_output(got["output"][0])[1].convert("RGB"))
+    assert np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(native.images[0].data)).convert("RGB")))
+    assert not np.array_equal(pixels, np.asarray(Image.open(io.BytesIO(typed_only.images[0].data)).convert("RGB")))
+    bad = cog_server.predict({**FAST, "control_units": json.dumps([{"model": "tiny-control-a", "image": maps[0],
+                                                                     "scale": 9}])})
+    assert bad["status"] == "failed" and "scale" in bad["error"] and "Traceback" not in bad["error"]
+
 # --- safety checker: on by default on Cog (the tiny checker flags nothing; more in tests/sd_core/test_safety.py)
 
 

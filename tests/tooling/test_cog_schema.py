@@ -28,7 +28,7 @@ SCRIPT = REPO / "scripts" / "checks" / "write_cog_schema.py"
 #   sigmas      -> one string of comma-separated numbers (cog_inputs.parse_sigmas).
 #   outpaint    -> outpaint_left/_right/_top/_bottom (OutpaintSpec's fields; all 0: no outpainting).
 #   controlnets -> one unit: control_image (a file input, like image) + control_model/scale/start/end/
-#                  preprocessor.
+#                  preprocessor; control_units: more units as one JSON string (ControlNetUnit items).
 #   ip_adapters -> ip_adapter_image (a Cog file input, IpAdapterSpec.image) + ip_adapter_scale (IpAdapterSpec.scale):
 #                  one image for the model's first IP-Adapter.
 AS_FILES = {"image", "mask"}
@@ -99,7 +99,8 @@ def comparable(cog: dict) -> dict:
 def test_cog_inputs_are_exactly_the_request_fields(cog_inputs):
     expected = ((set(GenerationRequest.model_fields) - REPLACED) | set(LORA_INPUTS) | set(HIRES_INPUTS)
                 | set(UPSCALE_INPUTS)
-                | {"embeddings", "sigmas"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS) | {"control_image"}
+                | {"embeddings", "sigmas"} | set(OUTPAINT_INPUTS) | set(CONTROL_INPUTS)
+                | {"control_image", "control_units"}
                 | set(IP_ADAPTER_INPUTS))
     assert set(cog_inputs) == expected
 
@@ -274,3 +275,16 @@ def test_check_fails_on_a_stale_schema(tmp_path, openapi):
         [sys.executable, str(SCRIPT), "--check", "--output", str(path)], capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 1 and "stale" in result.stderr
+
+
+def test_control_units_input_is_one_optional_json_list(cog_inputs):
+    import cog_inputs as parsing
+    from sd_core.errors import InvalidRequest
+
+    assert cog_inputs["control_units"]["type"] == "string" and cog_inputs["control_units"]["nullable"]
+    unit = {"model": "m", "image": "data:image/png;base64,AA==", "scale": 0.5, "mode": "prompt"}
+    assert parsing.parse_control_units(json.dumps([unit])) == [unit] and parsing.parse_control_units(" ") == []
+    with pytest.raises(InvalidRequest, match="^control_units: not valid JSON"):
+        parsing.parse_control_units("[{")
+    with pytest.raises(InvalidRequest, match="^control_units: expected a JSON list of unit objects"):
+        parsing.parse_control_units('{"model": "m"}')
