@@ -1,7 +1,6 @@
 """SD3 ControlNet (`controlnets` on tiny-sd3): equal to bare diffusers' StableDiffusion3ControlNetPipeline (one unit,
 two, a start/end window), scale 0 = the plain image, same pixels on every run, the A1111 form, clear refusals."""
 
-import functools
 import io
 
 import numpy as np
@@ -24,7 +23,8 @@ def generate(engine, **fields) -> np.ndarray:
     return as_array(Image.open(io.BytesIO(result.images[0].data)))
 
 
-unit = functools.partial(control_unit, "tiny-sd3-control")
+def unit(name="tiny-sd3-control", seed=1, **extra) -> dict:
+    return control_unit(name, seed, **extra)
 
 
 @pytest.fixture(scope="module")
