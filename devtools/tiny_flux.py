@@ -136,6 +136,14 @@ def write_flux_loras(transformer: FluxTransformer2DModel, out: Path, seed: int) 
     return paths
 
 
+def save_flux_folder(pipe, folder: Path, tokenizer: Path) -> None:
+    """Save ``pipe`` as a diffusers folder (safetensors) with the hand-written CLIP tokenizer files of ``tokenizer``
+    (vocab + merges, as the real repos ship them) in place of what save_pretrained writes."""
+    pipe.save_pretrained(folder, safe_serialization=True)
+    shutil.rmtree(folder / "tokenizer")
+    shutil.copytree(tokenizer, folder / "tokenizer")
+
+
 def write_tiny_flux(out: Path, seed: int) -> dict[str, Path]:
     """Write tiny-flux (diffusers folder) and its LoRAs under ``out``; return their paths."""
     root = out / "tiny-flux"
@@ -143,9 +151,7 @@ def write_tiny_flux(out: Path, seed: int) -> dict[str, Path]:
     shutil.rmtree(root, ignore_errors=True)
     with tempfile.TemporaryDirectory() as scratch:
         pipe = build_flux_pipeline(seed, Path(scratch))
-        pipe.save_pretrained(folder, safe_serialization=True)
-        shutil.rmtree(folder / "tokenizer")  # the hand-written CLIP files, as the real repo ships vocab + merges
-        shutil.copytree(Path(scratch) / "tokenizer", folder / "tokenizer")
+        save_flux_folder(pipe, folder, Path(scratch) / "tokenizer")
     shutil.copytree(folder, root / "base")
     for weights in (root / "base" / "transformer").glob("*.safetensors*"):  # its config.json stays
         weights.unlink()
@@ -155,5 +161,5 @@ def write_tiny_flux(out: Path, seed: int) -> dict[str, Path]:
     paths.update(write_flux_loras(pipe.transformer, out / "loras", seed))
     from devtools.tiny_flux_fill import write_tiny_flux_fill  # its own module, which imports this one
 
-    paths.update(write_tiny_flux_fill(out, seed))
+    paths.update(write_tiny_flux_fill(out, seed, pipe, folder / "tokenizer"))
     return paths

@@ -12,13 +12,12 @@ in 2x2 patches: 256). FLUX.1 Fill dev: 64 + 64 + 256 = 384 in, 64 out; here 16 +
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import FluxFillPipeline, FluxTransformer2DModel
 
-from devtools.tiny_flux import LATENT_CHANNELS, SEED_OFFSETS, TRANSFORMER, VAE, build_flux_pipeline
+from devtools.tiny_flux import LATENT_CHANNELS, SEED_OFFSETS, TRANSFORMER, VAE, save_flux_folder
 
 VAE_SCALE_FACTOR = 2 ** (len(VAE["block_out_channels"]) - 1)  # 8, as FluxFillPipeline computes it
 PACKED_LATENTS = 4 * LATENT_CHANNELS
@@ -27,19 +26,16 @@ FILL_TRANSFORMER = {**TRANSFORMER, "in_channels": 2 * PACKED_LATENTS + 4 * VAE_S
 SEED_OFFSET = SEED_OFFSETS["transformer"] + 10
 
 
-def write_tiny_flux_fill(out: Path, seed: int) -> dict[str, Path]:
-    """Write tiny-flux-fill (diffusers folder) under ``out``; return its path."""
+def write_tiny_flux_fill(out: Path, seed: int, base, tokenizer: Path) -> dict[str, Path]:
+    """Write tiny-flux-fill (diffusers folder) under ``out``, on the scheduler, encoders and VAE of ``base`` (the tiny
+    FluxPipeline of the same seed) and the CLIP tokenizer files in ``tokenizer``; return its path."""
     root = out / "tiny-flux-fill"
     folder = root / "diffusers"
     shutil.rmtree(root, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as scratch:
-        base = build_flux_pipeline(seed, Path(scratch))
-        torch.manual_seed(seed * 100 + SEED_OFFSET)
-        transformer = FluxTransformer2DModel(**FILL_TRANSFORMER)
-        pipe = FluxFillPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
-                                tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
-                                tokenizer_2=base.tokenizer_2, transformer=transformer)
-        pipe.save_pretrained(folder, safe_serialization=True)
-        shutil.rmtree(folder / "tokenizer")  # the hand-written CLIP files, as devtools/tiny_flux.py keeps them
-        shutil.copytree(Path(scratch) / "tokenizer", folder / "tokenizer")
+    torch.manual_seed(seed * 100 + SEED_OFFSET)
+    transformer = FluxTransformer2DModel(**FILL_TRANSFORMER)
+    pipe = FluxFillPipeline(scheduler=base.scheduler, vae=base.vae, text_encoder=base.text_encoder,
+                            tokenizer=base.tokenizer, text_encoder_2=base.text_encoder_2,
+                            tokenizer_2=base.tokenizer_2, transformer=transformer)
+    save_flux_folder(pipe, folder, tokenizer)
     return {"tiny-flux-fill": root}

@@ -83,7 +83,7 @@ def controlnet_units(translator, sampler: Node, positive: list[Node], negative: 
         if apply.class_type == "ControlNetApplyAdvanced":
             window = _window(apply, sampler.inputs["scheduler"], *steps)
             if "vae" in apply.inputs:
-                translator._check_vae(apply, model)
+                translator.check_vae(apply, model)
         if strength == 0 or window is None:  # ComfyUI leaves the conditioning as it is / never runs it
             continue
         loader, _ = graph.source(apply, "control_net")
@@ -93,7 +93,7 @@ def controlnet_units(translator, sampler: Node, positive: list[Node], negative: 
         if load.class_type != "LoadImage":
             raise apply.error(f"its image must come from a LoadImage (the control map itself; preprocessor nodes "
                               f"are not supported), not from {load.label}")
-        data, image = translator._image(load)
+        data, image = translator.images.load(load)
         if image.size != (width, height):
             raise apply.error(f"the control image is {image.width}x{image.height} but the sampler makes "
                               f"{width}x{height} images: ComfyUI would scale and centre-crop it, which this worker "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import math
 from dataclasses import dataclass, field
 
@@ -13,17 +12,13 @@ from .checkpoints import title_to_name
 from .comfy_conditioning import check_sdxl_size, controlnet_units, encoder_text, walk
 from .comfy_flux import FluxSampler, uses_flux
 from .comfy_graph import Graph, Node
+from .comfy_hires import latent_hires, model_hires
+from .comfy_images import NamedImages, mask_image
 from .comfy_samplers import scheduler_name
 from .comfy_sd3 import SD3Sampler, uses_sd3
-from .errors import InvalidRequest, quote
-from .input_images import open_image, read_image_bytes
+from .errors import quote
 from .prompt_tags import TAG
 from .schema import MAX_SEED, GenerationRequest, describe_validation_error
-
-MAX_IMAGES = 8  # named input images one job may carry
-# ComfyUI's latent upscale_method -> the hires fix's latent upscaler doing the same torch interpolate call.
-LATENT_METHODS = {"bilinear": "Latent", "bicubic": "Latent (bicubic)", "nearest-exact": "Latent (nearest-exact)"}
-_CHANNELS = {"red": 0, "green": 1, "blue": 2, "alpha": 3}
 
 
 @dataclass
@@ -41,7 +36,7 @@ class Output:
 
 
 @dataclass
-class _Model:
+class ModelChain:
     """What a KSampler's model and prompts come from: one checkpoint, its LoRAs, the CLIP layers skipped."""
 
     checkpoint: Node
@@ -63,8 +58,7 @@ class Translator:
         self.family = family  # manifest name -> its family name (None: unknown); None: no catalog
         self.settings = settings
         self.upscaler_scale = upscaler_scale  # name -> a model upscaler's native scale (None: unknown)
-        self.named = _named_images(images)
-        self._decoded: dict[str, tuple[bytes, object]] = {}
+        self.images = NamedImages(images, settings)  # the job's named images (comfy_images)
         self.control_loaders: dict[str, list[Node]] = {}  # sampler id -> the loader node of each ControlNet unit
 
     def outputs(self) -> list[Output]:
@@ -94,8 +88,8 @@ class Translator:
             return self._validated(sampler, fields), sampler, schedule, None
         if sampler.class_type not in ("KSampler", "KSamplerAdvanced"):
             raise decode.error(f"its samples must come from a KSampler or KSamplerAdvanced, not from {sampler.label}")
-        fields, model = self._sampler(sampler)
-        self._check_vae(decode, model)
+        fields, model = self.sampler_fields(sampler)
+        self.check_vae(decode, model)
         return self._validated(sampler, fields), sampler, None, None
 
     @staticmethod
@@ -105,13 +99,13 @@ class Translator:
         except ValidationError as exc:
             raise sampler.error(describe_validation_error(exc)) from None
 
-    def _check_vae(self, node: Node, model: _Model) -> None:
+    def check_vae(self, node: Node, model: ModelChain) -> None:
         source, index = self.graph.source(node, "vae")
         if source is not model.checkpoint or index != 2:
             raise node.error("its vae must be the VAE output (2) of the KSampler's CheckpointLoaderSimple")
 
     # --- the sampler ---------------------------------------------------------------------------------------------
-    def _sampler(self, node: Node) -> tuple[dict, _Model]:
+    def sampler_fields(self, node: Node) -> tuple[dict, ModelChain]:
         inputs = node.inputs
         model = self._model(node)
         (positive, pos_controls), (negative, neg_controls) = (walk(self.graph, node, "positive"),
@@ -152,7 +146,7 @@ class Translator:
             check_sdxl_size(encoder, *size)
         return fields, model
 
-    def _latent(self, node: Node, fields: dict, model: _Model, steps: int) -> dict:
+    def _latent(self, node: Node, fields: dict, model: ModelChain, steps: int) -> dict:
         """``fields`` with the sampler's latent: txt2img, img2img, inpaint or a hires second pass."""
         schedule, run = self._schedule(node, steps)
         latent, _ = self.graph.source(node, "latent_image")
@@ -165,24 +159,24 @@ class Translator:
             return fields
         fields.update(num_inference_steps=schedule, strength=_strength(node, run, schedule))
         if latent.class_type in ("LatentUpscale", "LatentUpscaleBy"):
-            return self._latent_hires(node, latent, fields, model, run)
+            return latent_hires(self, node, latent, fields, model, run)
         if latent.class_type == "VAEEncode":
             pixels, _ = self.graph.source(latent, "pixels")
             if pixels.class_type == "ImageUpscaleWithModel":
-                return self._model_hires(node, latent, pixels, fields, model, run)
+                return model_hires(self, node, latent, pixels, fields, model, run)
             fields.update(self._init_image(latent, model))
         elif latent.class_type == "SetLatentNoiseMask":
             encode, _ = self.graph.source(latent, "samples")
             if encode.class_type != "VAEEncode":
                 raise latent.error(f"its samples must come from a VAEEncode of a LoadImage, not {encode.label}")
-            fields.update(self._init_image(encode, model), mask=self._mask(latent))
+            fields.update(self._init_image(encode, model), mask=mask_image(self.graph, self.images, latent))
         elif latent.class_type == "VAEEncodeForInpaint":
             if latent.inputs["grow_mask_by"] != 0:
                 raise latent.error("grow_mask_by must be 0 (growing the mask is not supported by this worker)")
             if run != schedule:  # it greys the masked pixels out: only a full denoise leaves nothing of them
                 raise node.error("a VAEEncodeForInpaint latent needs denoise 1 here (it erases the masked pixels); "
                                  "use SetLatentNoiseMask for a partial denoise")
-            fields.update(self._init_image(latent, model), mask=self._mask(latent))
+            fields.update(self._init_image(latent, model), mask=mask_image(self.graph, self.images, latent))
         else:
             raise node.error(f"its latent_image must come from EmptyLatentImage, VAEEncode, SetLatentNoiseMask, "
                              f"VAEEncodeForInpaint or a latent upscale, not from {latent.label}")
@@ -210,7 +204,7 @@ class Translator:
         return steps, steps - start
 
     # --- model, LoRAs, CLIP, prompts --------------------------------------------------------------------------------
-    def _model(self, sampler: Node) -> _Model:
+    def _model(self, sampler: Node) -> ModelChain:
         node, index = self.graph.source(sampler, "model")
         loras: dict = {}
         while node.class_type in ("LoraLoader", "LoraLoaderModelOnly"):
@@ -220,9 +214,9 @@ class Translator:
         if node.class_type != "CheckpointLoaderSimple" or index != 0:
             raise sampler.error(f"its model must come from a CheckpointLoaderSimple (through LoRA loaders), "
                                 f"not from {node.label}")
-        return _Model(node, dict(reversed(loras.items())))  # in the order ComfyUI applies them: checkpoint first
+        return ModelChain(node, dict(reversed(loras.items())))  # in the order ComfyUI applies them: checkpoint first
 
-    def _text(self, sampler: Node, name: str, encoder: Node, model: _Model) -> str:
+    def _text(self, sampler: Node, name: str, encoder: Node, model: ModelChain) -> str:
         text = encoder_text(encoder)
         if name == "positive" and TAG.search(text):
             raise encoder.error("<lora:...> tags are not ComfyUI syntax (and would apply a LoRA here); use a "
@@ -254,118 +248,16 @@ class Translator:
         return text
 
     # --- input images -------------------------------------------------------------------------------------------
-    def _init_image(self, encode: Node, model: _Model) -> dict:
-        self._check_vae(encode, model)
+    def _init_image(self, encode: Node, model: ModelChain) -> dict:
+        self.check_vae(encode, model)
         load, index = self.graph.source(encode, "pixels")
         if load.class_type != "LoadImage":
             raise encode.error(f"its pixels must come from a LoadImage, not from {load.label}")
-        data, image = self._image(load)
+        data, image = self.images.load(load)
         if image.width % 8 or image.height % 8:
             raise load.error(f"the image is {image.width}x{image.height}; width and height must be multiples of 8 "
                              "(ComfyUI would crop it): crop or resize it first")
         return {"image": base64.b64encode(data).decode(), "width": image.width, "height": image.height}
-
-    def _mask(self, node: Node) -> str:
-        """The MASK wired into ``node`` as the engine's mask image (white = repaint), a base64 PNG."""
-        source, index = self.graph.source(node, "mask")
-        if source.class_type == "LoadImage":  # output 1: the inverted alpha channel
-            channel = "alpha"
-        elif source.class_type == "LoadImageMask":
-            channel = source.inputs["channel"]
-            if channel not in _CHANNELS:
-                raise source.error(f"channel must be one of {', '.join(_CHANNELS)}, got {quote(channel)}")
-        else:
-            raise node.error(f"its mask must come from a LoadImage or LoadImageMask, not from {source.label}")
-        _, image = self._image(source)
-        if channel == "alpha":
-            if "A" not in image.getbands():
-                raise source.error("the image has no alpha channel to take the mask from")
-            from PIL import ImageOps
-
-            mask = ImageOps.invert(image.getchannel("A"))  # ComfyUI: mask = 1 - alpha (transparent = repaint)
-        else:
-            mask = image.convert("RGBA").getchannel(_CHANNELS[channel])
-        buffer = io.BytesIO()
-        mask.save(buffer, format="PNG")
-        return base64.b64encode(buffer.getvalue()).decode()
-
-    def _image(self, load: Node) -> tuple[bytes, object]:
-        name = load.inputs["image"]
-        if name not in self.named:
-            listed = ", ".join(quote(n, 40) for n in list(self.named)[:MAX_IMAGES]) or "none"
-            raise load.error(f"image {quote(name, 60)} is not among the job's images (named: {listed})")
-        if name not in self._decoded:
-            field = f"images.{quote(name, 40)}"
-            data = read_image_bytes(self.named[name], field, self.settings)
-            self._decoded[name] = (data, open_image(data, field))
-        return self._decoded[name]
-
-    # --- hires fix: a second KSampler on an upscaled first pass ---------------------------------------------------
-    def _first_pass(self, second: Node, first_node: Node, model: _Model, fields: dict) -> dict:
-        if first_node.class_type not in ("KSampler", "KSamplerAdvanced"):
-            raise second.error(f"a hires second pass must upscale a KSampler's output, not {first_node.label}")
-        first, first_model = self._sampler(first_node)
-        if first.get("image") is not None or first.get("hires") is not None:
-            raise first_node.error("a hires first pass must be txt2img (an EmptyLatentImage)")
-        if first.get("controlnets"):
-            raise first_node.error("ControlNets in a two-pass (hires) workflow are not supported by this worker")
-        if (first_model.checkpoint, first_model.clip, first_model.loras.keys()) != (
-                model.checkpoint, model.clip, model.loras.keys()) or first["loras"] != fields["loras"]:
-            raise second.error("the hires second pass must use the first pass's checkpoint, LoRAs and CLIP")
-        if fields["seed"] != first["seed"]:
-            raise second.error(f"the hires second pass runs with the first pass's seed here ({first['seed']}), "
-                               f"got {fields['seed']}")
-        for key in ("prompt", "negative_prompt"):  # the hires fix reads an empty second-pass text as "the first's"
-            if fields[key] != first[key] and not fields[key]:
-                raise second.error(f"an empty second-pass {key.replace('_', ' ')} is not supported with a "
-                                   "non-empty first one")
-        return first
-
-    def _hires(self, first: dict, fields: dict, run: int, upscaler: str, **size) -> dict:
-        hires = {"upscaler": upscaler, "steps": run, "denoising_strength": fields["strength"], **size}
-        if fields["prompt"] != first["prompt"]:
-            hires["prompt"] = fields["prompt"]
-        if fields["negative_prompt"] != first["negative_prompt"]:
-            hires["negative_prompt"] = fields["negative_prompt"]
-        if fields["scheduler"] != first["scheduler"]:
-            hires["scheduler"] = fields["scheduler"]
-        if fields["guidance_scale"] != first["guidance_scale"]:
-            hires["guidance_scale"] = fields["guidance_scale"]
-        return {**first, "hires": hires}
-
-    def _latent_hires(self, second: Node, upscale: Node, fields: dict, model: _Model, run: int) -> dict:
-        source, _ = self.graph.source(upscale, "samples")
-        first = self._first_pass(second, source, model, fields)
-        method = upscale.inputs["upscale_method"]
-        if method not in LATENT_METHODS:
-            raise upscale.error(f"upscale_method {quote(method)} is not supported; use {', '.join(LATENT_METHODS)}")
-        cells_w, cells_h = first["width"] // 8, first["height"] // 8
-        if upscale.class_type == "LatentUpscaleBy":
-            scale = upscale.inputs["scale_by"]
-            width, height = round(cells_w * scale) * 8, round(cells_h * scale) * 8  # ComfyUI rounds latent cells
-        else:
-            width, height = int(upscale.inputs["width"]), int(upscale.inputs["height"])
-            if width % 8 or height % 8 or not width or not height:
-                raise upscale.error("width and height must be given, as multiples of 8")
-        if width * first["height"] != height * first["width"] or width < first["width"]:
-            raise upscale.error(f"{first['width']}x{first['height']} to {width}x{height}: only upscales keeping "
-                                "the aspect ratio are supported (the hires fix neither stretches nor shrinks)")
-        return self._hires(first, fields, run, LATENT_METHODS[method], width=width, height=height)
-
-    def _model_hires(self, second: Node, encode: Node, upscale: Node, fields: dict, model: _Model, run: int) -> dict:
-        self._check_vae(encode, model)
-        loader, _ = self.graph.source(upscale, "upscale_model")
-        decode, _ = self.graph.source(upscale, "image")
-        if decode.class_type != "VAEDecode":
-            raise upscale.error(f"its image must be a VAEDecode of the first KSampler, not {decode.label}")
-        self._check_vae(decode, model)
-        source, _ = self.graph.source(decode, "samples")
-        first = self._first_pass(second, source, model, fields)
-        name = model_name(loader.inputs["model_name"])
-        scale = self.upscaler_scale(name) if self.upscaler_scale is not None else None
-        if scale is None:
-            raise loader.error(f"unknown upscale model {quote(loader.inputs['model_name'])} (docs/models.md)")
-        return self._hires(first, fields, run, name, scale=scale)
 
 
 def _strength(node: Node, run: int, schedule: int) -> float:
@@ -378,21 +270,3 @@ def _strength(node: Node, run: int, schedule: int) -> float:
         raise node.error(f"cannot run {run} of {schedule} steps")
     return strength
 
-
-def _named_images(images) -> dict[str, str]:
-    """The job's ``images``: [{"name": ..., "image": base64 or URL}] -> name -> value."""
-    if images is None:
-        return {}
-    if not isinstance(images, list) or len(images) > MAX_IMAGES:
-        raise InvalidRequest(f"expected a list of at most {MAX_IMAGES} {{\"name\", \"image\"}} objects",
-                             field="images")
-    named = {}
-    for index, entry in enumerate(images):
-        if not isinstance(entry, dict) or set(entry) != {"name", "image"} or not all(
-                isinstance(v, str) for v in entry.values()) or not 0 < len(entry["name"]) <= 200:
-            raise InvalidRequest(f"images[{index}]: expected {{\"name\": \"<file name>\", \"image\": \"<base64 or "
-                                 "URL>\"}}", field="images")
-        if entry["name"] in named:
-            raise InvalidRequest(f"images[{index}]: duplicate name {quote(entry['name'])}", field="images")
-        named[entry["name"]] = entry["image"]
-    return named

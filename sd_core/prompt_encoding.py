@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidRequest
-from .prompt_syntax import Conditioning, Fragment, PromptSchedule, has_syntax, parse_attention, parse_prompt
+from .prompt_attention import Conditioning, Fragment, parse_attention
+from .prompt_syntax import PromptSchedule, has_syntax, parse_prompt
 
 CHUNK = 75  # tokens per chunk between BOS and EOS
 BACKTRACK = 20  # A1111's comma_padding_backtrack: a chunk cut this close after a comma breaks after the comma
@@ -124,7 +125,7 @@ def _emphasis(z, weights):
 
 
 def encode_fragments(pipe, fragments: Conditioning, clip_skip: int = 0) -> Encoded:
-    """Weighted fragments (``prompt_syntax.parse_attention``) -> embeddings, through every text encoder."""
+    """Weighted fragments (``prompt_attention.parse_attention``) -> embeddings, through every text encoder."""
     import torch
 
     per_encoder, pooled = [], None

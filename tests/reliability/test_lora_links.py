@@ -7,8 +7,6 @@ import dataclasses
 import io
 import json
 import logging
-import threading
-from http.server import ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -20,7 +18,7 @@ from sd_core.lora_links import HubRepo, credential_headers, rewrite_lora_link
 from sd_core.schema import GenerationRequest
 from sd_core.settings import Settings
 from sd_core.user_urls import check_user_url
-from tests.fixtures.http_files import FileHandler
+from tests.fixtures.http_files import FileHandler, serving
 
 HF = "https://huggingface.co"
 CIVITAI = "https://civitai.com"
@@ -152,15 +150,9 @@ def hub(tiny_bucket):
                                            {"type": "file", "path": "b.safetensors"}],
         "/api/models/org/none/tree/main": [{"type": "file", "path": "model.ckpt"}],
     })
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    server.seen = handler.seen
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(handler) as server:
+        server.seen = handler.seen
+        yield server
 
 
 @pytest.fixture

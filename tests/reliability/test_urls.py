@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
-import threading
 import time
-from http.server import ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -20,7 +18,7 @@ from sd_core.schema import GenerationRequest
 from sd_core.settings import Settings
 from sd_core.user_downloads import download_user_url
 from sd_core.user_urls import check_lora_source, check_name, check_user_url, redact_url
-from tests.fixtures.http_files import FileHandler
+from tests.fixtures.http_files import FileHandler, serving
 
 STRICT = Settings()  # the defaults: nothing private allowed
 LOCAL = Settings(url_allowed_hosts=("127.0.0.1",))
@@ -101,16 +99,10 @@ class _Handler(FileHandler):
 def web():
     """A local web server on 127.0.0.1 (reached through the SD_URL_ALLOWED_HOSTS allow-list), with hit counts."""
     handler = type("Handler", (_Handler,), {"hits": {}, "files": {}})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{server.server_address[1]}"
-    server.hits = handler.hits
-    server.files = handler.files
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(handler) as server:
+        server.hits = handler.hits
+        server.files = handler.files
+        yield server
 
 
 REFUSED = [

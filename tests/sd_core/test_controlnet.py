@@ -1,7 +1,6 @@
 """ControlNet units (`controlnets`): equal to bare diffusers' ControlNet pipelines, skipped at scale 0, several at
 once (MultiControlNet), canny preprocessing, img2img/inpaint, SDXL, wrong-architecture refusal, no mixing."""
 
-import base64
 import io
 import threading
 
@@ -12,51 +11,24 @@ from PIL import Image
 from sd_core.control_images import canny, control_image
 from sd_core.errors import InvalidRequest, ModelNotFound
 from sd_core.schema import GenerationRequest
+from tests.fixtures.controlnet import BareControlNet, as_array, picture, unit
+from tests.fixtures.images import png_b64 as b64
 
 FAST = {"prompt": "a house", "seed": 5, "num_inference_steps": 2, "guidance_scale": 7.0, "width": 64, "height": 64,
         "scheduler": "Euler", "model": "tiny-sd15"}
-
-
-def picture(seed: int, size=(64, 64)) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-def b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def pixels(result) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"), dtype=np.float32)
 
 
-def as_array(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float32)
-
-
-def unit(name="tiny-control-a", seed=1, **extra) -> dict:
-    return {"model": name, "image": b64(picture(seed)), **extra}
-
-
 def bare(tiny_bucket, names, mode="txt2img", arch="sd15", **kwargs):
     """The same generation through bare diffusers: the ControlNet pipeline made from the plain one with from_pipe."""
-    import diffusers
-    import torch
-
-    base = {"sd15": "StableDiffusion", "sdxl": "StableDiffusionXL"}[arch]
+    maker = BareControlNet(tiny_bucket, arch)
+    nets = [maker.net(name) for name in names]
     suffix = {"txt2img": "", "img2img": "Img2Img", "inpaint": "Inpaint"}[mode]
-    pipe = getattr(diffusers, f"{base}Pipeline").from_pretrained(tiny_bucket / f"tiny-{arch}" / "diffusers",
-                                                                  local_files_only=True)
-    nets = [diffusers.ControlNetModel.from_pretrained(tiny_bucket / "controlnets" / name) for name in names]
-    cls = getattr(diffusers, f"{base}ControlNet{suffix}Pipeline")
-    pipe = cls.from_pipe(pipe, controlnet=nets[0] if len(nets) == 1 else nets)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
-    with torch.inference_mode():
-        image = pipe(FAST["prompt"], num_inference_steps=2, guidance_scale=7.0,
-                     generator=torch.Generator("cpu").manual_seed(5), **kwargs).images[0]
-    return as_array(image)
+    pipe = maker.make(suffix, controlnet=nets[0] if len(nets) == 1 else nets)
+    return as_array(maker.run(pipe, prompt=FAST["prompt"], num_inference_steps=2, **kwargs))
 
 
 @pytest.fixture(scope="module")

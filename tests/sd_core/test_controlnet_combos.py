@@ -2,7 +2,6 @@
 fix (both passes, hr_option), the refiner (base pass only), tiling (UNet and VAE only), SDXL Union ControlNets; each
 equal to bare diffusers doing the same."""
 
-import base64
 import io
 
 import numpy as np
@@ -13,6 +12,9 @@ from sd_core import a1111
 from sd_core.controlnet_modes import soft_scales
 from sd_core.errors import InvalidRequest
 from sd_core.schema import GenerationRequest
+from tests.fixtures.controlnet import BareControlNet as Bare
+from tests.fixtures.controlnet import as_array, picture, unit
+from tests.fixtures.images import png_b64 as b64
 
 PROMPT = "a house"
 FAST = {"prompt": PROMPT, "seed": 5, "num_inference_steps": 2, "guidance_scale": 7.0, "width": 64, "height": 64,
@@ -20,63 +22,12 @@ FAST = {"prompt": PROMPT, "seed": 5, "num_inference_steps": 2, "guidance_scale":
 LANCZOS = Image.Resampling.LANCZOS
 
 
-def picture(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-
-
-def b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def pixels(result) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"), dtype=np.float32)
 
 
-def as_array(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float32)
-
-
-def unit(name="tiny-control-a", seed=1, **extra) -> dict:
-    return {"model": name, "image": b64(picture(seed)), **extra}
-
-
 def generate(engine, **fields):
     return pixels(engine.generate(GenerationRequest(**{**FAST, **fields})))
-
-
-class Bare:
-    """Bare diffusers: a base pipeline, and its ControlNet pipelines made with from_pipe, Euler as the engine's."""
-
-    def __init__(self, bucket, arch="sd15"):
-        import diffusers
-
-        self.diffusers, self.bucket = diffusers, bucket
-        self.family = {"sd15": "StableDiffusion", "sdxl": "StableDiffusionXL"}[arch]
-        self.pipe = getattr(diffusers, f"{self.family}Pipeline").from_pretrained(
-            bucket / f"tiny-{arch}" / "diffusers", local_files_only=True)
-
-    def net(self, folder, union=False):
-        cls = self.diffusers.ControlNetUnionModel if union else self.diffusers.ControlNetModel
-        return cls.from_pretrained(self.bucket / "controlnets" / folder)
-
-    def make(self, suffix="", controlnet=None, union=False):
-        name = f"{self.family}{'ControlNet' if controlnet is not None else ''}{'Union' if union else ''}{suffix}"
-        extra = {"controlnet": controlnet} if controlnet is not None else {}
-        pipe = getattr(self.diffusers, f"{name}Pipeline").from_pipe(self.pipe, **extra)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.scheduler = self.diffusers.EulerDiscreteScheduler.from_config(pipe.scheduler.config,
-                                                                           timestep_spacing="linspace")
-        return pipe
-
-    @staticmethod
-    def run(pipe, seed=5, **kwargs):
-        import torch
-
-        with torch.inference_mode():
-            return pipe(PROMPT, guidance_scale=7.0, generator=torch.Generator("cpu").manual_seed(seed),
-                        **kwargs).images[0]
 
 
 @pytest.fixture(scope="module")

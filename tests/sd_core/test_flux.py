@@ -1,7 +1,6 @@
 """FLUX.1 on the tiny FLUX twin (devtools/tiny_flux.py): equal to bare diffusers' Flux pipelines, distilled guidance,
 what FLUX refuses, LoRAs in three layouts, max_sequence_length and the memory options."""
 
-import base64
 import io
 import shutil
 
@@ -18,18 +17,14 @@ from sd_core.families import FAMILIES, detect_architecture
 from sd_core.manifests import ModelManifest
 from sd_core.memory_options import memory_plan
 from sd_core.schema import GenerationRequest
+from tests.fixtures.images import box_mask, noise_image
+from tests.fixtures.images import png_b64 as png
 
 PROMPT = "a red cat in the snow"
 
 
 def pixels(result, index=0) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[index].data)).convert("RGB"))
-
-
-def png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def generate(engine, **fields):
@@ -59,15 +54,12 @@ def bare(tiny_bucket):
 
 @pytest.fixture(scope="module")
 def init():
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return noise_image()
 
 
 @pytest.fixture(scope="module")
 def mask():
-    array = np.zeros((64, 64), dtype=np.uint8)
-    array[16:48, 16:48] = 255
-    return Image.fromarray(array)
+    return box_mask((16, 16, 48, 48))
 
 
 def test_txt2img_equals_bare_flux_pipeline(engine, bare):

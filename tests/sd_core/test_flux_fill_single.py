@@ -1,10 +1,7 @@
 """FLUX.1 Fill (inpaint / outpaint only, equal to bare FluxFillPipeline) and FLUX single files (a transformer file on
 the base model's folder, by manifest and by URL) on the tiny twins of devtools/tiny_flux.py and tiny_flux_fill.py."""
 
-import base64
 import io
-import threading
-from http.server import ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -18,7 +15,9 @@ from sd_core.errors import InvalidRequest, ManifestError
 from sd_core.families import FAMILIES, detect_architecture
 from sd_core.model_urls import url_label
 from sd_core.schema import GenerationRequest
-from tests.fixtures.http_files import FileHandler
+from tests.fixtures.http_files import FileHandler, serving
+from tests.fixtures.images import box_mask, noise_image
+from tests.fixtures.images import png_b64 as png
 
 PROMPT = "a red cat in the snow"
 CALL = dict(prompt=PROMPT, num_inference_steps=4, max_sequence_length=32, height=64, width=64)
@@ -28,27 +27,18 @@ def pixels(result) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"))
 
 
-def png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def generate(engine, model="tiny-flux-fill", **fields):
     return engine.generate(GenerationRequest(**{"model": model, "prompt": PROMPT, "seed": 3, **fields}))
 
 
 @pytest.fixture(scope="module")
 def init():
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    return noise_image()
 
 
 @pytest.fixture(scope="module")
 def mask():
-    array = np.zeros((64, 64), dtype=np.uint8)
-    array[16:48, 16:48] = 255
-    return Image.fromarray(array)
+    return box_mask((16, 16, 48, 48))
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +150,8 @@ def server(tiny_bucket, tmp_path_factory):
             else:
                 self.send_body(404, b"not found")
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(Handler) as httpd:
+        yield httpd.url
 
 
 def test_flux_transformer_url_is_detected_and_loaded(make_engine, engine, server, tmp_path):

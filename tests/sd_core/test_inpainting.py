@@ -1,7 +1,6 @@
 """Inpainting details and outpainting on the tiny models: mask blur and invert, only-masked crops, fills, overlay,
 resize modes, the outpaint canvas; equal to bare diffusers wherever diffusers has the same operation."""
 
-import base64
 import io
 
 import numpy as np
@@ -11,15 +10,11 @@ from PIL import Image, ImageOps
 from sd_core import inpainting
 from sd_core.errors import InvalidRequest
 from sd_core.schema import GenerationRequest, parse_request
+from tests.fixtures.images import box_mask, noise_image
+from tests.fixtures.images import png_b64 as png
 
 PROMPT = "a red fox in the snow"
 SETTINGS = {"num_inference_steps": 3, "guidance_scale": 7.0, "scheduler": "Euler", "strength": 0.9}
-
-
-def png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def pixels(result, index=0) -> np.ndarray:
@@ -36,15 +31,12 @@ def generate(engine, **fields):
 
 @pytest.fixture(scope="module")
 def init() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (64, 64, 3)).astype(np.uint8))
+    return noise_image()
 
 
 @pytest.fixture(scope="module")
 def mask() -> Image.Image:
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (24, 16, 48, 40))
-    return mask
+    return box_mask((24, 16, 48, 40))
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ catalog's single-file model, the user-URL policy, the cache, pickle and non-chec
 import dataclasses
 import functools
 import io
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ from sd_core import a1111
 from sd_core.errors import InvalidRequest
 from sd_core.model_urls import url_label
 from sd_core.schema import GenerationRequest
+from tests.fixtures.http_files import FileHandler, serving
 
 FAST = {"prompt": "a lighthouse at dusk", "seed": 3, "num_inference_steps": 2, "guidance_scale": 7.0, "width": 64,
         "height": 64, "scheduler": "Euler"}
@@ -24,41 +23,26 @@ def pixels(result) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(result.images[0].data)).convert("RGB"), dtype=np.float32)
 
 
-class _Files(BaseHTTPRequestHandler):
+class _Files(FileHandler):
     """Serves `files` with HTTP Range support and records (path, Range header, body bytes sent) per request."""
 
     files: dict[str, bytes] = {}
     seen: list[tuple[str, str | None, int]] = []
 
-    def log_message(self, *args):
-        pass
-
     def do_GET(self):
         body = self.files.get(self.path.split("?", 1)[0])
         if body is None:
-            self._send(404, b"not found", None)
-            return
-        ranged = self.headers.get("Range", "").removeprefix("bytes=")
-        if ranged:
-            first, _, last = ranged.partition("-")
-            start, end = int(first), min(int(last or len(body) - 1), len(body) - 1)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{end}/{len(body)}")
-            self._send(None, body[start:end + 1], ranged)
+            self.send_body(404, b"not found")
         else:
-            self._send(200, body, None)
+            self.send_file(body)
 
-    def _send(self, status, body: bytes, ranged):
-        if status is not None:
-            self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
+    def end_headers(self):
         self.send_header("ETag", '"v1"')
-        self.end_headers()
-        try:
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # the header probe closes early when Range is ignored
-            pass
-        self.seen.append((self.path, ranged, len(body)))
+        super().end_headers()
+
+    def write_body(self, body: bytes):
+        super().write_body(body)  # the header probe closes early when Range is ignored
+        self.seen.append((self.path, self.headers.get("Range", "").removeprefix("bytes=") or None, len(body)))
 
 
 @pytest.fixture(scope="module")
@@ -72,15 +56,10 @@ def server(tiny_bucket):
         "/model.ckpt": b"\x80\x04pickle",
         "/notes.safetensors": b"just some text, not a safetensors file",
     })
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.seen = handler.seen
-    httpd.files = handler.files
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(handler) as httpd:
+        httpd.seen = handler.seen
+        httpd.files = handler.files
+        yield httpd
 
 
 @pytest.fixture(scope="module")

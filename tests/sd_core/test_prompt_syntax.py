@@ -1,10 +1,13 @@
-"""The A1111 prompt syntax parser (sd_core.prompt_syntax): attention weights, escapes, unbalanced brackets, BREAK,
-prompt editing and alternation, as A1111 reads them; and that hostile prompts parse."""
+"""The A1111 prompt syntax parser (sd_core.prompt_syntax, prompt_editing, prompt_attention): attention weights,
+escapes, unbalanced brackets, BREAK, prompt editing and alternation, as A1111 reads them; and that hostile prompts
+parse."""
 
 import pytest
 
 from sd_core.errors import InvalidRequest
-from sd_core.prompt_syntax import BREAK, Fragment, edit_schedule, has_syntax, parse_attention, parse_prompt
+from sd_core.prompt_attention import BREAK, Fragment, parse_attention
+from sd_core.prompt_editing import edit_schedule
+from sd_core.prompt_syntax import has_syntax, parse_prompt
 
 
 def weights(text: str) -> list[tuple[str, float]]:

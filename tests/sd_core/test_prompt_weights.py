@@ -111,8 +111,8 @@ def test_long_prompt_uses_every_token(engine):
 
 
 def test_comma_backtrack_moves_the_last_words_to_the_next_chunk(engine):
+    from sd_core.prompt_attention import parse_attention
     from sd_core.prompt_encoding import chunk_tokens
-    from sd_core.prompt_syntax import parse_attention
 
     pipe = engine_pipe(engine, "sd15")
     words = WORDS * 2

@@ -1,7 +1,6 @@
 """SD3 family (sd_core/families/sd3.py) on the tiny SD3 model: same pixels as bare diffusers, T5-less manifest,
 max_sequence_length, flow-matching scheduler, refusals, LoRA, single-file detection, A1111 payload."""
 
-import base64
 import io
 
 import numpy as np
@@ -13,15 +12,11 @@ from sd_core.checkpoints import checkpoint_keys
 from sd_core.errors import InvalidRequest
 from sd_core.manifests import ModelManifest
 from sd_core.schema import GenerationRequest
+from tests.fixtures.images import box_mask, noise_image
+from tests.fixtures.images import png_b64 as png
 
 PROMPT = "a red fox in the snow"
 SETTINGS = {"model": "tiny-sd3", "num_inference_steps": 2, "guidance_scale": 5.0, "seed": 7}
-
-
-def png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def pixels(result, index=0) -> np.ndarray:
@@ -34,15 +29,12 @@ def generate(engine, **fields):
 
 @pytest.fixture(scope="module")
 def init() -> Image.Image:
-    rng = np.random.default_rng(0)
-    return Image.fromarray(rng.integers(0, 255, (64, 64, 3)).astype(np.uint8))
+    return noise_image()
 
 
 @pytest.fixture(scope="module")
 def mask() -> Image.Image:
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (16, 16, 48, 40))
-    return mask
+    return box_mask((16, 16, 48, 40))
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """SD3 ControlNet (`controlnets` on tiny-sd3): equal to bare diffusers' StableDiffusion3ControlNetPipeline (one unit,
 two, a start/end window), scale 0 = the plain image, same pixels on every run, the A1111 form, clear refusals."""
 
-import base64
 import io
 
 import numpy as np
@@ -11,23 +10,12 @@ from PIL import Image
 from sd_core import a1111
 from sd_core.errors import InvalidRequest
 from sd_core.schema import GenerationRequest
+from tests.fixtures.controlnet import as_array, picture
+from tests.fixtures.controlnet import unit as control_unit
+from tests.fixtures.images import png_b64 as b64
 
 FAST = {"prompt": "a house", "seed": 5, "num_inference_steps": 2, "guidance_scale": 5.0, "width": 64, "height": 64,
         "model": "tiny-sd3"}
-
-
-def picture(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-
-
-def b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def as_array(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.float32)
 
 
 def generate(engine, **fields) -> np.ndarray:
@@ -36,7 +24,7 @@ def generate(engine, **fields) -> np.ndarray:
 
 
 def unit(name="tiny-sd3-control", seed=1, **extra) -> dict:
-    return {"model": name, "image": b64(picture(seed)), **extra}
+    return control_unit(name, seed, **extra)
 
 
 @pytest.fixture(scope="module")
