@@ -20,7 +20,7 @@ from sd_core.preprocessors import Preprocessors, build_network, import_controlne
 from sd_core.schema import GenerationRequest
 from sd_core.settings import REPO_ROOT
 from tests.sd_core.test_controlnet import FAST, as_array, b64, pixels
-from tests.sd_core.test_preprocessors import shapes
+from tests.sd_core.test_preprocessors import extension_pad, shapes
 
 UNIT = {"model": "tiny-control-a", "scale": 1.0}
 
@@ -102,14 +102,17 @@ def library_lineart_anime(tiny_bucket):
     return module.LineartAnimeDetector(network.eval())
 
 
-@pytest.mark.parametrize("resolution", [64, 320])  # one pass at 256, one at 512 x 512 (multiples of 256)
+@pytest.mark.parametrize("resolution", [64, 320])  # padded to 64 x 128 / 320 x 384: the net pads to 256 / 512
 def test_lineart_anime_equals_controlnet_aux(engine, tiny_bucket, resolution):
     source = shapes()
     ours = control_image(source, width=64, height=64, preprocessor="lineart_anime", resize_mode="crop_and_resize",
                          processor_res=resolution, preprocessors=engine.controlnets.preprocessors)
-    theirs = library_lineart_anime(tiny_bucket)(np.asarray(source), detect_resolution=resolution,
-                                                image_resolution=resolution, output_type="pil")
-    expected = as_array(fit(theirs.convert("RGB"), 64, 64, "crop_and_resize"))
+    padded, (height, width) = extension_pad(np.asarray(source), resolution)  # the extension's geometry
+    side = min(padded.shape[:2])  # the library's own resizing then keeps the padded size
+    theirs = library_lineart_anime(tiny_bucket)(padded, detect_resolution=side, image_resolution=side,
+                                                output_type="np")
+    assert theirs.shape[:2] == padded.shape[:2]
+    expected = as_array(fit(Image.fromarray(theirs[:height, :width]).convert("RGB"), 64, 64, "crop_and_resize"))
     assert np.array_equal(as_array(ours), expected)
     assert expected.std() > 0
 
