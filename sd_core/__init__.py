@@ -1,16 +1,19 @@
 """sd_core: the Stable Diffusion engine shared by the Cog and RunPod adapters (no platform imports here)."""
 
 from .errors import InvalidRequest, SDError
-from .schema import GenerationRequest, GenerationResult, parse_request
 from .settings import Settings
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "InvalidRequest", "SDError", "Settings", "parse_request"]
 
+# Loaded when first asked for: Engine pulls in torch and diffusers (seconds of import time); the request schema pulls
+# in pydantic (~0.3 s of CPU), which a fetch-only process (sd_core.storage: preload, warm_cache) never needs.
+_LAZY = {"Engine": "engine", "GenerationRequest": "schema", "GenerationResult": "schema", "parse_request": "schema"}
+
 
 def __getattr__(name: str):
-    # Engine pulls in torch and diffusers (seconds of import time): load it only when asked for.
-    if name == "Engine":
-        from .engine import Engine
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(name)
+    import importlib
 
-        return Engine
-    raise AttributeError(name)
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)

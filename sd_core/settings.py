@@ -107,8 +107,8 @@ class Settings:
     cache_max_gb: float = setting(200.0, doc="weights cache size budget (LRU eviction)", shown="200")
     s3_endpoint_url: str | None = setting(None, shown="boto3's own (`AWS_ENDPOINT_URL`)",
                                           doc="S3-compatible endpoint override (R2, B2, MinIO, SeaweedFS)")
-    fetch_concurrency: int = setting(16, doc="parallel ranged GETs (connections) per weights fetch", shown="16")
-    fetch_part_mb: float = setting(16.0, doc="size of one ranged GET, MiB (fractions allowed)", shown="16")
+    fetch_concurrency: int = setting(6, doc="parallel ranged GETs (connections) per weights fetch", shown="6")
+    fetch_part_mb: float = setting(48.0, doc="size of one ranged GET, MiB (fractions allowed)", shown="48")
     fetch_engine: str = setting("auto", shown="`auto`", doc="what moves S3 bytes: `obstore` (Rust, off the GIL: "
                                 "little CPU), `boto3`, or `auto` (obstore when installed); metadata calls are boto3's")
     fetch_retries: int = setting(4, doc="retries with backoff per request / part before a clear `FetchError`",

@@ -18,9 +18,10 @@ log = logging.getLogger("sd_core.fetch")
 
 # Chunks handed to the sink. Small on purpose: obstore then passes the HTTP client's own buffers through, which the
 # allocator reuses; multi-MiB chunks are fresh allocations whose every page faults in (measured: 67k page faults
-# and 3x s5cmd's system time for 256 MiB at 8 MiB chunks; 10k and s5cmd's at 256 KiB). Python's per-chunk work (one
-# pwrite, the progress count) stays small next to that.
-STREAM_CHUNK = 256 * 1024
+# and 3x s5cmd's system time for 256 MiB at 8 MiB chunks; 10k and s5cmd's at 256 KiB). obstore hands each chunk over
+# as a new Python `bytes` (zero-filled, then copied into: ~15 % of the fetch's CPU, perf); at 64 KiB that stays in
+# the CPU's cache on its way to pwrite. Python's per-chunk work (one pwrite, the progress count) stays small.
+STREAM_CHUNK = 64 * 1024
 
 
 def available() -> bool:
