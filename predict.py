@@ -153,8 +153,7 @@ class Runner(BaseRunner):
         ),
         control_units: str | None = Input(
             default=None, max_length=20000000,
-            description="More ControlNet units: a JSON list of {model, image (URL or data URI), scale, start, end, "
-                        "mode, preprocessor, ...} (docs/api.md), applied after control_image's",
+            description="More ControlNet units as a JSON list of native units (docs/api.md), after control_image's",
         ),
         ip_adapter_image: Path | None = Input(
             default=None, description="Image prompt (IP-Adapter): a style or subject reference image"

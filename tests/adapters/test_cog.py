@@ -436,7 +436,7 @@ def test_control_units_json_adds_units_to_the_typed_one(cog_server, engine):
         buffer = io.BytesIO()
         Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "PNG")
         maps.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    more = [{"model": "tiny-control-a", "image": maps[1], "scale": 0.7, "start": 0.25, "mode": "prompt"},
+    more = [{"model": "tiny-control-a", "image": maps[1], "scale": 0.7, "start": 0.25},
             {"model": "tiny-control-a", "image": maps[0], "scale": 1.2, "end": 0.5}]
     got = cog_server.predict({**FAST, "seed": 5, "control_image": maps[0], "control_model": "tiny-control-a",
                               "control_units": json.dumps(more)})
