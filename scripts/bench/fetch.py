@@ -12,7 +12,6 @@ transformers) run in a loop on the other core as they do at a cold start (--no-i
                               installed): HEAD, parallel ranged GETs into a pre-allocated file, publish
 - ``sd fetch + sha256``       the same with the manifest's sha256 verified (hashed as the bytes arrive)
 - ``sd fetch (boto3 engine)`` the same with SD_FETCH_ENGINE=boto3 (the pure-Python reads)
-- ``sd fetch (threads)``      the same with obstore's blocking reads on a thread per part (before the event loop)
 - ``sd fetch 16x16MiB (old)`` the same with the earlier defaults, 16 connections of 16 MiB parts (now 6 of 48 MiB)
 - ``sd start only``           the sd fetch process's fixed part: interpreter start and imports, no transfer
 - ``boto3 defaults``          boto3.client("s3").download_file(...) with its default TransferConfig
@@ -135,8 +134,6 @@ SD_CHILD = ("import sys; from dataclasses import replace; from pathlib import Pa
             "e, uri, cache, sha = sys.argv[1:5]; "
             "fetch(uri, replace(Settings.from_env(), cache_dir=Path(cache), fetch_engine=e, fetch_progress_s=3600.0, "
             "cache_max_gb=1000.0), sha256=sha or None)")
-# ... with the transfer's parts on a thread pool (obstore's blocking reads) instead of its event loop.
-THREADS = "from sd_core.storage.s3 import S3Source; S3Source.async_reads = lambda self: None; "
 BOTO_CHILD = ("import sys, boto3; boto3.session.Session().client('s3').download_file(sys.argv[1], sys.argv[2], "
               "sys.argv[3])")
 # What a cold start runs beside the fetch: the worker's heavy imports, in a loop on another core.
@@ -267,8 +264,6 @@ def run(args, scratch: Path) -> int:
             "sd fetch": sd("auto"),  # obstore when installed (the header says)
             "sd fetch + sha256": sd("auto", digest),
             "sd fetch (boto3 engine)": sd("boto3"),
-            # obstore's blocking reads, one pool thread per part (before the event loop)
-            "sd fetch (threads)": [py, "-c", THREADS + SD_CHILD, "auto", uri, str(cache), ""],
             # the defaults before 6 x 48 MiB (more threads contend for the GIL: measured ~10 % more CPU per GiB)
             "sd fetch 16x16MiB (old)": ["env", "SD_FETCH_CONCURRENCY=16", "SD_FETCH_PART_MB=16", *sd("auto")],
             "boto3 defaults": [py, "-c", BOTO_CHILD, bucket, "weights.bin", str(out)],

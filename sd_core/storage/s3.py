@@ -234,26 +234,8 @@ class S3Source:
         try:
             return reader.read_range(obj, start, end, sink)
         except Refused:
-            self._explain_refused(obj, start)
-
-    def async_reads(self):
-        """The coroutine function `read_range(obj, start, end, sink)` through obstore's async API, which the transfer
-        runs on one event loop; None when boto3 moves the bytes (SD_FETCH_ENGINE, no obstore)."""
-        return self._read_range_async if self._obstore() is not None else None
-
-    async def _read_range_async(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
-        import asyncio
-
-        from .s3_obstore import Refused
-
-        try:
-            return await self._obstore().read_range_async(obj, start, end, sink)
-        except Refused:
-            await asyncio.to_thread(self._explain_refused, obj, start)
-
-    def _explain_refused(self, obj: RemoteObject, start: int) -> None:
-        """Raise what a final answer to an obstore read (missing, denied, changed) means: the same request through
-        boto3 says exactly."""
+            pass
+        # A final answer (missing, denied, changed): the same request through boto3 says exactly what it means.
         kwargs = {"Bucket": self.bucket, "Key": obj.ref, "Range": f"bytes={start}-{start}"}
         if obj.etag:
             kwargs["IfMatch"] = obj.etag

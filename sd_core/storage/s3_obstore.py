@@ -184,11 +184,23 @@ class ObstoreReader:
         """Stream bytes [start, end] (end None: all) of `obj` into sink(chunk). Raises Transient (retry the part),
         or `Refused(exc)` for an answer that is final (the caller explains it with boto3)."""
         import obstore
+        from obstore.exceptions import (
+            NotFoundError,
+            PermissionDeniedError,
+            PreconditionError,
+            UnauthenticatedError,
+        )
 
+        options = {}
+        if end is not None:
+            options["range"] = (start, end + 1)
+        if obj.etag:
+            options["if_match"] = obj.etag
+        final = (FileNotFoundError, NotFoundError, PermissionDeniedError, PreconditionError, UnauthenticatedError,
+                 ValueError)
         try:
-            stream = obstore.get(self.store, obj.ref, options=_get_options(obj, start, end)).stream(
-                min_chunk_size=STREAM_CHUNK)
-        except _FINAL as exc:
+            stream = obstore.get(self.store, obj.ref, options=options).stream(min_chunk_size=STREAM_CHUNK)
+        except final as exc:
             raise Refused(type(exc).__name__) from None
         except (obstore.exceptions.BaseError, OSError) as exc:
             raise Transient(type(exc).__name__) from None  # (its message holds the URL: never shown)
@@ -200,46 +212,6 @@ class ObstoreReader:
             except (obstore.exceptions.BaseError, OSError) as exc:
                 raise Transient(f"{type(exc).__name__} while streaming") from None
             sink(chunk)  # (outside the try: a failed write into the cache is the transfer's to report)
-
-    async def read_range_async(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
-        """`read_range` through obstore's async API, for a task on the transfer's event loop (sink runs there)."""
-        import obstore
-
-        try:
-            result = await obstore.get_async(self.store, obj.ref, options=_get_options(obj, start, end))
-            stream = result.stream(min_chunk_size=STREAM_CHUNK)
-        except _FINAL as exc:
-            raise Refused(type(exc).__name__) from None
-        except (obstore.exceptions.BaseError, OSError) as exc:
-            raise Transient(type(exc).__name__) from None  # (its message holds the URL: never shown)
-        while True:
-            try:
-                chunk = await anext(stream)
-            except StopAsyncIteration:
-                return
-            except (obstore.exceptions.BaseError, OSError) as exc:
-                raise Transient(f"{type(exc).__name__} while streaming") from None
-            sink(chunk)
-
-
-def _get_options(obj: RemoteObject, start: int, end: int | None) -> dict:
-    """obstore's GetOptions for bytes [start, end] (end None: all), pinned to the object's ETag."""
-    options = {}
-    if end is not None:
-        options["range"] = (start, end + 1)
-    if obj.etag:
-        options["if_match"] = obj.etag
-    return options
-
-
-try:
-    from obstore.exceptions import NotFoundError, PermissionDeniedError, PreconditionError, UnauthenticatedError
-
-    # final answers: S3Source explains them through boto3
-    _FINAL = (FileNotFoundError, NotFoundError, PermissionDeniedError, PreconditionError, UnauthenticatedError,
-              ValueError)
-except ImportError:  # (no obstore: boto3 reads)
-    _FINAL = ()
 
 
 class Refused(Exception):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
 import threading
-import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
@@ -16,7 +14,6 @@ from urllib.parse import urlsplit
 from ..errors import ChecksumMismatch, FetchError
 from ..settings import Settings
 from .cache import write_json_atomic
-from .loop_thread import LoopThread
 from .objects import DISK_FULL, RemoteObject, Stopped, Transient, backoff
 from .partfile import PartialFile
 from .progress import FetchProgress
@@ -45,9 +42,6 @@ class Transfer:
         self.jobs: list[PartialFile] = []
         self.pending: dict[Future, tuple[PartialFile, int]] = {}
         self.pool: ThreadPoolExecutor | None = None
-        self.loop: LoopThread | None = None  # instead of the pool, for a source with async reads (obstore)
-        self.read_async = None  # that source's coroutine function read_range(obj, start, end, sink)
-        self.slots: asyncio.Semaphore | None = None  # fetch_concurrency parts at a time on the loop
         self.failed: tuple[PartialFile, OSError] | None = None  # a write into the cache that failed (a full disk...)
         self.on_file = on_file  # called with an object's rel once it is complete under staging/data/ (verified)
 
@@ -55,8 +49,6 @@ class Transfer:
         """Fetch every object to staging/data/<rel>. Returns {rel: {size, etag, sha256}} for meta.json."""
         self.staging.mkdir(parents=True, exist_ok=True)
         self.journal = self._load_journal()
-        async_reads = getattr(self.source, "async_reads", None)
-        self.read_async = async_reads() if async_reads is not None else None
         self.jobs = [self._job(obj) for obj in objects]
         todo = [j for j in self.jobs if not j.finished]
         for job in self.jobs:
@@ -65,11 +57,7 @@ class Transfer:
         self._open(todo)
         self._start_progress(todo)
         parallel = max(1, min(self.settings.fetch_concurrency, sum(j.nparts - len(j.done) for j in todo) or 1))
-        if self.read_async is not None:  # one event loop thread runs every part: no thread (and GIL hand-off) each
-            self.slots = asyncio.Semaphore(parallel)
-            self.loop = LoopThread("sd-fetch-loop")
-        else:
-            self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="sd-fetch")
+        self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="sd-fetch")
         ok = False
         try:
             for job in todo:
@@ -123,9 +111,7 @@ class Transfer:
     def _submit(self, job: PartialFile) -> None:
         for i in range(job.nparts):
             if i not in job.done:
-                future = (self.loop.submit(self._fetch_part_async(job, i, self.read_async)) if self.loop is not None
-                          else self.pool.submit(self._fetch_part, job, i))
-                self.pending[future] = (job, i)
+                self.pending[self.pool.submit(self._fetch_part, job, i)] = (job, i)
 
     def _drive(self) -> None:
         """Until every object is finished (or a write failed): collect finished parts, then advance each object."""
@@ -168,10 +154,7 @@ class Transfer:
     def _shut_down(self) -> list[PartialFile]:
         """Stop the workers; record (or, after a full disk, delete) what unfinished objects hold. Returns them."""
         self.stop.set()
-        if self.loop is not None:
-            self.loop.close()  # (waits for the parts still running: they stop at their next chunk)
-        else:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
         for future, (job, i) in self.pending.items():
             if future.done() and not future.cancelled() and future.exception() is None:
                 job.done.add(i)
@@ -201,63 +184,45 @@ class Transfer:
                           "point SD_CACHE_DIR at a larger disk)", field="SD_CACHE_DIR")
 
     def _fetch_part(self, job: PartialFile, i: int) -> None:
-        """One part on a pool thread: GET it into its place in the partial file, retrying transient failures."""
         start, end = job.part_range(i)
-        for attempt in range(self.settings.fetch_retries + 1):
-            write = self._begin_part(job, i)
-            try:
-                self.source.read_range(job.obj, start, end, write)
-                return self._end_part(job, write)
-            except Transient as exc:
-                if self.stop.wait(self._part_failed(job, i, write, exc, attempt)):
-                    raise Stopped() from None
-
-    async def _fetch_part_async(self, job: PartialFile, i: int, read) -> None:
-        """`_fetch_part` as a task on the loop thread (`read`: the source's coroutine), at most
-        fetch_concurrency of them at a time."""
-        start, end = job.part_range(i)
-        async with self.slots:
-            for attempt in range(self.settings.fetch_retries + 1):
-                write = self._begin_part(job, i)
-                try:
-                    await read(job.obj, start, end, write)
-                    return self._end_part(job, write)
-                except Transient as exc:
-                    deadline = time.monotonic() + self._part_failed(job, i, write, exc, attempt)
-                    while (left := deadline - time.monotonic()) > 0:  # the backoff, ended early by a stop
-                        await asyncio.sleep(min(left, 0.1))
-                        if self.stop.is_set():
-                            raise Stopped() from None
-
-    def _begin_part(self, job: PartialFile, i: int) -> _PartSink:
-        if self.stop.is_set():
-            raise Stopped()
-        if not job.ranged:
-            os.ftruncate(job.fd, 0)
-            job.restart_hash()
-        return _PartSink(self, job, i)
-
-    def _end_part(self, job: PartialFile, write: _PartSink) -> None:
-        start, end = job.part_range(write.i)
-        expected = (end - start + 1) if end is not None else job.obj.size
-        if expected is not None and write.written != expected:
-            raise Transient(f"got {write.written} of {expected} bytes")
-        if not job.ranged:
-            job.streamed = write.written
-
-    def _part_failed(self, job: PartialFile, i: int, write: _PartSink, exc: Transient, attempt: int) -> float:
-        """Forget the failed attempt's bytes; the delay before the next one (or a FetchError after the last)."""
-        self.progress.add(-write.written)
-        job.filled[i] = 0
-        where = f"part {i + 1}/{job.nparts} of {self.label}" if job.nparts > 1 else self.label
         retries = self.settings.fetch_retries
-        if attempt == retries:
-            raise FetchError(f"fetching {where} failed after {retries + 1} attempts: {exc}", field="uri") from None
-        delay = backoff(attempt)
-        log.warning("%s: %s; retry %d/%d in %.1fs", where, exc, attempt + 1, retries, delay)
-        if self.stop.is_set():
-            raise Stopped()
-        return delay
+        for attempt in range(retries + 1):
+            if self.stop.is_set():
+                raise Stopped()
+            written = 0
+
+            def sink(chunk) -> None:
+                nonlocal written
+                if self.stop.is_set():
+                    raise Stopped()
+                job.write(chunk, start + written)
+                job.hash_live(chunk, start + written)
+                written += len(chunk)
+                job.filled[i] = written
+                self.progress.add(len(chunk))
+
+            try:
+                if not job.ranged:
+                    os.ftruncate(job.fd, 0)
+                    job.restart_hash()
+                self.source.read_range(job.obj, start, end, sink)
+                expected = (end - start + 1) if end is not None else job.obj.size
+                if expected is not None and written != expected:
+                    raise Transient(f"got {written} of {expected} bytes")
+                if not job.ranged:
+                    job.streamed = written
+                return
+            except Transient as exc:
+                self.progress.add(-written)
+                job.filled[i] = 0
+                where = f"part {i + 1}/{job.nparts} of {self.label}" if job.nparts > 1 else self.label
+                if attempt == retries:
+                    raise FetchError(f"fetching {where} failed after {retries + 1} attempts: {exc}",
+                                     field="uri") from None
+                delay = backoff(attempt)
+                log.warning("%s: %s; retry %d/%d in %.1fs", where, exc, attempt + 1, retries, delay)
+                if self.stop.wait(delay):
+                    raise Stopped() from None
 
     def _finish(self, job: PartialFile) -> bool:
         """Verify and publish one object inside the staging folder. False = refetch it (first checksum mismatch)."""
@@ -297,25 +262,3 @@ class Transfer:
     def _where(self, job: PartialFile) -> str:
         name = PurePosixPath(urlsplit(self.label).path.rstrip("/")).name  # (the label has no secrets to lose)
         return self.label if job.obj.rel == name else f"{self.label.rstrip('/')}/{job.obj.rel}"
-
-
-class _PartSink:
-    """sink(chunk) for one attempt at one part: writes the chunk in place, hashes it when it extends the hashed
-    front, counts it."""
-
-    __slots__ = ("transfer", "job", "i", "start", "written")
-
-    def __init__(self, transfer: Transfer, job: PartialFile, i: int):
-        self.transfer, self.job, self.i = transfer, job, i
-        self.start = job.part_range(i)[0]
-        self.written = 0
-
-    def __call__(self, chunk) -> None:
-        if self.transfer.stop.is_set():
-            raise Stopped()
-        job, at = self.job, self.start + self.written
-        job.write(chunk, at)
-        job.hash_live(chunk, at)
-        self.written += len(chunk)
-        job.filled[self.i] = self.written
-        self.transfer.progress.add(len(chunk))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import threading
 
 import pytest
 
@@ -66,25 +65,6 @@ def test_hashing_reads_nothing_back_when_parts_arrive_in_order(s3_server, s3_env
     path = fetch(f"s3://{s3_bucket}/h.bin", settings, sha256=hashlib.sha256(data).hexdigest())
     assert path.read_bytes() == data
     assert sum(read_back) == 0  # every byte hashed from memory as it arrived: no second read of the file
-
-
-def test_parts_run_as_tasks_on_one_event_loop_thread(s3_server, s3_env, s3_bucket, tmp_path, monkeypatch,
-                                                    no_boto3_reads):
-    data = os.urandom(2 * MiB + 7)  # 9 parts, 4 at a time
-    s3_server.client().put_object(Bucket=s3_bucket, Key="l.bin", Body=data)
-    writers, real = set(), partfile.PartialFile.write
-
-    def write(self, chunk, offset):
-        writers.add(threading.current_thread().name)
-        real(self, chunk, offset)
-
-    monkeypatch.setattr(partfile.PartialFile, "write", write)
-    before = threading.active_count()
-    path = fetch(f"s3://{s3_bucket}/l.bin", settings_for(tmp_path, s3_server.endpoint_url),
-                 sha256=hashlib.sha256(data).hexdigest())
-    assert path.read_bytes() == data
-    assert writers == {"sd-fetch-loop"}  # no pool thread per part
-    assert threading.active_count() == before  # the loop's thread is stopped at the end
 
 
 def test_changed_and_missing_objects_are_explained_like_boto3s(s3_server, s3_env, s3_bucket, tmp_path, monkeypatch):
