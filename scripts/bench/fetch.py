@@ -268,6 +268,9 @@ def run(args, scratch: Path) -> int:
         commands = {
             "sd fetch": sd("auto"),  # obstore when installed (the header says)
             "sd fetch + sha256": sd("auto", digest),
+            # the bytes through obstore's own stream (what moved them before the presigned reads: signed_get.py)
+            "sd fetch (obstore stream)": [py, "-c", "import sd_core.storage.signed_get as g; g.usable = lambda "
+                                          "environ=None: False; " + chunk + SD_CHILD, "auto", uri, str(cache), ""],
             "sd fetch (boto3 engine)": sd("boto3"),
             # the defaults before 6 x 48 MiB (more threads contend for the GIL: measured ~10 % more CPU per GiB)
             "sd fetch 16x16MiB (old)": ["env", "SD_FETCH_CONCURRENCY=16", "SD_FETCH_PART_MB=16", *sd("auto")],

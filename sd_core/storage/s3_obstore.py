@@ -1,4 +1,4 @@
-"""Ranged S3 reads through obstore (Rust object_store): bytes move off the GIL; boto3 keeps the metadata calls."""
+"""Ranged S3 reads through obstore (Rust object_store; presigned GETs read into one buffer); boto3 keeps the rest."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import FetchError, quote
+from . import signed_get
 from .objects import RemoteObject, Transient
 
 log = logging.getLogger("sd_core.fetch")
@@ -144,12 +145,17 @@ class ObstoreReader:
                    "timeout": timedelta(hours=1), "read_timeout": timedelta(seconds=timeout),
                    "user_agent": "sd-serverless", "allow_http": config.pop("allow_http")}
         bundle = os.environ.get("AWS_CA_BUNDLE")
-        if bundle and os.path.isfile(bundle):  # botocore's private CA bundle: trusted here too (added to the roots)
+        self.ca_bundle = bundle if bundle and os.path.isfile(bundle) else None
+        if self.ca_bundle:  # botocore's private CA bundle: trusted here too (added to the roots)
             options["root_certificate"] = Path(bundle).read_text()
         extra = {}
         if "access_key_id" not in config:
             extra = ({"credential_provider": _BotocoreCredentials(credentials)} if credentials
                      else {"skip_signature": True})
+        self.timeout_s = timeout
+        # bytes through presigned GETs read into a reused buffer (signed_get.py); obstore's stream for unsigned
+        # stores, behind a proxy, or where signing fails
+        self.signed = "skip_signature" not in extra and signed_get.usable()
         self.store = S3Store(bucket, config=config, client_options=options,
                              retry_config={"max_retries": settings.fetch_retries,
                                            "retry_timeout": timedelta(seconds=max(60.0, 4 * timeout))}, **extra)
@@ -191,6 +197,17 @@ class ObstoreReader:
             UnauthenticatedError,
         )
 
+        if self.signed:
+            try:
+                url = signed_get.sign(self.store, obj.ref)
+            except Exception as exc:  # (a configuration obstore cannot sign): its stream reads instead
+                log.info("presigned reads off for this bucket (%s); obstore streams", type(exc).__name__)
+                self.signed = False
+            else:
+                try:
+                    return signed_get.read_signed(url, start, end, obj.etag, sink, self.timeout_s, self.ca_bundle)
+                except signed_get.Final as exc:
+                    raise Refused(str(exc)) from None
         options = {}
         if end is not None:
             options["range"] = (start, end + 1)

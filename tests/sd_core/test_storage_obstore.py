@@ -43,6 +43,7 @@ def test_obstore_engine_fetches_the_same_bytes_verified(s3_server, s3_env, s3_bu
     assert path.read_bytes() == data
     gets = [r for r in s3_proxy.requests if r.method == "GET" and r.range]
     assert len(gets) == 13 and all(r.range.startswith("bytes=") for r in gets)
+    assert all("X-Amz-Signature=" in r.path for r in gets)  # presigned reads into one buffer (signed_get.py)
     # a folder too (each object's etag sent as If-Match, checked by the store)
     s3_server.client().put_object(Bucket=s3_bucket, Key="w/sub/b.txt", Body=b"small")
     folder = fetch(f"s3://{s3_bucket}/w/", settings_for(tmp_path / "2", s3_server.endpoint_url))
@@ -220,3 +221,46 @@ def test_a_fetch_only_process_imports_no_request_schema():
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[:2] == ["[]", "GenerationRequest parse_request"], proc.stdout
+
+
+def test_behind_a_proxy_obstore_streams_the_same_bytes(s3_server, s3_env, s3_bucket, s3_proxy, tmp_path, monkeypatch,
+                                                      no_boto3_reads):
+    """Presigned reads go straight to the endpoint: with a proxy in the environment obstore's client (which honours
+    it) moves the bytes instead, the same bytes and checks."""
+    data = os.urandom(MiB + 7)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="p.bin", Body=data)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # (the endpoint is http://: not used for it)
+    path = fetch(f"s3://{s3_bucket}/p.bin", settings_for(tmp_path, s3_proxy.endpoint_url),
+                 sha256=hashlib.sha256(data).hexdigest())
+    assert path.read_bytes() == data
+    gets = [r for r in s3_proxy.requests if r.method == "GET" and r.range]
+    assert gets and not any("X-Amz-Signature=" in r.path for r in gets)
+
+
+def test_signed_reads_refuse_what_would_write_outside_the_part():
+    """A store answering a ranged GET with the whole object (200) is retried, nothing written; a final status is
+    Final; neither error holds the URL (its query is a signature)."""
+    from sd_core.storage import signed_get
+    from sd_core.storage.objects import Transient
+    from tests.fixtures.http_files import FileHandler, serving
+
+    class Handler(FileHandler):
+        def do_GET(self):
+            if self.path.startswith("/missing"):
+                self.send_body(404, b"no")
+            elif self.path.startswith("/whole"):
+                self.send_body(200, b"x" * 100)  # Range ignored
+            else:
+                self.send_file(bytes(range(100)))
+
+    written = []
+    with serving(Handler) as server:
+        signed_get.read_signed(f"{server.url}/ok?X-Amz-Signature=abc", 10, 19, '"e"', written.append, 5.0)
+        assert b"".join(bytes(view) for view in written) == bytes(range(10, 20))
+        written.clear()
+        with pytest.raises(Transient, match="^HTTP 200$"):
+            signed_get.read_signed(f"{server.url}/whole?X-Amz-Signature=abc", 10, 19, None, written.append, 5.0)
+        with pytest.raises(signed_get.Final, match="^HTTP 404$"):
+            signed_get.read_signed(f"{server.url}/missing?X-Amz-Signature=abc", 0, 9, None, written.append, 5.0)
+    assert written == []
+    assert signed_get.usable({}) and not signed_get.usable({"https_proxy": "http://proxy:3128"})
