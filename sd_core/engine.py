@@ -29,11 +29,11 @@ from .input_images import prepare_init_images
 from .ip_adapter import IpAdapterManager
 from .jobs import CancelCheck, Job, StepCallback
 from .lora import LoraManager, ResolvedLora
-from .manifests import ModelCatalog, ModelManifest, fetch_model
+from .manifests import ModelCatalog, ModelManifest
 from .model_urls import ModelUrls, is_model_url
 from .outputs import encode_image, infotext, lora_tag
 from .pipelines import ModelLoader, PipelinePool, load_options
-from .prefetch import Prefetch, watch_for
+from .prefetch import Prefetch
 from .prompt_encoding import plan_prompts
 from .prompt_tags import TAG, parse_prompt_tags
 from .refiner import Refiner
@@ -270,14 +270,13 @@ class Engine:
         """
         manifests = [self.catalog.get(name) for name in self.settings.models_to_preload]
         timings = {}
+        if prefetch is None:  # no adapter started the downloads: start them now, the same way
+            prefetch = Prefetch(self.settings, self.catalog)
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-prefetch")
         try:
-            taken = [None if m.name in self.pool or prefetch is None else prefetch.take(m.name) for m in manifests]
-            watches = [s.watch if s is not None else watch_for(m, self.settings)
-                       for m, s in zip(manifests, taken, strict=True)]
-            fetches = [None if m.name in self.pool else s.future if s is not None
-                       else executor.submit(fetch_model, m, self.settings, watch)
-                       for m, s, watch in zip(manifests, taken, watches, strict=True)]
+            taken = [None if m.name in self.pool else prefetch.take(m.name) for m in manifests]
+            fetches = [s.future if s is not None else None for s in taken]
+            watches = [s.watch if s is not None else None for s in taken]
             checker = self.safety if self.safety is not None and not self.safety.loaded else None
             checker_fetch = executor.submit(checker.fetch) if checker is not None else None
             started = time.perf_counter()
@@ -304,8 +303,7 @@ class Engine:
                 timings["safety_checker"] = checker.load(checker_fetch.result())
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
-            if prefetch is not None:
-                prefetch.cancel()  # downloads of models that were loaded already
+            prefetch.cancel()  # downloads of models that were loaded already
         if self.settings.warmup:
             started = time.perf_counter()
             if self.warmup.run([m.name for m in manifests]):

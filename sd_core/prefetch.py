@@ -35,11 +35,12 @@ class Prefetch:
     """The downloads of SD_PRELOAD_MODELS, in order, one after another in one thread, started at construction.
 
     ``settings``: the settings with a remote SD_MODELS_DIR already copied locally (give them to the Engine so the
-    catalog is read once). A manifest error is raised here; a download error when preload takes its result."""
+    catalog is read once; ``catalog``: the one already read from them). A manifest error is raised here; a download
+    error when preload takes its result."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, catalog: ModelCatalog | None = None):
         self.settings = with_local_catalog(settings)
-        catalog = ModelCatalog.from_settings(self.settings)
+        catalog = catalog or ModelCatalog.from_settings(self.settings)
         manifests = [catalog.get(name) for name in self.settings.models_to_preload]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-prefetch")
         self._started: dict[str, Started] = {}

@@ -19,7 +19,7 @@ REQUEST = GenerationRequest(prompt="a red fox", model="tiny-sd15", width=64, hei
 
 
 def test_preload_takes_over_the_prefetched_download_with_the_same_pixels(engine_settings, tmp_path, monkeypatch):
-    import sd_core.engine
+    import sd_core.prefetch
     from sd_core.engine import Engine
     from sd_core.prefetch import Prefetch
 
@@ -30,7 +30,7 @@ def test_preload_takes_over_the_prefetched_download_with_the_same_pixels(engine_
                                    warmup=False)
     prefetch = Prefetch(settings)
     with monkeypatch.context() as patch:
-        patch.setattr(sd_core.engine, "fetch_model", fetch_again)
+        patch.setattr(sd_core.prefetch, "fetch_model", fetch_again)  # (preload's own downloads start there too)
         engine = Engine(prefetch.settings)
         engine.preload(prefetch)
     assert prefetch.take("tiny-sd15") is None  # taken by preload
