@@ -69,13 +69,10 @@ class LoadedModel:
         object for every run of more than one step, another for one-step runs), then reused; ``sigmas``: the one
         running a request's own sigmas (flow-matching families' ``sigma_scheduler``)."""
         key = ("sigmas",) if sigmas else (name, steps == 1)
-        if key in self._schedulers:
-            pass
-        elif sigmas:
-            self._schedulers[key] = self.manifest.family.sigma_scheduler(self.base_scheduler_config)
-        else:
-            self._schedulers[key] = self.manifest.family.build_scheduler(name, self.base_scheduler_config,
-                                                                         1 if steps == 1 else None)
+        if key not in self._schedulers:
+            family, config = self.manifest.family, self.base_scheduler_config
+            self._schedulers[key] = (family.sigma_scheduler(config) if sigmas
+                                     else family.build_scheduler(name, config, 1 if steps == 1 else None))
         return self._schedulers[key]
 
 

@@ -89,8 +89,10 @@ def build_network(weights: str, state: dict):
         network = import_controlnet_aux("mlsd.models.mbv2_mlsd_large").MobileV2_MLSD_Large()
     elif weights in ("depth_anything", "depth_anything_v2"):  # loaded (strict), the hub's older key names renamed
         return build_depth_anything(state, 2 if weights.endswith("v2") else 1).float().eval()
-    elif weights in ("openpose", "lineart_anime"):  # loaded (strict): sd_core/preprocessor_nets.py
-        return (build_openpose if weights == "openpose" else build_lineart_anime)(state).float().eval()
+    elif weights == "openpose":  # loaded (strict): sd_core/preprocessor_nets.py
+        return build_openpose(state).float().eval()
+    elif weights == "lineart_anime":
+        return build_lineart_anime(state).float().eval()
     else:
         raise ManifestError(f"unknown preprocessor weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     network.load_state_dict(state, strict=True)
@@ -109,8 +111,10 @@ def detector(weights: str | None, network):
         return import_controlnet_aux("mlsd").MLSDdetector(network)
     if weights in ("depth_anything", "depth_anything_v2"):
         return DepthAnythingDetector(network)
-    if weights in ("openpose", "lineart_anime"):
-        return OpenposeBodyDetector(network) if weights == "openpose" else lineart_anime_detector(network)
+    if weights == "openpose":
+        return OpenposeBodyDetector(network)
+    if weights == "lineart_anime":
+        return lineart_anime_detector(network)
     return import_controlnet_aux("hed").HEDdetector(network)
 
 
