@@ -12,6 +12,8 @@ transformers) run in a loop on the other core as they do at a cold start (--no-i
                               installed): HEAD, parallel ranged GETs into a pre-allocated file, publish
 - ``sd fetch + sha256``       the same with the manifest's sha256 verified (hashed as the bytes arrive)
 - ``sd fetch (boto3 engine)`` the same with SD_FETCH_ENGINE=boto3 (the pure-Python reads)
+- ``sd fetch presigned URL``  the http(s) source on a presigned URL of the same object (bytes read into one buffer);
+                              ``... (requests)``: the same through requests' iter_content, as before
 - ``sd fetch 16x16MiB (old)`` the same with the earlier defaults, 16 connections of 16 MiB parts (now 6 of 48 MiB)
 - ``sd start only``           the sd fetch process's fixed part: interpreter start and imports, no transfer
 - ``boto3 defaults``          boto3.client("s3").download_file(...) with its default TransferConfig
@@ -276,6 +278,13 @@ def run(args, scratch: Path) -> int:
             "sd fetch 16x16MiB (old)": ["env", "SD_FETCH_CONCURRENCY=16", "SD_FETCH_PART_MB=16", *sd("auto")],
             "boto3 defaults": [py, "-c", BOTO_CHILD, bucket, "weights.bin", str(out)],
         }
+        # the http(s) source on a presigned URL of the same object: read into one buffer, and through requests (before)
+        signed = s3.client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "weights.bin"},
+                                                    ExpiresIn=24 * 3600)
+        commands["sd fetch presigned URL"] = [py, "-c", SD_CHILD, "auto", signed, str(cache), ""]
+        commands["sd fetch presigned URL (requests)"] = [
+            py, "-c", "import sd_core.storage.http as h; h.HttpSource._buffered = lambda self, obj: False; " + SD_CHILD,
+            "auto", signed, str(cache), ""]
         # the sd fetch process's fixed part: interpreter start and imports, no transfer (its CPU is not per GiB)
         commands["sd start only"] = [py, "-c", "from sd_core.storage import fetch; import sd_core.storage.s3_obstore"]
         if s5cmd:

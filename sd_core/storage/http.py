@@ -1,20 +1,24 @@
-"""The http(s):// source: presigned URLs and plain HTTPS downloads through requests, ranged when the server allows."""
+"""The http(s):// source: presigned URLs and plain HTTPS downloads, ranged when the server allows."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import FetchError
 from ..settings import Settings
+from . import signed_get
 from .cache import uri_key
 from .objects import CHUNK, RemoteObject, Transient, backoff
 from .uris import Location, stable_url
 
 
 class HttpSource:
-    """http(s):// objects (presigned URLs included) through requests, ranged when the server allows it."""
+    """http(s):// objects (presigned URLs included), ranged when the server allows it. requests probes (and follows
+    redirects); the bytes of a URL that answers directly are read into one reused buffer (signed_get.py), as S3's."""
 
     def __init__(self, loc: Location, settings: Settings, user_url: bool = False):
         self.loc = loc
@@ -97,17 +101,20 @@ class HttpSource:
                 with self._get({"Range": "bytes=0-0"}) as response:
                     status = self._checked_status(response)
                     etag = response.headers.get("ETag")
+                    redirected = self.user_url or bool(response.history)  # (a user's URL: its own redirects)
                     if status == 206:
                         total = response.headers.get("Content-Range", "").rpartition("/")[2]
                         if total.isdigit():
-                            return RemoteObject(self.loc.name, self.loc.uri, int(total), etag)
-                        return RemoteObject(self.loc.name, self.loc.uri, None, etag, ranges=False)
+                            return RemoteObject(self.loc.name, self.loc.uri, int(total), etag, redirected=redirected)
+                        return RemoteObject(self.loc.name, self.loc.uri, None, etag, ranges=False,
+                                            redirected=redirected)
                     if status == 416:
-                        return RemoteObject(self.loc.name, self.loc.uri, 0, etag)
+                        return RemoteObject(self.loc.name, self.loc.uri, 0, etag, redirected=redirected)
                     if status == 200:
                         length = response.headers.get("Content-Length")
                         size = int(length) if length and length.isdigit() else None
-                        return RemoteObject(self.loc.name, self.loc.uri, size, etag, ranges=False)
+                        return RemoteObject(self.loc.name, self.loc.uri, size, etag, ranges=False,
+                                            redirected=redirected)
                     raise Transient(f"HTTP {status}")
             except Transient as exc:
                 if attempt == retries:
@@ -122,11 +129,22 @@ class HttpSource:
     def read_range(self, obj: RemoteObject, start: int, end: int | None, sink) -> None:
         import requests
 
+        ranged = end is not None and obj.ranges
+        strong_etag = obj.etag if obj.etag and not obj.etag.startswith("W/") else None
+        if self._buffered(obj):
+            try:
+                return signed_get.read_signed(self.loc.uri, start, end if ranged else None,
+                                              strong_etag if ranged else None, sink, self.settings.fetch_timeout_s,
+                                              ca_bundle=_ca_bundle())
+            except signed_get.Final as exc:
+                if not 300 <= exc.status < 400:  # (a redirect now: requests follows it below)
+                    raise self._status_error(exc.status) or FetchError(
+                        f"{self.loc.display} answered {exc} to a GET it had answered before", field="uri") from None
         headers = {}
-        if end is not None and obj.ranges:
+        if ranged:
             headers["Range"] = f"bytes={start}-{end}"
-            if obj.etag and not obj.etag.startswith("W/"):
-                headers["If-Match"] = obj.etag
+            if strong_etag:
+                headers["If-Match"] = strong_etag
         response = self._get(headers)
         with response:
             status = self._checked_status(response)
@@ -139,3 +157,26 @@ class HttpSource:
                     sink(chunk)
             except requests.RequestException as exc:
                 raise Transient(f"{type(exc).__name__} while streaming") from None
+
+    def _buffered(self, obj: RemoteObject) -> bool:
+        """Whether requests adds nothing to this object's GETs: an operator's URL (a user's goes through the URL
+        policy at every hop) that answered without a redirect, with no credentials in it, no proxy and no .netrc."""
+        return not (self.user_url or obj.redirected or urlsplit(self.loc.uri).username is not None
+                    or _netrc_present()) and signed_get.usable()
+
+
+def _netrc_present() -> bool:
+    """requests would send credentials from a .netrc file (NETRC, or ~/.netrc): leave those fetches to it."""
+    return Path(os.environ.get("NETRC") or Path.home() / ".netrc").is_file()
+
+
+def _ca_bundle() -> str | None:
+    """The CA file requests would use (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE, else certifi's); added to the system's."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        if os.environ.get(name):
+            return os.environ[name]
+    try:
+        import certifi
+    except ImportError:  # pragma: no cover - requests depends on certifi
+        return None
+    return certifi.where()

@@ -29,6 +29,7 @@ class RemoteObject:
     etag: str | None
     sha256: str | None = None
     ranges: bool = True  # the server answers ranged GETs
+    redirected: bool = False  # the URL answered through a redirect (http sources: read through requests)
 
     def matches(self, meta: dict) -> bool:
         return meta.get("size") == self.size and (meta.get("etag") or None) == (self.etag or None)

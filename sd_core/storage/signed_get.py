@@ -23,7 +23,12 @@ _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PR
 
 
 class Final(Exception):
-    """The store's final answer to a ranged GET (missing, denied, changed...): the caller explains it with boto3."""
+    """The store's final answer to a ranged GET (missing, denied, changed...): the caller explains it (S3: with
+    boto3). `status` is the HTTP status, 0 when there was none."""
+
+    def __init__(self, message: str, status: int = 0):
+        super().__init__(message)
+        self.status = status
 
 
 def usable(environ=None) -> bool:
@@ -61,7 +66,7 @@ def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, t
         except (OSError, http.client.HTTPException) as exc:
             raise Transient(type(exc).__name__) from None  # (never the URL: its query is a signature)
         if response.status in FINAL:
-            raise Final(f"HTTP {response.status}")
+            raise Final(f"HTTP {response.status}", response.status)
         if response.status != (200 if end is None else 206):  # (a 200 to a ranged GET would write past the part)
             raise Transient(f"HTTP {response.status}")
         buffer = memoryview(bytearray(READ_BUFFER))

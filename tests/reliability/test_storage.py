@@ -193,6 +193,26 @@ def test_every_fault_kind_is_survived_by_a_pinned_fetch(pinned, s3_env, s3_fault
     reliability_tally["storage faults survived"] += proxy.injected
 
 
+def test_every_fault_kind_is_survived_by_a_presigned_url_fetch(pinned, s3_server, s3_fault_proxy, tiny_bucket,
+                                                               tmp_path, reliability_tally):
+    """The same faults on a presigned URL (the http(s) source, whose bytes are read into one reused buffer)."""
+    proxy = s3_fault_proxy.configure(schedule=ALL_FAULTS, path_pattern=OBJECT_GETS)
+    proxy.stall_s = 3
+    single = yaml.safe_load((pinned["models"] / "tiny-sd15-single.yaml").read_text())
+    key = f"{pinned['base']}/{single['uri']}".removeprefix(f"s3://{pinned['bucket']}/")
+    url = s3_server.client(endpoint_url=proxy.url).generate_presigned_url(
+        "get_object", Params={"Bucket": pinned["bucket"], "Key": key}, ExpiresIn=600)
+    path = storage.fetch(url, faulty_settings(pinned, proxy, tmp_path), sha256=single["sha256"])
+    assert sha256_of(path) == single["sha256"]
+    assert proxy.injected == len(ALL_FAULTS)
+    broken = [rng for _, _, rng, fault in proxy.log if fault in ("reset", "truncate", "stall") and rng != "bytes=0-0"]
+    retried = [rng for _, _, rng, fault in proxy.log if fault == "ok"]
+    assert broken and all(rng in retried for rng in broken)  # each broken part asked for again by its own range
+    assert_cache_clean(tmp_path, tiny_bucket)
+    reliability_tally["storage faults injected"] += proxy.injected
+    reliability_tally["storage faults survived"] += proxy.injected
+
+
 def test_listing_faults_are_survived(pinned, s3_env, s3_fault_proxy, tiny_bucket, tmp_path, reliability_tally):
     proxy = s3_fault_proxy.configure(schedule=["error503", "reset", "truncate", "error500"], path_pattern=LISTINGS)
     manifest = yaml.safe_load((pinned["models"] / "tiny-sd15.yaml").read_text())

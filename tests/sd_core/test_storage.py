@@ -294,6 +294,38 @@ def test_presigned_https_url(s3_server, s3_env, s3_bucket, s3_proxy, tmp_path):
     assert "Signature" not in str(info.value) and "AWSAccessKeyId" not in str(info.value)
 
 
+def test_https_weights_direct_and_redirected_are_ranged_pinned_and_the_same(tmp_path):
+    """An operator's http(s) URL is read in ranged parts, each sent with If-Match (the probe's ETag), whether it
+    answers directly (read into one buffer) or through a redirect (requests follows it)."""
+    from tests.fixtures.http_files import FileHandler, serving
+
+    data = os.urandom(700_000)
+    gets = []
+
+    class Handler(FileHandler):
+        def do_GET(self):
+            gets.append((self.path, self.headers.get("Range"), self.headers.get("If-Match")))
+            if self.path.startswith("/moved/"):
+                self.send_response(302)
+                self.send_header("Location", "/direct/w.safetensors?from=moved")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self.send_file(data)
+
+        def end_headers(self):
+            self.send_header("ETag", '"v1"')
+            super().end_headers()
+
+    with serving(Handler) as server:
+        for where in ("direct", "moved"):
+            gets.clear()
+            path = fetch(f"{server.url}/{where}/w.safetensors", settings_for(tmp_path / where, None))
+            assert path.read_bytes() == data
+            parts = [(rng, match) for target, rng, match in gets if target.startswith("/direct/") and rng != "bytes=0-0"]
+            assert len(parts) == 3 and all(rng and match == '"v1"' for rng, match in parts), gets
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resume, locking, eviction, progress
 # ----------------------------------------------------------------------------------------------------------------
