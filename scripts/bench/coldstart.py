@@ -21,18 +21,25 @@ def coldstart_child(args) -> int:
     """Runs in a fresh process: time each cold-start phase, print them as one JSON line.
 
     --mode split: the phases one after another (import diffusers, fetch, load), to see what each costs;
-    --mode preload: what the adapters do (Engine(settings).preload(): downloads overlap the diffusers import, then
-    the warm-up generation unless SD_WARMUP=0).
+    --mode preload: what the adapters do (a Prefetch started before torch is imported, then
+    Engine(settings).preload(prefetch): the downloads overlap the imports, then the warm-up generation unless
+    SD_WARMUP=0).
     Then the first request, and the same request again (a warm request), side by side in the one process.
     """
     marks = {"main": time.time()}
+    from sd_core.settings import Settings
+
+    settings = Settings.from_env()
+    prefetch = None
+    if args.mode == "preload":  # as the adapters start: the downloads begin before torch is imported
+        from sd_core.prefetch import Prefetch
+
+        prefetch = Prefetch(settings)
+        settings = prefetch.settings
     import sd_core.engine  # torch, pydantic, our modules
 
     marks["import_sd_core"] = time.time()
     from sd_core.schema import GenerationRequest
-    from sd_core.settings import Settings
-
-    settings = Settings.from_env()
     if args.mode == "split":
         import diffusers
 
@@ -45,7 +52,7 @@ def coldstart_child(args) -> int:
 
         fetch_model(engine.catalog.get(args.name), settings)
         marks["fetch"] = time.time()
-    timings = engine.preload()  # split: the fetch above filled the cache, so this is the load (plus a cache lookup)
+    timings = engine.preload(prefetch)  # split: the fetch above filled the cache: the load (plus a cache lookup)
     marks["load" if args.mode == "split" else "preload"] = time.time()
     request = GenerationRequest(prompt=PROMPT, model=args.name, width=args.size, height=args.size,
                                 num_inference_steps=2, seed=1)
