@@ -322,7 +322,8 @@ def test_https_weights_direct_and_redirected_are_ranged_pinned_and_the_same(tmp_
             gets.clear()
             path = fetch(f"{server.url}/{where}/w.safetensors", settings_for(tmp_path / where, None))
             assert path.read_bytes() == data
-            parts = [(rng, match) for target, rng, match in gets if target.startswith("/direct/") and rng != "bytes=0-0"]
+            parts = [(rng, match) for target, rng, match in gets
+                     if target.startswith("/direct/") and rng != "bytes=0-0"]
             assert len(parts) == 3 and all(rng and match == '"v1"' for rng, match in parts), gets
 
 
