@@ -108,3 +108,31 @@ def test_init_image_beyond_the_pixel_budget_is_refused(make_engine, init):
     with pytest.raises(InvalidRequest, match=r"^image: 80x64 = 5120 pixels; resize_mode latent"):
         small.prepare(GenerationRequest(prompt="a", image=png(big), width=64, height=64, resize_mode="latent",
                                         model="tiny-sd15", **SETTINGS))
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_encoding_is_diffusers_own_in_half_precision(tiny_bucket, arch):
+    """At the output size (the resize is then the identity) in bfloat16, SDXL's VAE upcast included: the latents,
+    noised by the pipeline's own prepare_latents, equal those it makes from the pixel image with the same seed."""
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    from sd_core.latent_resize import init_latents
+
+    cls = StableDiffusionXLImg2ImgPipeline if arch == "sdxl" else StableDiffusionImg2ImgPipeline
+    pipe = cls.from_pretrained(tiny_bucket / f"tiny-{arch}" / "diffusers", local_files_only=True,
+                               torch_dtype=torch.bfloat16)
+    assert arch != "sdxl" or pipe.vae.config.force_upcast
+    image = noise_image((64, 64), seed=9)
+    pipe.scheduler.set_timesteps(STEPS)
+    timestep = pipe.scheduler.timesteps[:1]
+
+    def noised(value, generator):
+        return pipe.prepare_latents(value, timestep, 1, 1, torch.bfloat16, torch.device("cpu"), [generator])
+
+    with torch.inference_mode():
+        theirs = noised(pipe.image_processor.preprocess(image), torch.Generator("cpu").manual_seed(SEED))
+        generator = torch.Generator("cpu").manual_seed(SEED)
+        ours = noised(init_latents(pipe, image, 64, 64, [generator]), generator)
+    assert pipe.vae.dtype == torch.bfloat16  # put back after the upcast
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
