@@ -40,7 +40,7 @@ SCHEDULERS = [
     "TCD",
 ]
 OUTPUT_FORMATS = ["png", "webp", "jpeg"]
-RESIZE_MODES = ["resize", "crop", "fill"]  # sd_core.inpainting.RESIZE_MODES
+RESIZE_MODES = ["resize", "crop", "fill", "latent"]  # sd_core.inpainting.RESIZE_MODES
 INPAINT_FILLS = ["fill", "original", "latent_noise", "latent_nothing"]  # sd_core.inpainting.INPAINT_FILLS
 # Output files are kept this long: Cog reads (and uploads) them after run() returns, then they are removed.
 OUTPUT_KEEP_S = 600
@@ -105,7 +105,8 @@ class Runner(BaseRunner):
             default=0.8, ge=0.0, le=1.0, description="How much img2img/inpaint changes the image (above 0)"
         ),
         resize_mode: str = Input(
-            default="resize", choices=RESIZE_MODES, description="Init image of another size: resize, crop or fill"
+            default="resize", choices=RESIZE_MODES,
+            description="Init image of another size: resize, crop, fill or latent (A1111's latent upscale)",
         ),
         mask_blur: int = Input(default=0, ge=0, le=64, description="Gaussian blur of the mask (std, pixels)"),
         mask_blur_y: int | None = Input(

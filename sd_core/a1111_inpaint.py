@@ -29,12 +29,8 @@ def inpaint_fields(payload: dict, errors: list[str]) -> dict:
     """The GenerationRequest fields of an img2img payload's resize mode and (with a mask) inpainting keys; problems
     are appended to ``errors``. Without a mask A1111 ignores the mask keys, and so does this."""
     fields: dict = {}
-    mode = payload.get("resize_mode", 0)
-    if mode == 3 and not isinstance(mode, bool):
-        errors.append("resize_mode: 3 (latent upscale) is not supported by this worker; use 0 (just resize), "
-                      "1 (crop and resize) or 2 (resize and fill)")
-    else:
-        fields["resize_mode"] = RESIZE_MODES[_int(payload, "resize_mode", 0, 0, 2, errors)]
+    # 0 just resize, 1 crop and resize, 2 resize and fill, 3 just resize (latent upscale)
+    fields["resize_mode"] = RESIZE_MODES[_int(payload, "resize_mode", 0, 0, 3, errors)]
     if payload.get("mask") in (None, ""):
         return fields
     blur_x = _int(payload, "mask_blur_x", DEFAULT_BLUR, 0, MAX_MASK_BLUR, errors)

@@ -16,6 +16,7 @@ from .errors import Cancelled, InvalidRequest, quote
 from .inpainting import latent_fill_kwargs
 from .ip_adapter import IpAdapterManager
 from .jobs import Job
+from .latent_resize import init_latents
 from .lora import LoraManager
 from .pipelines import PipelinePool
 from .prompt_conditioning import BatchConditioning, plan_groups
@@ -155,7 +156,10 @@ class Denoiser:
         if first.mode == "txt2img":
             kwargs.update(width=first.width, height=first.height)
         else:
-            kwargs.update(image=first.image, strength=req.strength)
+            image = first.image
+            if req.resize_mode == "latent" and first.mode == "img2img":  # A1111's latent upscale: own-size image
+                image = init_latents(pipe, image, first.width, first.height, generators)
+            kwargs.update(image=image, strength=req.strength)
         if first.mode == "inpaint":
             kwargs.update(mask_image=first.mask, width=first.width, height=first.height)
             kwargs.update(latent_fill_kwargs(pipe, first))  # A1111's latent noise / latent nothing fills

@@ -11,6 +11,7 @@ from .families.base import (
     HIRES,
     IP_ADAPTER,
     LATENT_FILL,
+    LATENT_RESIZE,
     MAX_SEQUENCE_LENGTH,
     NEGATIVE_PROMPT,
     PROMPT_SYNTAX,
@@ -35,6 +36,8 @@ _WHAT = {
     IP_ADAPTER: ("ip_adapters", "has no IP-Adapter here"),
     VAE_OVERRIDE: ("vae", "has no alternate VAE here; leave vae empty"),
     LATENT_FILL: ("inpaint_fill", "has no latent noise / latent nothing fill here; use original or fill"),
+    LATENT_RESIZE: ("resize_mode", "has no latent resize here (A1111's is for 4-channel SD latents); use resize, "
+                                   "crop or fill"),
     MAX_SEQUENCE_LENGTH: ("max_sequence_length", "has no T5 text encoder; leave max_sequence_length empty"),
     EXPLICIT_SIGMAS: ("sigmas", "takes no explicit sigmas here (flow-matching models only: FLUX, SD3); leave sigmas "
                                 "empty and pick a schedule with scheduler"),
@@ -62,6 +65,8 @@ def _uses(req: GenerationRequest) -> list[str]:
         used.append(VAE_OVERRIDE)
     if req.image is not None and req.inpaint_fill in ("latent_noise", "latent_nothing"):
         used.append(LATENT_FILL)
+    if req.image is not None and req.resize_mode == "latent":
+        used.append(LATENT_RESIZE)
     if req.max_sequence_length is not None:
         used.append(MAX_SEQUENCE_LENGTH)
     if req.sigmas is not None:

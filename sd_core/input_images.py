@@ -88,7 +88,11 @@ def prepare_init_images(
             )
     if width is None or height is None:
         width, height = fit_size(width or image.width, height or image.height, max_pixels)
-    if not keep_size:
+    if resize_mode == "latent":  # encoded at its own size, its latent resized in stage 5 (sd_core/latent_resize.py)
+        from .latent_resize import check_size
+
+        check_size(image, max_pixels)
+    elif not keep_size:
         from .inpainting import resize_image  # numpy: kept off the adapters' import path
 
         image = resize_image(image, width, height, resize_mode)

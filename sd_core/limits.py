@@ -40,6 +40,6 @@ MAX_OUTPAINT = 1024  # pixels added on one side
 MAX_REASON_CHARS = 1500  # one reason's length: room for the lists of valid values we write ourselves
 # inpainting_fill, in A1111's order (0-3): what the masked area of the init image holds before denoising.
 INPAINT_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
-# resize_mode, in A1111's order (0-2): how an init image of another size is brought to width x height.
-# A1111's 3 ("latent upscale") is refused: it would encode the image at its own size, up to 16 megapixels.
-RESIZE_MODES = ("resize", "crop", "fill")
+# resize_mode, in A1111's order (0-3): how an init image of another size is brought to width x height. "latent"
+# (A1111's 3, "just resize (latent upscale)"): encoded at its own size (within SD_MAX_PIXELS), its latent resized.
+RESIZE_MODES = ("resize", "crop", "fill", "latent")

@@ -101,7 +101,8 @@ class GenerationRequest(BaseModel):
         0.8, gt=0.0, le=1.0, allow_inf_nan=False, description="How much img2img/inpaint changes the init image"
     )
     resize_mode: Literal[RESIZE_MODES] = Field(  # type: ignore[valid-type]
-        "resize", description="Init image of another size than width x height: resize (stretch), crop, fill"
+        "resize", description="Init image of another size than width x height: resize (stretch), crop, fill, "
+        "latent (encoded at its own size, the latent resized)"
     )
     mask_blur: int = Field(0, ge=0, le=MAX_MASK_BLUR, description="Gaussian blur of the mask (std, pixels)")
     mask_blur_y: int | None = Field(
@@ -238,6 +239,9 @@ class GenerationRequest(BaseModel):
                 raise ValueError("invert_mask: not with outpaint (its mask is made here)")
         if self.resize_mode != "resize" and self.image is None:
             raise ValueError("resize_mode: needs an image")
+        if self.resize_mode == "latent" and (self.mask is not None or self.outpaint is not None or self.controlnets):
+            raise ValueError("resize_mode: latent is for img2img without a mask, outpaint or ControlNet units here; "
+                             "use resize, crop or fill")
         if self.mask is None and self.outpaint is None:
             for name, default in (("mask_blur", 0), ("mask_blur_y", None), ("invert_mask", False),
                                   ("inpaint_fill", "original"), ("padding_mask_crop", None),

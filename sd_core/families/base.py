@@ -23,8 +23,9 @@ VAE_OVERRIDE = "vae"  # an alternate VAE from the manifest
 LATENT_FILL = "latent_fill"  # A1111's inpainting_fill latent noise / latent nothing (4-channel latents)
 MAX_SEQUENCE_LENGTH = "max_sequence_length"  # a T5 text encoder whose token count a request may set
 EXPLICIT_SIGMAS = "sigmas"  # a request's own noise schedule (flow matching: FlowMatchFamily.sigma_scheduler)
+LATENT_RESIZE = "latent_resize"  # resize_mode latent: the init image's 4-channel latent resized (latent_resize.py)
 SD_FEATURES = frozenset({NEGATIVE_PROMPT, PROMPT_SYNTAX, VARIATION_SEEDS, HIRES, TILING, EMBEDDINGS, CONTROLNET,
-                         IP_ADAPTER, VAE_OVERRIDE, LATENT_FILL})
+                         IP_ADAPTER, VAE_OVERRIDE, LATENT_FILL, LATENT_RESIZE})
 
 
 @dataclass(frozen=True, eq=False)

@@ -10,6 +10,7 @@ from .base import (
     HIRES,
     IP_ADAPTER,
     LATENT_FILL,
+    LATENT_RESIZE,
     MAX_SEQUENCE_LENGTH,
     PROMPT_SYNTAX,
     SD_FEATURES,
@@ -80,9 +81,10 @@ FAMILY = SD3Family(
     clip_skip=False,  # no A1111 clip skip for SD3 (diffusers' clip_skip is CLIP-only and not A1111's)
     embedding_keys=(),  # no A1111 textual inversions for SD3
     # negative prompts, variation seeds (noise in the transformer's latent shape) and ControlNet (txt2img) run; A1111
-    # prompt syntax (CLIP weighting), embeddings, hires, tiling, alternate VAEs, IP-Adapter and latent fills do not
+    # prompt syntax (CLIP weighting), embeddings, hires, tiling, alternate VAEs, IP-Adapter, latent fills and the
+    # latent resize (16-channel latents) do not
     features=(SD_FEATURES | {MAX_SEQUENCE_LENGTH, EXPLICIT_SIGMAS}) - {
-        PROMPT_SYNTAX, EMBEDDINGS, HIRES, TILING, VAE_OVERRIDE, IP_ADAPTER, LATENT_FILL},
+        PROMPT_SYNTAX, EMBEDDINGS, HIRES, TILING, VAE_OVERRIDE, IP_ADAPTER, LATENT_FILL, LATENT_RESIZE},
     # InstantX's / SAI's SD3 ControlNets, txt2img only: diffusers has no SD3 ControlNet img2img pipeline, and its
     # inpainting one runs Alimama's inpainting ControlNet only (the masked image as the control image)
     controlnet_pipelines={"txt2img": "StableDiffusion3ControlNetPipeline"},

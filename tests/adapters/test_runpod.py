@@ -185,8 +185,8 @@ def test_a1111_inpaint_does_what_a1111_does_and_equals_the_native_fields(server)
     assert decode(native["images"][0]["image"]).tobytes() == image.tobytes()
     whole = completed(server.runsync({"api": "img2img", **payload, "inpaint_full_res": False, "width": 80}))
     assert decode(whole["images"][0]).tobytes() != image.tobytes()
-    refused = server.runsync({"api": "img2img", **payload, "resize_mode": 3})
-    assert refused["status"] == "FAILED" and "resize_mode: 3 (latent upscale) is not supported" in refused["error"]
+    refused = server.runsync({"api": "img2img", **payload, "resize_mode": 3})  # latent upscale: not with a mask
+    assert refused["status"] == "FAILED" and "resize_mode: latent is for img2img without a mask" in refused["error"]
 
 
 def test_a1111_infotext_round_trips_in_png_info_and_info(server, tiny_bucket):

@@ -304,13 +304,17 @@ def test_inpainting_keys_are_translated(extra, fields):
     assert {name: getattr(request, name) for name in fields} == fields
 
 
+def test_resize_mode_3_is_the_latent_resize():  # no mask: A1111's "just resize (latent upscale)"
+    assert _img2img(resize_mode=3).resize_mode == "latent"
+
+
 def test_mask_keys_without_a_mask_change_nothing_as_in_a1111():
     assert _img2img(mask_blur=9, inpainting_fill=2, inpainting_mask_invert=1) == _img2img()
 
 
 @pytest.mark.parametrize(("extra", "refused"), [
-    ({"resize_mode": 3}, "resize_mode: 3 (latent upscale) is not supported"),
-    ({"resize_mode": 7}, "resize_mode: must be a whole number from 0 to 2"),
+    ({"mask": INIT, "resize_mode": 3}, "resize_mode: latent is for img2img without a mask"),
+    ({"resize_mode": 7}, "resize_mode: must be a whole number from 0 to 3"),
     ({"mask": INIT, "inpainting_fill": 4}, "inpainting_fill: must be a whole number from 0 to 3"),
     ({"mask": INIT, "mask_blur": 65}, "mask_blur: must be a whole number from 0 to 64"),
     ({"mask": INIT, "inpainting_mask_invert": 2}, "inpainting_mask_invert: must be a whole number from 0 to 1"),
