@@ -36,8 +36,8 @@ _WHAT = {
     VAE_OVERRIDE: ("vae", "has no alternate VAE here; leave vae empty"),
     LATENT_FILL: ("inpaint_fill", "has no latent noise / latent nothing fill here; use original or fill"),
     MAX_SEQUENCE_LENGTH: ("max_sequence_length", "has no T5 text encoder; leave max_sequence_length empty"),
-    EXPLICIT_SIGMAS: ("sigmas", "takes no explicit sigmas here (flow-matching models only: FLUX, SD3); leave sigmas "
-                                "empty and pick a schedule with scheduler"),
+    EXPLICIT_SIGMAS: ("sigmas", "takes no explicit sigmas here; leave sigmas empty and pick a schedule with "
+                                "scheduler"),
 }
 
 
@@ -82,6 +82,8 @@ def check_request(req: GenerationRequest, manifest: ModelManifest) -> Generation
         if not family.supports(feature):
             field, why = _WHAT[feature]
             raise InvalidRequest(f"{quote(manifest.name)} is a {family.name} model, which {why}", field=field)
+    if req.sigmas is not None:
+        family.check_sigmas(req, manifest.name)
     if family.supports(PROMPT_SYNTAX):
         return req
     plain = {field: plain_text(getattr(req, field), req.num_inference_steps or 1, manifest, field)
