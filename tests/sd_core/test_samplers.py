@@ -306,7 +306,8 @@ def test_explicit_sigmas_are_refused_where_they_would_not_run_exactly(engine):
     sd15 = "^sigmas: 'tiny-sd15' is a sd15 model, whose sigmas"
     for fields, reason in (({"scheduler": "DPM++ 2M Karras"}, "run with the Euler sampler only"),
                            ({"scheduler": "Euler Karras"}, "run with the Euler sampler only"),
-                           ({"hires": {"scale": 2}}, "are not supported with the hires fix")):
+                           ({"hires": {"scale": 2}}, "are not supported with the hires fix"),
+                           ({"refine": "expert_ensemble_refiner"}, "are not supported with a refiner")):
         with pytest.raises(InvalidRequest, match=f"{sd15} {reason}"):
             generate(engine, sigmas=[12.0, 3.5, 0.4], **fields)
     with pytest.raises(InvalidRequest, match="^sigmas: each sigma must be above 0 and at most 1000"):
