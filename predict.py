@@ -90,7 +90,7 @@ class Runner(BaseRunner):
         ),
         sigmas: str | None = Input(
             default=None, max_length=4000,
-            description="FLUX, SD3: each step's noise level, comma separated, decreasing, 1 >= sigma > 0, no final 0",
+            description="Each step's noise level, comma separated, decreasing, above 0 (FLUX, SD3: <= 1), no final 0",
         ),
         eta: float | None = Input(default=None, ge=0.0, le=1.0, description="DDIM/TCD noise; empty: the default"),
         seed: int | None = Input(

@@ -14,7 +14,7 @@ from .comfy_flux import FluxSampler, uses_flux
 from .comfy_graph import Graph, Node
 from .comfy_hires import latent_hires, model_hires
 from .comfy_images import NamedImages, mask_image
-from .comfy_samplers import scheduler_name
+from .comfy_samplers import scheduler_name, sd_schedule
 from .comfy_sd3 import SD3Sampler, uses_sd3
 from .errors import quote
 from .prompt_tags import TAG
@@ -128,6 +128,11 @@ class Translator:
                   "loras": [{"source": model_name(n.inputs["lora_name"]), "scale": unet, "text_encoder_scale": te}
                             for n, unet, te in model.loras.values()]}
         fields = self._latent(node, fields, model, steps)
+        own = self._own_sigmas(node, fields, steps)
+        if fields.get("hires") is not None and (own or "sigmas" in fields):
+            raise node.error("a two-pass (hires) workflow runs the hires fix's own schedules: scheduler "
+                             f"{quote(inputs['scheduler'], 40)} (or the first pass's) is not supported there; use "
+                             "normal, karras, exponential or sgm_uniform")
         if fields.get("hires") is not None:
             if pos_controls or neg_controls:
                 raise node.error("ControlNets in a two-pass (hires) workflow are not supported by this worker")
@@ -139,6 +144,9 @@ class Translator:
             size = (fields["width"], fields["height"])
             units, loaders = controlnet_units(self, node, pos_controls, neg_controls, model, *size,
                                               self._schedule(node, steps))
+            if units and own and len(fields["sigmas"]) != self._schedule(node, steps)[0]:
+                raise node.error(f"scheduler {quote(inputs['scheduler'], 40)} runs {len(fields['sigmas'])} steps, "
+                                 f"not {steps}, at {steps} steps: its ControlNet step windows are not supported")
             if units:
                 fields["controlnets"] = units
                 self.control_loaders[node.id] = loaders
@@ -181,6 +189,21 @@ class Translator:
             raise node.error(f"its latent_image must come from EmptyLatentImage, VAEEncode, SetLatentNoiseMask, "
                              f"VAEEncodeForInpaint or a latent upscale, not from {latent.label}")
         return fields
+
+    def _own_sigmas(self, node: Node, fields: dict, steps: int) -> bool:
+        """Euler on a ComfyUI schedule no A1111 schedule equals (comfy_samplers.SIGMA_PAIRS): ``fields`` get ComfyUI's
+        sigmas as the request's ``sigmas`` (the step count theirs: beta drops repeats, ddim_uniform spaces by
+        len // steps). A partial run keeps ComfyUI's last ``run`` sigmas (strength, as ``_latent``), which is only
+        exact when the schedule has its nominal count. False for the other pairs."""
+        schedule, run = self._schedule(node, steps)
+        sigmas = sd_schedule(node, node.inputs["sampler_name"], node.inputs["scheduler"], schedule)
+        if sigmas is None:
+            return False
+        if len(sigmas) != schedule and run != schedule:
+            raise node.error(f"scheduler {quote(node.inputs['scheduler'], 40)} gives {len(sigmas)} steps for "
+                             f"{schedule}: a partial run of it (denoise below 1, start_at_step) is not supported")
+        fields.update(sigmas=sigmas, num_inference_steps=len(sigmas))
+        return True
 
     def _schedule(self, node: Node, steps: int) -> tuple[int, int]:
         """(steps in the whole schedule, steps run: its last ones), as ComfyUI's samplers count them."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from .comfy_schedules import Sampling, schedule
 from .errors import quote
 from .schedulers import BETA, EXPONENTIAL, KARRAS, NORMAL, SGM_UNIFORM, combine
 
@@ -17,7 +18,7 @@ SAMPLERS = {
 }
 # ComfyUI's schedulers -> A1111 1.10's schedule type of the same definition (A1111 took them from ComfyUI). ComfyUI's
 # normal (sigmas at timesteps evenly spaced from the last to 0) is A1111's Normal (= its Uniform); sgm_uniform is
-# A1111's SGM Uniform. ComfyUI's beta picks whole timesteps (A1111's Beta does not): refused.
+# A1111's SGM Uniform. ComfyUI's beta picks whole timesteps (A1111's Beta does not): run as SIGMA_PAIRS below.
 SCHEDULERS = {"normal": NORMAL, "karras": KARRAS, "exponential": EXPONENTIAL, "sgm_uniform": SGM_UNIFORM,
               "beta": BETA, "simple": "Simple", "ddim_uniform": "DDIM", "kl_optimal": "KL Optimal",
               "linear_quadratic": "Linear Quadratic"}
@@ -34,14 +35,21 @@ EXACT = {*((sampler, scheduler) for sampler in _EULER_LIKE for scheduler in (
          ("euler_ancestral", "normal"),
          *((sampler, scheduler) for sampler in _FLAGGED for scheduler in ("normal", "karras", "exponential")),
          *((sampler, scheduler) for sampler in _MULTISTEP for scheduler in ("karras", "exponential"))}
+# ComfyUI's schedulers no A1111 schedule of the engine's equals: Euler runs them as the request's own ``sigmas``
+# (ComfyUI's, computed by sd_schedule()), on SD 1.x / SD2 / SDXL (diffusers' EulerDiscreteScheduler takes sigmas).
+SIGMA_SCHEDULERS = ("simple", "ddim_uniform", "beta", "kl_optimal", "linear_quadratic")
+SIGMA_PAIRS = {(sampler, scheduler) for sampler in _EULER_LIKE for scheduler in SIGMA_SCHEDULERS}
 
 
 def scheduler_name(node, sampler: str, scheduler: str) -> str:
     """The engine's sampler name for a KSampler's ``sampler_name`` and ``scheduler``; InvalidRequest naming the
-    node, sampler and scheduler unless the engine runs that pair with ComfyUI's sigmas (``EXACT``)."""
+    node, sampler and scheduler unless the engine runs that pair with ComfyUI's sigmas (``EXACT``, or Euler with the
+    request's ``sigmas``: ``SIGMA_PAIRS``)."""
     if sampler not in SAMPLERS or scheduler not in SCHEDULERS:
         what = f"sampler_name {quote(sampler, 40)}" if sampler not in SAMPLERS else f"scheduler {quote(scheduler, 40)}"
         raise node.error(f"{what} is unknown (with {_pair(sampler, scheduler)}); {_supported()}")
+    if (sampler, scheduler) in SIGMA_PAIRS:
+        return "Euler"
     if (sampler, scheduler) not in EXACT:
         raise node.error(f"{_pair(sampler, scheduler)} has no exact equivalent in this worker (its diffusers "
                          f"schedulers place their sigmas differently, docs/comfyui.md); {_supported()}")
@@ -53,7 +61,8 @@ def _pair(sampler, scheduler) -> str:
 
 
 def _supported() -> str:
-    return "supported: " + ", ".join(f"{a} + {b}" for a, b in sorted(EXACT))
+    return ("supported: " + ", ".join(f"{a} + {b}" for a, b in sorted(EXACT)) + "; and, on ComfyUI's own sigmas, "
+            f"{' / '.join(_EULER_LIKE)} + {' / '.join(SIGMA_SCHEDULERS)}")
 
 
 # --- ComfyUI's noise levels for SD 1.x / SDXL (scaled linear betas 0.00085 to 0.012 over 1000 timesteps) -----------
@@ -83,27 +92,32 @@ def percent_to_sigma(percent: float) -> float:
 
 
 def sigmas(scheduler: str, steps: int) -> list[float]:
-    """ComfyUI's schedule (``normal``, ``karras`` or ``exponential``) of ``steps`` steps, ending in 0."""
-    low, high = math.exp(_LOG_SIGMAS[0]), math.exp(_LOG_SIGMAS[-1])
-    ramp = [i / (steps - 1) if steps > 1 else 0.0 for i in range(steps)]
-    if scheduler == "normal":
-        out = [model_sigma(999 * (1 - r)) for r in ramp]
-    elif scheduler == "karras":
-        out = [(high ** (1 / 7) + r * (low ** (1 / 7) - high ** (1 / 7))) ** 7 for r in ramp]
-    elif scheduler == "exponential":
-        out = [math.exp(math.log(high) + r * (math.log(low) - math.log(high))) for r in ramp]
-    else:
-        raise ValueError(scheduler)
-    return [*out, 0.0]
+    """ComfyUI's ``scheduler`` schedule of ``steps`` steps on SD 1.x / SDXL's ModelSamplingDiscrete, ending in 0
+    (beta and ddim_uniform may have another count; ValueError for kl_optimal's one step)."""
+    return schedule(SD_SAMPLING, scheduler, steps)
 
 
+def sd_schedule(node, sampler: str, scheduler: str, steps: int) -> list[float] | None:
+    """The request's ``sigmas`` (ComfyUI's schedule without its final 0) for a pair run as Euler on ComfyUI's own
+    sigmas (``SIGMA_PAIRS``); None for the other pairs (``EXACT``: an A1111 schedule of the engine's)."""
+    if (sampler, scheduler) not in SIGMA_PAIRS:
+        return None
+    if scheduler == "kl_optimal" and steps < 2:
+        raise node.error(_KL_ONE_STEP)
+    return sigmas(scheduler, steps)[:-1]
+
+
+_KL_ONE_STEP = "scheduler 'kl_optimal' needs at least 2 steps (ComfyUI's formula divides by steps - 1: NaN)"
 _LOG_SIGMAS = _log_sigmas()
+SD_SAMPLING = Sampling(tuple(math.exp(x) for x in _LOG_SIGMAS), model_sigma, 999.0, 0.0)  # timestep(sigma_max) = 999
 
 
 # --- FLUX and SD3 (flow matching): ComfyUI's schedules on its flow model samplings -----------------------------------
 FLUX_DEV_MU = 1.15  # ComfyUI's ModelSamplingFlux default: FLUX.1-dev-like models (with a guidance embedding)
-# The schedulers computed here (ComfyUI's definitions on a flow model's sigma table); others are refused.
-FLOW_SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta", "karras", "exponential")
+# The schedulers computed here (ComfyUI's definitions on a flow model's sigma table); ddim_uniform is refused: it
+# starts below the table's top (sigma 1, the pure noise diffusers' flow pipelines start from) at any usable step count.
+FLOW_SCHEDULERS = ("simple", "normal", "sgm_uniform", "beta", "karras", "exponential", "kl_optimal",
+                   "linear_quadratic")
 
 
 def flux_mu(max_shift: float, base_shift: float, width: int, height: int) -> float:
@@ -125,42 +139,20 @@ def comfy_flow_sigmas(scheduler: str, steps: int, mu: float | None, shift: float
             return shift * t / (1 + (shift - 1) * t)
         return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
-    table = [sigma((i + 1) / size) for i in range(size)]
-    high, low = table[-1], table[0]
-    if scheduler == "simple":  # every N/steps-th entry from the top
-        every = size / steps
-        return [table[-(1 + int(x * every))] for x in range(steps)] + [0.0]
-    if scheduler == "beta":  # whole table indices at the beta(0.6, 0.6) quantiles, repeats dropped
-        from scipy.stats import beta
-
-        picked: list[int] = []
-        for q in [1 - i / steps for i in range(steps)]:
-            index = int(round(float(beta.ppf(q, 0.6, 0.6)) * (size - 1)))
-            if not picked or picked[-1] != index:
-                picked.append(index)
-        return [table[i] for i in picked] + [0.0]
-    ramp = [i / (steps - 1) if steps > 1 else 0.0 for i in range(steps)]
-    if scheduler == "karras":  # k-diffusion's, rho 7, between the table's bounds
-        top, bottom = high ** (1 / 7), low ** (1 / 7)
-        return [(top + r * (bottom - top)) ** 7 for r in ramp] + [0.0]
-    if scheduler == "exponential":
-        return [math.exp(math.log(high) + r * (math.log(low) - math.log(high))) for r in ramp] + [0.0]
-    start, end = high, low  # timestep(sigma) = sigma (ModelSamplingDiscreteFlow: times its multiplier, then back)
-    if scheduler == "sgm_uniform":
-        times = [start + (end - start) * i / steps for i in range(steps)]  # linspace(start, end, steps + 1)[:-1]
-        return [sigma(t) for t in times] + [0.0]
-    if scheduler != "normal":
+    table = tuple(sigma((i + 1) / size) for i in range(size))
+    if scheduler not in FLOW_SCHEDULERS:
         raise ValueError(scheduler)
-    zero = math.isclose(sigma(end), 0, abs_tol=1e-5)
-    count = steps + 1 if zero else steps
-    times = [start + (end - start) * i / (count - 1) if count > 1 else start for i in range(count)]
-    return [sigma(t) for t in times] + ([] if zero else [0.0])
+    # timestep(sigma) = sigma (ModelSamplingDiscreteFlow: times its multiplier, then back), so t_max / t_min are the
+    # table's bounds
+    return schedule(Sampling(table, sigma, table[-1], table[0]), scheduler, steps)
 
 
 def flow_schedule(node, scheduler: str, steps: int, mu: float | None, shift: float = 1.0) -> list[float]:
     """The ``sigmas`` of a request running ComfyUI's schedule (``comfy_flow_sigmas`` without its final 0: diffusers
     appends it); InvalidRequest naming ``node`` for a schedule that does not start from pure noise (sigma 1), as
     diffusers' flow pipelines do."""
+    if scheduler == "kl_optimal" and steps < 2:
+        raise node.error(_KL_ONE_STEP)
     sigmas = comfy_flow_sigmas(scheduler, steps, mu, shift)
     if sigmas[-1] != 0 or not math.isclose(sigmas[0], 1.0, abs_tol=1e-6) or any(
             b >= a for a, b in zip(sigmas[:-1], sigmas[1:-1], strict=False)):

@@ -236,7 +236,8 @@ class Engine:
             "height": request.height or (None if request.image else defaults.height),
             "num_inference_steps": request.num_inference_steps or defaults.num_inference_steps,
             "guidance_scale": defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale,
-            "scheduler": request.scheduler or defaults.scheduler,
+            # a request's own sigmas run on Euler (ModelFamily.check_sigmas), whatever the model's default sampler
+            "scheduler": request.scheduler or ("Euler" if request.sigmas is not None else defaults.scheduler),
             "max_sequence_length": request.max_sequence_length or defaults.max_sequence_length,
         })
         check_eta(filled.scheduler, filled.eta)

@@ -39,8 +39,8 @@ _WHAT = {
     LATENT_RESIZE: ("resize_mode", "has no latent resize here (A1111's is for 4-channel SD latents); use resize, "
                                    "crop or fill"),
     MAX_SEQUENCE_LENGTH: ("max_sequence_length", "has no T5 text encoder; leave max_sequence_length empty"),
-    EXPLICIT_SIGMAS: ("sigmas", "takes no explicit sigmas here (flow-matching models only: FLUX, SD3); leave sigmas "
-                                "empty and pick a schedule with scheduler"),
+    EXPLICIT_SIGMAS: ("sigmas", "takes no explicit sigmas here; leave sigmas empty and pick a schedule with "
+                                "scheduler"),
 }
 
 
@@ -87,6 +87,8 @@ def check_request(req: GenerationRequest, manifest: ModelManifest) -> Generation
         if not family.supports(feature):
             field, why = _WHAT[feature]
             raise InvalidRequest(f"{quote(manifest.name)} is a {family.name} model, which {why}", field=field)
+    if req.sigmas is not None:
+        family.check_sigmas(req, manifest.name)
     if family.supports(PROMPT_SYNTAX):
         return req
     plain = {field: plain_text(getattr(req, field), req.num_inference_steps or 1, manifest, field)

@@ -5,6 +5,7 @@ from .preprocessor_names import MODULES
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_IMAGE_PIXELS = 1536 * 1536  # width * height of one image
 MAX_STEPS = 150
+MAX_SIGMA = 1000.0  # a request's own sigmas (SD's k-diffusion noise levels reach about 15; flow models' 1)
 MAX_GUIDANCE = 30.0
 MAX_OUTPUTS = 8
 MAX_SEED = 2**32 - 1

@@ -39,6 +39,7 @@ from .limits import (  # noqa: F401 - re-exported: the request's limits are part
     MAX_SCHEDULER_CHARS,
     MAX_SEED,
     MAX_SEQUENCE_LENGTH,
+    MAX_SIGMA,
     MAX_SIZE,
     MAX_STEPS,
     MIN_SIZE,
@@ -79,8 +80,8 @@ class GenerationRequest(BaseModel):
     scheduler: SchedulerName | None = Field(None, description="A1111 sampler name")  # type: ignore[valid-type]
     sigmas: list[float] | None = Field(
         None, min_length=1, max_length=MAX_STEPS,
-        description="FLUX, SD3: the noise level of each step, decreasing, 1 >= sigma > 0, without the final 0 "
-                    "(num_inference_steps = their count); empty: the model's own schedule",
+        description="The noise level of each step, decreasing, above 0, without the final 0 (num_inference_steps = "
+                    "their count): FLUX, SD3: at most 1; SD 1.x/2/SDXL: the Euler sampler's; empty: the scheduler's",
     )
     eta: float | None = Field(
         None, ge=0.0, le=1.0, allow_inf_nan=False,
@@ -175,8 +176,8 @@ class GenerationRequest(BaseModel):
     def _decreasing_sigmas(cls, value):
         if value is None:
             return value
-        if not all(math.isfinite(s) and 0 < s <= 1 for s in value):
-            raise ValueError("each sigma must be above 0 and at most 1 (a flow-matching noise level)")
+        if not all(math.isfinite(s) and 0 < s <= MAX_SIGMA for s in value):
+            raise ValueError(f"each sigma must be above 0 and at most {MAX_SIGMA:g} (FLUX, SD3: at most 1)")
         if any(b >= a for a, b in itertools.pairwise(value)):
             raise ValueError("must decrease from one step to the next")
         return value

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InvalidRequest, quote
 from ..limits import CONTROL_MODES
 from ..schedulers import AYS_SD15, SCHEDULER_NAMES
 
@@ -22,10 +23,11 @@ IP_ADAPTER = "ip_adapter"
 VAE_OVERRIDE = "vae"  # an alternate VAE from the manifest
 LATENT_FILL = "latent_fill"  # A1111's inpainting_fill latent noise / latent nothing (4-channel latents)
 MAX_SEQUENCE_LENGTH = "max_sequence_length"  # a T5 text encoder whose token count a request may set
-EXPLICIT_SIGMAS = "sigmas"  # a request's own noise schedule (flow matching: FlowMatchFamily.sigma_scheduler)
-LATENT_RESIZE = "latent_resize"  # resize_mode latent: the init image's 4-channel latent resized (latent_resize.py)
+EXPLICIT_SIGMAS = "sigmas"  # a request's own noise schedule (ModelFamily.sigma_scheduler)
+LATENT_RESIZE = "latent_resize"  # resize_mode latent: the init image's latent resized (latent_resize.py)
 SD_FEATURES = frozenset({NEGATIVE_PROMPT, PROMPT_SYNTAX, VARIATION_SEEDS, HIRES, TILING, EMBEDDINGS, CONTROLNET,
-                         IP_ADAPTER, VAE_OVERRIDE, LATENT_FILL, LATENT_RESIZE})
+                         IP_ADAPTER, VAE_OVERRIDE, LATENT_FILL, LATENT_RESIZE, EXPLICIT_SIGMAS})
+EULER = "Euler"  # the canonical name of A1111's Euler with its Automatic (Uniform) schedule
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,18 +159,50 @@ class ModelFamily:
 
         return build_scheduler(name, base_config, steps)
 
+    def sigma_scheduler(self, base_config: dict[str, Any]):
+        """The scheduler running a request's own ``sigmas``: Euler (diffusers' EulerDiscreteScheduler, configured as
+        the engine's ``Euler``), which maps each sigma to its fractional timestep on the model's training sigmas."""
+        return self.build_scheduler(EULER, base_config)
+
+    def check_sigmas(self, req, model: str) -> None:
+        """InvalidRequest (field ``sigmas``) for a request whose own ``sigmas`` this family cannot run exactly: only
+        Euler takes them; the hires fix's and the refiner's second passes would need their own schedules; diffusers'
+        ControlNet img2img / inpaint pipelines take no sigmas."""
+        why = None
+        if req.scheduler != EULER:
+            why = (f"run with the Euler sampler only (diffusers' EulerDiscreteScheduler takes them), not "
+                   f"{quote(req.scheduler, 40)}; leave scheduler empty or use Euler")
+        elif req.hires is not None:
+            why = "are not supported with the hires fix (its second pass would need a schedule of its own)"
+        elif req.refine != "no_refiner":
+            why = "are not supported with a refiner (its pass would need a schedule of its own)"
+        elif req.controlnets and req.image is not None:
+            why = "are not supported with ControlNets on an init image (diffusers' pipelines take no sigmas there)"
+        if why:
+            raise InvalidRequest(f"{quote(model)} is a {self.name} model, whose sigmas {why}", field="sigmas")
+
     def call_kwargs(self, job) -> dict[str, Any]:
-        """What this family adds to the ``pipe(...)`` call of a job (a ``sd_core.jobs.Job``): a T5 family's token
-        count (FLUX also adds the size its img2img takes as an argument); {} for the others."""
-        if self.max_sequence_length is None:
-            return {}
-        return {"max_sequence_length": job.request.max_sequence_length or self.max_sequence_length}
+        """What this family adds to the ``pipe(...)`` call of a job (a ``sd_core.jobs.Job``): a request's own
+        ``sigmas`` (then 0, as EulerDiscreteScheduler takes them), a T5 family's token count (FLUX also adds the
+        size its img2img takes as an argument)."""
+        kwargs: dict[str, Any] = {}
+        if job.request.sigmas is not None:
+            kwargs["sigmas"] = [*job.request.sigmas, 0.0]
+        if self.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = job.request.max_sequence_length or self.max_sequence_length
+        return kwargs
 
     def infotext_fields(self, job) -> dict[str, Any]:
         """This family's own infotext fields for a job (written after A1111's): a T5 family's token count, which
-        changes the image (not an A1111 field: A1111 has no such setting)."""
+        changes the image (not an A1111 field: A1111 has no such setting); a request's own ``sigmas`` (they set the
+        schedule, which the sampler name no longer says)."""
+        fields: dict[str, Any] = {}
         length = job.request.max_sequence_length
-        return {} if length is None else {"Max sequence length": length}
+        if length is not None:
+            fields["Max sequence length"] = length
+        if job.request.sigmas is not None:
+            fields["Sigmas"] = " ".join(f"{s:.8g}" for s in job.request.sigmas)  # no commas: unquoted
+        return fields
 
     def load_single_file(self, cls, weights: str, config: str, **kwargs):
         """The txt2img pipeline ``cls`` of a single-file checkpoint, its configs from the local folder ``config``."""

@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidRequest, quote
-from .base import ModelFamily
-
-EULER = "Euler"  # the canonical name of A1111's Euler with its Automatic (Uniform) schedule
+from .base import EULER, ModelFamily
 
 
 class FlowMatchFamily(ModelFamily):
@@ -48,16 +46,15 @@ class FlowMatchFamily(ModelFamily):
                 raise RuntimeError(f"FlowMatchEulerDiscreteScheduler ignored {key}={value!r}")
         return scheduler
 
+    def check_sigmas(self, req, model: str) -> None:
+        """InvalidRequest for a sigma above 1 (pure noise): a flow-matching noise level is 0 to 1."""
+        if any(sigma > 1 for sigma in req.sigmas):
+            raise InvalidRequest(f"{quote(model)} is a {self.name} model, whose sigmas are flow-matching noise levels: "
+                                 "each must be at most 1", field="sigmas")
+
     def call_kwargs(self, job) -> dict[str, Any]:
-        """The base's, and a request's own ``sigmas`` (run by ``sigma_scheduler``)."""
+        """The base's, with a request's own ``sigmas`` as given (run by ``sigma_scheduler``, which appends 0)."""
         kwargs = super().call_kwargs(job)
         if job.request.sigmas is not None:
             kwargs["sigmas"] = list(job.request.sigmas)
         return kwargs
-
-    def infotext_fields(self, job) -> dict[str, Any]:
-        """The base's, and a request's own ``sigmas`` (they set the schedule, which the sampler name no longer says)."""
-        fields = super().infotext_fields(job)
-        if job.request.sigmas is not None:
-            fields["Sigmas"] = " ".join(f"{s:.8g}" for s in job.request.sigmas)  # no commas: unquoted
-        return fields

@@ -78,6 +78,15 @@ def comfy_schedule(scheduler: str, steps: int, mu: float | None, shift: float = 
         ts = np.rint(beta.ppf(1 - np.linspace(0, 1, steps, endpoint=False), 0.6, 0.6) * (len(table) - 1))
         picked = [int(t) for i, t in enumerate(ts) if i == 0 or t != ts[i - 1]]
         return [float(table[i]) for i in picked] + [0.0]
+    if scheduler == "kl_optimal":  # tan of atan(sigma_max) .. atan(sigma_min), evenly spaced
+        w = torch.arange(steps, dtype=torch.float) / (steps - 1)
+        return (w * math.atan(low) + (1 - w) * math.atan(high)).tan().tolist() + [0.0]
+    if scheduler == "linear_quadratic":  # Mochi's: 1 - (linear to 0.025 over steps // 2, then quadratic), x sigma_max
+        half = steps // 2
+        diff = half - 0.025 * steps
+        a, b = diff / (half * (steps - half) ** 2), 0.025 / half - 2 * diff / (steps - half) ** 2
+        ts = [i * 0.025 / half for i in range(half)] + [a * i * i + b * i + a * half * half for i in range(half, steps)]
+        return ((1 - torch.tensor(ts + [1.0])) * high).tolist()
 
     def sigma(t):
         return shift * t / (1 + (shift - 1) * t) if mu is None else math.exp(mu) / (math.exp(mu) + (1 / t - 1))
@@ -110,6 +119,15 @@ def test_the_request_sigmas_are_comfyuis_schedule(scheduler, steps):
     node = None
     for mu, shift in ((comfy_samplers.flux_mu(1.15, 0.5, 64, 64), 1.0), (1.15, 1.0), (None, 1.0), (None, 3.0)):
         sigmas = comfy_samplers.flow_schedule(node, scheduler, steps, mu, shift)
+        assert np.allclose(sigmas + [0.0], comfy_schedule(scheduler, steps, mu, shift), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [2, 3, 7, 28])
+@pytest.mark.parametrize("scheduler", ["kl_optimal", "linear_quadratic"])
+def test_kl_optimal_and_linear_quadratic_are_comfyuis_on_flow_models(scheduler, steps):
+    # both read only the table's bounds (sigma_max 1: they start from pure noise, as diffusers' flow pipelines)
+    for mu, shift in ((comfy_samplers.flux_mu(1.15, 0.5, 64, 64), 1.0), (1.15, 1.0), (None, 1.0), (None, 3.0)):
+        sigmas = comfy_samplers.flow_schedule(None, scheduler, steps, mu, shift)
         assert np.allclose(sigmas + [0.0], comfy_schedule(scheduler, steps, mu, shift), atol=1e-6, rtol=0)
 
 
@@ -190,6 +208,8 @@ def edit(name: str, node: str, **inputs) -> dict:
     (edit("flux_dev", "16", sampler_name="dpmpp_2m"), "node '16' (KSamplerSelect): sampler_name 'dpmpp_2m' does not"),
     (edit("flux_dev", "17", scheduler="ddim_uniform"), "node '17' (BasicScheduler): scheduler 'ddim_uniform' has no "
                                                        "exact equivalent for FLUX here; supported: simple, normal"),
+    (edit("flux_dev", "17", scheduler="kl_optimal", steps=1), "node '17' (BasicScheduler): scheduler 'kl_optimal' "
+                                                               "needs at least 2 steps"),
     (edit("flux_dev", "17", steps=151), "node '13' (SamplerCustomAdvanced): num_inference_steps: Input should be"),
     (edit("flux_dev", "17", denoise=0.5), "node '17' (BasicScheduler): denoise 0.5 is not supported"),
     (edit("flux_dev", "27", width=72), "node '27' (EmptySD3LatentImage): 72x64: FLUX samples sizes in multiples"),
@@ -228,7 +248,8 @@ def test_flux_refusals_of_wiring():
 
 
 @pytest.mark.parametrize(("scheduler", "steps"), [("simple", 28), ("simple", 3), ("normal", 7), ("beta", 28),
-                                                  ("karras", 5), ("sgm_uniform", 28)])
+                                                  ("karras", 5), ("sgm_uniform", 28), ("kl_optimal", 4),
+                                                  ("linear_quadratic", 5)])
 def test_the_pipeline_runs_comfyuis_sigmas_at_any_step_count(engine, scheduler, steps):
     # ComfyUI's FLUX dev example graph on the tiny dev-like model (dynamic shifting in its scheduler config): the
     # sigmas the FLUX pipeline's scheduler actually ran are ComfyUI's, the config's shift turned off

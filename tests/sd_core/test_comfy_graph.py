@@ -87,9 +87,9 @@ def test_sampler_and_scheduler_names(sampler, scheduler, expected):
     ("euler_ancestral", "karras", "sampler_name 'euler_ancestral' and scheduler 'karras' has no exact equivalent"),
     ("heun", "sgm_uniform", "sampler_name 'heun' and scheduler 'sgm_uniform' has no exact equivalent"),
     ("dpm_2", "karras", "sampler_name 'dpm_2' and scheduler 'karras' has no exact equivalent"),
-    ("euler", "beta", "sampler_name 'euler' and scheduler 'beta' has no exact equivalent"),
+    ("euler_ancestral", "beta", "sampler_name 'euler_ancestral' and scheduler 'beta' has no exact equivalent"),
     ("dpmpp_3m_sde", "karras", "sampler_name 'dpmpp_3m_sde' and scheduler 'karras' has no exact equivalent"),
-    ("euler", "simple", "sampler_name 'euler' and scheduler 'simple' has no exact equivalent"),
+    ("dpmpp_2m", "simple", "sampler_name 'dpmpp_2m' and scheduler 'simple' has no exact equivalent"),
     ("nope", "normal", "sampler_name 'nope' is unknown (with sampler_name 'nope' and scheduler 'normal')"),
     ("euler", "bogus", "scheduler 'bogus' is unknown"),
 ])

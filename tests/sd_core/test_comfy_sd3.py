@@ -134,8 +134,8 @@ def test_the_sd35_reference_negative_is_refused_naming_the_zero_out_node():
     (lambda g: g["11"]["inputs"].update(clip_name3="t5xxl_fp8_e4m3fn.safetensors"),
      "node '11' (TripleCLIPLoader): clip_name1/2/3 must be"),
     (lambda g: g["13"]["inputs"].update(shift=0.0), "node '13' (ModelSamplingSD3): shift 0.0 must be above 0"),
-    (lambda g: g["3"]["inputs"].update(scheduler="kl_optimal"), "node '3' (KSampler): scheduler 'kl_optimal' has no "
-                                                                "exact equivalent for SD3 here; supported: simple"),
+    (lambda g: g["3"]["inputs"].update(scheduler="ddim_uniform"),
+     "node '3' (KSampler): scheduler 'ddim_uniform' has no exact equivalent for SD3 here; supported: simple"),
     (lambda g: g["3"]["inputs"].update(sampler_name="dpmpp_2m"), "node '3' (KSampler): sampler_name 'dpmpp_2m'"),
     (lambda g: g["3"]["inputs"].update(cfg=0.5), "node '3' (KSampler): cfg 0.5 is not supported"),
     (lambda g: g["3"]["inputs"].update(denoise=0.5), "node '3' (KSampler): denoise 0.5"),

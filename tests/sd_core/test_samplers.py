@@ -274,3 +274,41 @@ def test_jobs_with_different_eta_never_share_a_batch():
     jobs = [Job(request=GenerationRequest(scheduler="DDIM", eta=eta, model="m"), manifest=None, width=64, height=64,
                 seeds=[1]) for eta in (0.0, 0.5)]
     assert jobs[0].batch_key != jobs[1].batch_key
+
+
+def test_explicit_sigmas_equal_bare_diffusers_euler_called_with_them(engine, bare):
+    """A request's own sigmas (ComfyUI's schedules come this way) run on Euler: bare diffusers' EulerDiscreteScheduler
+    given the same sigmas then 0, in txt2img and in img2img (whose strength runs the last of them)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline
+
+    from tests.fixtures.images import png_b64
+
+    pipe = bare("sd15")
+    sigmas = [12.0, 3.5, 0.4]
+    scheduler = EulerDiscreteScheduler.from_config(pipe.base_config, timestep_spacing="linspace")  # noise x sigma 0
+    expected = bare_image(pipe, scheduler, 8, sigmas=[*sigmas, 0.0])
+    result = generate(engine, sigmas=sigmas, seed=8)  # no scheduler: Euler, whatever the model's default
+    assert np.array_equal(pixels(result), expected)
+    assert "Sampler: Euler," in result.parameters and "Sigmas: 12 3.5 0.4" in result.parameters
+    assert not np.array_equal(pixels(generate(engine, scheduler="Euler", seed=8)), expected)
+    init = Image.fromarray(expected.astype(np.uint8))
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img.scheduler = EulerDiscreteScheduler.from_config(pipe.base_config, timestep_spacing="linspace")
+    with torch.inference_mode():
+        want = img2img(prompt=PROMPT, image=init, strength=0.7, sigmas=[*sigmas, 0.0], guidance_scale=7.0,
+                       generator=torch.Generator("cpu").manual_seed(8), output_type="pil").images[0]
+    got = generate(engine, sigmas=sigmas, seed=8, image=png_b64(init), strength=0.7)
+    assert np.array_equal(pixels(got), np.asarray(want.convert("RGB"), dtype=np.float32))
+
+
+def test_explicit_sigmas_are_refused_where_they_would_not_run_exactly(engine):
+    sd15 = "^sigmas: 'tiny-sd15' is a sd15 model, whose sigmas"
+    for fields, reason in (({"scheduler": "DPM++ 2M Karras"}, "run with the Euler sampler only"),
+                           ({"scheduler": "Euler Karras"}, "run with the Euler sampler only"),
+                           ({"hires": {"scale": 2}}, "are not supported with the hires fix"),
+                           ({"refine": "expert_ensemble_refiner"}, "are not supported with a refiner")):
+        with pytest.raises(InvalidRequest, match=f"{sd15} {reason}"):
+            generate(engine, sigmas=[12.0, 3.5, 0.4], **fields)
+    with pytest.raises(InvalidRequest, match="^sigmas: each sigma must be above 0 and at most 1000"):
+        parse_request({"sigmas": [2000.0, 1.0]})
