@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -109,6 +111,7 @@ class Denoiser:
         becomes OutOfMemory (caches released) or WorkerUnhealthy."""
         import torch
 
+        check_taken(pipe, kwargs)
         try:
             with torch.inference_mode():
                 return pipe(**kwargs).images
@@ -183,6 +186,24 @@ class Denoiser:
             with seeded_global_rng(seeds[0]):
                 return self.invoke(pipe, kwargs)
         return self.invoke(pipe, kwargs)
+
+
+def check_taken(pipe, kwargs: dict) -> None:
+    """Refuse a call whose arguments the pipeline would swallow unread (diffusers' ControlNet img2img / inpaint
+    pipelines take ``**kwargs`` and ignore them): nothing that changes the image may be dropped silently."""
+    ignored = sorted(set(kwargs) - _named_parameters(type(pipe)))
+    if "sigmas" in ignored:
+        raise InvalidRequest(f"this schedule passes its own sigmas, which diffusers' {type(pipe).__name__} does not "
+                             "take (ControlNet with an init image); pick another schedule (Karras, Exponential, "
+                             "Automatic...) or sampler", field="scheduler")
+    if ignored:
+        raise RuntimeError(f"{type(pipe).__name__} would ignore {ignored}")  # a bug here, not a request to refuse
+
+
+@functools.cache
+def _named_parameters(cls) -> frozenset[str]:
+    return frozenset(name for name, param in inspect.signature(cls.__call__).parameters.items()
+                     if param.kind is not inspect.Parameter.VAR_KEYWORD)
 
 
 def _clip_skip(job: Job, pipe) -> int | None:
