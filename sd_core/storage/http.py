@@ -167,7 +167,7 @@ class HttpSource:
 
 def _netrc_present() -> bool:
     """requests would send credentials from a .netrc file (NETRC, or ~/.netrc): leave those fetches to it."""
-    return Path(os.environ.get("NETRC") or Path.home() / ".netrc").is_file()
+    return Path(os.environ.get("NETRC") or os.path.expanduser("~/.netrc")).is_file()  # (no home: "~/.netrc")
 
 
 def _ca_bundle() -> str | None:

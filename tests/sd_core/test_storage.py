@@ -327,6 +327,34 @@ def test_https_weights_direct_and_redirected_are_ranged_pinned_and_the_same(tmp_
             assert len(parts) == 3 and all(rng and match == '"v1"' for rng, match in parts), gets
 
 
+def test_https_weights_keep_the_credentials_requests_would_send(tmp_path, monkeypatch):
+    """A URL with user:password, or a host in a .netrc file, is fetched with its Basic credentials (requests sends
+    them; the buffered reads would not, so those fetches stay with requests)."""
+    import base64
+
+    from tests.fixtures.http_files import FileHandler, serving
+
+    data = os.urandom(300_000)
+    wanted = "Basic " + base64.b64encode(b"weights:s3cret").decode()
+
+    class Handler(FileHandler):
+        def do_GET(self):
+            if self.headers.get("Authorization") != wanted:
+                self.send_body(401, b"who are you")
+            else:
+                self.send_file(data)
+
+    with serving(Handler) as server:
+        host = server.url.removeprefix("http://")
+        path = fetch(f"http://weights:s3cret@{host}/in-url.bin", settings_for(tmp_path / "url", None))
+        assert path.read_bytes() == data
+        netrc = tmp_path / ".netrc"
+        netrc.write_text("machine 127.0.0.1 login weights password s3cret\n")
+        netrc.chmod(0o600)
+        monkeypatch.setenv("NETRC", str(netrc))
+        assert fetch(f"{server.url}/netrc.bin", settings_for(tmp_path / "netrc", None)).read_bytes() == data
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resume, locking, eviction, progress
 # ----------------------------------------------------------------------------------------------------------------
