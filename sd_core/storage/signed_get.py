@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
 import os
 import ssl
@@ -44,10 +45,8 @@ def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, t
     valid during the call. Raises Transient (retry the part) or Final (explain the answer)."""
     parts = urlsplit(url)
     if parts.scheme == "https":
-        context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
-        if ca_bundle:
-            context.load_default_certs()  # the private bundle is added to the system roots, as for obstore
-        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=min(10.0, timeout_s), context=context)
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=min(10.0, timeout_s),
+                                           context=tls_context(ca_bundle))
     elif parts.scheme == "http":
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=min(10.0, timeout_s))
     else:
@@ -80,6 +79,16 @@ def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, t
             sink(buffer[:n])  # (outside the try: a failed write into the cache is the transfer's to report)
     finally:
         conn.close()
+
+
+@functools.cache
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The verifying TLS context of every part's connection (built once: loading the roots costs milliseconds); a
+    private bundle is added to the system roots, as for obstore."""
+    context = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else ssl.create_default_context()
+    if ca_bundle:
+        context.load_default_certs()
+    return context
 
 
 def sign(store, key: str) -> str:

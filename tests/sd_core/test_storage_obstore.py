@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl
 
 import pytest
 
@@ -264,3 +265,11 @@ def test_signed_reads_refuse_what_would_write_outside_the_part():
             signed_get.read_signed(f"{server.url}/missing?X-Amz-Signature=abc", 0, 9, None, written.append, 5.0)
     assert written == []
     assert signed_get.usable({}) and not signed_get.usable({"https_proxy": "http://proxy:3128"})
+
+
+def test_every_part_shares_one_tls_context():
+    """Loading the roots costs tens of milliseconds: built once per CA bundle, not per part's connection."""
+    from sd_core.storage import signed_get
+
+    assert signed_get.tls_context(None) is signed_get.tls_context(None)
+    assert signed_get.tls_context(None).verify_mode == ssl.CERT_REQUIRED and signed_get.tls_context(None).check_hostname
