@@ -284,7 +284,7 @@ def run(args, scratch: Path) -> int:
                                                     ExpiresIn=24 * 3600)
         commands["sd fetch presigned URL"] = [py, "-c", SD_CHILD, "auto", signed, str(cache), ""]
         commands["sd fetch presigned URL (requests)"] = [
-            py, "-c", "import sd_core.storage.http as h; h.HttpSource._buffered = lambda self, obj: False; " + SD_CHILD,
+            py, "-c", "import sd_core.storage.signed_get as g; g.usable = lambda environ=None: False; " + SD_CHILD,
             "auto", signed, str(cache), ""]
         # the sd fetch process's fixed part: interpreter start and imports, no transfer (its CPU is not per GiB)
         commands["sd start only"] = [py, "-c", "from sd_core.storage import fetch; import sd_core.storage.s3_obstore"]

@@ -25,6 +25,12 @@ class HttpSource:
         self.settings = settings
         self.user_url = user_url  # from a request: sd_core.user_urls's policy at every redirect, size/time limits
         self._local = threading.local()
+        # requests adds nothing to the GETs of an operator's URL (a user's goes through the URL policy at every hop)
+        # with no credentials in it, no proxy and no .netrc: its bytes are read into one buffer (signed_get.py)
+        # unless it answers through a redirect (RemoteObject.redirected)
+        self.buffered = (not (user_url or urlsplit(loc.uri).username is not None or _netrc_present())
+                         and signed_get.usable())
+        self.ca_bundle = _ca_bundle() if self.buffered else None
 
     @property
     def session(self):
@@ -131,11 +137,11 @@ class HttpSource:
 
         ranged = end is not None and obj.ranges
         strong_etag = obj.etag if obj.etag and not obj.etag.startswith("W/") else None
-        if self._buffered(obj):
+        if self.buffered and not obj.redirected:
             try:
                 return signed_get.read_signed(self.loc.uri, start, end if ranged else None,
                                               strong_etag if ranged else None, sink, self.settings.fetch_timeout_s,
-                                              ca_bundle=_ca_bundle())
+                                              ca_bundle=self.ca_bundle)
             except signed_get.Final as exc:
                 if not 300 <= exc.status < 400:  # (a redirect now: requests follows it below)
                     raise self._status_error(exc.status) or FetchError(
@@ -157,12 +163,6 @@ class HttpSource:
                     sink(chunk)
             except requests.RequestException as exc:
                 raise Transient(f"{type(exc).__name__} while streaming") from None
-
-    def _buffered(self, obj: RemoteObject) -> bool:
-        """Whether requests adds nothing to this object's GETs: an operator's URL (a user's goes through the URL
-        policy at every hop) that answered without a redirect, with no credentials in it, no proxy and no .netrc."""
-        return not (self.user_url or obj.redirected or urlsplit(self.loc.uri).username is not None
-                    or _netrc_present()) and signed_get.usable()
 
 
 def _netrc_present() -> bool:
