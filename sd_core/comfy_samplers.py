@@ -102,12 +102,16 @@ def sd_schedule(node, sampler: str, scheduler: str, steps: int) -> list[float] |
     sigmas (``SIGMA_PAIRS``); None for the other pairs (``EXACT``: an A1111 schedule of the engine's)."""
     if (sampler, scheduler) not in SIGMA_PAIRS:
         return None
-    if scheduler == "kl_optimal" and steps < 2:
-        raise node.error(_KL_ONE_STEP)
+    _check_steps(node, scheduler, steps)
     return sigmas(scheduler, steps)[:-1]
 
 
-_KL_ONE_STEP = "scheduler 'kl_optimal' needs at least 2 steps (ComfyUI's formula divides by steps - 1: NaN)"
+def _check_steps(node, scheduler: str, steps: int) -> None:
+    """InvalidRequest naming ``node`` for kl_optimal at one step (ComfyUI's formula divides by steps - 1: NaN)."""
+    if scheduler == "kl_optimal" and steps < 2:
+        raise node.error("scheduler 'kl_optimal' needs at least 2 steps (ComfyUI's formula divides by steps - 1: NaN)")
+
+
 _LOG_SIGMAS = _log_sigmas()
 SD_SAMPLING = Sampling(tuple(math.exp(x) for x in _LOG_SIGMAS), model_sigma, 999.0, 0.0)  # timestep(sigma_max) = 999
 
@@ -139,9 +143,9 @@ def comfy_flow_sigmas(scheduler: str, steps: int, mu: float | None, shift: float
             return shift * t / (1 + (shift - 1) * t)
         return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
 
-    table = tuple(sigma((i + 1) / size) for i in range(size))
     if scheduler not in FLOW_SCHEDULERS:
         raise ValueError(scheduler)
+    table = tuple(sigma((i + 1) / size) for i in range(size))
     # timestep(sigma) = sigma (ModelSamplingDiscreteFlow: times its multiplier, then back), so t_max / t_min are the
     # table's bounds
     return schedule(Sampling(table, sigma, table[-1], table[0]), scheduler, steps)
@@ -151,8 +155,7 @@ def flow_schedule(node, scheduler: str, steps: int, mu: float | None, shift: flo
     """The ``sigmas`` of a request running ComfyUI's schedule (``comfy_flow_sigmas`` without its final 0: diffusers
     appends it); InvalidRequest naming ``node`` for a schedule that does not start from pure noise (sigma 1), as
     diffusers' flow pipelines do."""
-    if scheduler == "kl_optimal" and steps < 2:
-        raise node.error(_KL_ONE_STEP)
+    _check_steps(node, scheduler, steps)
     sigmas = comfy_flow_sigmas(scheduler, steps, mu, shift)
     if sigmas[-1] != 0 or not math.isclose(sigmas[0], 1.0, abs_tol=1e-6) or any(
             b >= a for a, b in zip(sigmas[:-1], sigmas[1:-1], strict=False)):
