@@ -109,9 +109,9 @@ class Settings:
                                           doc="S3-compatible endpoint override (R2, B2, MinIO, SeaweedFS)")
     fetch_concurrency: int = setting(6, doc="parallel ranged GETs (connections) per weights fetch", shown="6")
     fetch_part_mb: float = setting(48.0, doc="size of one ranged GET, MiB (fractions allowed)", shown="48")
-    fetch_engine: str = setting("auto", shown="`auto`", doc="what moves S3 bytes: `obstore` (it signs, "
-                                "the bytes are read into one buffer: little CPU), `boto3`, or `auto` (obstore when "
-                                "installed)")
+    fetch_engine: str = setting("auto", shown="`auto`", doc="what moves S3 bytes: `obstore` (it signs; "
+                                "the bytes are spliced into the cache over http, read into one buffer over https: "
+                                "little CPU), `boto3`, or `auto` (obstore when installed)")
     fetch_retries: int = setting(4, doc="retries with backoff per request / part before a clear `FetchError`",
                                  shown="4")
     fetch_timeout_s: float = setting(30.0, shown="30", doc="read timeout per request (connect: min(10 s, this)) — a "

@@ -166,6 +166,10 @@ class Uploader:
             return UploadError(f"no credentials for the output bucket {self.target.uri}: set BUCKET_ACCESS_KEY_ID "
                                "and BUCKET_SECRET_ACCESS_KEY (or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)",
                                field="output")
+        if kind == "untrusted":
+            return UploadError(f"the TLS certificate of the output bucket endpoint for {where} is not trusted "
+                               "(verification failed): point AWS_CA_BUNDLE at the CA bundle that signed it",
+                               field="output")
         if kind == "unreachable":
             return UploadError(f"cannot reach the output bucket endpoint for {where}", field="output")
         if kind == "other":

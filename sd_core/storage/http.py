@@ -18,7 +18,7 @@ from .uris import Location, stable_url
 
 class HttpSource:
     """http(s):// objects (presigned URLs included), ranged when the server allows it. requests probes (and follows
-    redirects); the bytes of a URL that answers directly are read into one reused buffer (signed_get.py), as S3's."""
+    redirects); the bytes of a URL that answers directly go through signed_get.py, as S3's (spliced / one buffer)."""
 
     def __init__(self, loc: Location, settings: Settings, user_url: bool = False):
         self.loc = loc
@@ -26,7 +26,7 @@ class HttpSource:
         self.user_url = user_url  # from a request: sd_core.user_urls's policy at every redirect, size/time limits
         self._local = threading.local()
         # requests adds nothing to the GETs of an operator's URL (a user's goes through the URL policy at every hop)
-        # with no credentials in it, no proxy and no .netrc: its bytes are read into one buffer (signed_get.py)
+        # with no credentials in it, no proxy and no .netrc: its bytes go through signed_get.py (spliced, one buffer)
         # unless it answers through a redirect (RemoteObject.redirected)
         self.buffered = (not (user_url or urlsplit(loc.uri).username is not None or _netrc_present())
                          and signed_get.usable())

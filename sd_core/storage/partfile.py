@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+import mmap
 import os
 import threading
 import time
@@ -134,10 +135,12 @@ class PartialFile:
             self.hashed += 1
 
     def _hash_to(self, limit: int) -> None:
-        if self._hash_buf is None:
-            self._hash_buf = memoryview(bytearray(CHUNK * 8))
-        view = self._hash_buf
         with self._hash_lock:
+            if self.ranged and limit > self.hash_pos and self._hash_mapped(limit):
+                return
+            if self._hash_buf is None:
+                self._hash_buf = memoryview(bytearray(CHUNK * 8))
+            view = self._hash_buf
             pos = self.hash_pos
             while pos < limit:
                 n = os.preadv(self.fd, [view[: min(len(view), limit - pos)]], pos)
@@ -147,6 +150,23 @@ class PartialFile:
                 self.hasher.update(view[:n])
                 pos += n
                 self.hash_pos = pos
+
+    def _hash_mapped(self, limit: int) -> bool:
+        """Hash [hash_pos, limit) where it lies in the page cache (mmap: no copy back into Python; costs what
+        hashing from memory costs). Only for ranged objects: their file keeps its final size all along, so a mapping
+        never outlives its bytes. False where the file cannot be mapped (then: preadv)."""
+        base = self.hash_pos - self.hash_pos % mmap.ALLOCATIONGRANULARITY
+        try:
+            if os.fstat(self.fd).st_size < limit:  # (never map past the end: reading there kills the process)
+                return False
+            mapped = mmap.mmap(self.fd, limit - base, prot=mmap.PROT_READ, offset=base)
+        except (OSError, ValueError):
+            return False
+        with mapped:
+            with memoryview(mapped)[self.hash_pos - base:] as view:
+                self.hasher.update(view)
+        self.hash_pos = limit
+        return True
 
     def checkpoint(self, fsync: bool, force: bool = False) -> None:
         """Record completed parts in the sidecar (at most every 0.25 s), so a restart resumes after them."""

@@ -76,7 +76,8 @@ PROBED_CODES = ("400", "403", "404", "Forbidden", "NotFound", "Not Found", "BadR
 
 def s3_error_kind(exc: Exception) -> tuple[str, str, int | None]:
     """What a boto3 error means: (kind, S3 error code, HTTP status). Kinds: the keys of _KINDS, "refused" (another
-    error answer), "no_credentials", "partial_credentials", "unreachable", "client" (another botocore error) and
+    error answer), "no_credentials", "partial_credentials", "unreachable", "untrusted" (the endpoint's TLS certificate
+    failed verification), "client" (another botocore error) and
     "other" (not from botocore). The one place that knows botocore's exceptions; callers word their own messages."""
     from botocore.exceptions import (
         BotoCoreError,
@@ -88,6 +89,7 @@ def s3_error_kind(exc: Exception) -> tuple[str, str, int | None]:
         NoCredentialsError,
         PartialCredentialsError,
         ReadTimeoutError,
+        SSLError,
     )
 
     if isinstance(exc, ClientError):
@@ -99,6 +101,8 @@ def s3_error_kind(exc: Exception) -> tuple[str, str, int | None]:
         return "no_credentials", "", None
     if isinstance(exc, (PartialCredentialsError, CredentialRetrievalError)):
         return "partial_credentials", "", None
+    if isinstance(exc, SSLError):
+        return "untrusted", "", None
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError)):
         return "unreachable", "", None
     return ("client" if isinstance(exc, BotoCoreError) else "other"), "", None
@@ -164,6 +168,8 @@ class S3Source:
             "no_credentials": (f"no S3 credentials found for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                                "(or AWS_PROFILE / an instance role)", "credentials"),
             "partial_credentials": (f"incomplete S3 credentials for {uri}: {exc}", "credentials"),
+            "untrusted": (f"the TLS certificate of the S3 endpoint {where} is not trusted (verification failed) while "
+                          f"fetching {uri}: point AWS_CA_BUNDLE at the CA bundle that signed it", "AWS_CA_BUNDLE"),
             "unreachable": (f"cannot reach the S3 endpoint {where} for {uri} after {self.settings.fetch_retries + 1} "
                             f"attempts ({type(exc).__name__}); check SD_S3_ENDPOINT_URL / AWS_ENDPOINT_URL and the "
                             "network", "uri"),

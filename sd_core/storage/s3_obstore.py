@@ -1,4 +1,4 @@
-"""Ranged S3 reads through obstore (Rust object_store; presigned GETs read into one buffer); boto3 keeps the rest."""
+"""Ranged S3 reads through obstore (Rust object_store; it signs, signed_get moves the bytes); boto3 keeps the rest."""
 
 from __future__ import annotations
 
@@ -153,8 +153,8 @@ class ObstoreReader:
             extra = ({"credential_provider": _BotocoreCredentials(credentials)} if credentials
                      else {"skip_signature": True})
         self.timeout_s = timeout
-        # bytes through presigned GETs read into a reused buffer (signed_get.py); obstore's stream for unsigned
-        # stores, behind a proxy, or where signing fails
+        # bytes through presigned GETs (signed_get.py: spliced over http, a reused buffer over https); obstore's
+        # stream for unsigned stores, behind a proxy, or where signing fails
         self.signed = "skip_signature" not in extra and signed_get.usable()
         self.store = S3Store(bucket, config=config, client_options=options,
                              retry_config={"max_retries": settings.fetch_retries,

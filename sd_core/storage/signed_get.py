@@ -1,16 +1,23 @@
-"""Ranged GETs of presigned S3 URLs read into one reused buffer: the bytes' only user-space copy is the socket's."""
+"""Ranged GETs of presigned URLs: plain-http bodies spliced socket → cache file in the kernel, TLS into one buffer."""
 
 # Why: obstore's stream hands every chunk to Python as a new `bytes` (zero-filled, then copied into), the largest
 # user-space cost of a fetch. Here obstore only signs the request (its credentials, its addressing); http.client reads
 # the body with readinto() into one buffer per part, which the sink writes (pwrite) and hashes before the next read.
 # Measured side by side (BENCHMARKS.md, fetch vs s5cmd): ~0.25x less CPU per GiB than the stream and more MB/s.
+# Over plain http (a store in the same network, the loopback benchmarks) the body does not enter Python at all:
+# splice() moves it socket → pipe → cache file inside the kernel, one copy fewer than recv + pwrite and no GIL
+# round trip per chunk (measured with the worker's imports alongside: ~1.5x the MB/s at ~0.6x the CPU of readinto);
+# the transfer hashes those bytes back from the page cache. TLS bodies cannot be spliced: readinto as above.
 # The URL carries a signature in its query: it is never logged nor put in an error (only type names and statuses).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import http.client
 import os
+import select
 import ssl
 from datetime import timedelta
 from urllib.parse import urlsplit
@@ -20,6 +27,8 @@ from .objects import Transient
 READ_BUFFER = 256 * 1024  # one readinto() at most: large enough that Python's per-read work is small
 SIGN_FOR = timedelta(minutes=15)  # a part's request is sent at once: the URL only has to live until then
 FINAL = {301, 302, 307, 308, 400, 401, 403, 404, 405, 412, 416}  # answers a retry does not change
+SPLICE = hasattr(os, "splice")  # Linux, Python >= 3.10; off after a filesystem refuses it (then: readinto)
+PIPE_BYTES = 1 << 20  # the splice pipe's size when the system allows it (else its default, 64 KiB)
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
 
 
@@ -42,7 +51,9 @@ def usable(environ=None) -> bool:
 def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, timeout_s: float,
                 ca_bundle: str | None = None) -> None:
     """Stream bytes [start, end] (end None: all) of the presigned GET `url` into sink(memoryview); the view is only
-    valid during the call. Raises Transient (retry the part) or Final (explain the answer)."""
+    valid during the call. A sink with `target()` (the file and offset its next bytes go to) and `landed(n)` (n
+    bytes were put there) gets a plain-http body spliced into its file instead. Raises Transient (retry the part) or
+    Final (explain the answer)."""
     parts = urlsplit(url)
     if parts.scheme == "https":
         conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=min(10.0, timeout_s),
@@ -68,6 +79,9 @@ def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, t
             raise Final(f"HTTP {response.status}", response.status)
         if response.status != (200 if end is None else 206):  # (a 200 to a ranged GET would write past the part)
             raise Transient(f"HTTP {response.status}")
+        if SPLICE and conn.sock is not None and parts.scheme == "http" and response.length and not response.chunked \
+                and hasattr(sink, "landed"):
+            return _splice_body(conn.sock, response, sink, timeout_s)
         buffer = memoryview(bytearray(READ_BUFFER))
         while True:
             try:
@@ -79,6 +93,80 @@ def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, t
             sink(buffer[:n])  # (outside the try: a failed write into the cache is the transfer's to report)
     finally:
         conn.close()
+
+
+def _splice_body(sock, response, sink, timeout_s: float) -> None:
+    """Move a Content-Length body into the sink's file through a pipe, telling sink.landed(n) as bytes reach it.
+    What http.client had already buffered past the headers goes through sink() first."""
+    global SPLICE
+    left = response.length
+    try:
+        head = response.fp.read1(min(len(response.fp.peek()), left))  # (peek: the buffered bytes, else one read)
+    except (OSError, http.client.HTTPException) as exc:
+        raise Transient(f"{type(exc).__name__} while streaming") from None
+    if head:
+        sink(memoryview(head))
+        left -= len(head)
+    read_end, write_end = os.pipe()
+    try:
+        try:
+            fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:  # (over the user's pipe limits: the default size works, in smaller moves)
+            pass
+        room = fcntl.fcntl(write_end, fcntl.F_GETPIPE_SZ)
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        while left:
+            try:  # (the socket is non-blocking: it has a timeout; poll waits for it)
+                n = os.splice(sock.fileno(), write_end, min(left, room), flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except BlockingIOError:
+                if not poller.poll(int(timeout_s * 1000)):
+                    raise Transient("TimeoutError while streaming") from None
+                continue
+            except OSError as exc:
+                raise Transient(f"{type(exc).__name__} while streaming") from None
+            if not n:
+                raise Transient("the connection closed while streaming")
+            fd, offset = sink.target()
+            moved = 0
+            try:
+                while moved < n:  # (a failed write into the cache is the transfer's to report: OSError as is)
+                    moved += os.splice(read_end, fd, n - moved, offset_dst=offset + moved)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                SPLICE = False  # this filesystem takes no splice: what is in the pipe and the rest go through memory
+                if moved:
+                    sink.landed(moved)
+                sink(memoryview(_read_exactly(read_end, n - moved)))
+                return _receive(sock, left - n, sink)
+            sink.landed(n)
+            left -= n
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def _read_exactly(fd: int, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunks.append(os.read(fd, n))
+        n -= len(chunks[-1])
+    return b"".join(chunks)
+
+
+def _receive(sock, left: int, sink) -> None:
+    """The rest of a body read from the socket into one buffer (after a refused splice)."""
+    buffer = memoryview(bytearray(READ_BUFFER))
+    while left:
+        try:
+            n = sock.recv_into(buffer, min(left, READ_BUFFER))
+        except OSError as exc:
+            raise Transient(f"{type(exc).__name__} while streaming") from None
+        if not n:
+            raise Transient("the connection closed while streaming")
+        sink(buffer[:n])
+        left -= n
 
 
 @functools.cache

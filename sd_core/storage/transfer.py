@@ -189,31 +189,20 @@ class Transfer:
         for attempt in range(retries + 1):
             if self.stop.is_set():
                 raise Stopped()
-            written = 0
-
-            def sink(chunk) -> None:
-                nonlocal written
-                if self.stop.is_set():
-                    raise Stopped()
-                job.write(chunk, start + written)
-                job.hash_live(chunk, start + written)
-                written += len(chunk)
-                job.filled[i] = written
-                self.progress.add(len(chunk))
-
+            sink = PartSink(job, i, start, self.stop, self.progress)
             try:
                 if not job.ranged:
                     os.ftruncate(job.fd, 0)
                     job.restart_hash()
                 self.source.read_range(job.obj, start, end, sink)
                 expected = (end - start + 1) if end is not None else job.obj.size
-                if expected is not None and written != expected:
-                    raise Transient(f"got {written} of {expected} bytes")
+                if expected is not None and sink.written != expected:
+                    raise Transient(f"got {sink.written} of {expected} bytes")
                 if not job.ranged:
-                    job.streamed = written
+                    job.streamed = sink.written
                 return
             except Transient as exc:
-                self.progress.add(-written)
+                self.progress.add(-sink.written)
                 job.filled[i] = 0
                 where = f"part {i + 1}/{job.nparts} of {self.label}" if job.nparts > 1 else self.label
                 if attempt == retries:
@@ -262,3 +251,37 @@ class Transfer:
     def _where(self, job: PartialFile) -> str:
         name = PurePosixPath(urlsplit(self.label).path.rstrip("/")).name  # (the label has no secrets to lose)
         return self.label if job.obj.rel == name else f"{self.label.rstrip('/')}/{job.obj.rel}"
+
+
+class PartSink:
+    """Where one part's bytes go: a source hands chunks to it (written into the partial file, hashed when they extend
+    the hashed prefix), or puts bytes into target() itself (a splice) and reports them with landed(n)."""
+
+    def __init__(self, job: PartialFile, i: int, start: int, stop: threading.Event, progress: FetchProgress):
+        self.job, self.i, self.start, self.stop, self.progress = job, i, start, stop, progress
+        self.written = 0
+
+    def __call__(self, chunk) -> None:
+        if self.stop.is_set():
+            raise Stopped()
+        offset = self.start + self.written
+        self.job.write(chunk, offset)
+        self.job.hash_live(chunk, offset)
+        self._count(len(chunk))
+
+    def target(self) -> tuple[int, int]:
+        """The partial file's descriptor and the offset of this part's next byte."""
+        if self.stop.is_set():
+            raise Stopped()
+        return self.job.fd, self.start + self.written
+
+    def landed(self, n: int) -> None:
+        """n bytes were put at target() by the source (hashed from the file once the hashed prefix reaches them)."""
+        self._count(n)
+        if self.stop.is_set():
+            raise Stopped()
+
+    def _count(self, n: int) -> None:
+        self.written += n
+        self.job.filled[self.i] = self.written
+        self.progress.add(n)

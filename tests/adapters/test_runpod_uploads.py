@@ -98,10 +98,11 @@ def test_upload_returns_presigned_urls_that_download_the_images(s3_server):
         ({"secret_access_key": "wrong-secret-value"}, "SignatureDoesNotMatch"),
         ({"access_key_id": "unknownkeyid"}, "InvalidAccessKeyId"),
         ({"endpoint_url": "http://127.0.0.1:{closed_port}"}, "cannot reach the output bucket endpoint"),
+        ({"endpoint_url": "{https}"}, "TLS certificate of the output bucket endpoint"),  # (its CA not trusted)
     ],
 )
 def test_upload_failures_are_clear_and_leak_no_secret(s3_server, change, reason):
-    change = {k: v.format(closed_port=free_port()) for k, v in change.items()}
+    change = {k: v.format(closed_port=free_port(), https=s3_server.https_endpoint_url) for k, v in change.items()}
     values = {"bucket": s3_server.make_bucket("out"), "endpoint_url": s3_server.endpoint_url,
               "access_key_id": s3_server.access_key, "secret_access_key": s3_server.secret_key, **change}
     with pytest.raises(UploadError) as caught:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import ssl
+import stat
 
 import pytest
 
 from sd_core.errors import FetchError
 from sd_core.settings import Settings
-from sd_core.storage import fetch, partfile
+from sd_core.storage import fetch
 from sd_core.storage.s3 import S3Source, s3_client
 from sd_core.storage.s3_obstore import store_config
 
@@ -51,22 +53,85 @@ def test_obstore_engine_fetches_the_same_bytes_verified(s3_server, s3_env, s3_bu
     assert (folder / "model.bin").read_bytes() == data and (folder / "sub" / "b.txt").read_bytes() == b"small"
 
 
-def test_hashing_reads_nothing_back_when_parts_arrive_in_order(s3_server, s3_env, s3_bucket, tmp_path, monkeypatch):
-    data = os.urandom(2 * MiB)
-    s3_server.client().put_object(Bucket=s3_bucket, Key="h.bin", Body=data)
-    read_back = []
-    real = os.preadv
+def _counting(monkeypatch, name: str, keep=lambda fd, n: True) -> list[int]:
+    """Counts the bytes of every os.<name> call (e.g. splice, preadv) that keep(fd, n) selects."""
+    seen, real = [], getattr(os, name)
 
-    def counting(fd, buffers, offset):
-        n = real(fd, buffers, offset)
-        read_back.append(n)
+    def counting(fd, *args, **kwargs):
+        n = real(fd, *args, **kwargs)
+        if keep(args[0] if name == "splice" else fd, n):
+            seen.append(n)
         return n
 
-    monkeypatch.setattr(partfile.os, "preadv", counting)
-    settings = settings_for(tmp_path, s3_server.endpoint_url, fetch_concurrency=1)
-    path = fetch(f"s3://{s3_bucket}/h.bin", settings, sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(os, name, counting)
+    return seen
+
+
+def _is_file(fd: int, n: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def test_plain_http_parts_are_spliced_into_the_file_and_hashed_where_they_lie(s3_server, s3_env, s3_bucket, tmp_path,
+                                                                             monkeypatch):
+    """Over plain http each part's body goes socket → pipe → cache file inside the kernel, never through Python, and
+    the sha256 is computed from the file's pages (mapped) without copying a byte back: with 4 parts in flight."""
+    from sd_core.storage import signed_get
+
+    monkeypatch.setattr(signed_get, "SPLICE", True)
+    data = os.urandom(2 * MiB + 777)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="h.bin", Body=data)
+    into_file = _counting(monkeypatch, "splice", _is_file)  # (pipe → file moves; socket → pipe ones not counted)
+    read_back = _counting(monkeypatch, "preadv")
+    path = fetch(f"s3://{s3_bucket}/h.bin", settings_for(tmp_path, s3_server.endpoint_url),
+                 sha256=hashlib.sha256(data).hexdigest())
     assert path.read_bytes() == data
-    assert sum(read_back) == 0  # every byte hashed from memory as it arrived: no second read of the file
+    assert sum(into_file) > 0.9 * len(data)  # (the rest: what http.client buffered with each part's headers)
+    assert sum(read_back) == 0
+
+
+def test_a_filesystem_refusing_splice_gets_the_bytes_through_memory(s3_server, s3_env, s3_bucket, tmp_path,
+                                                                    monkeypatch):
+    """A cache on a filesystem without splice support (EINVAL): the bytes already in the pipe and the rest of the
+    part go through memory, later parts use readinto; the object is whole and verified."""
+    from sd_core.storage import signed_get
+
+    monkeypatch.setattr(signed_get, "SPLICE", True)
+    data = os.urandom(MiB + 4321)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="e.bin", Body=data)
+    real = os.splice
+    refused = []
+
+    def refusing(src, dst, count, *args, **kwargs):
+        if _is_file(dst, 0):
+            refused.append(count)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(src, dst, count, *args, **kwargs)
+
+    monkeypatch.setattr(os, "splice", refusing)
+    path = fetch(f"s3://{s3_bucket}/e.bin", settings_for(tmp_path, s3_server.endpoint_url),
+                 sha256=hashlib.sha256(data).hexdigest())
+    assert path.read_bytes() == data
+    assert refused and signed_get.SPLICE is False
+
+
+def test_an_https_store_is_read_verified(s3_server, s3_env, s3_bucket, tmp_path, monkeypatch):
+    """Real S3 is https: with the store's CA in AWS_CA_BUNDLE the HEAD (obstore) and every part (signed_get, its one
+    TLS context) verify the server, the bytes arrive whole (read through a buffer: TLS cannot be spliced). Without
+    that CA the fetch fails with the endpoint named and nothing is cached."""
+    data = os.urandom(MiB + 99)
+    s3_server.client().put_object(Bucket=s3_bucket, Key="tls.bin", Body=data)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.https_endpoint_url)
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(s3_server.ca_file))
+    spliced = _counting(monkeypatch, "splice")
+    settings = settings_for(tmp_path, s3_server.https_endpoint_url)
+    path = fetch(f"s3://{s3_bucket}/tls.bin", settings, sha256=hashlib.sha256(data).hexdigest())
+    assert path.read_bytes() == data and spliced == []
+    monkeypatch.delenv("AWS_CA_BUNDLE")
+    with pytest.raises(FetchError) as error:
+        fetch(f"s3://{s3_bucket}/tls.bin", settings_for(tmp_path / "2", s3_server.https_endpoint_url, fetch_retries=0))
+    assert s3_server.https_endpoint_url in error.value.message and "not trusted" in error.value.message
+    assert error.value.field == "AWS_CA_BUNDLE"
+    assert not list((tmp_path / "2" / "cache").rglob("tls.bin"))
 
 
 def test_changed_and_missing_objects_are_explained_like_boto3s(s3_server, s3_env, s3_bucket, tmp_path, monkeypatch):
