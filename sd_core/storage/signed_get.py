@@ -79,9 +79,11 @@ def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, t
             raise Final(f"HTTP {response.status}", response.status)
         if response.status != (200 if end is None else 206):  # (a 200 to a ranged GET would write past the part)
             raise Transient(f"HTTP {response.status}")
-        if SPLICE and conn.sock is not None and parts.scheme == "http" and response.length and not response.chunked \
-                and hasattr(sink, "landed"):
-            return _splice_body(conn.sock, response, sink, timeout_s)
+        if conn.sock is not None and response.length and not response.chunked:
+            left = response.length - _drain_head(response, sink)
+            if SPLICE and parts.scheme == "http" and hasattr(sink, "landed"):
+                return _splice_body(conn.sock, left, sink, timeout_s)
+            return _receive(conn.sock, left, sink)
         buffer = memoryview(bytearray(READ_BUFFER))
         while True:
             try:
@@ -95,18 +97,22 @@ def read_signed(url: str, start: int, end: int | None, etag: str | None, sink, t
         conn.close()
 
 
-def _splice_body(sock, response, sink, timeout_s: float) -> None:
-    """Move a Content-Length body into the sink's file through a pipe, telling sink.landed(n) as bytes reach it.
-    What http.client had already buffered past the headers goes through sink() first."""
-    global SPLICE
-    left = response.length
+def _drain_head(response, sink) -> int:
+    """Hand sink() the body bytes http.client read along with the headers (the rest is read from the socket
+    directly); returns their count."""
     try:
-        head = response.fp.read1(min(len(response.fp.peek()), left))  # (peek: the buffered bytes, else one read)
+        head = response.fp.read1(min(len(response.fp.peek()), response.length))  # (the buffered bytes, else one read)
     except (OSError, http.client.HTTPException) as exc:
         raise Transient(f"{type(exc).__name__} while streaming") from None
     if head:
         sink(memoryview(head))
-        left -= len(head)
+    return len(head)
+
+
+def _splice_body(sock, left: int, sink, timeout_s: float) -> None:
+    """Move the rest of a body (`left` bytes) into the sink's file through a pipe, telling sink.landed(n) as bytes
+    reach it."""
+    global SPLICE
     read_end, write_end = os.pipe()
     try:
         try:
@@ -156,17 +162,24 @@ def _read_exactly(fd: int, n: int) -> bytes:
 
 
 def _receive(sock, left: int, sink) -> None:
-    """The rest of a body read from the socket into one buffer (after a refused splice)."""
+    """The rest of a body (`left` bytes) read from the socket into one buffer, handed to sink() each time it is full.
+    A TLS socket is read through its SSL object: one record (<= 16 KiB) per call without the three Python frames of
+    SocketIO / SSLSocket around it (measured: less CPU per GiB over https)."""
     buffer = memoryview(bytearray(READ_BUFFER))
+    tls = getattr(sock, "_sslobj", None)  # (CPython's SSLSocket; its read() waits out the socket's timeout)
+    read = tls.read if tls is not None else (lambda n, view: sock.recv_into(view, n))
     while left:
-        try:
-            n = sock.recv_into(buffer, min(left, READ_BUFFER))
-        except OSError as exc:
-            raise Transient(f"{type(exc).__name__} while streaming") from None
-        if not n:
-            raise Transient("the connection closed while streaming")
-        sink(buffer[:n])
-        left -= n
+        want, filled = min(left, READ_BUFFER), 0
+        while filled < want:
+            try:
+                n = read(want - filled, buffer[filled:want])
+            except OSError as exc:
+                raise Transient(f"{type(exc).__name__} while streaming") from None
+            if not n:
+                raise Transient("the connection closed while streaming")
+            filled += n
+        sink(buffer[:filled])  # (outside the try: a failed write into the cache is the transfer's to report)
+        left -= filled
 
 
 @functools.cache
