@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """A fault-injecting HTTP proxy for tests: sits in front of a local S3 server (loopback only) and breaks responses.
 
-Faults, chosen per request from a schedule (consumed in order) and then at random with a probability:
+Faults, chosen per request from a schedule (consumed in order) and then at random with a probability (a draw that
+depends only on the seed, the request — method, path without its query or first segment (an S3 bucket: tests name
+theirs at random), Range — and how often that same request came before, so a seed gives the same faults in every run
+whatever order parallel clients' requests arrive in):
 
     error500  answer 500 InternalError without asking the upstream
     error503  answer 503 SlowDown without asking the upstream
@@ -101,7 +104,8 @@ class FaultProxy:
                     raise ValueError(f"unknown faults {unknown}; known: {FAULTS}")
                 self.faults = tuple(faults)
             if seed is not None:
-                self._random = random.Random(seed)
+                self._seed = seed
+                self._seen: Counter[str] = Counter()  # per request: how often it came (a retry draws again)
             if methods is not None:
                 self.methods = tuple(m.upper() for m in methods)
             if path_pattern is not ...:
@@ -164,8 +168,12 @@ class FaultProxy:
                 fault = "ok"
             elif self._schedule:
                 fault = self._schedule.pop(0)
-            elif self.probability and self._random.random() < self.probability:
-                fault = self._random.choice(self.faults)
+            elif self.probability:
+                where = re.sub(r"^/[^/]*", "/*", urlsplit(path).path)
+                key = f"{self._seed}|{method}|{where}|{byte_range}"
+                draw = random.Random(f"{key}|{self._seen[key]}")  # (str seeds are hashed with sha512: stable)
+                self._seen[key] += 1
+                fault = draw.choice(self.faults) if draw.random() < self.probability else "ok"
             else:
                 fault = "ok"
             self.log.append((method, path, byte_range, fault))

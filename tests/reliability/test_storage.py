@@ -245,7 +245,7 @@ def test_engine_cold_start_under_random_faults_loads_exactly_the_right_weights(
 ):
     from sd_core.engine import Engine
 
-    proxy = s3_fault_proxy.configure(probability=0.35, faults=tuple(f for f in ALL_FAULTS if f != "stall"), seed=9,
+    proxy = s3_fault_proxy.configure(probability=0.35, faults=tuple(f for f in ALL_FAULTS if f != "stall"), seed=1,
                                      path_pattern=None)
     settings = faulty_settings(pinned, proxy, tmp_path, preload_models=("tiny-sd15", "tiny-sd15-single"))
     engine = Engine(settings)
