@@ -108,6 +108,26 @@ def test_inactive_unit_gives_plain_img2img_with_sigmas(engine, bare, scheduler):
     assert np.array_equal(result, as_array(want))
 
 
+def test_hires_second_pass_with_a_unit_runs_the_schedule_as_bare_diffusers(engine, bare):
+    """The hires fix's second pass (ControlNet img2img, 2 of a 3-step schedule) gets its sigmas too; the first
+    (ControlNet txt2img) takes them as an argument."""
+    net = bare.net("tiny-sd15-control-a")
+    first_pipe = bare.make(controlnet=net)
+    sigmas = sgm_uniform_schedule(first_pipe.scheduler.alphas_cumprod, 2)
+    first = BareControlNet.run(first_pipe, image=picture(1), num_inference_steps=2, sigmas=sigmas, width=64, height=64)
+    second = bare.make("Img2Img", controlnet=net)
+    fixed_sigmas(second, sgm_uniform_schedule(second.scheduler.alphas_cumprod, 3))
+    lanczos = Image.Resampling.LANCZOS
+    expected = BareControlNet.run(second, image=first.resize((128, 128), lanczos), strength=0.75,
+                                  num_inference_steps=3, control_image=picture(1).resize((128, 128), lanczos),
+                                  controlnet_conditioning_scale=1.0)
+    result = engine.generate(GenerationRequest(
+        prompt="a house", seed=5, num_inference_steps=2, guidance_scale=7.0, width=64, height=64, model="tiny-sd15",
+        scheduler="Euler SGM Uniform", controlnets=[unit()],
+        hires={"scale": 2, "upscaler": "Lanczos", "denoising_strength": 0.75}))
+    assert np.array_equal(pixels(result), as_array(expected))
+
+
 def test_a1111_img2img_with_a_controlnet_unit_and_sgm_uniform_runs(engine):
     payload = {"prompt": "a house", "seed": 5, "steps": STEPS, "cfg_scale": 7, "width": 64, "height": 64,
                "init_images": [FAST["image"]], "denoising_strength": STRENGTH, "sampler_name": "Euler",
