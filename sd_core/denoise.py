@@ -22,6 +22,7 @@ from .latent_resize import init_latents
 from .lora import LoraManager
 from .pipelines import PipelinePool
 from .prompt_conditioning import BatchConditioning, plan_groups
+from .scheduler_sigmas import sigmas_on_scheduler
 from .schedulers import pipeline_kwargs
 from .tiling import seamless
 from .vae import VaeManager, swapped
@@ -111,14 +112,16 @@ class Denoiser:
         becomes OutOfMemory (caches released) or WorkerUnhealthy."""
         import torch
 
-        check_taken(pipe, kwargs)
-        try:
-            with torch.inference_mode():
-                return pipe(**kwargs).images
-        except Exception as exc:
-            raise_device_failure(exc, self.placement, "ran out of memory during generation; try fewer or smaller "
-                                 "images", field="num_outputs")
-            raise
+        # a schedule's sigmas a ControlNet img2img / inpaint pipeline would swallow: set on its scheduler instead
+        with sigmas_on_scheduler(pipe, kwargs, _named_parameters(type(pipe))) as kwargs:
+            check_taken(pipe, kwargs)
+            try:
+                with torch.inference_mode():
+                    return pipe(**kwargs).images
+            except Exception as exc:
+                raise_device_failure(exc, self.placement, "ran out of memory during generation; try fewer or "
+                                     "smaller images", field="num_outputs")
+                raise
 
     def _call_pipeline(self, pipe, jobs: list[Job], clip_skip: int | None = None,
                        conditioning: BatchConditioning | None = None) -> list:
@@ -190,12 +193,13 @@ class Denoiser:
 
 def check_taken(pipe, kwargs: dict) -> None:
     """Refuse a call whose arguments the pipeline would swallow unread (diffusers' ControlNet img2img / inpaint
-    pipelines take ``**kwargs`` and ignore them): nothing that changes the image may be dropped silently."""
+    pipelines take ``**kwargs`` and ignore them): nothing that changes the image may be dropped silently (their
+    sigmas go to an Euler scheduler: sigmas_on_scheduler)."""
     ignored = sorted(set(kwargs) - _named_parameters(type(pipe)))
     if "sigmas" in ignored:
         raise InvalidRequest(f"this schedule passes its own sigmas, which diffusers' {type(pipe).__name__} does not "
-                             "take (ControlNet with an init image); pick another schedule (Karras, Exponential, "
-                             "Automatic...) or sampler", field="scheduler")
+                             f"take and its {type(pipe.scheduler).__name__} cannot be given; pick another schedule "
+                             "(Karras, Exponential, Automatic...) or sampler", field="scheduler")
     if ignored:
         raise RuntimeError(f"{type(pipe).__name__} would ignore {ignored}")  # a bug here, not a request to refuse
 

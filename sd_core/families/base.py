@@ -166,8 +166,8 @@ class ModelFamily:
 
     def check_sigmas(self, req, model: str) -> None:
         """InvalidRequest (field ``sigmas``) for a request whose own ``sigmas`` this family cannot run exactly: only
-        Euler takes them; the hires fix's and the refiner's second passes would need their own schedules; diffusers'
-        ControlNet img2img / inpaint pipelines take no sigmas."""
+        Euler takes them; the hires fix's and the refiner's second passes would need their own schedules (ControlNet
+        img2img / inpaint pipelines, which take no sigmas, get them on their scheduler: sd_core/scheduler_sigmas.py)."""
         why = None
         if req.scheduler != EULER:
             why = (f"run with the Euler sampler only (diffusers' EulerDiscreteScheduler takes them), not "
@@ -176,8 +176,6 @@ class ModelFamily:
             why = "are not supported with the hires fix (its second pass would need a schedule of its own)"
         elif req.refine != "no_refiner":
             why = "are not supported with a refiner (its pass would need a schedule of its own)"
-        elif req.controlnets and req.image is not None:
-            why = "are not supported with ControlNets on an init image (diffusers' pipelines take no sigmas there)"
         if why:
             raise InvalidRequest(f"{quote(model)} is a {self.name} model, whose sigmas {why}", field="sigmas")
 

@@ -117,15 +117,6 @@ def test_img2img_and_inpaint_with_a_unit_equal_bare_diffusers(engine, tiny_bucke
     assert np.array_equal(pixels(inpaint), expected)
 
 
-@pytest.mark.parametrize("scheduler", ["Euler SGM Uniform", "Euler Align Your Steps"])
-def test_schedules_a_controlnet_img2img_pipeline_would_drop_are_refused(engine, scheduler):
-    """diffusers' ControlNet img2img / inpaint pipelines take no sigmas (their **kwargs would swallow them): refused,
-    not run on another schedule."""
-    with pytest.raises(InvalidRequest, match="^scheduler: this schedule passes its own sigmas.*ControlNet with"):
-        engine.generate(GenerationRequest(**{**FAST, "scheduler": scheduler}, image=b64(picture(7)), strength=0.9,
-                                          controlnets=[unit()]))
-
-
 def test_sdxl_unit_equals_bare_diffusers(engine, tiny_bucket):
     request = {**FAST, "model": "tiny-sdxl"}
     result = engine.generate(GenerationRequest(**request, controlnets=[unit("tiny-xl-control")]))
