@@ -2,6 +2,7 @@
 
     python -m scripts.bench fetch                                 # 1 GiB object, 3 rounds, imports alongside
     python -m scripts.bench fetch --size 2GiB --rounds 5 --no-imports   # (the entry point runs this module)
+    python -m scripts.bench fetch --tls                           # every client over https, as from real S3
 
 It starts a local SeaweedFS (the tests' fixture, on free loopback ports) and uploads one random object of --size.
 Every method runs as its own process (its start and imports included, as in a cold start), into a fresh destination
