@@ -1,13 +1,12 @@
 """Ranged GETs of presigned URLs: plain-http bodies spliced socket → cache file in the kernel, TLS into one buffer."""
 
 # Why: obstore's stream hands every chunk to Python as a new `bytes` (zero-filled, then copied into), the largest
-# user-space cost of a fetch. Here obstore only signs the request (its credentials, its addressing); http.client reads
-# the body with readinto() into one buffer per part, which the sink writes (pwrite) and hashes before the next read.
-# Measured side by side (BENCHMARKS.md, fetch vs s5cmd): ~0.25x less CPU per GiB than the stream and more MB/s.
-# Over plain http (a store in the same network, the loopback benchmarks) the body does not enter Python at all:
-# splice() moves it socket → pipe → cache file inside the kernel, one copy fewer than recv + pwrite and no GIL
-# round trip per chunk (measured with the worker's imports alongside: ~1.5x the MB/s at ~0.6x the CPU of readinto);
-# the transfer hashes those bytes back from the page cache. TLS bodies cannot be spliced: readinto as above.
+# user-space cost of a fetch. Here obstore only signs the request (its credentials, its addressing) and the body of
+# each part is read here. Over plain http (a store in the same network, the loopback benchmarks) it never enters
+# Python: splice() moves it socket → pipe → cache file inside the kernel, one copy fewer than recv + pwrite and no GIL
+# round trip per chunk (side by side, imports alongside: 1.16x the MB/s at 0.71x the CPU of reading it through one
+# buffer); the transfer hashes it from the mapped file. TLS bodies cannot be spliced (no kTLS): they are read record
+# by record into one buffer, which the sink writes (pwrite) and hashes before the next read. BENCHMARKS.md, fetch.
 # The URL carries a signature in its query: it is never logged nor put in an error (only type names and statuses).
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from urllib.parse import urlsplit
 
 from .objects import Transient
 
-READ_BUFFER = 256 * 1024  # one readinto() at most: large enough that Python's per-read work is small
+READ_BUFFER = 256 * 1024  # handed to the sink when full: large enough that Python's per-chunk work is small
 SIGN_FOR = timedelta(minutes=15)  # a part's request is sent at once: the URL only has to live until then
 FINAL = {301, 302, 307, 308, 400, 401, 403, 404, 405, 412, 416}  # answers a retry does not change
 SPLICE = hasattr(os, "splice")  # Linux, Python >= 3.10; off after a filesystem refuses it (then: readinto)
