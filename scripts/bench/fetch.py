@@ -276,37 +276,35 @@ def run(args, scratch: Path) -> int:
         chunk = (f"import sd_core.storage.s3_obstore as o; o.STREAM_CHUNK = {args.chunk_kib * 1024}; "
                  if args.chunk_kib else "")
 
-        def sd(engine: str, sha: str = "") -> list[str]:
-            return [py, "-c", chunk + SD_CHILD, engine, uri, str(cache), sha]
+        def sd(engine: str = "auto", sha: str = "", setup: str = "", source: str = uri) -> list[str]:
+            """Our fetch in its own process; `setup`: Python run first (an A/B switch set on a module)."""
+            return [py, "-c", setup + chunk + SD_CHILD, engine, source, str(cache), sha]
 
-        commands = {
-            "sd fetch": sd("auto"),  # obstore when installed (the header says)
-            "sd fetch + sha256": sd("auto", digest),
-            # the bytes through obstore's own stream (what moved them before the presigned reads: signed_get.py)
-            "sd fetch (obstore stream)": [py, "-c", "import sd_core.storage.signed_get as g; g.usable = lambda "
-                                          "environ=None: False; " + chunk + SD_CHILD, "auto", uri, str(cache), ""],
-            # the bytes through Python (readinto + pwrite), as before the splice: the A/B of signed_get.SPLICE
-            "sd fetch (readinto)": [py, "-c", "import sd_core.storage.signed_get as g; g.SPLICE = False; " + chunk
-                                    + SD_CHILD, "auto", uri, str(cache), ""],
-            "sd fetch (boto3 engine)": sd("boto3"),
-            # the defaults before 6 x 48 MiB (more threads contend for the GIL: measured ~10 % more CPU per GiB)
-            "sd fetch 16x16MiB (old)": ["env", "SD_FETCH_CONCURRENCY=16", "SD_FETCH_PART_MB=16", *sd("auto")],
-            "boto3 defaults": [py, "-c", BOTO_CHILD, bucket, "weights.bin", str(out)],
-        }
+        no_signed = "import sd_core.storage.signed_get as g; g.usable = lambda environ=None: False; "
         # the http(s) source on a presigned URL of the same object: read into one buffer, and through requests (before)
         signed = s3.client(endpoint_url=endpoint).generate_presigned_url(
             "get_object", Params={"Bucket": bucket, "Key": "weights.bin"}, ExpiresIn=24 * 3600)
-        commands["sd fetch presigned URL"] = [py, "-c", SD_CHILD, "auto", signed, str(cache), ""]
-        commands["sd fetch presigned URL (requests)"] = [
-            py, "-c", "import sd_core.storage.signed_get as g; g.usable = lambda environ=None: False; " + SD_CHILD,
-            "auto", signed, str(cache), ""]
+        commands = {
+            "sd fetch": sd(),  # obstore when installed (the header says)
+            "sd fetch + sha256": sd(sha=digest),
+            # the bytes through obstore's own stream (what moved them before the presigned reads: signed_get.py)
+            "sd fetch (obstore stream)": sd(setup=no_signed),
+            # the bytes through Python (readinto + pwrite), as before the splice: the A/B of signed_get.SPLICE
+            "sd fetch (readinto)": sd(setup="import sd_core.storage.signed_get as g; g.SPLICE = False; "),
+            "sd fetch (boto3 engine)": sd("boto3"),
+            # the defaults before 6 x 48 MiB (more threads contend for the GIL: measured ~10 % more CPU per GiB)
+            "sd fetch 16x16MiB (old)": ["env", "SD_FETCH_CONCURRENCY=16", "SD_FETCH_PART_MB=16", *sd()],
+            "boto3 defaults": [py, "-c", BOTO_CHILD, bucket, "weights.bin", str(out)],
+            "sd fetch presigned URL": sd(source=signed),
+            "sd fetch presigned URL (requests)": sd(setup=no_signed, source=signed),
+        }
         # the sd fetch process's fixed part: interpreter start and imports, no transfer (its CPU is not per GiB)
         commands["sd start only"] = [py, "-c", "from sd_core.storage import fetch; import sd_core.storage.s3_obstore"]
         if s5cmd:
             commands["s5cmd cp"] = [s5cmd, "--endpoint-url", endpoint, "cp", uri, str(out)]
         if nginx is not None:
             url = f"http://127.0.0.1:{nginx.port}/weights.bin"
-            commands["sd fetch via nginx"] = [py, "-c", SD_CHILD, "auto", url, str(cache), ""]
+            commands["sd fetch via nginx"] = sd(source=url)
             commands["ceiling: curl"] = ["curl", "-sf", "-o", str(out), url]
         methods = [m for m in args.methods or commands if m in commands]
         with ImportLoad(args.imports):
